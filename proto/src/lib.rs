@@ -1,0 +1,68 @@
+//! The `realtime.relay.v1` gRPC contract.
+//!
+//! Message types are plain prost structs (usable from the wasm filter without tonic);
+//! the `grpc` feature adds tonic client and server stubs.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/realtime.relay.v1.rs"));
+}
+
+/// Fully-qualified gRPC service name, as used in `:path` and by `dispatch_grpc_call`.
+pub const SERVICE_NAME: &str = "realtime.relay.v1.RelayService";
+
+/// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/relay_descriptor.bin"));
+
+/// Separator between the stable error code and the human message in a gRPC status
+/// message ("invalid_sdp: offer has no media").
+pub const ERROR_CODE_SEPARATOR: &str = ": ";
+
+/// Splits a relay status message into (code, message). A message without the
+/// separator has no code.
+pub fn split_status_message(message: &str) -> (Option<&str>, &str) {
+    match message.split_once(ERROR_CODE_SEPARATOR) {
+        Some((code, rest))
+            if !code.is_empty()
+                && code
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
+        {
+            (Some(code), rest)
+        }
+        _ => (None, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_message_code_is_split_off() {
+        assert_eq!(
+            split_status_message("invalid_sdp: no media"),
+            (Some("invalid_sdp"), "no media")
+        );
+        assert_eq!(split_status_message("plain words"), (None, "plain words"));
+        assert_eq!(
+            split_status_message("Not A Code: x"),
+            (None, "Not A Code: x")
+        );
+    }
+
+    #[test]
+    fn messages_round_trip_with_prost_alone() {
+        use prost::Message;
+        let req = v1::CreateCallRequest {
+            call_id: "rtc_abc".into(),
+            model: "gpt-realtime".into(),
+            sdp_offer: "v=0\r\n".into(),
+            ..Default::default()
+        };
+        let bytes = req.encode_to_vec();
+        let back = v1::CreateCallRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back, req);
+    }
+}
