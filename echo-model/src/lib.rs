@@ -1,1 +1,26 @@
-pub fn placeholder() {}
+//! Local echo model.
+//!
+//! Two things live here, both speaking the OpenAI Realtime WebRTC wire format:
+//!
+//! * [`provider::MockProvider`]: an HTTP + WebRTC peer that behaves like the model provider's
+//!   `POST /v1/realtime/calls` endpoint. It answers offers, sends `session.created` when the
+//!   `oai-events` data channel opens, and echoes every data-channel message and RTP packet back.
+//!   Tests, benchmarks and the product's embedded "local echo model" all use it.
+//! * [`client::TestClient`]: a str0m offerer (full ICE, RTP mode, Opus only) that plays the
+//!   browser/SDK side in tests and benchmarks.
+//!
+//! Neither ever contacts a STUN server: both advertise a single host candidate on the IP they
+//! were told to bind.
+
+pub mod client;
+pub mod multipart;
+pub mod provider;
+
+mod api_error;
+mod dc_queue;
+mod ids;
+mod peer;
+mod session;
+
+pub use client::{AudioStats, ClientConfig, ConnectedClient, DcMessage, RttSummary, TestClient};
+pub use provider::{MockProvider, ProviderConfig, ProviderStats, RecordedRequest};

@@ -1,0 +1,952 @@
+//! The mock model provider: `POST /v1/realtime/calls` + one str0m peer per call that echoes.
+//!
+//! HTTP side (axum): authenticate, record, parse (`application/sdp` or `multipart/form-data`),
+//! validate the offer with str0m *before* allocating anything, then answer `201` with the SDP
+//! answer and `Location: /v1/realtime/calls/rtc_…`.
+//!
+//! Media side: each call owns a UDP socket on `media_ip:0` and a tokio task running the str0m
+//! loop (ICE-lite answerer, RTP mode, Opus only). The task sends `session.created` when the
+//! `oai-events` channel opens, echoes every data-channel message (same kind, same bytes) and
+//! every RTP packet (on its own send stream, with the payload type it negotiated for the
+//! packet's codec). It ends on hangup, peer close/disconnect, no connection within
+//! [`CallLimits::connect_timeout`], or no datagram from the peer for [`CallLimits::idle_timeout`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use rand::Rng;
+use serde_json::Value;
+use str0m::change::SdpOffer;
+use str0m::channel::ChannelId;
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::rtp::{RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Rtc};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api_error::ApiError;
+use crate::dc_queue::{DcQueue, FlushStep, DEFAULT_QUEUE_CAP};
+use crate::multipart;
+use crate::peer::{self, UdpRtc, MAX_DATAGRAM};
+use crate::session::{session_created, DEFAULT_MODEL};
+
+/// The data channel the Realtime API speaks on.
+pub const EVENTS_CHANNEL: &str = "oai-events";
+
+/// Largest request body accepted. An SDP offer is a few KiB; multipart adds a session JSON.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub struct ProviderConfig {
+    /// Where the HTTP API listens (`127.0.0.1:0` in tests).
+    pub http_addr: SocketAddr,
+    /// IP to bind per-call UDP sockets on and to advertise in the host candidate.
+    pub media_ip: IpAddr,
+    /// `Some(k)`: require `Authorization: Bearer k`. `None`: require any non-empty bearer token.
+    pub api_key: Option<String>,
+    /// Test knob: answer every offer with `(status, content type, body)` instead.
+    pub reject_with: Option<(u16, String, String)>,
+}
+
+impl ProviderConfig {
+    /// Loopback HTTP on an ephemeral port, loopback media.
+    pub fn local(api_key: Option<&str>) -> Self {
+        ProviderConfig {
+            http_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            api_key: api_key.map(str::to_string),
+            reject_with: None,
+        }
+    }
+}
+
+/// Per-call limits. Kept out of [`ProviderConfig`] so that struct stays as others construct it.
+#[derive(Debug, Clone)]
+pub struct CallLimits {
+    /// A call that has not completed ICE + DTLS by then is ended.
+    pub connect_timeout: Duration,
+    /// A call that has received no datagram at all (not even ICE consent checks) for this long
+    /// is ended: the peer is gone without saying so.
+    pub idle_timeout: Duration,
+    /// Bytes of echoes waiting for SCTP send-buffer room; exceeding it ends the call, because
+    /// silently dropping events would corrupt the event stream.
+    pub dc_queue_cap: usize,
+    /// At most this many live calls; further offers get 503.
+    pub max_calls: usize,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits {
+            connect_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30),
+            dc_queue_cap: DEFAULT_QUEUE_CAP,
+            max_calls: 10_000,
+        }
+    }
+}
+
+/// One `POST /v1/realtime/calls` as received (recorded before authentication and validation).
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub content_type: String,
+    pub query_model: Option<String>,
+    pub session: Option<Value>,
+    pub authorization: Option<String>,
+    pub sdp: String,
+}
+
+/// Totals across all calls since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProviderStats {
+    pub calls_created: u64,
+    pub rtp_packets_received: u64,
+    pub rtp_bytes_received: u64,
+    pub rtp_packets_echoed: u64,
+    pub rtp_bytes_echoed: u64,
+    /// RTP packets that could not be echoed (no send stream, unknown payload type).
+    pub rtp_packets_dropped: u64,
+    pub dc_messages_received: u64,
+    pub dc_bytes_received: u64,
+    /// Data-channel messages handed to SCTP (echoes and `session.created`).
+    pub dc_messages_sent: u64,
+    pub dc_bytes_sent: u64,
+    /// Data-channel messages that could not be sent (write error, channel gone, queue cap).
+    pub dc_messages_dropped: u64,
+    /// UDP datagrams the socket refused to send.
+    pub udp_send_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls_created: AtomicU64,
+    rtp_packets_received: AtomicU64,
+    rtp_bytes_received: AtomicU64,
+    rtp_packets_echoed: AtomicU64,
+    rtp_bytes_echoed: AtomicU64,
+    rtp_packets_dropped: AtomicU64,
+    dc_messages_received: AtomicU64,
+    dc_bytes_received: AtomicU64,
+    dc_messages_sent: AtomicU64,
+    dc_bytes_sent: AtomicU64,
+    dc_messages_dropped: AtomicU64,
+    udp_send_errors: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> ProviderStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProviderStats {
+            calls_created: g(&self.calls_created),
+            rtp_packets_received: g(&self.rtp_packets_received),
+            rtp_bytes_received: g(&self.rtp_bytes_received),
+            rtp_packets_echoed: g(&self.rtp_packets_echoed),
+            rtp_bytes_echoed: g(&self.rtp_bytes_echoed),
+            rtp_packets_dropped: g(&self.rtp_packets_dropped),
+            dc_messages_received: g(&self.dc_messages_received),
+            dc_bytes_received: g(&self.dc_bytes_received),
+            dc_messages_sent: g(&self.dc_messages_sent),
+            dc_bytes_sent: g(&self.dc_bytes_sent),
+            dc_messages_dropped: g(&self.dc_messages_dropped),
+            udp_send_errors: g(&self.udp_send_errors),
+        }
+    }
+}
+
+struct CallEntry {
+    cancel: CancellationToken,
+    /// Becomes `true` when the call's task has finished and freed its socket.
+    done: watch::Receiver<bool>,
+}
+
+struct Shared {
+    api_key: Option<String>,
+    media_ip: IpAddr,
+    reject_with: Option<(u16, String, String)>,
+    limits: CallLimits,
+    requests: Mutex<Vec<RecordedRequest>>,
+    hangups: Mutex<Vec<String>>,
+    calls: Mutex<HashMap<String, CallEntry>>,
+    tasks: Mutex<JoinSet<()>>,
+    counters: Counters,
+    /// Parent of every call's cancel token; cancelled on shutdown.
+    shutdown: CancellationToken,
+}
+
+/// Locks a mutex, recovering the data if a panicking call task poisoned it: the data is plain
+/// bookkeeping that stays consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct MockProvider {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MockProvider {
+    pub async fn start(config: ProviderConfig) -> anyhow::Result<MockProvider> {
+        Self::start_with_limits(config, CallLimits::default()).await
+    }
+
+    pub async fn start_with_limits(
+        config: ProviderConfig,
+        limits: CallLimits,
+    ) -> anyhow::Result<MockProvider> {
+        // Fail at start, not on the first call, if str0m cannot get crypto.
+        peer::rtc_builder().context("initialising str0m crypto")?;
+
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+        let local_addr = listener.local_addr().context("HTTP local address")?;
+        let shared = Arc::new(Shared {
+            api_key: config.api_key,
+            media_ip: config.media_ip,
+            reject_with: config.reject_with,
+            limits,
+            requests: Mutex::new(Vec::new()),
+            hangups: Mutex::new(Vec::new()),
+            calls: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            counters: Counters::default(),
+            shutdown: CancellationToken::new(),
+        });
+        let app = router(shared.clone());
+        let stop = shared.shutdown.clone();
+        let server = tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "echo model HTTP server failed");
+            }
+        });
+        tracing::info!(http = %local_addr, media_ip = %config.media_ip, "echo model listening");
+        Ok(MockProvider {
+            shared,
+            local_addr,
+            server: Some(server),
+        })
+    }
+
+    /// `http://IP:PORT` of the HTTP API.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every `POST /v1/realtime/calls` received, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// Live peer connections (calls whose task has not finished).
+    pub fn active_calls(&self) -> usize {
+        lock(&self.shared.calls).len()
+    }
+
+    /// Ids of calls hung up via `POST /v1/realtime/calls/{id}/hangup`.
+    pub fn hangups(&self) -> Vec<String> {
+        lock(&self.shared.hangups).clone()
+    }
+
+    pub fn stats(&self) -> ProviderStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Wait until `active_calls() == n` or the timeout passes; returns whether it happened.
+    pub async fn wait_for_active_calls(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.active_calls() == n {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stop the HTTP server and every call, and wait until their sockets are freed.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            if let Err(e) = server.await {
+                tracing::warn!(error = %e, "HTTP server task ended abnormally");
+            }
+        }
+        let mut tasks = std::mem::take(&mut *lock(&self.shared.tasks));
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("call tasks did not stop within 5 s; aborting them");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}
+
+impl Drop for MockProvider {
+    /// Dropping without `shutdown` still stops the server and calls (asynchronously).
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/realtime/calls", post(create_call))
+        .route("/v1/realtime/calls/{call_id}/hangup", post(hangup))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn check_auth(shared: &Shared, authorization: Option<&str>) -> Result<(), ApiError> {
+    let token = authorization
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::InvalidApiKey)?;
+    match &shared.api_key {
+        Some(k) if k != token => Err(ApiError::InvalidApiKey),
+        _ => Ok(()),
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    let query = query?;
+    axum::extract::Query::<HashMap<String, String>>::try_from_uri(
+        &format!("/?{query}").parse().ok()?,
+    )
+    .ok()
+    .and_then(|q| q.0.get(name).cloned())
+}
+
+/// What the request body carried, before SDP validation.
+struct ParsedBody {
+    sdp: Result<String, ApiError>,
+    session: Option<Value>,
+}
+
+fn parse_body(content_type: &str, body: &[u8]) -> Result<ParsedBody, ApiError> {
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/sdp" => Ok(ParsedBody {
+            sdp: sdp_text(body),
+            session: None,
+        }),
+        "multipart/form-data" => {
+            let parts = multipart::parse(content_type, body)
+                .map_err(|e| ApiError::MalformedMultipart(e.to_string()))?;
+            let sdp = parts
+                .iter()
+                .find(|p| p.name == "sdp")
+                .map(|p| sdp_text(&p.data))
+                .unwrap_or(Err(ApiError::MissingSdp));
+            let session = match parts.iter().find(|p| p.name == "session") {
+                Some(p) => Some(
+                    serde_json::from_slice::<Value>(&p.data)
+                        .map_err(|e| ApiError::InvalidSessionJson(e.to_string()))?,
+                ),
+                None => None,
+            };
+            if let Some(s) = &session {
+                if !s.is_object() {
+                    return Err(ApiError::InvalidSessionJson("not a JSON object".into()));
+                }
+            }
+            Ok(ParsedBody { sdp, session })
+        }
+        _ => Err(ApiError::InvalidContentType),
+    }
+}
+
+fn sdp_text(bytes: &[u8]) -> Result<String, ApiError> {
+    let s = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::InvalidSdp("not UTF-8".into()))?
+        .to_string();
+    if s.trim().is_empty() {
+        return Err(ApiError::MissingSdp);
+    }
+    Ok(s)
+}
+
+async fn create_call(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = header_str(&headers, header::CONTENT_TYPE).unwrap_or_default();
+    let authorization = header_str(&headers, header::AUTHORIZATION);
+    let query_model = query_param(query.as_deref(), "model");
+    let parsed = parse_body(&content_type, &body);
+
+    let (sdp_for_record, session_for_record) = match &parsed {
+        Ok(p) => (p.sdp.clone().unwrap_or_default(), p.session.clone()),
+        Err(_) => (String::from_utf8_lossy(&body).into_owned(), None),
+    };
+    lock(&shared.requests).push(RecordedRequest {
+        content_type: content_type.clone(),
+        query_model: query_model.clone(),
+        session: session_for_record,
+        authorization: authorization.clone(),
+        sdp: sdp_for_record,
+    });
+
+    if let Err(e) = check_auth(&shared, authorization.as_deref()) {
+        tracing::info!(code = e.code(), "offer refused: authentication");
+        return e.into_response();
+    }
+    if let Some((status, ct, body)) = &shared.reject_with {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, [(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response();
+    }
+    let ParsedBody { sdp, session } = match parsed {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let sdp = match sdp {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let model = session
+        .as_ref()
+        .and_then(|s| s.get("model"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .or(query_model)
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+
+    match start_call(&shared, &sdp, model, session) {
+        Ok((call_id, answer)) => (
+            StatusCode::CREATED,
+            [
+                (header::CONTENT_TYPE, "application/sdp".to_string()),
+                (header::LOCATION, format!("/v1/realtime/calls/{call_id}")),
+            ],
+            answer,
+        )
+            .into_response(),
+        Err(CallStartError::Api(e)) => {
+            tracing::info!(code = e.code(), "offer refused");
+            e.into_response()
+        }
+        Err(CallStartError::Busy) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"error": {"message": "Too many concurrent calls.",
+                "type": "server_error", "param": null, "code": "too_many_calls"}})
+            .to_string(),
+        )
+            .into_response(),
+    }
+}
+
+enum CallStartError {
+    Api(ApiError),
+    Busy,
+}
+
+impl From<ApiError> for CallStartError {
+    fn from(e: ApiError) -> Self {
+        CallStartError::Api(e)
+    }
+}
+
+/// Validate the offer, then (only then) bind a socket, build the `Rtc`, answer and spawn.
+fn start_call(
+    shared: &Arc<Shared>,
+    sdp: &str,
+    model: String,
+    session: Option<Value>,
+) -> Result<(String, String), CallStartError> {
+    if !sdp.trim_start().starts_with("v=0") {
+        return Err(ApiError::InvalidSdp("must start with v=0".into()).into());
+    }
+    let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| ApiError::InvalidSdp(e.to_string()))?;
+    if lock(&shared.calls).len() >= shared.limits.max_calls {
+        return Err(CallStartError::Busy);
+    }
+
+    let socket = peer::bind_udp(shared.media_ip).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut rtc = peer::rtc_builder()
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(Instant::now());
+    let candidate = Candidate::host(local, "udp").map_err(|e| ApiError::Internal(e.to_string()))?;
+    rtc.add_local_candidate(candidate);
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| ApiError::InvalidSdp(e.to_string()))?;
+
+    let udp = UdpRtc::new(rtc, socket).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let call_id = crate::ids::call_id();
+    let cancel = shared.shutdown.child_token();
+    let (done_tx, done_rx) = watch::channel(false);
+    lock(&shared.calls).insert(
+        call_id.clone(),
+        CallEntry {
+            cancel: cancel.clone(),
+            done: done_rx,
+        },
+    );
+    add(&shared.counters.calls_created, 1);
+    tracing::info!(call_id = %call_id, model = %model, media = %local, "call created");
+
+    let call = Call::new(call_id.clone(), model, session, shared.clone(), udp);
+    let task_shared = shared.clone();
+    let mut tasks = lock(&shared.tasks);
+    // Reap finished tasks so the set does not grow with every call ever made.
+    while tasks.try_join_next().is_some() {}
+    tasks.spawn(async move {
+        // The guard unregisters the call even if the task panics, so a panic in one call
+        // frees its slot and cannot affect others.
+        let _guard = CallGuard {
+            shared: task_shared,
+            call_id: call.call_id.clone(),
+            done: done_tx,
+        };
+        call.run(cancel).await;
+    });
+    Ok((call_id, answer.to_sdp_string()))
+}
+
+struct CallGuard {
+    shared: Arc<Shared>,
+    call_id: String,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        lock(&self.shared.calls).remove(&self.call_id);
+        let _ = self.done.send(true);
+    }
+}
+
+async fn hangup(
+    State(shared): State<Arc<Shared>>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let authorization = header_str(&headers, header::AUTHORIZATION);
+    if let Err(e) = check_auth(&shared, authorization.as_deref()) {
+        return e.into_response();
+    }
+    let entry = lock(&shared.calls)
+        .get(&call_id)
+        .map(|e| (e.cancel.clone(), e.done.clone()));
+    let Some((cancel, mut done)) = entry else {
+        return ApiError::CallNotFound.into_response();
+    };
+    lock(&shared.hangups).push(call_id.clone());
+    cancel.cancel();
+    // Answer once the call is really gone, so callers can rely on active_calls() right away.
+    if tokio::time::timeout(Duration::from_secs(2), done.wait_for(|d| *d))
+        .await
+        .is_err()
+    {
+        tracing::warn!(call_id = %call_id, "call did not stop within 2 s of hangup");
+    }
+    tracing::info!(call_id = %call_id, "call hung up");
+    StatusCode::OK.into_response()
+}
+
+/// Why a call ended (for logs).
+#[derive(Debug, Clone, Copy)]
+enum EndReason {
+    HungUp,
+    PeerClosed,
+    IceDisconnected,
+    ConnectTimeout,
+    IdleTimeout,
+    QueueOverflow,
+    RtcError,
+}
+
+struct Call {
+    call_id: String,
+    model: String,
+    session: Option<Value>,
+    shared: Arc<Shared>,
+    udp: UdpRtc,
+    state: CallState,
+}
+
+/// The echo logic, separate from the socket so the event callback can borrow it while the
+/// driver borrows the `Rtc`.
+struct CallState {
+    audio_mid: Option<Mid>,
+    events_channel: Option<ChannelId>,
+    connected: bool,
+    queue: DcQueue,
+    next_seq: u64,
+    ts_offset: u32,
+    pending_session_created: bool,
+    /// RTP was written during the last drain; it leaves on the next timeout input.
+    wrote_rtp: bool,
+    ended: Option<EndReason>,
+}
+
+impl Call {
+    fn new(
+        call_id: String,
+        model: String,
+        session: Option<Value>,
+        shared: Arc<Shared>,
+        udp: UdpRtc,
+    ) -> Self {
+        let mut rng = rand::rng();
+        let queue = DcQueue::new(shared.limits.dc_queue_cap);
+        Call {
+            call_id,
+            model,
+            session,
+            shared,
+            udp,
+            state: CallState {
+                audio_mid: None,
+                events_channel: None,
+                connected: false,
+                queue,
+                // Random start like a real sender, below 2^16 so the SRTP rollover counter
+                // starts at 0 (a non-zero ROC would need out-of-band signalling).
+                next_seq: rng.random_range(0..32_768),
+                ts_offset: rng.random(),
+                pending_session_created: false,
+                wrote_rtp: false,
+                ended: None,
+            },
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let started = Instant::now();
+        let mut last_rx = started;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+
+        let reason = loop {
+            let deadline = match self.drive() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(call_id = %self.call_id, error = %e, "str0m failed");
+                    break EndReason::RtcError;
+                }
+            };
+            if let Some(r) = self.state.ended {
+                break r;
+            }
+            if !self.udp.rtc.is_alive() {
+                break EndReason::PeerClosed;
+            }
+            let now = Instant::now();
+            if !self.state.connected && now >= started + self.shared.limits.connect_timeout {
+                break EndReason::ConnectTimeout;
+            }
+            if now >= last_rx + self.shared.limits.idle_timeout {
+                break EndReason::IdleTimeout;
+            }
+            sleep.as_mut().reset(peer::next_wake(deadline, now));
+
+            tokio::select! {
+                _ = cancel.cancelled() => break EndReason::HungUp,
+                r = self.udp.socket.recv_from(&mut buf) => match r {
+                    Ok((n, source)) => {
+                        last_rx = Instant::now();
+                        self.udp.handle_datagram(&buf[..n], source, last_rx);
+                    }
+                    Err(e) => {
+                        // ICMP-induced errors (peer port closed) surface here on Linux; the
+                        // peer is gone or going, and the idle/ICE checks will end the call.
+                        tracing::debug!(call_id = %self.call_id, error = %e, "UDP receive error");
+                    }
+                },
+                _ = &mut sleep => {
+                    if let Err(e) = self.udp.handle_timeout(Instant::now()) {
+                        tracing::warn!(call_id = %self.call_id, error = %e, "str0m timeout handling failed");
+                        break EndReason::RtcError;
+                    }
+                }
+            }
+        };
+
+        self.udp.close_gracefully();
+        add(
+            &self.shared.counters.udp_send_errors,
+            self.udp.counters.send_errors,
+        );
+        tracing::info!(
+            call_id = %self.call_id,
+            reason = ?reason,
+            duration_ms = started.elapsed().as_millis() as u64,
+            bad_datagrams = self.udp.counters.bad_datagrams,
+            udp_send_errors = self.udp.counters.send_errors,
+            "call ended"
+        );
+    }
+
+    /// Drain str0m, react to events, then hand queued data-channel messages to str0m one at a
+    /// time, draining after each (every write is a mutation). Returns the next str0m deadline.
+    fn drive(&mut self) -> Result<Instant, str0m::RtcError> {
+        let Call {
+            udp,
+            state,
+            shared,
+            model,
+            session,
+            call_id,
+            ..
+        } = self;
+        let ctx = EventCtx {
+            counters: &shared.counters,
+            call_id,
+        };
+        let mut deadline = udp.drain(|rtc, ev| state.on_event(rtc, ev, &ctx))?;
+        loop {
+            if state.wrote_rtp {
+                state.wrote_rtp = false;
+                deadline = udp.kick(|rtc, ev| state.on_event(rtc, ev, &ctx))?;
+                continue;
+            }
+            if state.pending_session_created {
+                state.pending_session_created = false;
+                if let Some(ch) = state.events_channel {
+                    let event = session_created(model, session.as_ref()).to_string();
+                    state.enqueue(ch, false, event.into_bytes(), &ctx);
+                }
+            }
+            match state.queue.flush_one(&mut udp.rtc) {
+                FlushStep::Empty | FlushStep::Blocked => return Ok(deadline),
+                FlushStep::Written(n) => {
+                    add(&ctx.counters.dc_messages_sent, 1);
+                    add(&ctx.counters.dc_bytes_sent, n as u64);
+                }
+                FlushStep::Failed => add(&ctx.counters.dc_messages_dropped, 1),
+            }
+            deadline = udp.drain(|rtc, ev| state.on_event(rtc, ev, &ctx))?;
+        }
+    }
+}
+
+struct EventCtx<'a> {
+    counters: &'a Counters,
+    call_id: &'a str,
+}
+
+impl CallState {
+    fn on_event(&mut self, rtc: &mut Rtc, ev: Event, ctx: &EventCtx<'_>) {
+        match ev {
+            Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
+                self.audio_mid.get_or_insert(m.mid);
+            }
+            Event::Connected => {
+                self.connected = true;
+                tracing::debug!(call_id = %ctx.call_id, "DTLS connected");
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.ended.get_or_insert(EndReason::IceDisconnected);
+            }
+            Event::ChannelOpen(id, label) => {
+                tracing::debug!(call_id = %ctx.call_id, label = %label, "data channel open");
+                if label == EVENTS_CHANNEL && self.events_channel.is_none() {
+                    self.events_channel = Some(id);
+                    // Sent after the drain (enqueue needs the model/session, owned by Call).
+                    self.pending_session_created = true;
+                }
+            }
+            Event::ChannelData(d) => {
+                add(&ctx.counters.dc_messages_received, 1);
+                add(&ctx.counters.dc_bytes_received, d.data.len() as u64);
+                // Written by `Call::drive` after this drain, one message per mutation.
+                self.enqueue(d.id, d.binary, d.data, ctx);
+            }
+            Event::ChannelClose(id) if Some(id) == self.events_channel => {
+                self.ended.get_or_insert(EndReason::PeerClosed);
+            }
+            Event::Closed => {
+                self.ended.get_or_insert(EndReason::PeerClosed);
+            }
+            Event::RtpPacket(p) => self.echo_rtp(rtc, p, ctx),
+            _ => {}
+        }
+    }
+
+    fn enqueue(&mut self, ch: ChannelId, binary: bool, data: Vec<u8>, ctx: &EventCtx<'_>) {
+        if let Err(e) = self.queue.push(ch, binary, data) {
+            add(&ctx.counters.dc_messages_dropped, 1);
+            tracing::warn!(call_id = %ctx.call_id, error = %e, "ending call: data-channel echo cannot be queued");
+            self.ended.get_or_insert(EndReason::QueueOverflow);
+        }
+    }
+
+    /// Echo one RTP packet on our own send stream. The payload type is the one *we* negotiated
+    /// for the packet's codec (found via the codec config), not the raw incoming number.
+    fn echo_rtp(&mut self, rtc: &mut Rtc, p: RtpPacket, ctx: &EventCtx<'_>) {
+        let len = p.payload.len() as u64;
+        add(&ctx.counters.rtp_packets_received, 1);
+        add(&ctx.counters.rtp_bytes_received, len);
+
+        let in_pt = p.header.payload_type;
+        let codec = rtc
+            .codec_config()
+            .find(|params| params.pt() == in_pt)
+            .map(|params| params.spec().codec);
+        let out_pt: Option<Pt> = codec.and_then(|c| {
+            rtc.codec_config()
+                .find(|params| params.spec().codec == c)
+                .map(|params| params.pt())
+        });
+        let (Some(mid), Some(pt)) = (self.audio_mid, out_pt) else {
+            add(&ctx.counters.rtp_packets_dropped, 1);
+            return;
+        };
+        let mut api = rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            // The client offered recvonly/sendonly such that we do not send.
+            add(&ctx.counters.rtp_packets_dropped, 1);
+            return;
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let time = p.header.timestamp.wrapping_add(self.ts_offset);
+        tx.write_rtp(
+            RtpWrite::new(pt, seq.into(), time, p.timestamp, p.payload).marker(p.header.marker),
+        );
+        self.wrote_rtp = true;
+        add(&ctx.counters.rtp_packets_echoed, 1);
+        add(&ctx.counters.rtp_bytes_echoed, len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(api_key: Option<&str>) -> Shared {
+        Shared {
+            api_key: api_key.map(str::to_string),
+            media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            reject_with: None,
+            limits: CallLimits::default(),
+            requests: Mutex::new(Vec::new()),
+            hangups: Mutex::new(Vec::new()),
+            calls: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            counters: Counters::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn auth_table() {
+        let rows: &[(Option<&str>, Option<&str>, bool)] = &[
+            (Some("k"), Some("Bearer k"), true),
+            (Some("k"), Some("bearer k"), true),
+            (Some("k"), Some("Bearer x"), false),
+            (Some("k"), None, false),
+            (Some("k"), Some("k"), false),
+            (None, Some("Bearer anything"), true),
+            (None, Some("Bearer "), false),
+            (None, Some("Basic abc"), false),
+            (None, None, false),
+        ];
+        for (key, header, ok) in rows {
+            let got = check_auth(&shared(*key), *header).is_ok();
+            assert_eq!(got, *ok, "key {key:?} header {header:?}");
+        }
+    }
+
+    #[test]
+    fn body_forms_table() {
+        let (mp_ct, mp_body) = multipart::build(
+            "B",
+            &[
+                ("sdp", "application/sdp", b"v=0\r\n"),
+                ("session", "application/json", br#"{"model":"m"}"#),
+            ],
+        );
+        let (bad_json_ct, bad_json_body) = multipart::build(
+            "B",
+            &[
+                ("sdp", "application/sdp", b"v=0\r\n"),
+                ("session", "application/json", b"{nope"),
+            ],
+        );
+        let (no_sdp_ct, no_sdp_body) =
+            multipart::build("B", &[("session", "application/json", b"{}")]);
+        let rows: Vec<(&str, &[u8], Result<(), &str>)> = vec![
+            ("application/sdp", b"v=0\r\n", Ok(())),
+            ("application/sdp; charset=utf-8", b"v=0\r\n", Ok(())),
+            (&mp_ct, &mp_body, Ok(())),
+            ("text/plain", b"v=0", Err("invalid_content_type")),
+            ("", b"v=0", Err("invalid_content_type")),
+            ("multipart/form-data", b"x", Err("malformed_multipart")),
+            (&bad_json_ct, &bad_json_body, Err("invalid_session_json")),
+            (&no_sdp_ct, &no_sdp_body, Err("missing_sdp")),
+            ("application/sdp", b"", Err("missing_sdp")),
+            ("application/sdp", b"\xff\xfe", Err("invalid_sdp")),
+        ];
+        for (ct, body, want) in rows {
+            let got = parse_body(ct, body).and_then(|p| p.sdp.map(|_| ()));
+            assert_eq!(got.map_err(|e| e.code()), want, "content type {ct:?}");
+        }
+    }
+
+    #[test]
+    fn query_model_is_decoded() {
+        assert_eq!(
+            query_param(Some("model=gpt-realtime%2Dmini&x=1"), "model").as_deref(),
+            Some("gpt-realtime-mini")
+        );
+        assert_eq!(query_param(Some("x=1"), "model"), None);
+        assert_eq!(query_param(None, "model"), None);
+    }
+}
