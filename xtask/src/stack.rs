@@ -1,0 +1,475 @@
+//! The one start-up path of the local gateway: echo model (or a real provider), relay, Envoy
+//! with the filter. `cargo xtask up` uses it on fixed ports; the end-to-end tests and the
+//! benchmarks can use it on ephemeral ports (`StackConfig::ephemeral`) by depending on this
+//! crate as a library.
+//!
+//! It assumes the artifacts exist (`cargo xtask build`, `cargo xtask setup`) and says so when
+//! they do not. Every process it starts is owned by a [`ChildGuard`]: stopped by PID when the
+//! [`Stack`] is stopped or dropped, in the order Envoy → relay → echo model.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::envoy::{self, Vars};
+use crate::paths::{Paths, Profile};
+use crate::process::ChildGuard;
+
+/// Key that Envoy injects toward the local echo model. Not a secret: the echo model runs on
+/// loopback and exists for demos and tests. Passed to the echo model as `ECHO_MODEL_API_KEY`
+/// and to Envoy's VM environment as `OPENAI_API_KEY`.
+pub const LOCAL_ECHO_API_KEY: &str = "sk-local-echo-model";
+
+/// Where calls go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// Start the local echo model and route every call to it.
+    Echo,
+    /// A real provider (for example `https://api.openai.com`); its key comes from
+    /// `OPENAI_API_KEY` in the environment of `xtask`.
+    Provider { base_url: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// Loopback address every component binds to.
+    pub host: String,
+    pub listen_port: u16,
+    pub admin_port: u16,
+    pub relay_grpc_port: u16,
+    pub relay_metrics_port: u16,
+    /// The relay's single UDP media port for client legs.
+    pub relay_media_port: u16,
+    pub echo_port: u16,
+    pub upstream: Upstream,
+    pub profile: Profile,
+    /// Envoy config template (see `envoy` module for placeholders).
+    pub envoy_config: PathBuf,
+    /// Extra arguments appended to the relay's command line.
+    pub relay_args: Vec<String>,
+    /// Envoy worker threads (`--concurrency`); `None` lets Envoy pick (one per core).
+    pub envoy_concurrency: Option<u32>,
+    pub envoy_log_level: String,
+    /// Logs and the rendered Envoy config go here.
+    pub run_dir: PathBuf,
+    /// How long each component may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl StackConfig {
+    /// The fixed ports of `cargo xtask up`.
+    pub fn local(paths: &Paths) -> Self {
+        StackConfig {
+            host: "127.0.0.1".into(),
+            listen_port: 8080,
+            admin_port: 9901,
+            relay_grpc_port: 50051,
+            relay_metrics_port: 9464,
+            relay_media_port: 40000,
+            echo_port: 8089,
+            upstream: Upstream::Echo,
+            profile: Profile::Dev,
+            envoy_config: paths.envoy_dir().join("envoy.yaml"),
+            relay_args: Vec::new(),
+            envoy_concurrency: None,
+            envoy_log_level: "info".into(),
+            run_dir: paths.scratch().join("up"),
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Free loopback ports picked by the kernel, a private run directory, one Envoy worker:
+    /// for tests and benchmarks that run beside each other and beside `xtask up`.
+    pub fn ephemeral(paths: &Paths, name: &str) -> Result<Self> {
+        let mut cfg = StackConfig::local(paths);
+        cfg.listen_port = free_tcp_port()?;
+        cfg.admin_port = free_tcp_port()?;
+        cfg.relay_grpc_port = free_tcp_port()?;
+        cfg.relay_metrics_port = free_tcp_port()?;
+        cfg.relay_media_port = free_udp_port()?;
+        cfg.echo_port = free_tcp_port()?;
+        cfg.envoy_concurrency = Some(1);
+        cfg.envoy_log_level = "warn".into();
+        cfg.run_dir = paths
+            .scratch()
+            .join("runs")
+            .join(format!("{name}-{}", std::process::id()));
+        Ok(cfg)
+    }
+
+    pub fn upstream_url(&self) -> String {
+        match &self.upstream {
+            Upstream::Echo => format!("http://{}:{}", self.host, self.echo_port),
+            Upstream::Provider { base_url } => base_url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// Placeholder values for the Envoy config of this stack.
+    pub fn envoy_vars(&self, paths: &Paths) -> Result<Vars> {
+        let mut v = Vars::local(paths);
+        let h = self.host.clone();
+        v.set("LISTEN_ADDR", h.clone())
+            .set("LISTEN_PORT", self.listen_port.to_string())
+            .set("ADMIN_ADDR", h.clone())
+            .set("ADMIN_PORT", self.admin_port.to_string())
+            .set("RELAY_GRPC_HOST", h.clone())
+            .set("RELAY_GRPC_PORT", self.relay_grpc_port.to_string())
+            .set("RELAY_METRICS_PORT", self.relay_metrics_port.to_string())
+            .set("RELAY_MEDIA_PORT", self.relay_media_port.to_string());
+        v.set_provider(&self.upstream_url())?;
+        Ok(v)
+    }
+
+    pub fn urls(&self) -> Urls {
+        let h = &self.host;
+        Urls {
+            demo_page: format!("http://{h}:{}/", self.listen_port),
+            calls: format!("http://{h}:{}/v1/realtime/calls", self.listen_port),
+            envoy_admin: format!("http://{h}:{}/", self.admin_port),
+            envoy_stats: format!("http://{h}:{}/stats/prometheus", self.admin_port),
+            relay_metrics: format!("http://{h}:{}/metrics", self.relay_metrics_port),
+            relay_grpc: format!("{h}:{}", self.relay_grpc_port),
+            upstream: self.upstream_url(),
+        }
+    }
+}
+
+/// Addresses a person (or a test) uses once the stack is up.
+#[derive(Clone, Debug)]
+pub struct Urls {
+    pub demo_page: String,
+    pub calls: String,
+    pub envoy_admin: String,
+    pub envoy_stats: String,
+    pub relay_metrics: String,
+    pub relay_grpc: String,
+    pub upstream: String,
+}
+
+/// Running processes of one stack.
+pub struct Stack {
+    pub config: StackConfig,
+    pub urls: Urls,
+    /// In start order: echo model (if any), relay, Envoy.
+    children: Vec<ChildGuard>,
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .context("binding an ephemeral TCP port on 127.0.0.1")?
+        .local_addr()?
+        .port())
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")
+        .context("binding an ephemeral UDP port on 127.0.0.1")?
+        .local_addr()?
+        .port())
+}
+
+fn sockaddr(host: &str, port: u16) -> Result<SocketAddr> {
+    format!("{host}:{port}")
+        .parse()
+        .map_err(|e| anyhow!("`{host}:{port}` is not an IP address and port: {e}"))
+}
+
+/// Fails with a sentence naming the port, its use and the option that moves it.
+fn check_tcp_free(host: &str, port: u16, what: &str, option: &str) -> Result<()> {
+    if let Err(e) = TcpListener::bind(sockaddr(host, port)?) {
+        bail!(
+            "TCP port {port} on {host} ({what}) is not available: {e}. Stop the program that \
+             holds it (`ss -ltnp 'sport = :{port}'` shows it, often an earlier `cargo xtask up`) \
+             or choose another port with {option}."
+        );
+    }
+    Ok(())
+}
+
+fn check_udp_free(host: &str, port: u16, what: &str, option: &str) -> Result<()> {
+    if let Err(e) = UdpSocket::bind(sockaddr(host, port)?) {
+        bail!(
+            "UDP port {port} on {host} ({what}) is not available: {e}. Stop the program that \
+             holds it (`ss -lunp 'sport = :{port}'` shows it) or choose another port with {option}."
+        );
+    }
+    Ok(())
+}
+
+/// Checks that every artifact the stack needs is there, with the command that makes it.
+pub fn check_artifacts(paths: &Paths, cfg: &StackConfig) -> Result<()> {
+    let mut missing = Vec::new();
+    let envoy = paths.envoy_bin();
+    if !envoy.is_file() {
+        missing.push(format!("{} (run `cargo xtask setup`)", envoy.display()));
+    }
+    for bin in [paths.relay_bin(cfg.profile), paths.echo_bin(cfg.profile)] {
+        if !bin.is_file() {
+            missing.push(format!("{} (run `cargo xtask build`)", bin.display()));
+        }
+    }
+    let wasm = paths.filter_wasm();
+    if !wasm.is_file() {
+        missing.push(format!("{} (run `cargo xtask build`)", wasm.display()));
+    }
+    if !cfg.envoy_config.is_file() {
+        missing.push(format!(
+            "{} (the Envoy config of the local stack; pass another with --envoy-config)",
+            cfg.envoy_config.display()
+        ));
+    }
+    if !missing.is_empty() {
+        bail!("missing: {}", missing.join("; "));
+    }
+    Ok(())
+}
+
+impl Stack {
+    /// Starts the stack and waits until every component answers. On any failure everything
+    /// already started is stopped and the error says which component failed and why (with the
+    /// tail of its log).
+    pub fn start(paths: &Paths, cfg: StackConfig) -> Result<Stack> {
+        check_artifacts(paths, &cfg)?;
+        let host = cfg.host.clone();
+        let h = host.as_str();
+        let echo = cfg.upstream == Upstream::Echo;
+        check_tcp_free(h, cfg.listen_port, "Envoy listener", "--listen-port")?;
+        check_tcp_free(h, cfg.admin_port, "Envoy admin", "--admin-port")?;
+        check_tcp_free(h, cfg.relay_grpc_port, "relay gRPC", "--relay-grpc-port")?;
+        check_tcp_free(
+            h,
+            cfg.relay_metrics_port,
+            "relay metrics",
+            "--relay-metrics-port",
+        )?;
+        check_udp_free(h, cfg.relay_media_port, "relay media", "--media-port")?;
+        if echo {
+            check_tcp_free(h, cfg.echo_port, "local echo model", "--echo-port")?;
+        }
+        let provider_key = match &cfg.upstream {
+            Upstream::Echo => LOCAL_ECHO_API_KEY.to_string(),
+            Upstream::Provider { base_url } => std::env::var("OPENAI_API_KEY")
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "routing to {base_url} needs the provider's key: export \
+                         OPENAI_API_KEY=... and rerun (or drop --upstream to use the local \
+                         echo model)"
+                    )
+                })?,
+        };
+        std::fs::create_dir_all(&cfg.run_dir)
+            .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+        let vars = cfg.envoy_vars(paths)?;
+        let rendered = cfg.run_dir.join("envoy.rendered.yaml");
+        envoy::render_file(&cfg.envoy_config, &rendered, &vars)?;
+
+        let urls = cfg.urls();
+        let mut stack = Stack {
+            config: cfg,
+            urls,
+            children: Vec::new(),
+        };
+        let cfg = stack.config.clone();
+        let log = |name: &str| cfg.run_dir.join(format!("{name}.log"));
+
+        if echo {
+            let mut cmd = Command::new(paths.echo_bin(cfg.profile));
+            cmd.arg("--http-addr")
+                .arg(format!("{h}:{}", cfg.echo_port))
+                .arg("--media-ip")
+                .arg(h)
+                .env("ECHO_MODEL_API_KEY", LOCAL_ECHO_API_KEY)
+                .env_remove("OPENAI_API_KEY");
+            let child = ChildGuard::spawn(
+                "local echo model",
+                cmd,
+                &log("echo-model"),
+                "Run `cargo xtask build`.",
+            )?;
+            stack.children.push(child);
+            stack.wait_tcp(sockaddr(h, cfg.echo_port)?)?;
+        }
+
+        let mut cmd = Command::new(paths.relay_bin(cfg.profile));
+        cmd.arg("--grpc-addr")
+            .arg(format!("{h}:{}", cfg.relay_grpc_port))
+            .arg("--metrics-addr")
+            .arg(format!("{h}:{}", cfg.relay_metrics_port))
+            .arg("--media-addr")
+            .arg(format!("{h}:{}", cfg.relay_media_port))
+            .arg("--allow-upstream")
+            .arg(cfg.upstream_url());
+        if echo {
+            // The echo model listens on loopback, which the relay refuses unless told.
+            cmd.arg("--allow-private-upstreams");
+        }
+        cmd.args(&cfg.relay_args).env_remove("OPENAI_API_KEY");
+        let child = ChildGuard::spawn("relay", cmd, &log("relay"), "Run `cargo xtask build`.")?;
+        stack.children.push(child);
+        stack.wait_tcp(sockaddr(h, cfg.relay_grpc_port)?)?;
+        stack.wait_tcp(sockaddr(h, cfg.relay_metrics_port)?)?;
+
+        let mut cmd = Command::new(paths.envoy_bin());
+        cmd.arg("-c")
+            .arg(&rendered)
+            .args(["--disable-hot-restart", "--log-level"])
+            .arg(&cfg.envoy_log_level)
+            // The filter reads worker keys from the VM environment (host_env_keys).
+            .env("OPENAI_API_KEY", &provider_key);
+        if let Some(n) = cfg.envoy_concurrency {
+            cmd.arg("--concurrency").arg(n.to_string());
+        }
+        let child = ChildGuard::spawn("envoy", cmd, &log("envoy"), "Run `cargo xtask setup`.")?;
+        stack.children.push(child);
+        stack.wait_envoy_ready()?;
+        stack.wait_tcp(sockaddr(h, cfg.listen_port)?)?;
+        Ok(stack)
+    }
+
+    /// PIDs and log files of the running children, for printing.
+    pub fn processes(&self) -> Vec<(String, Option<u32>, PathBuf)> {
+        self.children
+            .iter()
+            .map(|c| (c.name().to_string(), c.pid(), c.log().to_path_buf()))
+            .collect()
+    }
+
+    /// `Some(report)` if a child has exited on its own (a crash, a bad flag).
+    pub fn check_alive(&mut self) -> Option<String> {
+        self.children
+            .iter_mut()
+            .find_map(|c| c.try_exited().is_some().then(|| c.exit_report()))
+    }
+
+    fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + self.config.ready_timeout;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if let Some(report) = self.check_alive() {
+                bail!("{report}");
+            }
+            if Instant::now() >= deadline {
+                let logs = self
+                    .children
+                    .last()
+                    .map(|c| format!(" Its log: {}", c.log().display()))
+                    .unwrap_or_default();
+                bail!(
+                    "{what} did not become ready within {:?}.{logs}",
+                    self.config.ready_timeout
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_tcp(&mut self, addr: SocketAddr) -> Result<()> {
+        let name = self
+            .children
+            .last()
+            .map(|c| c.name().to_string())
+            .unwrap_or_default();
+        self.wait_until(&format!("{name} on {addr}"), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+    }
+
+    fn wait_envoy_ready(&mut self) -> Result<()> {
+        let addr = sockaddr(&self.config.host, self.config.admin_port)?;
+        self.wait_until("Envoy (admin /ready)", || {
+            matches!(http_get(addr, "/ready"), Ok((200, _)))
+        })
+    }
+
+    /// Stops every child by PID, Envoy first (no new calls), then the relay (drains), then the
+    /// echo model. Also happens on drop.
+    pub fn stop(&mut self) {
+        while let Some(mut child) = self.children.pop() {
+            child.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Minimal HTTP/1.0 GET for readiness probes (no client library needed for loopback).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| anyhow!("no HTTP status from {addr}{path}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_in_use_is_a_sentence_with_the_option_to_change_it() {
+        let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = holder.local_addr().unwrap().port();
+        let err = check_tcp_free("127.0.0.1", port, "Envoy listener", "--listen-port")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("TCP port {port}")), "{err}");
+        assert!(err.contains("--listen-port"), "{err}");
+    }
+
+    #[test]
+    fn ephemeral_configs_do_not_share_ports_or_run_dirs_with_up() {
+        let paths = Paths::discover();
+        let local = StackConfig::local(&paths);
+        let eph = StackConfig::ephemeral(&paths, "t").unwrap();
+        assert_ne!(local.run_dir, eph.run_dir);
+        assert_ne!(eph.listen_port, 0);
+        let vars = eph.envoy_vars(&paths).unwrap();
+        assert_eq!(
+            vars.get("LISTEN_PORT"),
+            Some(eph.listen_port.to_string().as_str())
+        );
+        assert_eq!(
+            vars.get("WORKER_URL"),
+            Some(format!("http://127.0.0.1:{}", eph.echo_port).as_str())
+        );
+    }
+
+    #[test]
+    fn missing_artifacts_name_the_command_that_builds_them() {
+        let mut paths = Paths::discover();
+        paths.target = std::env::temp_dir().join("xtask-no-such-target");
+        let mut cfg = StackConfig::local(&paths);
+        cfg.envoy_config = paths.root.join("no-such-envoy.yaml");
+        let err = check_artifacts(&paths, &cfg).unwrap_err().to_string();
+        assert!(err.contains("cargo xtask build"), "{err}");
+        assert!(err.contains("--envoy-config"), "{err}");
+    }
+}
