@@ -435,6 +435,15 @@ impl ConnectedClient {
         true
     }
 
+    /// Disappear without a goodbye (no DTLS close_notify), like a crashed or unplugged peer:
+    /// stops the task and frees the socket at once. For testing the remote's dead-peer handling.
+    pub fn vanish(mut self) {
+        self.shared.alive.store(false, Ordering::Release);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
     /// Close the peer connection (DTLS close_notify, so the remote notices) and stop the task.
     pub async fn close(mut self) {
         let _ = self.cmd.send(Command::Close).await;

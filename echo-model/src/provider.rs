@@ -47,6 +47,7 @@ pub const EVENTS_CHANNEL: &str = "oai-events";
 /// Largest request body accepted. An SDP offer is a few KiB; multipart adds a session JSON.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+#[derive(Clone)]
 pub struct ProviderConfig {
     /// Where the HTTP API listens (`127.0.0.1:0` in tests).
     pub http_addr: SocketAddr,
@@ -56,6 +57,18 @@ pub struct ProviderConfig {
     pub api_key: Option<String>,
     /// Test knob: answer every offer with `(status, content type, body)` instead.
     pub reject_with: Option<(u16, String, String)>,
+}
+
+/// Debug without the API key, so configs can be logged.
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("http_addr", &self.http_addr)
+            .field("media_ip", &self.media_ip)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("reject_with", &self.reject_with)
+            .finish()
+    }
 }
 
 impl ProviderConfig {

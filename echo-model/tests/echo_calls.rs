@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use echo_model::client::{ClientConfig, DcMessage, TestClient};
 use echo_model::multipart;
-use echo_model::provider::{MockProvider, ProviderConfig};
+use echo_model::provider::{CallLimits, MockProvider, ProviderConfig};
 
 async fn provider() -> MockProvider {
     MockProvider::start(ProviderConfig::local(Some(KEY)))
@@ -496,6 +496,52 @@ async fn many_concurrent_clients_echo_independently() {
         }
         assert!(p.wait_for_active_calls(0, STEP).await);
         assert_eq!(p.stats().rtp_packets_echoed, 200);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn offer_never_connected_is_ended_after_the_connect_deadline() {
+    bounded(async {
+        let limits = CallLimits {
+            connect_timeout: Duration::from_millis(500),
+            ..CallLimits::default()
+        };
+        let p = MockProvider::start_with_limits(ProviderConfig::local(Some(KEY)), limits)
+            .await
+            .unwrap();
+        let (_client, offer) = TestClient::new(ClientConfig::default()).unwrap();
+        assert_eq!(post_offer(&p, &offer, "m").await.status, 201);
+        assert_eq!(p.active_calls(), 1);
+        assert!(
+            p.wait_for_active_calls(0, STEP).await,
+            "unconnected call outlived its connect deadline"
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn vanished_peer_is_ended_after_the_idle_timeout() {
+    bounded(async {
+        let limits = CallLimits {
+            idle_timeout: Duration::from_millis(1500),
+            ..CallLimits::default()
+        };
+        let p = MockProvider::start_with_limits(ProviderConfig::local(Some(KEY)), limits)
+            .await
+            .unwrap();
+        let (c, _) = connect(&p, ClientConfig::default()).await;
+        // Connected and quiet: ICE consent checks keep the call alive past the idle timeout.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(p.active_calls(), 1, "a live but quiet peer is not idle");
+        c.vanish();
+        assert!(
+            p.wait_for_active_calls(0, STEP).await,
+            "call outlived a peer that vanished"
+        );
         p.shutdown().await;
     })
     .await;
