@@ -546,3 +546,69 @@ async fn vanished_peer_is_ended_after_the_idle_timeout() {
     })
     .await;
 }
+
+/// Scale check for benchmarks: `cargo test -p echo-model --test echo_calls -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "heavy: 200 concurrent calls; run on demand"]
+async fn two_hundred_concurrent_calls_echo_audio() {
+    bounded(async {
+        let p = provider().await;
+        let mut clients = Vec::new();
+        for _ in 0..200 {
+            clients.push(connect(&p, ClientConfig::default()).await.0);
+        }
+        assert_eq!(p.active_calls(), 200);
+        let started = std::time::Instant::now();
+        let sends = clients
+            .iter()
+            .map(|c| c.send_audio(50, Duration::from_millis(20)));
+        for r in futures_join_all(sends).await {
+            r.unwrap();
+        }
+        let mut received = 0;
+        let mut worst = Duration::ZERO;
+        for c in &clients {
+            let s = wait_audio(c, 50).await;
+            received += s.packets_received;
+            worst = worst.max(s.rtt.p99);
+        }
+        eprintln!(
+            "200 calls x 50 frames: {received} echoed in {:?}, worst p99 RTT {worst:?}",
+            started.elapsed()
+        );
+        assert!(
+            received >= 200 * 50 * 99 / 100,
+            "lost more than 1%: {received}"
+        );
+        for c in clients {
+            c.close().await;
+        }
+        assert!(p.wait_for_active_calls(0, STEP).await);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// Minimal join_all so the tests need no extra dependency.
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut handles: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (h, o) in handles.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match h.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.unwrap()).collect()
+}
