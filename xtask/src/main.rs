@@ -57,7 +57,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Check the Kubernetes and Istio manifests under deploy/ (YAML, kinds, key settings).
+    /// Check the Kubernetes and Istio manifests under deploy/ (YAML, kinds, key settings) and
+    /// run the EnvoyFilter fragments through `envoy --mode validate`.
     CheckDeploy,
 }
 
@@ -143,6 +144,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::CheckDeploy => {
             let report = manifests::check_dir(&paths.deploy_dir())?;
             ui::line(format!("deploy/ manifests OK: {report}"));
+            let verdict = pipeline::validate_envoy_filter_fragments(&paths)?;
+            ui::line(format!(
+                "EnvoyFilter fragments (envoy --mode validate): {verdict}"
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)

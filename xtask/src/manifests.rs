@@ -264,7 +264,7 @@ fn check_service(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
 
 fn check_kustomization(m: &Manifest, dir: &Path, all: &[Manifest], problems: &mut Vec<String>) {
     let base = m.file.parent().unwrap_or(dir);
-    let listed: BTreeSet<PathBuf> = m.doc["resources"]
+    let listed: Vec<PathBuf> = m.doc["resources"]
         .as_vec()
         .map(|v| {
             v.iter()
@@ -274,23 +274,38 @@ fn check_kustomization(m: &Manifest, dir: &Path, all: &[Manifest], problems: &mu
         })
         .unwrap_or_default();
     for path in &listed {
-        if !path.exists() {
+        let ok = if path.is_dir() {
+            path.join("kustomization.yaml").is_file()
+        } else {
+            path.is_file()
+        };
+        if !ok {
             problems.push(format!(
-                "{}: lists {}, which does not exist",
+                "{}: lists {}, which is neither a manifest file nor a directory with a \
+                 kustomization.yaml",
                 m.file.display(),
                 path.display()
             ));
         }
     }
-    // Every manifest file in the kustomization's directory tree is either listed or lives
-    // in a directory that is listed (a nested kustomization).
+    // Every manifest file whose nearest kustomization is this one must be listed by it, so
+    // `kubectl apply -k` never silently leaves a file out.
+    let kustomization_dirs: Vec<&Path> = all
+        .iter()
+        .filter(|o| o.kind == "Kustomization")
+        .filter_map(|o| o.file.parent())
+        .collect();
     let files: BTreeSet<&PathBuf> = all
         .iter()
-        .filter(|o| o.kind != "Kustomization" && o.file.starts_with(base))
+        .filter(|o| o.kind != "Kustomization")
         .map(|o| &o.file)
         .collect();
     for f in files {
-        if !listed.iter().any(|l| f == l || f.starts_with(l)) {
+        let nearest = kustomization_dirs
+            .iter()
+            .filter(|d| f.starts_with(d))
+            .max_by_key(|d| d.components().count());
+        if nearest == Some(&base) && !listed.iter().any(|l| f == l) {
             problems.push(format!(
                 "{}: {} is not listed under resources",
                 m.file.display(),
@@ -300,9 +315,134 @@ fn check_kustomization(m: &Manifest, dir: &Path, all: &[Manifest], problems: &mu
     }
 }
 
+/// Builds one Envoy bootstrap that holds every Envoy fragment patched in by the EnvoyFilters
+/// under `dir` (CLUSTER and HTTP_FILTER patch values), plus stubs for the clusters Istio
+/// provides (`sds-grpc`, clusters a remote Wasm fetch names), so that `envoy --mode validate`
+/// checks those fragments against the real Envoy schema.
+pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
+    use yaml_rust2::yaml::Hash;
+    let key = |s: &str| Yaml::String(s.to_string());
+    let parse = |text: &str| -> Result<Yaml> {
+        YamlLoader::load_from_str(text)
+            .map_err(|e| anyhow!("internal bootstrap template: {e}"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("empty bootstrap template"))
+    };
+    let mut clusters = Vec::new();
+    let mut filters = Vec::new();
+    let mut stub_names = vec!["sds-grpc".to_string()];
+    for m in load(dir)?.iter().filter(|m| m.kind == "EnvoyFilter") {
+        for patch in get(&m.doc, &["spec", "configPatches"])
+            .as_vec()
+            .into_iter()
+            .flatten()
+        {
+            let value = patch["patch"]["value"].clone();
+            if value.is_badvalue() {
+                continue;
+            }
+            match patch["applyTo"].as_str() {
+                Some("CLUSTER") => clusters.push(value),
+                Some("HTTP_FILTER") => {
+                    if let Some(c) = get(
+                        &value,
+                        &[
+                            "typed_config",
+                            "config",
+                            "vm_config",
+                            "code",
+                            "remote",
+                            "http_uri",
+                            "cluster",
+                        ],
+                    )
+                    .as_str()
+                    {
+                        stub_names.push(c.to_string());
+                    }
+                    filters.push(value);
+                }
+                _ => {}
+            }
+        }
+    }
+    if clusters.is_empty() && filters.is_empty() {
+        return Ok(None);
+    }
+    for name in stub_names {
+        let mut stub = parse(
+            "type: STATIC\nload_assignment: {endpoints: [{lb_endpoints: [{endpoint: {address: \
+             {socket_address: {address: 127.0.0.1, port_value: 9}}}}]}]}\n\
+             typed_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \
+             '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    \
+             explicit_http_config: {http2_protocol_options: {}}\n",
+        )?;
+        if let Yaml::Hash(h) = &mut stub {
+            h.insert(key("name"), key(&name));
+            if let Some(Yaml::Hash(la)) = h.get_mut(&key("load_assignment")) {
+                la.insert(key("cluster_name"), key(&name));
+            }
+        }
+        clusters.push(stub);
+    }
+    filters.push(parse(
+        "name: envoy.filters.http.router\ntyped_config: {'@type': \
+         type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}\n",
+    )?);
+    let mut hcm = parse(
+        "name: envoy.filters.network.http_connection_manager\ntyped_config:\n  '@type': \
+         type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n  \
+         stat_prefix: check\n  route_config: {virtual_hosts: [{name: all, domains: ['*'], routes: \
+         [{match: {prefix: /}, direct_response: {status: 404}}]}]}\n",
+    )?;
+    if let Yaml::Hash(h) = &mut hcm {
+        if let Some(Yaml::Hash(tc)) = h.get_mut(&key("typed_config")) {
+            tc.insert(key("http_filters"), Yaml::Array(filters));
+        }
+    }
+    let mut listener =
+        parse("name: check\naddress: {socket_address: {address: 127.0.0.1, port_value: 1}}\n")?;
+    if let Yaml::Hash(h) = &mut listener {
+        let mut chain = Hash::new();
+        chain.insert(key("filters"), Yaml::Array(vec![hcm]));
+        h.insert(key("filter_chains"), Yaml::Array(vec![Yaml::Hash(chain)]));
+    }
+    let mut resources = Hash::new();
+    resources.insert(key("listeners"), Yaml::Array(vec![listener]));
+    resources.insert(key("clusters"), Yaml::Array(clusters));
+    let mut node = Hash::new();
+    node.insert(key("id"), key("check"));
+    node.insert(key("cluster"), key("check"));
+    let mut root = Hash::new();
+    root.insert(key("node"), Yaml::Hash(node));
+    root.insert(key("static_resources"), Yaml::Hash(resources));
+    let mut out = String::new();
+    yaml_rust2::YamlEmitter::new(&mut out)
+        .dump(&Yaml::Hash(root))
+        .map_err(|e| anyhow!("emitting the check bootstrap: {e}"))?;
+    Ok(Some(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envoy_filter_fragments_form_a_bootstrap() {
+        let paths = crate::paths::Paths::discover();
+        let text = envoy_filter_bootstrap(&paths.deploy_dir())
+            .unwrap()
+            .unwrap();
+        let doc = &YamlLoader::load_from_str(&text).unwrap()[0];
+        let clusters = doc["static_resources"]["clusters"].as_vec().unwrap();
+        assert!(clusters
+            .iter()
+            .any(|c| c["name"].as_str() == Some("realtime_relay")));
+        assert!(clusters
+            .iter()
+            .any(|c| c["name"].as_str() == Some("sds-grpc")));
+    }
 
     #[test]
     fn deploy_manifests_parse_and_have_the_expected_kinds() {
@@ -329,11 +469,17 @@ mod tests {
 
     #[test]
     fn fail_open_wasm_plugin_is_refused() {
-        let err = check_text(
-            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: f}\n\
-             spec: {url: 'oci://x', phase: AUTHZ, failStrategy: FAIL_OPEN, pluginConfig: {a: 1},\n\
-             vmConfig: {env: [{name: K, valueFrom: HOST}]}}\n",
-        )
+        let err = check_text(concat!(
+            "apiVersion: extensions.istio.io/v1alpha1\n",
+            "kind: WasmPlugin\n",
+            "metadata: {name: f}\n",
+            "spec:\n",
+            "  url: oci://x\n",
+            "  phase: AUTHZ\n",
+            "  failStrategy: FAIL_OPEN\n",
+            "  pluginConfig: {a: 1}\n",
+            "  vmConfig: {env: [{name: K, valueFrom: HOST}]}\n",
+        ))
         .unwrap_err()
         .to_string();
         assert!(err.contains("FAIL_CLOSE"), "{err}");

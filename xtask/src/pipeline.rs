@@ -223,6 +223,35 @@ fn validate_envoy_configs(paths: &Paths) -> Result<String> {
     Ok(format!("{ok} config(s) valid"))
 }
 
+/// Runs the Envoy fragments of the Istio EnvoyFilters through `envoy --mode validate`.
+pub fn validate_envoy_filter_fragments(paths: &Paths) -> Result<String> {
+    let Some(text) = manifests::envoy_filter_bootstrap(&paths.deploy_dir())? else {
+        return Ok("no EnvoyFilter patches".into());
+    };
+    let file = paths.scratch().join("deploy-envoyfilters.bootstrap.yaml");
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&file, text)?;
+    let out = crate::process::output(
+        std::process::Command::new(paths.envoy_bin())
+            .args([
+                "--mode",
+                "validate",
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+                "-c",
+            ])
+            .arg(&file),
+        &format!(
+            "An EnvoyFilter under deploy/ patches in config Envoy rejects (checked bootstrap: {}).",
+            file.display()
+        ),
+    )?;
+    Ok(out.lines().last().unwrap_or("OK").trim().to_string())
+}
+
 /// Checks the demo page is self-contained and small enough for Envoy's direct_response.
 pub fn check_demo_page(paths: &Paths) -> Result<String> {
     let page = paths.demo_page();
@@ -333,6 +362,9 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     }
     p.step("deploy/ manifests (YAML, kinds)", || {
         manifests::check_dir(&paths.deploy_dir()).map(|r| r.to_string())
+    });
+    p.step("envoy --mode validate (deploy/ EnvoyFilters)", || {
+        validate_envoy_filter_fragments(paths)
     });
     p.step("web/ demo page", || check_demo_page(paths));
     let built = p.step("build binaries and tests", || {
