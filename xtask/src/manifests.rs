@@ -428,6 +428,58 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
 mod tests {
     use super::*;
 
+    fn to_json(y: &Yaml) -> serde_json::Value {
+        use serde_json::Value;
+        match y {
+            Yaml::Hash(h) => Value::Object(
+                h.iter()
+                    .map(|(k, v)| (k.as_str().unwrap().to_string(), to_json(v)))
+                    .collect(),
+            ),
+            Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+            Yaml::String(s) => Value::String(s.clone()),
+            Yaml::Integer(i) => Value::from(*i),
+            Yaml::Real(r) => Value::from(r.parse::<f64>().unwrap()),
+            Yaml::Boolean(b) => Value::Bool(*b),
+            _ => Value::Null,
+        }
+    }
+
+    /// The plugin configurations shipped in deploy/ are accepted by the filter's own parser
+    /// (so Envoy/Istio would not reject them at load).
+    #[test]
+    fn shipped_plugin_configs_are_accepted_by_the_filter() {
+        let paths = crate::paths::Paths::discover();
+        let env = |_: &str| Some("sk-test".to_string());
+        let mut checked = 0;
+        for m in load(&paths.deploy_dir()).unwrap() {
+            let json = match m.kind.as_str() {
+                "WasmPlugin" => to_json(&m.doc["spec"]["pluginConfig"]).to_string(),
+                "EnvoyFilter" => {
+                    let Some(patches) = m.doc["spec"]["configPatches"].as_vec() else {
+                        continue;
+                    };
+                    let Some(text) = patches.iter().find_map(|p| {
+                        p["patch"]["value"]["typed_config"]["config"]["configuration"]["value"]
+                            .as_str()
+                    }) else {
+                        continue;
+                    };
+                    text.to_string()
+                }
+                _ => continue,
+            };
+            if let Err(e) = realtime_filter_core::config::Config::from_json(json.as_bytes(), &env) {
+                panic!("{} {}: plugin config refused: {e:?}", m.kind, m.name);
+            }
+            checked += 1;
+        }
+        assert_eq!(
+            checked, 2,
+            "expected the WasmPlugin and the inline EnvoyFilter configs"
+        );
+    }
+
     #[test]
     fn envoy_filter_fragments_form_a_bootstrap() {
         let paths = crate::paths::Paths::discover();

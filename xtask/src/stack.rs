@@ -20,8 +20,9 @@ use crate::paths::{Paths, Profile};
 use crate::process::ChildGuard;
 
 /// Key that Envoy injects toward the local echo model. Not a secret: the echo model runs on
-/// loopback and exists for demos and tests. Passed to the echo model as `ECHO_MODEL_API_KEY`
-/// and to Envoy's VM environment as `OPENAI_API_KEY`.
+/// loopback and exists for demos and tests. The echo model requires it (`--api-key-env
+/// ECHO_MODEL_API_KEY`), and Envoy gets it as `OPENAI_API_KEY` for its VM environment, so the
+/// local stack exercises the same key injection as production.
 pub const LOCAL_ECHO_API_KEY: &str = "sk-local-echo-model";
 
 /// Where calls go.
@@ -284,6 +285,7 @@ impl Stack {
                 .arg(format!("{h}:{}", cfg.echo_port))
                 .arg("--media-ip")
                 .arg(h)
+                .args(["--api-key-env", "ECHO_MODEL_API_KEY"])
                 .env("ECHO_MODEL_API_KEY", LOCAL_ECHO_API_KEY)
                 .env_remove("OPENAI_API_KEY");
             let child = ChildGuard::spawn(
