@@ -1,0 +1,154 @@
+//! Which requests the filter handles: call creation and hangup; everything else passes.
+
+use crate::error::FilterError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `POST {calls_path}`.
+    Create,
+    /// `POST {calls_path}/{call_id}/hangup`.
+    Hangup { call_id: String },
+    /// Not ours: continue to the router untouched.
+    PassThrough,
+    /// Ours, but not like this (405 with `Allow`).
+    Reject(FilterError),
+}
+
+/// Splits `:path` into path and query (a fragment, which clients must not send, is dropped).
+pub fn split_path(path: &str) -> (&str, Option<&str>) {
+    let path = path.split('#').next().unwrap_or(path);
+    match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    }
+}
+
+pub fn classify(method: &str, path: &str, calls_path: &str) -> Route {
+    let (path, _) = split_path(path);
+    let post = method == "POST";
+    if path == calls_path {
+        return if post {
+            Route::Create
+        } else {
+            Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+        };
+    }
+    if let Some(rest) = path
+        .strip_prefix(calls_path)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        if let Some(id) = rest.strip_suffix("/hangup") {
+            if !id.is_empty() && !id.contains('/') {
+                return if post {
+                    Route::Hangup {
+                        call_id: id.to_string(),
+                    }
+                } else {
+                    Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+                };
+            }
+        }
+    }
+    Route::PassThrough
+}
+
+/// A call id the relay could have issued: `rtc_` then 1-124 of `[A-Za-z0-9_-]`.
+pub fn is_valid_call_id(id: &str) -> bool {
+    id.len() > 4
+        && id.len() <= 128
+        && id.starts_with("rtc_")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Refuses a hangup for a call id the relay cannot know, without asking it.
+pub fn check_call_id(id: &str) -> Result<(), FilterError> {
+    if is_valid_call_id(id) {
+        Ok(())
+    } else {
+        Err(FilterError::CallNotFound)
+    }
+}
+
+/// A new call id: `rtc_` and 32 lowercase hex digits (128 bits from the caller's CSPRNG).
+pub fn new_call_id(random: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    s.push_str("rtc_");
+    for b in random {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The request id to log and echo: the client's/Envoy's `x-request-id` when it is sane,
+/// else one derived from the call's random bytes.
+pub fn request_id(header: Option<&str>, random: &[u8; 16]) -> String {
+    match header {
+        Some(v) if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) => {
+            v.to_string()
+        }
+        _ => {
+            let mut s = String::with_capacity(32);
+            for b in random {
+                s.push_str(&format!("{b:02x}"));
+            }
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let c = "/v1/realtime/calls";
+        assert_eq!(classify("POST", "/v1/realtime/calls", c), Route::Create);
+        assert_eq!(
+            classify("POST", "/v1/realtime/calls?model=x", c),
+            Route::Create
+        );
+        assert!(matches!(
+            classify("GET", "/v1/realtime/calls", c),
+            Route::Reject(_)
+        ));
+        assert_eq!(
+            classify("POST", "/v1/realtime/calls/rtc_1/hangup", c),
+            Route::Hangup {
+                call_id: "rtc_1".into()
+            }
+        );
+        assert!(matches!(
+            classify("DELETE", "/v1/realtime/calls/rtc_1/hangup", c),
+            Route::Reject(_)
+        ));
+        assert_eq!(classify("GET", "/v1/models", c), Route::PassThrough);
+        assert_eq!(
+            classify("POST", "/v1/realtime/callsx", c),
+            Route::PassThrough
+        );
+        assert_eq!(
+            classify("POST", "/v1/realtime/calls/a/b/hangup", c),
+            Route::PassThrough
+        );
+        assert_eq!(
+            classify("GET", "/v1/realtime/calls/rtc_1", c),
+            Route::PassThrough
+        );
+    }
+
+    #[test]
+    fn call_ids() {
+        let id = new_call_id(&[0xab; 16]);
+        assert_eq!(id.len(), 36);
+        assert!(id.starts_with("rtc_abab"));
+        assert!(is_valid_call_id(&id));
+        assert!(!is_valid_call_id("rtc_"));
+        assert!(!is_valid_call_id("abc"));
+        assert!(!is_valid_call_id("rtc_a%2f"));
+        assert_eq!(request_id(Some("r-1"), &[0; 16]), "r-1");
+        assert_eq!(request_id(Some("bad id"), &[1; 16]).len(), 32);
+    }
+}

@@ -1,0 +1,647 @@
+//! Plugin configuration: typed (serde, `deny_unknown_fields`), validated once at load.
+//!
+//! Keys are never part of this text: a worker names an environment variable (`key_env`) of
+//! the Wasm VM, and the caller resolves it through a lookup function at load time.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::keys::{KeyPolicy, Secret};
+use crate::routing::Policy;
+
+pub const DEFAULT_CALLS_PATH: &str = "/v1/realtime/calls";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_SDP_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_SESSION_BYTES: usize = 16 * 1024;
+pub const DEFAULT_CREATE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_HANGUP_TIMEOUT_MS: u64 = 3_000;
+/// Upper bound on the sum of weights in one pool (the round-robin schedule has this length).
+pub const MAX_POOL_WEIGHT: u32 = 10_000;
+
+/// The plugin configuration as written by the operator (JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Envoy cluster of the relay (HTTP/2).
+    pub relay_cluster: String,
+    #[serde(default = "default_create_timeout_ms")]
+    pub create_timeout_ms: u64,
+    #[serde(default = "default_hangup_timeout_ms")]
+    pub hangup_timeout_ms: u64,
+    #[serde(default = "default_calls_path")]
+    pub calls_path: String,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_max_sdp_bytes")]
+    pub max_sdp_bytes: usize,
+    #[serde(default = "default_max_session_bytes")]
+    pub max_session_bytes: usize,
+    /// Model used when the request names none (official SDKs send raw SDP without `?model=`).
+    #[serde(default)]
+    pub default_model: Option<String>,
+    /// Request header whose value (a pool name or a worker id) restricts the choice.
+    #[serde(default)]
+    pub routing_header: Option<String>,
+    /// Status for the relay's RESOURCE_EXHAUSTED: 429 (default) or 503.
+    #[serde(default = "default_capacity_status")]
+    pub capacity_status: u16,
+    #[serde(default = "default_retry_after_s")]
+    pub retry_after_s: u32,
+    #[serde(default)]
+    pub ejection: RawEjection,
+    /// Period of the ListCalls refresh of live-call counts; 0 disables it.
+    #[serde(default = "default_refresh_ms")]
+    pub load_refresh_ms: u64,
+    pub models: Vec<RawModel>,
+    pub pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEjection {
+    /// Consecutive upstream setup failures that eject a worker; 0 disables ejection.
+    #[serde(default = "default_eject_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_eject_ms")]
+    pub duration_ms: u64,
+}
+
+impl Default for RawEjection {
+    fn default() -> Self {
+        RawEjection {
+            consecutive_failures: default_eject_failures(),
+            duration_ms: default_eject_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Pools serving this model; the first is used unless the routing header picks another.
+    pub pools: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub key_policy: KeyPolicy,
+    pub workers: Vec<RawWorker>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorker {
+    pub id: String,
+    pub base_url: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Name of the VM environment variable holding this worker's API key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Model name this worker expects upstream; default: the model's canonical name.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+fn default_create_timeout_ms() -> u64 {
+    DEFAULT_CREATE_TIMEOUT_MS
+}
+fn default_hangup_timeout_ms() -> u64 {
+    DEFAULT_HANGUP_TIMEOUT_MS
+}
+fn default_calls_path() -> String {
+    DEFAULT_CALLS_PATH.to_string()
+}
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_max_sdp_bytes() -> usize {
+    DEFAULT_MAX_SDP_BYTES
+}
+fn default_max_session_bytes() -> usize {
+    DEFAULT_MAX_SESSION_BYTES
+}
+fn default_capacity_status() -> u16 {
+    429
+}
+fn default_retry_after_s() -> u32 {
+    1
+}
+fn default_eject_failures() -> u32 {
+    3
+}
+fn default_eject_ms() -> u64 {
+    30_000
+}
+fn default_refresh_ms() -> u64 {
+    5_000
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// A configuration that failed validation; the text says what and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid plugin configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// One worker, ready to use.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub id: String,
+    pub base_url: String,
+    pub weight: u32,
+    pub key: Option<Secret>,
+    pub key_env: Option<String>,
+    pub upstream_model: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub name: String,
+    pub policy: Policy,
+    pub key_policy: KeyPolicy,
+    pub workers: Vec<Worker>,
+    /// Smooth weighted round-robin order of worker indexes (length = sum of weights).
+    pub schedule: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub name: String,
+    /// Indexes into `Config::pools`; the first is the default.
+    pub pools: Vec<usize>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub relay_cluster: String,
+    pub create_timeout_ms: u64,
+    pub hangup_timeout_ms: u64,
+    pub calls_path: String,
+    pub max_body_bytes: usize,
+    pub max_sdp_bytes: usize,
+    pub max_session_bytes: usize,
+    pub default_model: Option<String>,
+    pub routing_header: Option<String>,
+    pub capacity_status: u16,
+    pub retry_after_s: u32,
+    pub eject_after_failures: u32,
+    pub eject_ms: u64,
+    pub load_refresh_ms: u64,
+    pub models: Vec<Model>,
+    pub pools: Vec<Pool>,
+    /// Canonical names and aliases → index into `models`.
+    pub model_index: HashMap<String, usize>,
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. `env` resolves a `key_env` name to its
+    /// value (the VM environment in Envoy, a map in tests).
+    pub fn from_json(
+        text: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            serde_json::from_slice(text).map_err(|e| ConfigError(e.to_string()))?;
+        raw.validate(env)
+    }
+
+    /// All workers with their pool index.
+    pub fn workers(&self) -> impl Iterator<Item = (usize, &Worker)> {
+        self.pools
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, p)| p.workers.iter().map(move |w| (pi, w)))
+    }
+
+    pub fn worker(&self, id: &str) -> Option<&Worker> {
+        self.workers().map(|(_, w)| w).find(|w| w.id == id)
+    }
+
+    /// Names of the environment variables the config refers to (for diagnostics).
+    pub fn key_envs(&self) -> Vec<&str> {
+        self.workers()
+            .filter_map(|(_, w)| w.key_env.as_deref())
+            .collect()
+    }
+}
+
+fn is_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn valid_model_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s == s.trim() && !s.chars().any(char::is_control)
+}
+
+fn valid_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn valid_base_url(s: &str) -> bool {
+    let rest = if let Some(r) = s.strip_prefix("https://") {
+        r
+    } else if let Some(r) = s.strip_prefix("http://") {
+        r
+    } else {
+        return false;
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    !host.is_empty()
+        && !s.ends_with('/')
+        && !s.contains(['?', '#', '@', ' '])
+        && !s.chars().any(char::is_control)
+}
+
+impl RawConfig {
+    pub fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        if self.relay_cluster.trim().is_empty() {
+            return err("relay_cluster must not be empty");
+        }
+        if !(1..=300_000).contains(&self.create_timeout_ms) {
+            return err("create_timeout_ms must be between 1 and 300000");
+        }
+        if !(1..=60_000).contains(&self.hangup_timeout_ms) {
+            return err("hangup_timeout_ms must be between 1 and 60000");
+        }
+        if !self.calls_path.starts_with('/')
+            || self.calls_path.ends_with('/')
+            || self.calls_path.contains(['?', '#'])
+        {
+            return err(
+                "calls_path must start with '/' and not end with '/' (e.g. /v1/realtime/calls)",
+            );
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return err("max_body_bytes must be between 1024 and 16777216");
+        }
+        if self.max_sdp_bytes == 0 || self.max_sdp_bytes > self.max_body_bytes {
+            return err("max_sdp_bytes must be between 1 and max_body_bytes");
+        }
+        if self.max_session_bytes == 0 || self.max_session_bytes > self.max_body_bytes {
+            return err("max_session_bytes must be between 1 and max_body_bytes");
+        }
+        if self.capacity_status != 429 && self.capacity_status != 503 {
+            return err("capacity_status must be 429 or 503");
+        }
+        if self.retry_after_s == 0 || self.retry_after_s > 3600 {
+            return err("retry_after_s must be between 1 and 3600");
+        }
+        if self.ejection.consecutive_failures > 0
+            && !(1..=3_600_000).contains(&self.ejection.duration_ms)
+        {
+            return err("ejection.duration_ms must be between 1 and 3600000");
+        }
+        if self.load_refresh_ms != 0 && !(100..=3_600_000).contains(&self.load_refresh_ms) {
+            return err("load_refresh_ms must be 0 (off) or between 100 and 3600000");
+        }
+        if let Some(h) = &self.routing_header {
+            if !valid_header_name(h) {
+                return err(format!(
+                    "routing_header '{h}' must be a lowercase HTTP header name"
+                ));
+            }
+        }
+        if self.pools.is_empty() {
+            return err("pools must not be empty");
+        }
+        if self.models.is_empty() {
+            return err("models must not be empty");
+        }
+
+        let mut names: HashSet<String> = HashSet::new();
+        let mut pools = Vec::new();
+        let mut pool_index: HashMap<String, usize> = HashMap::new();
+        for (pi, p) in self.pools.into_iter().enumerate() {
+            if !is_ident(&p.name) {
+                return err(format!(
+                    "pools[{pi}].name '{}' must be 1-64 of [A-Za-z0-9_.-]",
+                    p.name
+                ));
+            }
+            if !names.insert(p.name.clone()) {
+                return err(format!(
+                    "pools[{pi}].name '{}' is used twice (pool names and worker ids share one namespace)",
+                    p.name
+                ));
+            }
+            if p.workers.is_empty() {
+                return err(format!("pool '{}' has no workers", p.name));
+            }
+            let mut workers = Vec::new();
+            let mut total: u32 = 0;
+            for (wi, w) in p.workers.into_iter().enumerate() {
+                let at = format!("pool '{}' workers[{wi}]", p.name);
+                if !is_ident(&w.id) {
+                    return err(format!("{at}.id '{}' must be 1-64 of [A-Za-z0-9_.-]", w.id));
+                }
+                if !names.insert(w.id.clone()) {
+                    return err(format!(
+                        "{at}.id '{}' is used twice (pool names and worker ids share one namespace)",
+                        w.id
+                    ));
+                }
+                if !valid_base_url(&w.base_url) {
+                    return err(format!(
+                        "{at}.base_url '{}' must be http(s)://host[:port][/prefix] without trailing '/', query or credentials",
+                        w.base_url
+                    ));
+                }
+                if w.weight == 0 || w.weight > 1000 {
+                    return err(format!("{at}.weight must be between 1 and 1000"));
+                }
+                total = total.saturating_add(w.weight);
+                if let Some(m) = &w.upstream_model {
+                    if !valid_model_name(m) {
+                        return err(format!("{at}.upstream_model is not a valid model name"));
+                    }
+                }
+                let key = match &w.key_env {
+                    None => None,
+                    Some(name) => {
+                        if name.is_empty() || name.contains(['=', '\0']) {
+                            return err(format!("{at}.key_env must be a variable name"));
+                        }
+                        match env(name) {
+                            None => {
+                                return err(format!(
+                                    "{at}: environment variable '{name}' (key_env) is not set in the Wasm VM (vm_config.environment_variables)"
+                                ))
+                            }
+                            Some(value) => Some(Secret::from_env_value(&value).map_err(|why| {
+                                ConfigError(format!(
+                                    "{at}: environment variable '{name}' (key_env) {why}"
+                                ))
+                            })?),
+                        }
+                    }
+                };
+                if p.key_policy == KeyPolicy::Replace && key.is_none() {
+                    return err(format!(
+                        "{at}: pool key_policy is 'replace' but the worker has no key_env"
+                    ));
+                }
+                workers.push(Worker {
+                    id: w.id,
+                    base_url: w.base_url,
+                    weight: w.weight,
+                    key,
+                    key_env: w.key_env,
+                    upstream_model: w.upstream_model,
+                });
+            }
+            if total > MAX_POOL_WEIGHT {
+                return err(format!(
+                    "pool '{}': sum of weights must not exceed {MAX_POOL_WEIGHT}",
+                    p.name
+                ));
+            }
+            let weights: Vec<u32> = workers.iter().map(|w| w.weight).collect();
+            pool_index.insert(p.name.clone(), pi);
+            pools.push(Pool {
+                name: p.name,
+                policy: p.policy,
+                key_policy: p.key_policy,
+                schedule: crate::routing::smooth_schedule(&weights),
+                workers,
+            });
+        }
+
+        let mut models = Vec::new();
+        let mut model_index: HashMap<String, usize> = HashMap::new();
+        for (mi, m) in self.models.into_iter().enumerate() {
+            if !valid_model_name(&m.name) {
+                return err(format!(
+                    "models[{mi}].name '{}' must be 1-128 characters without control characters or surrounding spaces",
+                    m.name.escape_debug()
+                ));
+            }
+            if m.pools.is_empty() {
+                return err(format!("model '{}' has no pools", m.name));
+            }
+            let mut idx = Vec::new();
+            for pn in &m.pools {
+                match pool_index.get(pn) {
+                    Some(i) => idx.push(*i),
+                    None => return err(format!("model '{}' names unknown pool '{pn}'", m.name)),
+                }
+            }
+            for n in std::iter::once(&m.name).chain(m.aliases.iter()) {
+                if !valid_model_name(n) {
+                    return err(format!(
+                        "model '{}' alias '{}' is not a valid model name",
+                        m.name,
+                        n.escape_debug()
+                    ));
+                }
+                if model_index.insert(n.clone(), mi).is_some() {
+                    return err(format!("model name or alias '{n}' is defined twice"));
+                }
+            }
+            models.push(Model {
+                name: m.name,
+                pools: idx,
+            });
+        }
+        if let Some(d) = &self.default_model {
+            if !model_index.contains_key(d) {
+                return err(format!(
+                    "default_model '{d}' is not a configured model or alias"
+                ));
+            }
+        }
+
+        Ok(Config {
+            relay_cluster: self.relay_cluster,
+            create_timeout_ms: self.create_timeout_ms,
+            hangup_timeout_ms: self.hangup_timeout_ms,
+            calls_path: self.calls_path,
+            max_body_bytes: self.max_body_bytes,
+            max_sdp_bytes: self.max_sdp_bytes,
+            max_session_bytes: self.max_session_bytes,
+            default_model: self.default_model,
+            routing_header: self.routing_header,
+            capacity_status: self.capacity_status,
+            retry_after_s: self.retry_after_s,
+            eject_after_failures: self.ejection.consecutive_failures,
+            eject_ms: self.ejection.duration_ms,
+            load_refresh_ms: self.load_refresh_ms,
+            models,
+            pools,
+            model_index,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn env(name: &str) -> Option<String> {
+        match name {
+            "KEY_A" => Some("sk-aaa".into()),
+            "KEY_B" => Some("sk-bbb".into()),
+            "BAD_KEY" => Some("sk-a\nb".into()),
+            _ => None,
+        }
+    }
+
+    pub const SAMPLE: &str = r#"{
+        "relay_cluster": "relay",
+        "default_model": "gpt-realtime",
+        "routing_header": "x-realtime-route",
+        "models": [
+            {"name": "gpt-realtime", "aliases": ["gpt-4o-realtime-preview"], "pools": ["main", "canary"]},
+            {"name": "echo", "pools": ["local"]}
+        ],
+        "pools": [
+            {"name": "main", "policy": "weighted_round_robin", "workers": [
+                {"id": "a", "base_url": "https://api.example.com", "weight": 2, "key_env": "KEY_A"},
+                {"id": "b", "base_url": "https://api2.example.com", "weight": 1, "key_env": "KEY_B", "upstream_model": "gpt-realtime-2025"}
+            ]},
+            {"name": "canary", "policy": "least_outstanding", "key_policy": "replace", "workers": [
+                {"id": "c", "base_url": "http://127.0.0.1:9000", "key_env": "KEY_A"}
+            ]},
+            {"name": "local", "key_policy": "passthrough", "workers": [
+                {"id": "echo1", "base_url": "http://127.0.0.1:9001"}
+            ]}
+        ]
+    }"#;
+
+    pub fn sample() -> Config {
+        Config::from_json(SAMPLE.as_bytes(), &env).unwrap()
+    }
+
+    #[test]
+    fn sample_config_loads_with_defaults() {
+        let c = sample();
+        assert_eq!(c.max_body_bytes, 64 * 1024);
+        assert_eq!(c.calls_path, "/v1/realtime/calls");
+        assert_eq!(c.pools[0].schedule.len(), 3);
+        assert_eq!(c.model_index["gpt-4o-realtime-preview"], 0);
+        assert_eq!(c.key_envs(), vec!["KEY_A", "KEY_B", "KEY_A"]);
+    }
+
+    fn with(patch: impl FnOnce(&mut serde_json::Value)) -> Result<Config, ConfigError> {
+        let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+        patch(&mut v);
+        Config::from_json(v.to_string().as_bytes(), &env)
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        type Patch = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Patch)> = vec![
+            ("unknown field", Box::new(|v| v["bogus"] = 1.into())),
+            (
+                "relay_cluster",
+                Box::new(|v| v["relay_cluster"] = "".into()),
+            ),
+            (
+                "unknown pool",
+                Box::new(|v| v["models"][0]["pools"][0] = "nope".into()),
+            ),
+            (
+                "defined twice",
+                Box::new(|v| v["models"][1]["aliases"] = serde_json::json!(["gpt-realtime"])),
+            ),
+            (
+                "default_model",
+                Box::new(|v| v["default_model"] = "nope".into()),
+            ),
+            (
+                "not set",
+                Box::new(|v| v["pools"][0]["workers"][0]["key_env"] = "MISSING".into()),
+            ),
+            (
+                "visible ASCII",
+                Box::new(|v| v["pools"][0]["workers"][0]["key_env"] = "BAD_KEY".into()),
+            ),
+            (
+                "base_url",
+                Box::new(|v| v["pools"][0]["workers"][0]["base_url"] = "ftp://x".into()),
+            ),
+            (
+                "weight",
+                Box::new(|v| v["pools"][0]["workers"][0]["weight"] = 0.into()),
+            ),
+            (
+                "used twice",
+                Box::new(|v| v["pools"][0]["workers"][1]["id"] = "a".into()),
+            ),
+            (
+                "used twice",
+                Box::new(|v| v["pools"][0]["workers"][1]["id"] = "canary".into()),
+            ),
+            (
+                "replace",
+                Box::new(|v| {
+                    v["pools"][1]["workers"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("key_env")
+                        .map(|_| ())
+                        .unwrap_or(())
+                }),
+            ),
+            (
+                "capacity_status",
+                Box::new(|v| v["capacity_status"] = 500.into()),
+            ),
+            (
+                "routing_header",
+                Box::new(|v| v["routing_header"] = "X Bad".into()),
+            ),
+            (
+                "unknown variant",
+                Box::new(|v| v["pools"][0]["policy"] = "random".into()),
+            ),
+            (
+                "unknown variant",
+                Box::new(|v| v["pools"][0]["key_policy"] = "always".into()),
+            ),
+            (
+                "max_body_bytes",
+                Box::new(|v| v["max_body_bytes"] = 10.into()),
+            ),
+            (
+                "no workers",
+                Box::new(|v| v["pools"][2]["workers"] = serde_json::json!([])),
+            ),
+        ];
+        for (want, patch) in cases {
+            let e = with(patch).unwrap_err();
+            assert!(e.to_string().contains(want), "expected '{want}' in '{e}'");
+            assert!(!e.to_string().contains("sk-"), "key leaked in '{e}'");
+        }
+        assert!(Config::from_json(b"not json", &env).is_err());
+    }
+}

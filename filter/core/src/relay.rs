@@ -1,0 +1,480 @@
+//! The relay's side of a request: building the gRPC messages, and turning its answers (or the
+//! lack of one) into HTTP replies plus a verdict on the worker.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use realtime_relay_proto::split_status_message;
+use realtime_relay_proto::v1::{
+    create_call_response::Outcome, CreateCallRequest, CreateCallResponse, HangupCallRequest,
+    HangupCallResponse, ListCallsRequest, ListCallsResponse, Upstream,
+};
+
+use crate::config::Config;
+use crate::error::FilterError;
+use crate::HttpReply;
+
+pub use realtime_relay_proto::SERVICE_NAME;
+pub const METHOD_CREATE: &str = "CreateCall";
+pub const METHOD_HANGUP: &str = "HangupCall";
+pub const METHOD_LIST: &str = "ListCalls";
+
+/// gRPC status codes the mapping cares about.
+pub mod grpc {
+    pub const OK: u32 = 0;
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    pub const NOT_FOUND: u32 = 5;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNAVAILABLE: u32 = 14;
+}
+
+/// Longest relay message text passed on to a client.
+const MAX_RELAY_MESSAGE: usize = 512;
+
+/// What the outcome says about the worker (only upstream failures count against it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    UpstreamFailure,
+    /// Client fault, relay fault, or unknown: says nothing about the worker.
+    Neutral,
+}
+
+/// Everything `CreateCall` needs.
+pub struct CreateCall<'a> {
+    pub call_id: &'a str,
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub upstream_model: &'a str,
+    pub sdp_offer: &'a str,
+    pub session_json: &'a str,
+    pub base_url: &'a str,
+    pub authorization: &'a str,
+    pub worker_id: &'a str,
+}
+
+pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
+    CreateCallRequest {
+        call_id: c.call_id.to_string(),
+        model: c.model.to_string(),
+        upstream_model: c.upstream_model.to_string(),
+        sdp_offer: c.sdp_offer.to_string(),
+        session_json: c.session_json.to_string(),
+        upstream: Some(Upstream {
+            base_url: c.base_url.to_string(),
+            authorization: c.authorization.to_string(),
+            worker_id: c.worker_id.to_string(),
+        }),
+        request_id: c.request_id.to_string(),
+    }
+    .encode_to_vec()
+}
+
+pub fn encode_hangup(call_id: &str) -> Vec<u8> {
+    HangupCallRequest {
+        call_id: call_id.to_string(),
+    }
+    .encode_to_vec()
+}
+
+pub fn encode_list() -> Vec<u8> {
+    ListCallsRequest {
+        include_ended: false,
+    }
+    .encode_to_vec()
+}
+
+/// gRPC metadata for a call: `x-call-id` and `x-request-id`.
+pub fn metadata<'a>(call_id: &'a str, request_id: &'a str) -> Vec<(&'static str, &'a [u8])> {
+    vec![
+        ("x-call-id", call_id.as_bytes()),
+        ("x-request-id", request_id.as_bytes()),
+    ]
+}
+
+fn is_upstream_code(code: Option<&str>) -> bool {
+    code.is_some_and(|c| c.starts_with("upstream_"))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("").to_string()
+}
+
+/// Maps a failed gRPC call (status != OK) to an error and a verdict.
+pub fn map_grpc_error(
+    config: &Config,
+    status: u32,
+    message: Option<&str>,
+) -> (FilterError, Verdict) {
+    let (code, text) = split_status_message(message.unwrap_or(""));
+    let owned = code.map(str::to_string);
+    let upstream = is_upstream_code(code);
+    let verdict = if upstream {
+        Verdict::UpstreamFailure
+    } else {
+        Verdict::Neutral
+    };
+    let e = match status {
+        grpc::INVALID_ARGUMENT => FilterError::RelayRejected {
+            code: owned.unwrap_or_else(|| "invalid_request".to_string()),
+            message: truncate(
+                if text.is_empty() {
+                    "invalid request"
+                } else {
+                    text
+                },
+                MAX_RELAY_MESSAGE,
+            ),
+        },
+        grpc::DEADLINE_EXCEEDED => FilterError::RelayTimeout { code: owned },
+        grpc::RESOURCE_EXHAUSTED => FilterError::Capacity {
+            status: config.capacity_status,
+            retry_after_s: config.retry_after_s,
+            code: owned,
+        },
+        grpc::UNAVAILABLE if upstream => FilterError::UpstreamFailed {
+            code: owned.unwrap_or_default(),
+        },
+        grpc::UNAVAILABLE => FilterError::RelayUnavailable {
+            retry_after_s: config.retry_after_s,
+            code: owned,
+        },
+        _ => FilterError::RelayError { code: owned },
+    };
+    (e, verdict)
+}
+
+/// The result of a `CreateCall`, ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateResult {
+    pub reply: HttpReply,
+    pub verdict: Verdict,
+    /// The error code for metrics (`None` on success and pass-through rejections).
+    pub error_code: Option<String>,
+    /// Set when the upstream rejected the call (its status).
+    pub upstream_status: Option<u16>,
+}
+
+fn with_request_id(mut r: HttpReply, request_id: &str) -> HttpReply {
+    if !r.headers.iter().any(|(k, _)| k == "x-request-id") {
+        r.headers
+            .push(("x-request-id".to_string(), request_id.to_string()));
+    }
+    r
+}
+
+fn failed(e: FilterError, verdict: Verdict, request_id: &str) -> CreateResult {
+    CreateResult {
+        error_code: Some(e.code().to_string()),
+        reply: e.to_reply(request_id),
+        verdict,
+        upstream_status: None,
+    }
+}
+
+/// Maps the answer to `CreateCall`: `status` from the host, `body` the response message when
+/// the status is OK.
+pub fn map_create_response(
+    config: &Config,
+    status: u32,
+    message: Option<&str>,
+    body: Option<&[u8]>,
+    fallback_call_id: &str,
+    request_id: &str,
+) -> CreateResult {
+    if status != grpc::OK {
+        let (e, v) = map_grpc_error(config, status, message);
+        return failed(e, v, request_id);
+    }
+    let bad = || {
+        failed(
+            FilterError::RelayError {
+                code: Some("bad_relay_response".to_string()),
+            },
+            Verdict::Neutral,
+            request_id,
+        )
+    };
+    let Ok(resp) = CreateCallResponse::decode(body.unwrap_or(&[])) else {
+        return bad();
+    };
+    let call_id = if resp.call_id.is_empty() {
+        fallback_call_id.to_string()
+    } else {
+        resp.call_id
+    };
+    match resp.outcome {
+        Some(Outcome::SdpAnswer(sdp)) if !sdp.is_empty() => {
+            if !crate::classify::is_valid_call_id(&call_id) {
+                return bad();
+            }
+            CreateResult {
+                reply: HttpReply {
+                    status: 201,
+                    headers: vec![
+                        ("content-type".to_string(), "application/sdp".to_string()),
+                        (
+                            "location".to_string(),
+                            format!("{}/{call_id}", config.calls_path),
+                        ),
+                        ("x-request-id".to_string(), request_id.to_string()),
+                        ("cache-control".to_string(), "no-store".to_string()),
+                    ],
+                    body: sdp.into_bytes(),
+                },
+                verdict: Verdict::Success,
+                error_code: None,
+                upstream_status: None,
+            }
+        }
+        Some(Outcome::UpstreamRejection(r)) => {
+            let status = u16::try_from(r.status)
+                .ok()
+                .filter(|s| (400..=599).contains(s));
+            let Some(status) = status else {
+                return bad();
+            };
+            let mut headers = Vec::new();
+            if !r.content_type.is_empty()
+                && r.content_type.len() <= 256
+                && r.content_type
+                    .bytes()
+                    .all(|b| b == b' ' || b.is_ascii_graphic())
+            {
+                headers.push(("content-type".to_string(), r.content_type));
+            }
+            CreateResult {
+                reply: with_request_id(
+                    HttpReply {
+                        status,
+                        headers,
+                        body: r.body,
+                    },
+                    request_id,
+                ),
+                verdict: if status >= 500 {
+                    Verdict::UpstreamFailure
+                } else {
+                    Verdict::Neutral
+                },
+                error_code: None,
+                upstream_status: Some(status),
+            }
+        }
+        _ => bad(),
+    }
+}
+
+/// The result of a `HangupCall`: the reply and the worker whose call ended (for load counts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HangupResult {
+    pub reply: HttpReply,
+    pub worker_id: Option<String>,
+    pub error_code: Option<String>,
+}
+
+pub fn map_hangup_response(
+    config: &Config,
+    status: u32,
+    message: Option<&str>,
+    body: Option<&[u8]>,
+    request_id: &str,
+) -> HangupResult {
+    let err = |e: FilterError| HangupResult {
+        error_code: Some(e.code().to_string()),
+        reply: e.to_reply(request_id),
+        worker_id: None,
+    };
+    match status {
+        grpc::OK => {
+            let worker_id = HangupCallResponse::decode(body.unwrap_or(&[]))
+                .ok()
+                .and_then(|r| r.call)
+                .map(|c| c.worker_id)
+                .filter(|w| !w.is_empty());
+            HangupResult {
+                reply: HttpReply {
+                    status: 200,
+                    headers: vec![
+                        ("x-request-id".to_string(), request_id.to_string()),
+                        ("cache-control".to_string(), "no-store".to_string()),
+                    ],
+                    body: Vec::new(),
+                },
+                worker_id,
+                error_code: None,
+            }
+        }
+        grpc::NOT_FOUND => err(FilterError::CallNotFound),
+        _ => err(map_grpc_error(config, status, message).0),
+    }
+}
+
+/// Live calls per worker from a `ListCalls` answer.
+pub fn decode_live_counts(body: &[u8]) -> Option<HashMap<String, u32>> {
+    ListCallsResponse::decode(body)
+        .ok()
+        .map(|r| r.live_calls_by_worker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::sample;
+    use realtime_relay_proto::v1::UpstreamRejection;
+
+    fn answer(outcome: Outcome) -> Vec<u8> {
+        CreateCallResponse {
+            call_id: "rtc_abc".into(),
+            outcome: Some(outcome),
+        }
+        .encode_to_vec()
+    }
+
+    fn header<'a>(r: &'a HttpReply, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn success_is_201_with_location() {
+        let c = sample();
+        let body = answer(Outcome::SdpAnswer("v=0\r\n".into()));
+        let r = map_create_response(&c, 0, None, Some(&body), "rtc_x", "req");
+        assert_eq!(r.reply.status, 201);
+        assert_eq!(
+            header(&r.reply, "location"),
+            Some("/v1/realtime/calls/rtc_abc")
+        );
+        assert_eq!(header(&r.reply, "content-type"), Some("application/sdp"));
+        assert_eq!(r.verdict, Verdict::Success);
+    }
+
+    #[test]
+    fn upstream_rejection_passes_through_verbatim() {
+        let c = sample();
+        let body = answer(Outcome::UpstreamRejection(UpstreamRejection {
+            status: 401,
+            content_type: "application/json; charset=utf-8".into(),
+            body: b"{\"error\":{}}".to_vec(),
+        }));
+        let r = map_create_response(&c, 0, None, Some(&body), "rtc_x", "req");
+        assert_eq!(r.reply.status, 401);
+        assert_eq!(r.reply.body, b"{\"error\":{}}");
+        assert_eq!(
+            header(&r.reply, "content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        assert_eq!(r.verdict, Verdict::Neutral);
+        let body = answer(Outcome::UpstreamRejection(UpstreamRejection {
+            status: 503,
+            content_type: String::new(),
+            body: vec![],
+        }));
+        let r = map_create_response(&c, 0, None, Some(&body), "rtc_x", "req");
+        assert_eq!(r.verdict, Verdict::UpstreamFailure);
+    }
+
+    #[test]
+    fn grpc_statuses_map_to_http() {
+        let c = sample();
+        let cases: &[(u32, Option<&str>, u16, &str, Verdict)] = &[
+            (14, None, 503, "relay_unavailable", Verdict::Neutral),
+            (
+                14,
+                Some("upstream connect error or disconnect/reset before headers"),
+                503,
+                "relay_unavailable",
+                Verdict::Neutral,
+            ),
+            (
+                14,
+                Some("draining: shutting down"),
+                503,
+                "draining",
+                Verdict::Neutral,
+            ),
+            (
+                14,
+                Some("upstream_unreachable: connect refused"),
+                502,
+                "upstream_unreachable",
+                Verdict::UpstreamFailure,
+            ),
+            (4, None, 504, "relay_timeout", Verdict::Neutral),
+            (
+                4,
+                Some("upstream_timeout: no answer"),
+                504,
+                "upstream_timeout",
+                Verdict::UpstreamFailure,
+            ),
+            (
+                3,
+                Some("invalid_sdp: no media"),
+                400,
+                "invalid_sdp",
+                Verdict::Neutral,
+            ),
+            (3, Some("weird"), 400, "invalid_request", Verdict::Neutral),
+            (
+                8,
+                Some("call_limit: 100 calls"),
+                429,
+                "call_limit",
+                Verdict::Neutral,
+            ),
+            (8, None, 429, "capacity_exceeded", Verdict::Neutral),
+            (
+                13,
+                Some("internal_error: boom"),
+                502,
+                "internal_error",
+                Verdict::Neutral,
+            ),
+            (12, None, 502, "relay_error", Verdict::Neutral),
+        ];
+        for (status, msg, http, code, verdict) in cases {
+            let r = map_create_response(&c, *status, *msg, None, "rtc_x", "req");
+            assert_eq!(r.reply.status, *http, "{status} {msg:?}");
+            assert_eq!(r.error_code.as_deref(), Some(*code), "{status} {msg:?}");
+            assert_eq!(r.verdict, *verdict, "{status} {msg:?}");
+            let v: serde_json::Value = serde_json::from_slice(&r.reply.body).unwrap();
+            assert_eq!(v["error"]["code"], *code);
+        }
+        let r = map_create_response(&c, 8, None, None, "rtc_x", "req");
+        assert_eq!(header(&r.reply, "retry-after"), Some("1"));
+        let r = map_create_response(&c, 0, None, Some(b"\xff\xff"), "rtc_x", "req");
+        assert_eq!(r.reply.status, 502);
+        let r = map_create_response(&c, 0, None, Some(&[]), "rtc_x", "req");
+        assert_eq!(r.error_code.as_deref(), Some("bad_relay_response"));
+    }
+
+    #[test]
+    fn hangup_maps_ok_and_not_found() {
+        use realtime_relay_proto::v1::CallInfo;
+        let c = sample();
+        let body = HangupCallResponse {
+            call: Some(CallInfo {
+                worker_id: "a".into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        let r = map_hangup_response(&c, 0, None, Some(&body), "req");
+        assert_eq!(r.reply.status, 200);
+        assert_eq!(r.worker_id.as_deref(), Some("a"));
+        let r = map_hangup_response(&c, 5, Some("call_not_found: x"), None, "req");
+        assert_eq!(r.reply.status, 404);
+        assert_eq!(r.error_code.as_deref(), Some("call_not_found"));
+        let r = map_hangup_response(&c, 14, None, None, "req");
+        assert_eq!(r.reply.status, 503);
+    }
+}

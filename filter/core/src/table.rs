@@ -1,0 +1,309 @@
+//! One row per malformed or hostile request: the status and code it must get, and that it
+//! never gets as far as a relay call (a `Plan`).
+
+use crate::config::tests::{env, sample, SAMPLE};
+use crate::multipart::build;
+use crate::routing::MemoryStore;
+use crate::sdp::tests::OFFER;
+use crate::*;
+
+struct Req {
+    method: &'static str,
+    path: String,
+    content_type: Option<String>,
+    content_length: Option<String>,
+    authorization: Option<&'static str>,
+    route: Option<&'static str>,
+    body: Vec<u8>,
+    no_default_model: bool,
+}
+
+fn post(ct: &str, body: impl Into<Vec<u8>>) -> Req {
+    Req {
+        method: "POST",
+        path: "/v1/realtime/calls".into(),
+        content_type: Some(ct.to_string()),
+        content_length: None,
+        authorization: None,
+        route: None,
+        body: body.into(),
+        no_default_model: false,
+    }
+}
+
+fn sdp(body: impl Into<Vec<u8>>) -> Req {
+    post("application/sdp", body)
+}
+
+const B: &str = "b0undary";
+const MP: &str = "multipart/form-data; boundary=b0undary";
+
+fn form(parts: &[(&str, &[u8])]) -> Req {
+    let parts: Vec<(&str, Option<&str>, &[u8])> =
+        parts.iter().map(|(n, c)| (*n, None, *c)).collect();
+    post(MP, build(B, &parts))
+}
+
+fn session(json: &str) -> Req {
+    form(&[("sdp", OFFER.as_bytes()), ("session", json.as_bytes())])
+}
+
+fn raw_mp(body: &str) -> Req {
+    post(MP, body.as_bytes().to_vec())
+}
+
+fn offer_with(from: &str, to: &str) -> Req {
+    sdp(OFFER.replace(from, to))
+}
+
+/// Runs a request through everything the filter does before the relay.
+fn run(r: &Req) -> Result<Plan, FilterError> {
+    let mut cfg = sample();
+    if r.no_default_model {
+        cfg = Config::from_json(
+            SAMPLE
+                .replace("\"default_model\": \"gpt-realtime\",", "")
+                .as_bytes(),
+            &env,
+        )
+        .unwrap();
+    }
+    let store = MemoryStore::default();
+    match classify(r.method, &r.path, &cfg.calls_path) {
+        Route::Create => {}
+        Route::Hangup { call_id } => {
+            classify::check_call_id(&call_id)?;
+            return Err(FilterError::Internal); // would go to the relay: not expected in this table
+        }
+        Route::Reject(e) => return Err(e),
+        Route::PassThrough => return Err(FilterError::Internal),
+    }
+    let kind = check_create_headers(&cfg, r.content_type.as_deref(), r.content_length.as_deref())?;
+    let (_, query) = classify::split_path(&r.path);
+    let offer = validate_create_body(&cfg, &kind, query, &r.body)?;
+    let plan = plan_create(
+        &cfg,
+        &offer,
+        r.authorization,
+        r.route,
+        &store,
+        0,
+        &[7; 16],
+        "req-1",
+    );
+    if plan.is_err() {
+        // nothing stays counted when planning fails
+        for (_, w) in cfg.workers() {
+            assert_eq!(routing::load(&store, &routing::outstanding_key(&w.id)), 0);
+        }
+    }
+    plan
+}
+
+fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
+    let big_line = format!("a=x:{}\r\n", "y".repeat(5000));
+    let mut too_many_headers = format!("--{B}\r\nContent-Disposition: form-data; name=\"sdp\"\r\n");
+    for i in 0..9 {
+        too_many_headers.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    too_many_headers.push_str(&format!("\r\n{OFFER}\r\n--{B}--\r\n"));
+    let many_parts: Vec<(&str, &[u8])> = (0..9).map(|_| ("junk", b"x".as_slice())).collect();
+    vec![
+        // ---- method and path
+        ("GET on calls", Req { method: "GET", ..sdp(OFFER) }, 405, "method_not_allowed"),
+        ("PUT on calls", Req { method: "PUT", ..sdp(OFFER) }, 405, "method_not_allowed"),
+        ("DELETE on hangup", Req { method: "DELETE", path: "/v1/realtime/calls/rtc_abc/hangup".into(), ..sdp("") }, 405, "method_not_allowed"),
+        ("hangup of a call id without rtc_", Req { path: "/v1/realtime/calls/abc/hangup".into(), ..sdp("") }, 404, "call_not_found"),
+        ("hangup of a call id with %-escapes", Req { path: "/v1/realtime/calls/rtc_%2e%2e/hangup".into(), ..sdp("") }, 404, "call_not_found"),
+        // ---- content type
+        ("no content type", Req { content_type: None, ..sdp(OFFER) }, 400, "invalid_content_type"),
+        ("text/plain", post("text/plain", OFFER), 415, "invalid_content_type"),
+        ("application/json", post("application/json", "{}"), 415, "invalid_content_type"),
+        ("sdp with latin1 charset", post("application/sdp; charset=iso-8859-1", OFFER), 415, "invalid_content_type"),
+        ("multipart without boundary", post("multipart/form-data", OFFER), 400, "invalid_content_type"),
+        ("boundary of 71 chars", post(&format!("multipart/form-data; boundary={}", "a".repeat(71)), OFFER), 400, "invalid_content_type"),
+        ("boundary with '<'", post("multipart/form-data; boundary=a<b", OFFER), 400, "invalid_content_type"),
+        ("boundary ending in space", post("multipart/form-data; boundary=\"ab \"", OFFER), 400, "invalid_content_type"),
+        ("unterminated quoted boundary", post("multipart/form-data; boundary=\"abc", OFFER), 400, "invalid_content_type"),
+        ("empty boundary", post("multipart/form-data; boundary=", OFFER), 400, "invalid_content_type"),
+        ("huge content type", post(&format!("application/sdp; x={}", "a".repeat(1000)), OFFER), 400, "invalid_content_type"),
+        ("content type with CR LF", post("application/sdp\r\nx-injected: 1", OFFER), 400, "invalid_content_type"),
+        // ---- size
+        ("declared length over the limit", Req { content_length: Some("1000000000".into()), ..sdp(OFFER) }, 413, "request_too_large"),
+        ("declared length not a number", Req { content_length: Some("-1".into()), ..sdp(OFFER) }, 413, "request_too_large"),
+        ("body over the limit", sdp(format!("{OFFER}{}", "a=x\r\n".repeat(14000))), 413, "request_too_large"),
+        // ---- raw SDP
+        ("empty body", sdp(""), 400, "missing_sdp"),
+        ("whitespace body", sdp("  \r\n "), 400, "missing_sdp"),
+        ("SDP not UTF-8", sdp([b"v=0\r\ns=\xff\xfe\r\n".as_slice()].concat()), 400, "invalid_sdp"),
+        ("SDP not starting with v=0", offer_with("v=0\r\n", "o=x\r\nv=0\r\n"), 400, "invalid_sdp"),
+        ("SDP v=1", offer_with("v=0", "v=1"), 400, "invalid_sdp"),
+        ("truncated SDP", sdp(OFFER.trim_end_matches("\r\n").trim_end_matches("5000")), 400, "invalid_sdp"),
+        ("SDP answer (setup:active)", offer_with("a=setup:actpass", "a=setup:active"), 400, "invalid_sdp"),
+        ("SDP with only video", sdp("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"), 400, "invalid_sdp"),
+        ("SDP with NUL", offer_with("s=-", "s=\0"), 400, "invalid_sdp"),
+        ("SDP with a 5000-byte line", offer_with("a=sendrecv\r\n", &big_line), 400, "invalid_sdp"),
+        ("SDP without o=", offer_with("o=- 4611731400430051336 2 IN IP4 127.0.0.1\r\n", ""), 400, "invalid_sdp"),
+        ("SDP with a line that is not x=", offer_with("s=-\r\n", "s=-\r\nhello\r\n"), 400, "invalid_sdp"),
+        ("SDP m= with a bad port", offer_with("m=audio 9 ", "m=audio 99999 "), 400, "invalid_sdp"),
+        ("SDP with a bare CR inside a line", offer_with("s=-", "s=a\rb"), 400, "invalid_sdp"),
+        ("SDP with two v= lines", offer_with("s=-\r\n", "s=-\r\nv=0\r\n"), 400, "invalid_sdp"),
+        ("SDP that is HTML", sdp("<html><body>v=0</body></html>\r\n"), 400, "invalid_sdp"),
+        // ---- multipart structure
+        ("multipart without opening boundary", raw_mp("hello world"), 400, "malformed_multipart"),
+        ("multipart truncated before closing boundary", raw_mp(&format!("--{B}\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\n{OFFER}")), 400, "malformed_multipart"),
+        ("multipart with another boundary", post(MP, build("other", &[("sdp", None, OFFER.as_bytes())])), 400, "malformed_multipart"),
+        ("multipart with only a session", form(&[("session", b"{\"model\":\"echo\"}")]), 400, "missing_sdp"),
+        ("multipart with two sdp parts", form(&[("sdp", OFFER.as_bytes()), ("sdp", OFFER.as_bytes())]), 400, "duplicate_part"),
+        ("multipart with two session parts", form(&[("sdp", OFFER.as_bytes()), ("session", b"{}"), ("session", b"{}")]), 400, "duplicate_part"),
+        ("multipart sdp part over its cap", form(&[("sdp", format!("{OFFER}{}", "a=x\r\n".repeat(7000)).as_bytes())]), 400, "part_too_large"),
+        ("multipart session part over its cap", session(&format!("{{\"x\":\"{}\"}}", "a".repeat(17000))), 400, "part_too_large"),
+        ("part without Content-Disposition", raw_mp(&format!("--{B}\r\nContent-Type: application/sdp\r\n\r\n{OFFER}\r\n--{B}--\r\n")), 400, "malformed_multipart"),
+        ("part with attachment disposition", raw_mp(&format!("--{B}\r\nContent-Disposition: attachment; name=\"sdp\"\r\n\r\n{OFFER}\r\n--{B}--\r\n")), 400, "malformed_multipart"),
+        ("part with too many headers", raw_mp(&too_many_headers), 400, "malformed_multipart"),
+        ("part header without a colon", raw_mp(&format!("--{B}\r\nContent-Disposition form-data\r\n\r\n{OFFER}\r\n--{B}--\r\n")), 400, "malformed_multipart"),
+        ("part headers never terminated", raw_mp(&format!("--{B}\r\nContent-Disposition: form-data; name=\"sdp\"\r\n--{B}--\r\n")), 400, "malformed_multipart"),
+        ("multipart with bare LF line ends", raw_mp(&format!("--{B}\nContent-Disposition: form-data; name=\"sdp\"\n\n{OFFER}\n--{B}--\n")), 400, "malformed_multipart"),
+        ("multipart with too many parts", form(&many_parts), 400, "malformed_multipart"),
+        ("multipart with no parts", raw_mp(&format!("--{B}--\r\n")), 400, "malformed_multipart"),
+        ("boundary followed by garbage", raw_mp(&format!("--{B}junk\r\n\r\n")), 400, "malformed_multipart"),
+        ("header injection in part name", raw_mp(&format!("--{B}\r\nContent-Disposition: form-data; name=\"sdp\r\n\r\n{OFFER}\r\n--{B}--\r\n")), 400, "malformed_multipart"),
+        // ---- session JSON
+        ("session not JSON", session("{model: gpt}"), 400, "invalid_session_json"),
+        ("session a JSON array", session("[1,2]"), 400, "invalid_session_json"),
+        ("session a JSON string", session("\"gpt-realtime\""), 400, "invalid_session_json"),
+        ("session not UTF-8", form(&[("sdp", OFFER.as_bytes()), ("session", b"{\"model\":\"\xff\"}")]), 400, "invalid_session_json"),
+        ("session.model a number", session("{\"model\":5}"), 400, "invalid_session_json"),
+        ("session nested 500 deep", session(&format!("{}{}", "[".repeat(500), "]".repeat(500))), 400, "invalid_session_json"),
+        ("session with trailing garbage", session("{} {}"), 400, "invalid_session_json"),
+        // ---- model
+        ("session.model with NUL", session("{\"model\":\"gpt\\u0000realtime\"}"), 400, "invalid_model"),
+        ("session.model with newline", session("{\"model\":\"gpt\\nrealtime\"}"), 400, "invalid_model"),
+        ("session.model unknown", session("{\"model\":\"gpt-5-ultra\"}"), 404, "model_not_found"),
+        ("?model unknown", Req { path: "/v1/realtime/calls?model=nope".into(), ..sdp(OFFER) }, 404, "model_not_found"),
+        ("?model with %0A", Req { path: "/v1/realtime/calls?model=a%0Ab".into(), ..sdp(OFFER) }, 400, "invalid_model"),
+        ("?model with bad escape", Req { path: "/v1/realtime/calls?model=%zz".into(), ..sdp(OFFER) }, 400, "invalid_model"),
+        ("?model twice", Req { path: "/v1/realtime/calls?model=echo&model=gpt-realtime".into(), ..sdp(OFFER) }, 400, "invalid_model"),
+        ("?model not UTF-8", Req { path: "/v1/realtime/calls?model=%ff".into(), ..sdp(OFFER) }, 400, "invalid_model"),
+        ("model of 200 chars", session(&format!("{{\"model\":\"{}\"}}", "m".repeat(200))), 400, "invalid_model"),
+        ("no model and no default", Req { no_default_model: true, ..sdp(OFFER) }, 400, "missing_model"),
+        ("blank session.model and no default", Req { no_default_model: true, ..session("{\"model\":\"   \"}") }, 400, "missing_model"),
+        // ---- routing and keys
+        ("routing header naming nothing", Req { route: Some("nowhere"), ..sdp(OFFER) }, 400, "invalid_routing_header"),
+        ("routing header naming another model's worker", Req { route: Some("echo1"), ..sdp(OFFER) }, 400, "invalid_routing_header"),
+        ("passthrough pool without Authorization", Req { path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
+        ("passthrough pool with blank Authorization", Req { authorization: Some("  "), path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
+    ]
+}
+
+#[test]
+fn malformed_and_hostile_inputs_get_their_status_and_code_and_never_reach_the_relay() {
+    let cases = cases();
+    assert!(cases.len() >= 40, "only {} cases", cases.len());
+    let mut failures = Vec::new();
+    for (name, req, status, code) in &cases {
+        match run(req) {
+            Ok(_) => failures.push(format!("{name}: accepted, want {status} {code}")),
+            Err(e) => {
+                if e.status() != *status || e.code() != *code {
+                    failures.push(format!(
+                        "{name}: got {} {} ({e}), want {status} {code}",
+                        e.status(),
+                        e.code()
+                    ));
+                }
+                let json: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+                let obj = json["error"].as_object().unwrap();
+                assert_eq!(obj.len(), 4, "{name}");
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing rows:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn well_formed_requests_are_planned() {
+    let ok = [
+        ("raw SDP, default model", sdp(OFFER)),
+        (
+            "raw SDP, ?model alias",
+            Req {
+                path: "/v1/realtime/calls?model=gpt-4o-realtime-preview".into(),
+                ..sdp(OFFER)
+            },
+        ),
+        (
+            "multipart with session",
+            session("{\"model\":\" gpt-realtime \",\"voice\":\"alloy\"}"),
+        ),
+        (
+            "multipart without session",
+            form(&[("sdp", OFFER.as_bytes())]),
+        ),
+        (
+            "multipart with LF-only SDP",
+            form(&[("sdp", OFFER.replace("\r\n", "\n").as_bytes())]),
+        ),
+        (
+            "passthrough with client key",
+            Req {
+                authorization: Some("Bearer sk-client"),
+                path: "/v1/realtime/calls?model=echo".into(),
+                ..sdp(OFFER)
+            },
+        ),
+        (
+            "routing header to a canary pool",
+            Req {
+                route: Some("canary"),
+                ..sdp(OFFER)
+            },
+        ),
+    ];
+    for (name, req) in ok {
+        let plan = run(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(plan.call_id.starts_with("rtc_"), "{name}");
+    }
+}
+
+#[test]
+fn the_create_message_carries_model_key_and_session() {
+    use prost::Message;
+    use realtime_relay_proto::v1::CreateCallRequest;
+    let cfg = sample();
+    let store = MemoryStore::default();
+    let req = session("{\"model\":\"gpt-4o-realtime-preview\"}");
+    let kind = check_create_headers(&cfg, req.content_type.as_deref(), None).unwrap();
+    let offer = validate_create_body(&cfg, &kind, None, &req.body).unwrap();
+    // Route to worker b (upstream_model override) with the replace-free inject policy.
+    let plan = plan_create(&cfg, &offer, None, Some("b"), &store, 0, &[1; 16], "req-9").unwrap();
+    let m = CreateCallRequest::decode(plan.message.as_slice()).unwrap();
+    assert_eq!(m.call_id, plan.call_id);
+    assert_eq!(m.model, "gpt-4o-realtime-preview");
+    assert_eq!(m.upstream_model, "gpt-realtime-2025");
+    assert_eq!(m.session_json, "{\"model\":\"gpt-4o-realtime-preview\"}");
+    assert_eq!(m.request_id, "req-9");
+    let up = m.upstream.unwrap();
+    assert_eq!(up.authorization, "Bearer sk-bbb");
+    assert_eq!(up.worker_id, "b");
+    assert_eq!(up.base_url, "https://api2.example.com");
+    // The replace policy drops the client's key.
+    let plan = plan_create(
+        &cfg,
+        &offer,
+        Some("Bearer sk-client"),
+        Some("canary"),
+        &store,
+        0,
+        &[2; 16],
+        "r",
+    )
+    .unwrap();
+    let m = CreateCallRequest::decode(plan.message.as_slice()).unwrap();
+    assert_eq!(m.upstream.unwrap().authorization, "Bearer sk-aaa");
+}
