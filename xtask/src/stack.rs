@@ -406,7 +406,8 @@ impl Drop for Stack {
     }
 }
 
-/// Minimal HTTP/1.0 GET for readiness probes (no client library needed for loopback).
+/// Minimal HTTP/1.1 GET with `Connection: close` for readiness probes (no client library
+/// needed on loopback). Not HTTP/1.0: Envoy refuses it by default (426).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let timeout = Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
@@ -414,7 +415,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf)?;
