@@ -57,6 +57,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Drive the demo page in headless Chromium: call, session.created, an event round trip,
+    /// inbound audio, hang-up. Starts its own stack on ephemeral ports unless --url is given.
+    BrowserTest {
+        /// Test the demo page at this URL instead (e.g. a running `cargo xtask up`).
+        #[arg(long)]
+        url: Option<String>,
+        /// With --url: the relay metrics address (host:port) to check that hang-up ended the
+        /// call; without it that check is skipped.
+        #[arg(long, requires = "url")]
+        relay_metrics: Option<std::net::SocketAddr>,
+    },
     /// Check the Kubernetes and Istio manifests under deploy/ (YAML, kinds, key settings) and
     /// run the EnvoyFilter fragments through `envoy --mode validate`.
     CheckDeploy,
@@ -140,6 +151,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Bench { .. } => {
             eprintln!("cargo xtask bench: not yet implemented");
             return Ok(ExitCode::from(2));
+        }
+        Cmd::BrowserTest { url, relay_metrics } => {
+            let report = match url {
+                Some(url) => xtask::browser::demo_call(
+                    &url,
+                    relay_metrics,
+                    &paths.scratch().join("browser"),
+                )?,
+                None => xtask::browser::demo_call_on_stack(&paths)?,
+            };
+            ui::line(format!("browser test passed: {report:?}"));
         }
         Cmd::CheckDeploy => {
             let report = manifests::check_dir(&paths.deploy_dir())?;

@@ -384,6 +384,33 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     } else {
         p.skip("cargo test --workspace", "the build failed");
     }
+    let browser = opts.browser || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !browser {
+        p.skip(
+            "browser demo (headless Chromium)",
+            "run with --browser (CI=true runs it)",
+        );
+    } else if !built || !wasm_ok {
+        p.skip("browser demo (headless Chromium)", "the build failed");
+    } else if !paths.envoy_dir().join("envoy.yaml").is_file() {
+        p.skip(
+            "browser demo (headless Chromium)",
+            "envoy/envoy.yaml does not exist yet",
+        );
+    } else {
+        p.step("browser demo (headless Chromium)", || {
+            setup::chromium()?;
+            let r = crate::browser::demo_call_on_stack(paths)?;
+            Ok(format!(
+                "call {}, {} events in, {} audio packets in, max level {:.2}; screenshot {}",
+                r.call_id,
+                r.events_in,
+                r.inbound_packets,
+                r.max_level,
+                r.screenshot.display()
+            ))
+        });
+    }
     p.summary(Some(counts));
     let failed = p.failed();
     if failed > 0 {

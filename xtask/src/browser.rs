@@ -1,0 +1,371 @@
+//! Headless Chromium drives the demo page through a running stack, over the W3C WebDriver
+//! protocol spoken by Debian's `chromedriver` (no browser download, no driver crate: a few
+//! JSON requests over loopback HTTP).
+//!
+//! The scenario: open the page, start a call with Chromium's fake microphone, wait for the
+//! data channel and `session.created`, send `response.create` and wait for its echo, wait for
+//! inbound audio packets and a non-silent level, save a screenshot, hang up, and check the relay
+//! no longer has a live call.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::process::ChildGuard;
+use crate::stack::http_get;
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// What the browser saw, for the summary.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub call_id: String,
+    pub events_in: usize,
+    pub inbound_packets: u64,
+    pub max_level: f64,
+    pub screenshot: PathBuf,
+}
+
+/// One HTTP/1.1 request; returns status and body. The body is read by `Content-Length`
+/// (chromedriver keeps the connection open even when asked to close it), or to the end of the
+/// stream when the response has none.
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection to {addr} closed before the response headers");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status from {addr}"))?;
+    let length = head.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    let mut body = buf.split_off(header_end);
+    match length {
+        Some(len) => {
+            while body.len() < len {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    bail!("connection to {addr} closed mid-body");
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(len);
+        }
+        None => {
+            stream.read_to_end(&mut body)?;
+        }
+    }
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let text = if head.contains("transfer-encoding: chunked") {
+        dechunk(&text)
+    } else {
+        text
+    };
+    Ok((status, text))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A WebDriver session on a chromedriver we started.
+struct Session {
+    addr: SocketAddr,
+    id: String,
+}
+
+impl Session {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let path = format!("/session/{}{path}", self.id);
+        let (status, text) = http(self.addr, method, &path, body.as_ref())?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("WebDriver {method} {path}: not JSON: {text}"))?;
+        if status != 200 {
+            bail!("WebDriver {method} {path}: {status}: {}", v["value"]);
+        }
+        Ok(v["value"].clone())
+    }
+
+    fn js(&self, script: &str) -> Result<Value> {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    fn demo(&self) -> Result<Value> {
+        self.js(
+            "const d = window.demo; return {state: d.state, dc: d.dcState, callId: d.callId, \
+             error: d.error, inbound: d.inboundPackets, maxLevel: d.maxLevel, \
+             events: d.events.map(e => e.dir + ':' + e.type)};",
+        )
+    }
+
+    fn screenshot(&self, path: &Path) -> Result<()> {
+        let b64 = self.call("GET", "/screenshot", None)?;
+        let bytes = decode_base64(b64.as_str().unwrap_or_default())?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Polls `window.demo` until `done` holds; the error shows the last state seen.
+    fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let d = self.demo()?;
+            if done(&d) {
+                return Ok(d);
+            }
+            if Instant::now() >= deadline {
+                bail!("the demo page did not reach `{what}` within {timeout:?}; last state: {d}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn decode_base64(s: &str) -> Result<Vec<u8>> {
+    const ALPHA: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = ALPHA
+            .iter()
+            .position(|&a| a == c)
+            .ok_or_else(|| anyhow!("invalid base64 in screenshot"))? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// Chromium flags: headless, fake media devices, no background networking (this machine has no
+/// network beyond loopback), loopback allowed in WebRTC, real local IPs instead of mDNS names.
+fn chrome_args(profile_dir: &Path) -> Vec<String> {
+    [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1000,1250",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("--user-data-dir={}", profile_dir.display())])
+    .collect()
+}
+
+/// Runs the demo scenario against `page_url`. `relay_metrics` (an address) lets it check that
+/// hang-up ended the call on the relay. Artifacts (screenshot, chromedriver log) go to `out`.
+pub fn demo_call(
+    page_url: &str,
+    relay_metrics: Option<SocketAddr>,
+    out: &Path,
+) -> Result<DemoReport> {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        if !Path::new(tool).exists() {
+            bail!("{tool} is missing: run `cargo xtask setup --browser`");
+        }
+    }
+    std::fs::create_dir_all(out)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut cmd = Command::new(CHROMEDRIVER);
+    cmd.arg(format!("--port={port}"));
+    let _driver = ChildGuard::spawn(
+        "chromedriver",
+        cmd,
+        &out.join("chromedriver.log"),
+        "Run `cargo xtask setup --browser`.",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !matches!(http(addr, "GET", "/status", None), Ok((200, _))) {
+        if Instant::now() > deadline {
+            bail!("chromedriver did not answer on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let profile = out.join("chromium-profile");
+    let _ = std::fs::remove_dir_all(&profile);
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:chromeOptions": {"binary": CHROMIUM, "args": chrome_args(&profile)}
+    }}});
+    let (status, text) = http(addr, "POST", "/session", Some(&caps))?;
+    let v: Value = serde_json::from_str(&text)?;
+    let id = v["value"]["sessionId"]
+        .as_str()
+        .ok_or_else(|| anyhow!("chromedriver refused the session ({status}): {text}"))?
+        .to_string();
+    let session = Session { addr, id };
+    let result = scenario(&session, page_url, relay_metrics, out);
+    if result.is_err() {
+        let _ = session.screenshot(&out.join("demo-failure.png"));
+    }
+    let _ = session.call("DELETE", "", None);
+    result
+}
+
+fn scenario(
+    s: &Session,
+    page_url: &str,
+    relay_metrics: Option<SocketAddr>,
+    out: &Path,
+) -> Result<DemoReport> {
+    s.call("POST", "/url", Some(json!({"url": page_url})))?;
+    s.js("document.getElementById('start').click();")?;
+    let has = |d: &Value, e: &str| {
+        d["events"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(e)))
+    };
+    let failed = |d: &Value| !d["error"].is_null();
+    let d = s.wait_for(
+        "data channel open + session.created",
+        Duration::from_secs(20),
+        |d| failed(d) || (d["dc"] == "open" && has(d, "in:session.created")),
+    )?;
+    if failed(&d) {
+        bail!("the call failed: {}", d["error"]);
+    }
+    s.js("window.demo.send({type: 'response.create'});")?;
+    s.wait_for("echo of response.create", Duration::from_secs(5), |d| {
+        has(d, "in:response.create")
+    })?;
+    let d = s.wait_for(
+        "inbound audio packets and a non-silent level",
+        Duration::from_secs(10),
+        |d| {
+            d["inbound"].as_u64().unwrap_or(0) >= 25 && d["maxLevel"].as_f64().unwrap_or(0.0) > 0.01
+        },
+    )?;
+    let screenshot = out.join("demo.png");
+    s.screenshot(&screenshot)?;
+    s.js("document.getElementById('hangup').click();")?;
+    s.wait_for("closed after hang-up", Duration::from_secs(5), |d| {
+        d["state"] == "closed"
+    })?;
+    if let Some(addr) = relay_metrics {
+        wait_no_live_calls(addr)?;
+    }
+    Ok(DemoReport {
+        call_id: d["callId"].as_str().unwrap_or_default().to_string(),
+        events_in: d["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e.as_str().is_some_and(|e| e.starts_with("in:")))
+                    .count()
+            })
+            .unwrap_or(0),
+        inbound_packets: d["inbound"].as_u64().unwrap_or(0),
+        max_level: d["maxLevel"].as_f64().unwrap_or(0.0),
+        screenshot,
+    })
+}
+
+/// The relay's `calls_active` gauge falls to 0 after the hang-up.
+fn wait_no_live_calls(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = http_get(addr, "/metrics")?;
+        let active = body
+            .lines()
+            .find_map(|l| l.strip_prefix("calls_active "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        match active {
+            None => bail!("the relay's /metrics has no `calls_active` gauge; cannot check hang-up"),
+            Some(0.0) => return Ok(()),
+            Some(n) if Instant::now() >= deadline => {
+                bail!("the relay still reports {n} live call(s) after hang-up")
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Starts a stack on ephemeral ports (echo model, relay, Envoy with `envoy/envoy.yaml`) and
+/// runs [`demo_call`] against it. Artifacts go to `<target>/xtask/browser/`.
+pub fn demo_call_on_stack(paths: &crate::paths::Paths) -> Result<DemoReport> {
+    let cfg = crate::stack::StackConfig::ephemeral(paths, "browser")?;
+    let out = paths.scratch().join("browser");
+    let stack = crate::stack::Stack::start(paths, cfg)?;
+    let metrics: SocketAddr = format!("{}:{}", stack.config.host, stack.config.relay_metrics_port)
+        .parse()
+        .context("relay metrics address")?;
+    demo_call(&stack.urls.demo_page, Some(metrics), &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_chunked_bodies_decode() {
+        assert_eq!(decode_base64("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+}
