@@ -347,6 +347,20 @@ impl HttpContext for Http {
         }
     }
 
+    fn on_log(&mut self) {
+        // The client went away while CreateCall was in flight: the reply will never be sent,
+        // so this request stops counting against the worker now (the ListCalls refresh counts
+        // the call again if the relay set it up anyway).
+        if let State::Creating {
+            token, worker_id, ..
+        } = &self.state
+        {
+            let _ = hostcalls::cancel_grpc_call(*token);
+            routing::release(&ProxyStore, worker_id);
+            self.state = State::Done;
+        }
+    }
+
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         let Some(rt) = self.rt.clone() else {
             return Action::Continue;
