@@ -218,6 +218,10 @@ pub fn rendered_path(paths: &Paths, config: &Path, run_dir: &Path) -> PathBuf {
 }
 
 /// Renders `config` and runs `envoy --mode validate` on it. Returns Envoy's verdict line.
+///
+/// Validation loads the Wasm filter and runs its `on_configure`, which refuses a config whose
+/// `key_env` variables are unset; the VM environment gets the local echo model's (non-secret)
+/// key as `OPENAI_API_KEY`, never the caller's real one.
 pub fn validate(paths: &Paths, config: &Path, vars: &Vars) -> Result<String> {
     let dest = rendered_path(paths, config, &paths.scratch().join("envoy-validate"));
     render_file(config, &dest, vars)?;
@@ -231,7 +235,8 @@ pub fn validate(paths: &Paths, config: &Path, vars: &Vars) -> Result<String> {
                 "warn",
                 "-c",
             ])
-            .arg(&dest),
+            .arg(&dest)
+            .env("OPENAI_API_KEY", crate::stack::LOCAL_ECHO_API_KEY),
         &format!(
             "Envoy rejected {} (rendered copy: {}).",
             config.display(),

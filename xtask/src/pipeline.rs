@@ -95,10 +95,13 @@ impl Pipeline {
             };
             let note = if note.is_empty() {
                 String::new()
+            } else if note.chars().count() > 160 {
+                // The full text is above, where the step failed.
+                format!(" — {}…", note.chars().take(160).collect::<String>())
             } else {
                 format!(" — {note}")
             };
-            eprintln!("  {tag} {:<34} {:>7.1}s{note}", r.name, r.secs);
+            eprintln!("  {tag} {:<44} {:>7.1}s{note}", r.name, r.secs);
         }
         eprintln!(
             "  total {:.1}s; {} step(s) failed",
@@ -292,6 +295,12 @@ pub fn check_demo_page(paths: &Paths) -> Result<String> {
     Ok(format!("{size} bytes, self-contained"))
 }
 
+/// Whether the local Envoy config has the demo page route (it names `${DEMO_PAGE}`).
+fn serves_demo_page(paths: &Paths) -> bool {
+    std::fs::read_to_string(paths.envoy_dir().join("envoy.yaml"))
+        .is_ok_and(|text| text.contains("${DEMO_PAGE}"))
+}
+
 /// Runs everything; `Ok(())` only if every step passed.
 pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     let mut p = Pipeline::default();
@@ -392,10 +401,10 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
         );
     } else if !built || !wasm_ok {
         p.skip("browser demo (headless Chromium)", "the build failed");
-    } else if !paths.envoy_dir().join("envoy.yaml").is_file() {
+    } else if !serves_demo_page(paths) {
         p.skip(
             "browser demo (headless Chromium)",
-            "envoy/envoy.yaml does not exist yet",
+            "envoy/envoy.yaml does not serve the demo page (${DEMO_PAGE}) yet",
         );
     } else {
         p.step("browser demo (headless Chromium)", || {
