@@ -465,6 +465,105 @@ mod tests {
         );
     }
 
+    /// Python stand-in for the relay and the echo model: listens on the addresses given by
+    /// the flags named in argv[1] (comma-separated), until SIGTERM.
+    const STUB: &str = r#"#!/usr/bin/env python3
+import signal, socket, sys, time
+args = sys.argv[1:]
+for flag in ("--grpc-addr", "--metrics-addr", "--http-addr"):
+    if flag in args:
+        h, p = args[args.index(flag) + 1].rsplit(":", 1)
+        s = socket.socket(); s.bind((h, int(p))); s.listen(); globals()[flag] = s
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+while True: time.sleep(1)
+"#;
+
+    const ENVOY: &str = r#"
+admin:
+  address: {socket_address: {address: "${ADMIN_ADDR}", port_value: ${ADMIN_PORT}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {socket_address: {address: "${LISTEN_ADDR}", port_value: ${LISTEN_PORT}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: main
+          route_config:
+            max_direct_response_body_size_bytes: 65536
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {path: "/"}
+                direct_response: {status: 200, body: {filename: "${DEMO_PAGE}"}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"#;
+
+    fn alive(pid: u32) -> bool {
+        // Reaped children are gone from /proc; a zombie would still show, so check its state.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    }
+
+    /// The shared start-up path with stand-ins for the relay and the echo model and the real
+    /// Envoy: every component becomes ready, the demo page is served on the rendered port, and
+    /// dropping the stack stops every child by PID.
+    #[test]
+    fn stack_starts_and_stops_every_child_by_pid() {
+        let mut paths = Paths::discover();
+        if !paths.envoy_bin().is_file() || which_python().is_none() {
+            eprintln!("skipped: needs Envoy (`cargo xtask setup`) and python3");
+            return;
+        }
+        let tmp = std::env::temp_dir().join(format!("xtask-stack-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        paths.target = tmp.join("target");
+        for bin in [paths.relay_bin(Profile::Dev), paths.echo_bin(Profile::Dev)] {
+            std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+            std::fs::write(&bin, STUB).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::create_dir_all(paths.filter_wasm().parent().unwrap()).unwrap();
+        std::fs::write(paths.filter_wasm(), b"").unwrap();
+        let mut cfg = StackConfig::ephemeral(&paths, "stack-test").unwrap();
+        cfg.envoy_config = tmp.join("envoy.yaml");
+        std::fs::write(&cfg.envoy_config, ENVOY).unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", cfg.listen_port).parse().unwrap();
+
+        let stack = Stack::start(&paths, cfg).unwrap();
+        let pids: Vec<u32> = stack.processes().iter().filter_map(|p| p.1).collect();
+        assert_eq!(pids.len(), 3, "echo model, relay, envoy");
+        assert!(pids.iter().all(|p| alive(*p)));
+        let (status, body) = http_get(listen, "/").unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("window.demo"));
+
+        drop(stack);
+        for pid in pids {
+            assert!(
+                !alive(pid),
+                "pid {pid} still running after the stack was dropped"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    fn which_python() -> Option<()> {
+        Command::new("python3")
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    }
+
     #[test]
     fn missing_artifacts_name_the_command_that_builds_them() {
         let mut paths = Paths::discover();
