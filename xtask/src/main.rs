@@ -223,7 +223,16 @@ fn up(paths: &Paths, args: UpArgs) -> Result<()> {
     };
     eprintln!();
     eprintln!("  Realtime gateway is up.");
-    eprintln!("  Demo page:          {}", u.demo_page);
+    let serves_page = std::fs::read_to_string(&stack.config.envoy_config)
+        .is_ok_and(|t| t.contains("${DEMO_PAGE}"));
+    if serves_page {
+        eprintln!("  Demo page:          {}", u.demo_page);
+    } else {
+        eprintln!(
+            "  Demo page:          not served: {} has no route naming ${{DEMO_PAGE}}",
+            stack.config.envoy_config.display()
+        );
+    }
     eprintln!("  Calls endpoint:     POST {}", u.calls);
     eprintln!("  Upstream:           {upstream}");
     eprintln!("  Relay metrics:      {}", u.relay_metrics);
