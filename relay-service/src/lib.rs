@@ -1,1 +1,26 @@
+//! Relay service: gRPC call setup and a str0m WebRTC bridge for the OpenAI Realtime API.
+//!
+//! Pure logic (`pending`, `pt_map`, `stun`, `upstream_body`, `allowlist`, `ids`,
+//! `error`) is tested without sockets; `bridge` is sans-IO over str0m; `call` and
+//! `media_socket` own the sockets and timers; `relay` holds the domain operations that
+//! `grpc` adapts and `server` wires into a process.
 
+pub mod allowlist;
+pub mod bridge;
+pub mod call;
+pub mod call_state;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod ids;
+pub mod media_socket;
+pub mod metrics;
+pub mod peer;
+pub mod pending;
+pub mod pt_map;
+pub mod registry;
+pub mod relay;
+pub mod server;
+pub mod signaling;
+pub mod stun;
+pub mod upstream_body;

@@ -1,0 +1,573 @@
+//! The media bridge between the two peer connections of one call, sans I/O.
+//!
+//! `Bridge` owns the client leg (`Rtc`, ICE-lite answerer) and the upstream leg
+//! (`Rtc`, offerer). The driver feeds it datagrams and timeouts and sends the
+//! transmits it yields; the bridge decides what goes where: RTP rewritten onto the
+//! other leg's audio stream with its payload type mapped, data-channel messages
+//! forwarded or buffered under a byte cap, and when the call ends and why.
+//!
+//! str0m's contract: every mutation of an `Rtc` is followed by a full drain of
+//! `poll_output` before the next mutation. Events found while draining are queued
+//! and handled after the drain, so a write onto the other leg is itself a mutation
+//! followed by its own drain.
+
+use crate::call_state::{CallCounters, DirectionCounters, EndReason};
+use crate::metrics::DirectionMetrics;
+use crate::pending::{Message, PendingQueue};
+use crate::pt_map::PtMap;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use str0m::channel::ChannelId;
+use str0m::media::{MediaKind, Mid};
+use str0m::net::{DatagramRecv, Protocol, Receive, Transmit};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Event, IceConnectionState, Input, Output, Rtc};
+
+/// The Realtime API's event channel.
+pub const EVENTS_CHANNEL: &str = "oai-events";
+
+/// Below this many buffered bytes, str0m tells us a channel can take more.
+const CHANNEL_LOW_WATER: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    Client,
+    Upstream,
+}
+
+impl Leg {
+    pub fn other(self) -> Leg {
+        match self {
+            Leg::Client => Leg::Upstream,
+            Leg::Upstream => Leg::Client,
+        }
+    }
+
+    fn closed(self) -> EndReason {
+        match self {
+            Leg::Client => EndReason::ClientClosed,
+            Leg::Upstream => EndReason::UpstreamClosed,
+        }
+    }
+
+    fn timed_out(self) -> EndReason {
+        match self {
+            Leg::Client => EndReason::ClientTimeout,
+            Leg::Upstream => EndReason::UpstreamTimeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BridgeLimits {
+    pub dc_buffer_bytes: usize,
+    pub ice_timeout: Duration,
+    pub peer_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_duration: Duration,
+}
+
+/// Where the bridge reports what it relays: the call's own counters (GetCall) and the
+/// process-wide metrics, one pair per direction.
+#[derive(Clone, Default)]
+pub struct BridgeTelemetry {
+    pub call: Arc<CallCounters>,
+    pub client_to_upstream: DirectionMetrics,
+    pub upstream_to_client: DirectionMetrics,
+    pub dc_write_errors: prometheus_client::metrics::counter::Counter,
+    pub buffer_overflows: prometheus_client::metrics::counter::Counter,
+}
+
+impl BridgeTelemetry {
+    /// Counters for traffic that arrived on `from`.
+    fn direction(&self, from: Leg) -> (&DirectionCounters, &DirectionMetrics) {
+        match from {
+            Leg::Client => (&self.call.client_to_upstream, &self.client_to_upstream),
+            Leg::Upstream => (&self.call.upstream_to_client, &self.upstream_to_client),
+        }
+    }
+
+    fn dropped(&self, from: Leg) {
+        let (c, m) = self.direction(from);
+        c.dropped.fetch_add(1, Relaxed);
+        m.dropped.inc();
+    }
+}
+
+struct LegState {
+    rtc: Rtc,
+    local_addr: SocketAddr,
+    connected: bool,
+    /// The `oai-events` channel on this leg, once open.
+    channel: Option<ChannelId>,
+    audio_mid: Option<Mid>,
+    last_receive: Instant,
+    next_timeout: Instant,
+    /// Messages waiting to be written on this leg.
+    outbox: PendingQueue,
+}
+
+pub struct Bridge {
+    client: LegState,
+    upstream: LegState,
+    /// The channel we created on the upstream leg (opens after DTLS + SCTP).
+    upstream_channel: ChannelId,
+    /// Payload-type maps, built once both legs negotiated: from client, from upstream.
+    pt_from_client: Option<PtMap>,
+    pt_from_upstream: Option<PtMap>,
+    limits: BridgeLimits,
+    created: Instant,
+    connected_at: Option<Instant>,
+    last_activity: Instant,
+    end: Option<EndReason>,
+    /// The latest time the driver gave us.
+    now: Instant,
+    events: VecDeque<(Leg, Event)>,
+    transmits: Vec<(Leg, Transmit)>,
+    telemetry: BridgeTelemetry,
+}
+
+/// The parts of a leg that setup produced.
+pub struct LegSetup {
+    pub rtc: Rtc,
+    /// The address the leg's datagrams arrive on (what str0m sees as destination).
+    pub local_addr: SocketAddr,
+    pub audio_mid: Option<Mid>,
+}
+
+impl Bridge {
+    pub fn new(
+        client: LegSetup,
+        upstream: LegSetup,
+        upstream_channel: ChannelId,
+        limits: BridgeLimits,
+        telemetry: BridgeTelemetry,
+        now: Instant,
+    ) -> Self {
+        let leg = |s: LegSetup| LegState {
+            rtc: s.rtc,
+            local_addr: s.local_addr,
+            connected: false,
+            channel: None,
+            audio_mid: s.audio_mid,
+            last_receive: now,
+            next_timeout: now,
+            outbox: PendingQueue::new(limits.dc_buffer_bytes),
+        };
+        let mut bridge = Bridge {
+            client: leg(client),
+            upstream: leg(upstream),
+            upstream_channel,
+            pt_from_client: None,
+            pt_from_upstream: None,
+            limits,
+            created: now,
+            connected_at: None,
+            last_activity: now,
+            end: None,
+            now,
+            events: VecDeque::new(),
+            transmits: Vec::new(),
+            telemetry,
+        };
+        // Both Rtcs were mutated by setup (offer/answer); drain them before anything else.
+        bridge.drain(Leg::Client);
+        bridge.drain(Leg::Upstream);
+        bridge.process_events(now);
+        bridge
+    }
+
+    fn leg(&self, leg: Leg) -> &LegState {
+        match leg {
+            Leg::Client => &self.client,
+            Leg::Upstream => &self.upstream,
+        }
+    }
+
+    fn leg_mut(&mut self, leg: Leg) -> &mut LegState {
+        match leg {
+            Leg::Client => &mut self.client,
+            Leg::Upstream => &mut self.upstream,
+        }
+    }
+
+    pub fn local_addr(&self, leg: Leg) -> SocketAddr {
+        self.leg(leg).local_addr
+    }
+
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.end
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected_at.is_some()
+    }
+
+    /// Datagrams to send, with the leg whose socket sends them.
+    pub fn take_transmits(&mut self) -> std::vec::Drain<'_, (Leg, Transmit)> {
+        self.transmits.drain(..)
+    }
+
+    /// Ends the call from outside (hangup, drain, limits enforced by the driver).
+    pub fn end(&mut self, reason: EndReason) {
+        if self.end.is_none() {
+            self.end = Some(reason);
+        }
+    }
+
+    /// Starts an orderly close of both legs (DTLS close_notify, SCTP shutdown), whose
+    /// datagrams come out of `take_transmits`.
+    pub fn close(&mut self) {
+        for leg in [Leg::Client, Leg::Upstream] {
+            let _ = self.leg_mut(leg).rtc.close();
+            self.drain(leg);
+        }
+        self.events.clear();
+    }
+
+    /// Feeds one datagram that arrived for `leg`.
+    pub fn handle_datagram(&mut self, leg: Leg, now: Instant, source: SocketAddr, data: &[u8]) {
+        let Ok(contents) = DatagramRecv::try_from(data) else {
+            // Not STUN, DTLS, RTP or RTCP: nothing str0m could use.
+            return;
+        };
+        self.now = self.now.max(now);
+        let state = self.leg_mut(leg);
+        state.last_receive = now;
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: state.local_addr,
+                contents,
+            },
+        );
+        if let Err(e) = state.rtc.handle_input(input) {
+            // A bad packet is the sender's problem, not a reason to end the call.
+            tracing::debug!(?leg, error = %e, "datagram rejected");
+        }
+        self.drain(leg);
+        self.process_events(now);
+    }
+
+    /// Advances time: str0m's timers, buffered writes, and the call's deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        for leg in [Leg::Client, Leg::Upstream] {
+            if self.leg(leg).next_timeout <= now {
+                if let Err(e) = self.leg_mut(leg).rtc.handle_input(Input::Timeout(now)) {
+                    tracing::warn!(?leg, error = %e, "timeout handling failed");
+                    self.end(leg.closed());
+                }
+                self.drain(leg);
+            }
+        }
+        self.process_events(now);
+        // Retry buffered writes in case str0m's low-water event will not come (the
+        // buffer was already below the mark when a write was refused).
+        for leg in [Leg::Client, Leg::Upstream] {
+            if !self.leg(leg).outbox.is_empty() {
+                self.flush(leg);
+            }
+        }
+        self.process_events(now);
+        self.check_deadlines(now);
+    }
+
+    /// When the driver must call `handle_timeout` next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.client.next_timeout.min(self.upstream.next_timeout);
+        t = t.min(self.created + self.limits.max_duration);
+        match self.connected_at {
+            None => t = t.min(self.created + self.limits.ice_timeout),
+            Some(_) => {
+                t = t.min(self.last_activity + self.limits.idle_timeout);
+                for leg in [&self.client, &self.upstream] {
+                    t = t.min(leg.last_receive + self.limits.peer_timeout);
+                }
+            }
+        }
+        if !self.client.outbox.is_empty() || !self.upstream.outbox.is_empty() {
+            // Retry buffered writes at least every 20 ms.
+            t = t.min(self.now + Duration::from_millis(20));
+        }
+        t
+    }
+
+    fn check_deadlines(&mut self, now: Instant) {
+        if now >= self.created + self.limits.max_duration {
+            self.end(EndReason::MaxDuration);
+        }
+        match self.connected_at {
+            None if now >= self.created + self.limits.ice_timeout => {
+                self.end(EndReason::IceTimeout)
+            }
+            None => {}
+            Some(_) => {
+                for leg in [Leg::Client, Leg::Upstream] {
+                    if now >= self.leg(leg).last_receive + self.limits.peer_timeout {
+                        self.end(leg.timed_out());
+                    }
+                }
+                if now >= self.last_activity + self.limits.idle_timeout {
+                    self.end(EndReason::IdleTimeout);
+                }
+            }
+        }
+    }
+
+    /// Drains one leg's output until its next timeout: transmits are collected,
+    /// events queued for `process_events`.
+    fn drain(&mut self, leg: Leg) {
+        loop {
+            let output = self.leg_mut(leg).rtc.poll_output();
+            match output {
+                Ok(Output::Timeout(t)) => {
+                    self.leg_mut(leg).next_timeout = t;
+                    break;
+                }
+                Ok(Output::Transmit(t)) => self.transmits.push((leg, t)),
+                Ok(Output::Event(e)) => self.events.push_back((leg, e)),
+                Err(e) => {
+                    tracing::warn!(?leg, error = %e, "peer connection failed");
+                    self.end(leg.closed());
+                    // Keep time moving so the driver doesn't spin on this leg.
+                    self.leg_mut(leg).next_timeout = Instant::now() + Duration::from_secs(3600);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn process_events(&mut self, now: Instant) {
+        while let Some((leg, event)) = self.events.pop_front() {
+            self.handle_event(leg, event, now);
+        }
+    }
+
+    fn handle_event(&mut self, leg: Leg, event: Event, now: Instant) {
+        match event {
+            Event::Connected => {
+                self.leg_mut(leg).connected = true;
+                self.leg_mut(leg).last_receive = now;
+                if self.client.connected && self.upstream.connected && self.connected_at.is_none() {
+                    self.connected_at = Some(now);
+                    self.last_activity = now;
+                }
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.end(leg.timed_out());
+            }
+            Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
+                let state = self.leg_mut(leg);
+                if state.audio_mid.is_none() {
+                    state.audio_mid = Some(m.mid);
+                }
+            }
+            Event::ChannelOpen(id, label) => self.channel_opened(leg, id, &label),
+            Event::ChannelData(d) => {
+                if self.leg(leg).channel == Some(d.id) {
+                    let (c, m) = self.telemetry.direction(leg);
+                    c.dc_messages.fetch_add(1, Relaxed);
+                    c.dc_bytes.fetch_add(d.data.len() as u64, Relaxed);
+                    m.dc_messages.inc();
+                    m.dc_bytes.inc_by(d.data.len() as u64);
+                    self.last_activity = now;
+                    self.send_message(
+                        leg.other(),
+                        Message {
+                            binary: d.binary,
+                            data: d.data,
+                        },
+                    );
+                }
+            }
+            Event::ChannelBufferedAmountLow(id) => {
+                if self.leg(leg).channel == Some(id) {
+                    self.flush(leg);
+                }
+            }
+            Event::ChannelClose(id) => {
+                if self.leg(leg).channel == Some(id) {
+                    self.end(leg.closed());
+                }
+            }
+            Event::RtpPacket(p) => self.forward_rtp(leg, p, now),
+            Event::Closed => self.end(leg.closed()),
+            _ => {}
+        }
+    }
+
+    fn channel_opened(&mut self, leg: Leg, id: ChannelId, label: &str) {
+        let ours = match leg {
+            Leg::Client => label == EVENTS_CHANNEL && self.client.channel.is_none(),
+            Leg::Upstream => id == self.upstream_channel,
+        };
+        if !ours {
+            tracing::debug!(
+                ?leg,
+                label,
+                "ignoring a data channel that is not oai-events"
+            );
+            return;
+        }
+        let state = self.leg_mut(leg);
+        state.channel = Some(id);
+        if let Some(mut ch) = state.rtc.channel(id) {
+            ch.set_buffered_amount_low_threshold(CHANNEL_LOW_WATER);
+        }
+        self.drain(leg);
+        self.flush(leg);
+    }
+
+    /// Writes a message on `to`'s events channel, or queues it (channel not open,
+    /// earlier messages still queued, or the send buffer full).
+    fn send_message(&mut self, to: Leg, message: Message) {
+        let state = self.leg(to);
+        if state.channel.is_some() && state.outbox.is_empty() {
+            match self.write_message(to, message) {
+                WriteResult::Written | WriteResult::Failed => return,
+                WriteResult::Full(m) => {
+                    self.leg_mut(to).outbox.push_front(m);
+                    return;
+                }
+            }
+        }
+        if let Err(overflow) = self.leg_mut(to).outbox.push(message) {
+            tracing::warn!(
+                to = ?to,
+                queued_bytes = overflow.queued_bytes,
+                message_bytes = overflow.message_bytes,
+                cap_bytes = overflow.cap_bytes,
+                "data-channel buffer cap exceeded; ending the call"
+            );
+            self.telemetry.buffer_overflows.inc();
+            self.end(EndReason::BufferOverflow);
+        }
+    }
+
+    /// Writes queued messages on `leg` until its send buffer is full.
+    fn flush(&mut self, leg: Leg) {
+        if self.leg(leg).channel.is_none() {
+            return;
+        }
+        while let Some(m) = self.leg_mut(leg).outbox.pop() {
+            if let WriteResult::Full(m) = self.write_message(leg, m) {
+                self.leg_mut(leg).outbox.push_front(m);
+                break;
+            }
+        }
+    }
+
+    fn write_message(&mut self, to: Leg, m: Message) -> WriteResult {
+        let state = self.leg_mut(to);
+        let Some(id) = state.channel else {
+            return WriteResult::Full(m);
+        };
+        let result = match state.rtc.channel(id) {
+            Some(mut ch) => ch.write(m.binary, &m.data),
+            None => Ok(false),
+        };
+        self.drain(to);
+        match result {
+            Ok(true) => WriteResult::Written,
+            Ok(false) => WriteResult::Full(m),
+            Err(e) => {
+                // Count and log, never the payload.
+                tracing::warn!(?to, bytes = m.data.len(), error = %e, "data-channel write failed");
+                self.telemetry.dc_write_errors.inc();
+                self.telemetry.dropped(to.other());
+                WriteResult::Failed
+            }
+        }
+    }
+
+    fn forward_rtp(&mut self, from: Leg, packet: RtpPacket, now: Instant) {
+        let to = from.other();
+        let Some(mid) = self.leg(to).audio_mid.filter(|_| self.leg(to).connected) else {
+            self.telemetry.dropped(from);
+            return;
+        };
+        let Some(pt) = self
+            .pt_map(from)
+            .and_then(|m| m.map(*packet.header.payload_type))
+        else {
+            self.telemetry.dropped(from);
+            return;
+        };
+        let payload_len = packet.payload.len() as u64;
+        let ext_vals = ExtensionValues {
+            audio_level: packet.header.ext_vals.audio_level,
+            voice_activity: packet.header.ext_vals.voice_activity,
+            ..Default::default()
+        };
+        let state = self.leg_mut(to);
+        let mut api = state.rtc.direct_api();
+        let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+            self.telemetry.dropped(from);
+            return;
+        };
+        stream.write_rtp(
+            RtpWrite::new(
+                pt.into(),
+                packet.seq_no,
+                packet.header.timestamp,
+                packet.timestamp,
+                packet.payload,
+            )
+            .marker(packet.header.marker)
+            .ext_vals(ext_vals),
+        );
+        self.drain(to);
+        // The packet leaves on the next timeout handling; do it now, not in 20 ms.
+        if let Err(e) = self.leg_mut(to).rtc.handle_input(Input::Timeout(now)) {
+            tracing::debug!(?to, error = %e, "send timeout failed");
+        }
+        self.drain(to);
+        let (c, m) = self.telemetry.direction(from);
+        c.rtp_packets.fetch_add(1, Relaxed);
+        c.rtp_bytes.fetch_add(payload_len, Relaxed);
+        m.rtp_packets.inc();
+        m.rtp_bytes.inc_by(payload_len);
+        self.last_activity = now;
+    }
+
+    /// The payload-type map for packets arriving on `from`, built on first use once
+    /// the other leg's media is known.
+    fn pt_map(&mut self, from: Leg) -> Option<&PtMap> {
+        let to = from.other();
+        let to_mid = self.leg(to).audio_mid?;
+        let built = match from {
+            Leg::Client => self.pt_from_client.is_some(),
+            Leg::Upstream => self.pt_from_upstream.is_some(),
+        };
+        if !built {
+            let from_params = self.leg(from).rtc.codec_config().params().to_vec();
+            let to_rtc = &self.leg(to).rtc;
+            let accepted = to_rtc
+                .media(to_mid)
+                .map(|m| m.remote_pts().to_vec())
+                .unwrap_or_default();
+            let map = PtMap::from_params(&from_params, to_rtc.codec_config().params(), &accepted);
+            match from {
+                Leg::Client => self.pt_from_client = Some(map),
+                Leg::Upstream => self.pt_from_upstream = Some(map),
+            }
+        }
+        match from {
+            Leg::Client => self.pt_from_client.as_ref(),
+            Leg::Upstream => self.pt_from_upstream.as_ref(),
+        }
+    }
+}
+
+enum WriteResult {
+    Written,
+    /// The send buffer is full: keep the message and retry when it drains.
+    Full(Message),
+    Failed,
+}

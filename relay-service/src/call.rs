@@ -1,0 +1,117 @@
+//! The driver of one call: owns the upstream socket, the queue from the shared client
+//! port and the timer, and runs the sans-IO [`Bridge`] until the call ends.
+
+use crate::bridge::{Bridge, Leg};
+use crate::call_state::EndReason;
+use crate::media_socket::{ClientPort, Datagram, RouteGuard, MAX_DATAGRAM};
+use crate::registry::CallEntry;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use str0m::net::Transmit;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// How many queued datagrams to feed before looking at timers and transmits again:
+/// batching cuts wake-ups under load without starving the timer.
+const BATCH: usize = 32;
+
+pub struct CallDriver {
+    pub bridge: Bridge,
+    pub entry: Arc<CallEntry>,
+    pub client_port: Arc<ClientPort>,
+    pub client_rx: mpsc::Receiver<Datagram>,
+    pub upstream_socket: UdpSocket,
+    /// Live calls with both legs connected.
+    pub connected_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Dropped when the driver ends: the shared port forgets the call.
+    pub _route: RouteGuard,
+}
+
+impl CallDriver {
+    pub async fn run(mut self) -> EndReason {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut out: Vec<(Leg, Transmit)> = Vec::with_capacity(64);
+        let mut reported_connected = false;
+        let reason = loop {
+            self.send(&mut out).await;
+            if let Some(reason) = self.bridge.end_reason() {
+                break reason;
+            }
+            if !reported_connected && self.bridge.is_connected() {
+                reported_connected = true;
+                self.entry.mark_connected();
+                self.connected_gauge.inc();
+                tracing::info!(call_id = %self.entry.call_id, "call connected");
+            }
+            let deadline = self.bridge.poll_timeout();
+            tokio::select! {
+                biased;
+                _ = self.entry.cancel.cancelled() => {
+                    let reason = self.entry.requested_end().unwrap_or(EndReason::Hangup);
+                    self.bridge.end(reason);
+                }
+                d = self.client_rx.recv() => {
+                    let Some(d) = d else {
+                        self.bridge.end(EndReason::InternalError);
+                        continue;
+                    };
+                    self.bridge.handle_datagram(Leg::Client, d.at, d.source, &d.data);
+                    for _ in 1..BATCH {
+                        match self.client_rx.try_recv() {
+                            Ok(d) => self.bridge.handle_datagram(Leg::Client, d.at, d.source, &d.data),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                r = self.upstream_socket.recv_from(&mut buf) => {
+                    match r {
+                        Ok((n, source)) => {
+                            self.bridge.handle_datagram(Leg::Upstream, Instant::now(), source, &buf[..n]);
+                            for _ in 1..BATCH {
+                                match self.upstream_socket.try_recv_from(&mut buf) {
+                                    Ok((n, source)) => self.bridge.handle_datagram(Leg::Upstream, Instant::now(), source, &buf[..n]),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        // ICMP port unreachable from a vanished provider shows up here;
+                        // the peer timeout decides when the leg is gone.
+                        Err(e) => tracing::trace!(error = %e, "upstream receive error"),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    self.bridge.handle_timeout(Instant::now());
+                }
+            }
+        };
+        // Say goodbye on both legs (DTLS close_notify, SCTP abort) so peers learn at
+        // once instead of after their own timeouts.
+        self.bridge.close();
+        self.send(&mut out).await;
+        if reported_connected {
+            self.connected_gauge.dec();
+        }
+        reason
+    }
+
+    async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) {
+        out.extend(self.bridge.take_transmits());
+        for (leg, t) in out.drain(..) {
+            match leg {
+                Leg::Client => self.client_port.send_to(&t.contents, t.destination).await,
+                Leg::Upstream => match self.upstream_socket.try_send_to(&t.contents, t.destination)
+                {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(50),
+                            self.upstream_socket.send_to(&t.contents, t.destination),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::trace!(error = %e, "upstream send failed"),
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Command-line configuration, validated once at start-up into [`RelayConfig`].
+
+use clap::{Parser, ValueEnum};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// gRPC relay for OpenAI Realtime WebRTC calls: validates a client's SDP offer,
+/// exchanges SDP with the upstream model provider, and bridges audio and the
+/// `oai-events` data channel between the two peer connections.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "realtime-relay", version)]
+pub struct Args {
+    /// gRPC listen address (CreateCall, HangupCall, GetCall, ListCalls, health,
+    /// reflection). Keep it on loopback or protect it with mTLS in the mesh: whoever
+    /// reaches it can open calls with the keys it sends.
+    #[arg(long, env = "RELAY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus metrics listen address (GET /metrics).
+    #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// UDP address shared by the client legs of all calls (one port for every call).
+    #[arg(long, env = "RELAY_MEDIA_ADDR", default_value = "127.0.0.1:40000")]
+    pub media_addr: SocketAddr,
+
+    /// Address advertised in the client-leg ICE candidate (the address clients can
+    /// reach, e.g. a node or load-balancer IP). Default: the IP of --media-addr, which
+    /// must then not be unspecified.
+    #[arg(long, env = "RELAY_PUBLIC_IP")]
+    pub public_ip: Option<IpAddr>,
+
+    /// Port advertised in the client-leg candidate when it differs from the bound
+    /// port (a NAT or a Kubernetes NodePort in front). Default: the bound port.
+    #[arg(long, env = "RELAY_PUBLIC_PORT")]
+    pub public_port: Option<u16>,
+
+    /// Receive sockets on the media port (SO_REUSEPORT shards); 0 = one per core.
+    #[arg(long, env = "RELAY_MEDIA_SHARDS", default_value_t = 0)]
+    pub media_shards: usize,
+
+    /// Local IP for upstream-leg sockets. Default: the source address the kernel
+    /// would route to the upstream host.
+    #[arg(long, env = "RELAY_UPSTREAM_MEDIA_IP")]
+    pub upstream_media_ip: Option<IpAddr>,
+
+    /// Allowed upstream base URL (scheme, host, port, optional path prefix);
+    /// repeatable. Requests naming any other upstream are refused.
+    #[arg(
+        long = "allow-upstream",
+        env = "RELAY_ALLOW_UPSTREAMS",
+        value_delimiter = ','
+    )]
+    pub allow_upstreams: Vec<String>,
+
+    /// Allow upstreams on loopback and private addresses (local echo model, in-cluster
+    /// workers). Off by default: such targets are how an open relay becomes an SSRF tool.
+    #[arg(long, env = "RELAY_ALLOW_PRIVATE_UPSTREAMS")]
+    pub allow_private_upstreams: bool,
+
+    /// Maximum concurrent calls; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RELAY_MAX_CALLS", default_value_t = 1000)]
+    pub max_calls: usize,
+
+    /// Largest accepted SDP offer, in bytes.
+    #[arg(long, env = "RELAY_MAX_OFFER_BYTES", default_value_t = 64 * 1024)]
+    pub max_offer_bytes: usize,
+
+    /// Largest accepted upstream answer or rejection body, in bytes.
+    #[arg(long, env = "RELAY_MAX_UPSTREAM_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_upstream_body_bytes: usize,
+
+    /// Bytes of data-channel messages buffered per direction while the other side
+    /// is not open or its send buffer is full; exceeding it ends the call.
+    #[arg(long, env = "RELAY_DC_BUFFER_BYTES", default_value_t = 1024 * 1024)]
+    pub dc_buffer_bytes: usize,
+
+    /// Datagrams queued from the shared media port to one call before dropping.
+    #[arg(long, env = "RELAY_CALL_QUEUE_DATAGRAMS", default_value_t = 512)]
+    pub call_queue_datagrams: usize,
+
+    /// Timeout for connecting to the upstream, in milliseconds.
+    #[arg(
+        long,
+        env = "RELAY_UPSTREAM_CONNECT_TIMEOUT_MS",
+        default_value_t = 3_000
+    )]
+    pub upstream_connect_timeout_ms: u64,
+
+    /// Timeout for the whole upstream SDP exchange, in milliseconds.
+    #[arg(long, env = "RELAY_UPSTREAM_TIMEOUT_MS", default_value_t = 10_000)]
+    pub upstream_timeout_ms: u64,
+
+    /// Both legs must connect (ICE + DTLS) within this many seconds of setup.
+    #[arg(long, env = "RELAY_ICE_TIMEOUT_SECS", default_value_t = 15)]
+    pub ice_timeout_secs: u64,
+
+    /// A connected leg that sends nothing at all (no media, no STUN consent checks)
+    /// for this many seconds is gone.
+    #[arg(long, env = "RELAY_PEER_TIMEOUT_SECS", default_value_t = 15)]
+    pub peer_timeout_secs: u64,
+
+    /// A call that relays no audio and no events in either direction for this many
+    /// seconds is ended.
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    pub idle_timeout_secs: u64,
+
+    /// Longest a call may last, in seconds.
+    #[arg(long, env = "RELAY_MAX_CALL_SECS", default_value_t = 3_600)]
+    pub max_call_secs: u64,
+
+    /// On SIGTERM: refuse new calls and let live ones run this many seconds before
+    /// ending them.
+    #[arg(long, env = "RELAY_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+
+    /// Ended calls kept for GetCall/ListCalls, newest first.
+    #[arg(long, env = "RELAY_ENDED_CALLS_KEPT", default_value_t = 1000)]
+    pub ended_calls_kept: usize,
+
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Limits and timeouts a call runs under.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_calls: usize,
+    pub max_offer_bytes: usize,
+    pub max_upstream_body_bytes: usize,
+    pub dc_buffer_bytes: usize,
+    pub call_queue_datagrams: usize,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub ice_timeout: Duration,
+    pub peer_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_call_duration: Duration,
+    pub ended_calls_kept: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Args::parse_from(["realtime-relay"]).limits()
+    }
+}
+
+impl Args {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_calls: self.max_calls,
+            max_offer_bytes: self.max_offer_bytes,
+            max_upstream_body_bytes: self.max_upstream_body_bytes,
+            dc_buffer_bytes: self.dc_buffer_bytes,
+            call_queue_datagrams: self.call_queue_datagrams,
+            upstream_connect_timeout: Duration::from_millis(self.upstream_connect_timeout_ms),
+            upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
+            ice_timeout: Duration::from_secs(self.ice_timeout_secs),
+            peer_timeout: Duration::from_secs(self.peer_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_call_duration: Duration::from_secs(self.max_call_secs),
+            ended_calls_kept: self.ended_calls_kept,
+        }
+    }
+
+    /// The address advertised in client-leg candidates.
+    pub fn advertised_media_addr(&self) -> Result<SocketAddr, String> {
+        let ip = self.public_ip.unwrap_or(self.media_addr.ip());
+        if ip.is_unspecified() {
+            return Err(format!(
+                "--media-addr {} is unspecified: set --public-ip to the address clients reach",
+                self.media_addr
+            ));
+        }
+        Ok(SocketAddr::new(
+            ip,
+            self.public_port.unwrap_or(self.media_addr.port()),
+        ))
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_calls == 0 {
+            return Err("--max-calls must be at least 1".into());
+        }
+        if self.max_offer_bytes < 512 {
+            return Err("--max-offer-bytes must be at least 512".into());
+        }
+        if self.dc_buffer_bytes < 64 * 1024 {
+            return Err(
+                "--dc-buffer-bytes must be at least 65536 (one large Realtime event)".into(),
+            );
+        }
+        if self.call_queue_datagrams == 0 {
+            return Err("--call-queue-datagrams must be at least 1".into());
+        }
+        for (name, v) in [
+            ("--upstream-timeout-ms", self.upstream_timeout_ms),
+            (
+                "--upstream-connect-timeout-ms",
+                self.upstream_connect_timeout_ms,
+            ),
+            ("--ice-timeout-secs", self.ice_timeout_secs),
+            ("--peer-timeout-secs", self.peer_timeout_secs),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
+            ("--max-call-secs", self.max_call_secs),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.allow_upstreams.is_empty() {
+            return Err("no --allow-upstream given: the relay would refuse every call".into());
+        }
+        self.advertised_media_addr()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_on_one_machine_once_an_upstream_is_allowed() {
+        let args = Args::parse_from([
+            "realtime-relay",
+            "--allow-upstream",
+            "http://127.0.0.1:8089",
+        ]);
+        args.validate().unwrap();
+        assert!(
+            args.grpc_addr.ip().is_loopback(),
+            "gRPC defaults to loopback"
+        );
+        assert_eq!(
+            args.advertised_media_addr().unwrap(),
+            "127.0.0.1:40000".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn unspecified_media_ip_needs_a_public_ip() {
+        let args = Args::parse_from([
+            "realtime-relay",
+            "--allow-upstream",
+            "https://api.openai.com",
+            "--media-addr",
+            "0.0.0.0:40000",
+        ]);
+        assert!(args.validate().unwrap_err().contains("--public-ip"));
+        let args = Args::parse_from([
+            "realtime-relay",
+            "--allow-upstream",
+            "https://api.openai.com",
+            "--media-addr",
+            "0.0.0.0:40000",
+            "--public-ip",
+            "203.0.113.7",
+            "--public-port",
+            "31000",
+        ]);
+        assert_eq!(
+            args.advertised_media_addr().unwrap(),
+            "203.0.113.7:31000".parse().unwrap()
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! Setup errors with the stable codes that reach clients.
+//!
+//! Client faults become `INVALID_ARGUMENT`; relay and upstream faults become
+//! `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `DEADLINE_EXCEEDED` or `INTERNAL`. The gRPC
+//! status message is "<code>: <human text>" (see `proto/relay.proto`), and never
+//! contains a key or raw SDP.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SetupError {
+    // ---- client faults (4xx at the edge; never counted against a worker) ----
+    #[error("missing_sdp: the request carries no SDP offer")]
+    MissingSdp,
+    #[error("invalid_sdp: {0}")]
+    InvalidSdp(String),
+    #[error("missing_model: the request names no model")]
+    MissingModel,
+    #[error("invalid_session_json: {0}")]
+    InvalidSessionJson(String),
+    #[error("invalid_call_id: call ids are rtc_ followed by 8 to 64 letters, digits, '_' or '-'")]
+    InvalidCallId,
+    #[error("call_exists: a call with this id already exists")]
+    CallExists,
+    #[error("missing_upstream: the request names no upstream base URL")]
+    MissingUpstream,
+    #[error("upstream_not_allowed: {0}")]
+    UpstreamNotAllowed(String),
+
+    // ---- relay faults ----
+    #[error("too_many_calls: the relay is at its limit of {0} concurrent calls")]
+    TooManyCalls(usize),
+    #[error("draining: the relay is shutting down and takes no new calls")]
+    Draining,
+    #[error("internal_error: {0}")]
+    Internal(String),
+
+    // ---- upstream faults (counted against the worker) ----
+    #[error("upstream_unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream_timeout: the upstream did not answer the SDP exchange in time")]
+    UpstreamTimeout,
+    #[error("upstream_invalid_answer: {0}")]
+    UpstreamInvalidAnswer(String),
+}
+
+impl SetupError {
+    /// The stable code: the part of the message before ": ".
+    pub fn code(&self) -> &'static str {
+        match self {
+            SetupError::MissingSdp => "missing_sdp",
+            SetupError::InvalidSdp(_) => "invalid_sdp",
+            SetupError::MissingModel => "missing_model",
+            SetupError::InvalidSessionJson(_) => "invalid_session_json",
+            SetupError::InvalidCallId => "invalid_call_id",
+            SetupError::CallExists => "call_exists",
+            SetupError::MissingUpstream => "missing_upstream",
+            SetupError::UpstreamNotAllowed(_) => "upstream_not_allowed",
+            SetupError::TooManyCalls(_) => "too_many_calls",
+            SetupError::Draining => "draining",
+            SetupError::Internal(_) => "internal_error",
+            SetupError::UpstreamUnreachable(_) => "upstream_unreachable",
+            SetupError::UpstreamTimeout => "upstream_timeout",
+            SetupError::UpstreamInvalidAnswer(_) => "upstream_invalid_answer",
+        }
+    }
+
+    /// Whether the failure is the upstream worker's (and so counts against it).
+    pub fn is_upstream_fault(&self) -> bool {
+        matches!(
+            self,
+            SetupError::UpstreamUnreachable(_)
+                | SetupError::UpstreamTimeout
+                | SetupError::UpstreamInvalidAnswer(_)
+        )
+    }
+
+    pub fn grpc_code(&self) -> Code {
+        match self {
+            SetupError::MissingSdp
+            | SetupError::InvalidSdp(_)
+            | SetupError::MissingModel
+            | SetupError::InvalidSessionJson(_)
+            | SetupError::InvalidCallId
+            | SetupError::MissingUpstream
+            | SetupError::UpstreamNotAllowed(_) => Code::InvalidArgument,
+            SetupError::CallExists => Code::AlreadyExists,
+            SetupError::TooManyCalls(_) => Code::ResourceExhausted,
+            SetupError::Draining | SetupError::UpstreamUnreachable(_) => Code::Unavailable,
+            SetupError::UpstreamTimeout => Code::DeadlineExceeded,
+            SetupError::UpstreamInvalidAnswer(_) | SetupError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<SetupError> for Status {
+    fn from(e: SetupError) -> Status {
+        Status::new(e.grpc_code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_message_starts_with_the_stable_code() {
+        let cases = [
+            SetupError::InvalidSdp("no media".into()),
+            SetupError::TooManyCalls(3),
+            SetupError::UpstreamTimeout,
+            SetupError::UpstreamNotAllowed("http://x".into()),
+        ];
+        for e in cases {
+            let status: Status = e.clone_for_test().into();
+            let (code, _) = realtime_relay_proto::split_status_message(status.message());
+            assert_eq!(code, Some(e.code()), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn only_upstream_faults_count_against_workers() {
+        assert!(!SetupError::InvalidSdp(String::new()).is_upstream_fault());
+        assert!(!SetupError::TooManyCalls(1).is_upstream_fault());
+        assert!(SetupError::UpstreamTimeout.is_upstream_fault());
+        assert!(SetupError::UpstreamUnreachable(String::new()).is_upstream_fault());
+    }
+
+    impl SetupError {
+        fn clone_for_test(&self) -> SetupError {
+            match self {
+                SetupError::InvalidSdp(s) => SetupError::InvalidSdp(s.clone()),
+                SetupError::TooManyCalls(n) => SetupError::TooManyCalls(*n),
+                SetupError::UpstreamTimeout => SetupError::UpstreamTimeout,
+                SetupError::UpstreamNotAllowed(s) => SetupError::UpstreamNotAllowed(s.clone()),
+                _ => SetupError::Internal(String::new()),
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! tonic adapter: gRPC requests onto [`Relay`]'s domain operations.
+
+use crate::relay::{LookupError, Relay};
+use realtime_relay_proto::v1;
+use realtime_relay_proto::v1::relay_service_server::RelayService;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct RelayGrpc {
+    pub relay: Arc<Relay>,
+}
+
+fn metadata(req: &Request<impl Sized>, key: &str) -> String {
+    req.metadata()
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn not_found(call_id: &str) -> Status {
+    let shown: String = call_id.chars().take(80).collect();
+    Status::not_found(format!("call_not_found: no call {shown:?}"))
+}
+
+#[tonic::async_trait]
+impl RelayService for RelayGrpc {
+    async fn create_call(
+        &self,
+        request: Request<v1::CreateCallRequest>,
+    ) -> Result<Response<v1::CreateCallResponse>, Status> {
+        let call_id_md = metadata(&request, "x-call-id");
+        let request_id_md = metadata(&request, "x-request-id");
+        let mut req = request.into_inner();
+        if req.call_id.is_empty() {
+            req.call_id = call_id_md;
+        }
+        if req.request_id.is_empty() {
+            req.request_id = request_id_md;
+        }
+        self.relay
+            .create_call(req)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn hangup_call(
+        &self,
+        request: Request<v1::HangupCallRequest>,
+    ) -> Result<Response<v1::HangupCallResponse>, Status> {
+        let call_id = request.into_inner().call_id;
+        match self.relay.hangup(&call_id).await {
+            Ok(call) => Ok(Response::new(v1::HangupCallResponse { call: Some(call) })),
+            Err(LookupError::NotFound) => Err(not_found(&call_id)),
+        }
+    }
+
+    async fn get_call(
+        &self,
+        request: Request<v1::GetCallRequest>,
+    ) -> Result<Response<v1::CallInfo>, Status> {
+        let call_id = request.into_inner().call_id;
+        self.relay
+            .get_call(&call_id)
+            .map(Response::new)
+            .map_err(|_| not_found(&call_id))
+    }
+
+    async fn list_calls(
+        &self,
+        request: Request<v1::ListCallsRequest>,
+    ) -> Result<Response<v1::ListCallsResponse>, Status> {
+        Ok(Response::new(
+            self.relay.list_calls(request.into_inner().include_ended),
+        ))
+    }
+}

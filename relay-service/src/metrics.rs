@@ -1,0 +1,242 @@
+//! Prometheus metrics. Labels are bounded: directions, reason codes and worker ids
+//! (from the router's configuration); never call ids, never keys.
+
+use crate::call_state::EndReason;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: String,
+}
+
+/// Pre-resolved counters for one direction, so the per-packet path is one atomic add
+/// per counter with no label lookup.
+#[derive(Clone, Debug, Default)]
+pub struct DirectionMetrics {
+    pub rtp_packets: Counter,
+    pub rtp_bytes: Counter,
+    pub dc_messages: Counter,
+    pub dc_bytes: Counter,
+    pub dropped: Counter,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub calls_created: Counter,
+    pub setup_failures: Family<ReasonLabel, Counter>,
+    pub calls_ended: Family<ReasonLabel, Counter>,
+    pub worker_failures: Family<WorkerLabel, Counter>,
+    pub calls_active: Gauge,
+    pub calls_connected: Gauge,
+    pub setup_seconds: Histogram,
+    pub buffer_overflows: Counter,
+    pub dc_write_errors: Counter,
+    pub unmatched_datagrams: Counter,
+    pub queue_full_drops: Counter,
+    pub call_panics: Counter,
+    pub client_to_upstream: DirectionMetrics,
+    pub upstream_to_client: DirectionMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("realtime_relay");
+        let m = Metrics {
+            calls_created: Counter::default(),
+            setup_failures: Family::default(),
+            calls_ended: Family::default(),
+            worker_failures: Family::default(),
+            calls_active: Gauge::default(),
+            calls_connected: Gauge::default(),
+            setup_seconds: Histogram::new(
+                [
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]
+                .into_iter(),
+            ),
+            buffer_overflows: Counter::default(),
+            dc_write_errors: Counter::default(),
+            unmatched_datagrams: Counter::default(),
+            queue_full_drops: Counter::default(),
+            call_panics: Counter::default(),
+            client_to_upstream: DirectionMetrics::default(),
+            upstream_to_client: DirectionMetrics::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "calls_created",
+            "Calls set up successfully",
+            m.calls_created.clone(),
+        );
+        registry.register(
+            "setup_failures",
+            "Call setups that failed, by error code",
+            m.setup_failures.clone(),
+        );
+        registry.register(
+            "calls_ended",
+            "Calls ended, by end reason",
+            m.calls_ended.clone(),
+        );
+        registry.register(
+            "worker_failures",
+            "Upstream failures (setup or mid-call) by worker id",
+            m.worker_failures.clone(),
+        );
+        registry.register(
+            "calls_active",
+            "Live calls (pending or connected)",
+            m.calls_active.clone(),
+        );
+        registry.register(
+            "calls_connected",
+            "Calls with both legs connected",
+            m.calls_connected.clone(),
+        );
+        registry.register(
+            "setup_duration_seconds",
+            "Time from CreateCall to the SDP answer",
+            m.setup_seconds.clone(),
+        );
+        registry.register(
+            "dc_buffer_overflows",
+            "Calls ended because buffered data-channel bytes exceeded the cap",
+            m.buffer_overflows.clone(),
+        );
+        registry.register(
+            "dc_write_errors",
+            "Data-channel writes that failed",
+            m.dc_write_errors.clone(),
+        );
+        registry.register(
+            "unmatched_datagrams",
+            "Datagrams on the shared media port that no call accepted",
+            m.unmatched_datagrams.clone(),
+        );
+        registry.register(
+            "call_queue_full_drops",
+            "Datagrams dropped because a call's inbound queue was full",
+            m.queue_full_drops.clone(),
+        );
+        registry.register(
+            "call_panics",
+            "Call tasks that panicked (the call ended, the relay did not)",
+            m.call_panics.clone(),
+        );
+        let families = DirectionFamilies::default();
+        registry.register(
+            "rtp_packets",
+            "RTP packets relayed",
+            families.rtp_packets.clone(),
+        );
+        registry.register(
+            "rtp_bytes",
+            "RTP payload bytes relayed",
+            families.rtp_bytes.clone(),
+        );
+        registry.register(
+            "dc_messages",
+            "Data-channel messages relayed",
+            families.dc_messages.clone(),
+        );
+        registry.register(
+            "dc_bytes",
+            "Data-channel bytes relayed",
+            families.dc_bytes.clone(),
+        );
+        registry.register(
+            "dropped",
+            "Packets or messages that could not be relayed",
+            families.dropped.clone(),
+        );
+        let client_to_upstream = families.resolve("client_to_upstream");
+        let upstream_to_client = families.resolve("upstream_to_client");
+        Metrics {
+            registry,
+            client_to_upstream,
+            upstream_to_client,
+            ..m
+        }
+    }
+
+    pub fn ended(&self, reason: EndReason) {
+        self.calls_ended
+            .get_or_create(&ReasonLabel {
+                reason: reason.code().to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Default)]
+struct DirectionFamilies {
+    rtp_packets: Family<DirectionLabel, Counter>,
+    rtp_bytes: Family<DirectionLabel, Counter>,
+    dc_messages: Family<DirectionLabel, Counter>,
+    dc_bytes: Family<DirectionLabel, Counter>,
+    dropped: Family<DirectionLabel, Counter>,
+}
+
+impl DirectionFamilies {
+    /// Counter clones share their atomic with the family's entry.
+    fn resolve(&self, direction: &'static str) -> DirectionMetrics {
+        let l = DirectionLabel { direction };
+        DirectionMetrics {
+            rtp_packets: self.rtp_packets.get_or_create(&l).clone(),
+            rtp_bytes: self.rtp_bytes.get_or_create(&l).clone(),
+            dc_messages: self.dc_messages.get_or_create(&l).clone(),
+            dc_bytes: self.dc_bytes.get_or_create(&l).clone(),
+            dropped: self.dropped.get_or_create(&l).clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direction_handles_feed_the_exported_families() {
+        let m = Metrics::new();
+        m.client_to_upstream.rtp_packets.inc_by(3);
+        m.ended(EndReason::Hangup);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"realtime_relay_rtp_packets_total{direction="client_to_upstream"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"realtime_relay_calls_ended_total{reason="hangup"} 1"#),
+            "{text}"
+        );
+    }
+}

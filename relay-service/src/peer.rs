@@ -1,0 +1,211 @@
+//! Building the two legs of a call with str0m.
+//!
+//! Client leg: ICE-lite answerer (the relay has a public, stable address; the client
+//! does the connectivity checks), one host candidate on the shared media port, ICE
+//! credentials we choose so the shared port can find the call by ufrag.
+//! Upstream leg: full-ICE offerer with an Opus SendRecv audio transceiver and the
+//! `oai-events` data channel, on its own UDP socket (a provider may use one address
+//! for many calls, so upstream legs must not share a port).
+//! Both legs run in RTP mode: packets are forwarded without depacketizing.
+
+use crate::bridge::EVENTS_CHANNEL;
+use crate::error::SetupError;
+use std::net::SocketAddr;
+use std::time::Instant;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
+
+fn base_config() -> RtcConfig {
+    RtcConfig::new()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        // Stats events are not used; don't pay for them.
+        .set_stats_interval(None)
+}
+
+/// Cheap structural checks before any str0m work: the offer is text starting with
+/// `v=0` and has an audio or application m-line.
+pub fn precheck_offer(sdp: &str, max_bytes: usize) -> Result<(), SetupError> {
+    if sdp.trim().is_empty() {
+        return Err(SetupError::MissingSdp);
+    }
+    if sdp.len() > max_bytes {
+        return Err(SetupError::InvalidSdp(format!(
+            "the offer is larger than {max_bytes} bytes"
+        )));
+    }
+    if !sdp.starts_with("v=0") {
+        return Err(SetupError::InvalidSdp(
+            "the offer must start with v=0".into(),
+        ));
+    }
+    if sdp
+        .bytes()
+        .any(|b| b == 0 || (b < 0x20 && b != b'\r' && b != b'\n' && b != b'\t'))
+    {
+        return Err(SetupError::InvalidSdp(
+            "the offer contains control characters".into(),
+        ));
+    }
+    let has_media = sdp
+        .lines()
+        .any(|l| l.starts_with("m=audio ") || l.starts_with("m=application "));
+    if !has_media {
+        return Err(SetupError::InvalidSdp(
+            "the offer has no audio or application media".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub struct ClientLeg {
+    pub rtc: Rtc,
+    pub answer: SdpAnswer,
+    pub audio_mid: Option<Mid>,
+}
+
+/// Parses and accepts the client's offer. Runs before any upstream request: a bad
+/// offer must never open an upstream call.
+pub fn accept_client_offer(
+    sdp: &str,
+    advertised: SocketAddr,
+    creds: IceCreds,
+    now: Instant,
+) -> Result<ClientLeg, SetupError> {
+    let offer = SdpOffer::from_sdp_string(sdp)
+        .map_err(|e| SetupError::InvalidSdp(format!("the offer does not parse: {e}")))?;
+    let audio_mid = first_audio_mid(sdp);
+    let mut rtc = base_config()
+        .set_ice_lite(true)
+        .set_local_ice_credentials(creds)
+        .build(now);
+    let candidate = Candidate::host(advertised, "udp")
+        .map_err(|e| SetupError::Internal(format!("bad advertised media address: {e}")))?;
+    rtc.add_local_candidate(candidate);
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| SetupError::InvalidSdp(format!("the offer cannot be accepted: {e}")))?;
+    if !answer.to_sdp_string().contains("a=fingerprint") {
+        return Err(SetupError::InvalidSdp(
+            "the offer negotiated no DTLS".into(),
+        ));
+    }
+    Ok(ClientLeg {
+        rtc,
+        answer,
+        audio_mid,
+    })
+}
+
+/// The mid of the offer's first audio m-line (from its `a=mid:` line).
+fn first_audio_mid(sdp: &str) -> Option<Mid> {
+    let mut in_audio = false;
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            in_audio = line.starts_with("m=audio ");
+        } else if in_audio {
+            if let Some(mid) = line.strip_prefix("a=mid:") {
+                return Some(Mid::from(mid.trim()));
+            }
+        }
+    }
+    None
+}
+
+pub struct UpstreamLeg {
+    pub rtc: Rtc,
+    pub offer: SdpOffer,
+    pub pending: SdpPendingOffer,
+    pub audio_mid: Mid,
+    pub channel: ChannelId,
+}
+
+pub fn create_upstream_offer(local: SocketAddr, now: Instant) -> Result<UpstreamLeg, SetupError> {
+    let mut rtc = base_config().build(now);
+    let candidate = Candidate::host(local, "udp")
+        .map_err(|e| SetupError::Internal(format!("bad upstream media address: {e}")))?;
+    rtc.add_local_candidate(candidate);
+    let mut api = rtc.sdp_api();
+    let audio_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let channel = api.add_channel(EVENTS_CHANNEL.to_string());
+    let (offer, pending) = api
+        .apply()
+        .ok_or_else(|| SetupError::Internal("the upstream offer has no changes".into()))?;
+    Ok(UpstreamLeg {
+        rtc,
+        offer,
+        pending,
+        audio_mid,
+        channel,
+    })
+}
+
+pub fn accept_upstream_answer(
+    rtc: &mut Rtc,
+    pending: SdpPendingOffer,
+    answer_sdp: &str,
+) -> Result<(), SetupError> {
+    let answer = SdpAnswer::from_sdp_string(answer_sdp).map_err(|e| {
+        SetupError::UpstreamInvalidAnswer(format!("the upstream answer does not parse: {e}"))
+    })?;
+    rtc.sdp_api().accept_answer(pending, answer).map_err(|e| {
+        SetupError::UpstreamInvalidAnswer(format!("the upstream answer cannot be accepted: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precheck_table() {
+        let ok =
+            "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n";
+        let rows: &[(&str, Option<&str>)] = &[
+            (ok, None),
+            ("", Some("missing_sdp")),
+            ("   \r\n", Some("missing_sdp")),
+            ("v=1\r\nm=audio 9 x 1\r\n", Some("invalid_sdp")),
+            ("hello", Some("invalid_sdp")),
+            (
+                "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
+                Some("invalid_sdp"),
+            ),
+            ("v=0\r\nm=audio 9 x 1\r\n\u{1}", Some("invalid_sdp")),
+            (
+                "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n",
+                None,
+            ),
+        ];
+        for (sdp, code) in rows {
+            let got = precheck_offer(sdp, 64 * 1024).err().map(|e| e.code());
+            assert_eq!(got, *code, "{sdp:?}");
+        }
+        assert_eq!(
+            precheck_offer(ok, 10).unwrap_err().code(),
+            "invalid_sdp",
+            "size limit"
+        );
+    }
+
+    #[test]
+    fn audio_mid_comes_from_the_audio_section() {
+        let sdp = "v=0\r\nm=application 9 x\r\na=mid:0\r\nm=audio 9 x 111\r\na=mid:1\r\n";
+        assert_eq!(first_audio_mid(sdp), Some(Mid::from("1")));
+        assert_eq!(first_audio_mid("v=0\r\nm=video 9 x\r\na=mid:0\r\n"), None);
+    }
+
+    #[test]
+    fn an_upstream_offer_has_audio_and_the_events_channel() {
+        let leg = create_upstream_offer("127.0.0.1:5000".parse().unwrap(), Instant::now()).unwrap();
+        let sdp = leg.offer.to_sdp_string();
+        assert!(sdp.contains("m=audio"), "{sdp}");
+        assert!(sdp.contains("m=application"), "{sdp}");
+        assert!(sdp.contains("opus/48000/2"), "{sdp}");
+        assert!(sdp.contains("a=sendrecv"), "{sdp}");
+    }
+}

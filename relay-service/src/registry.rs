@@ -1,0 +1,307 @@
+//! The call registry: live calls with their state, counters and cancel token, plus a
+//! bounded list of recently ended calls for GetCall/ListCalls.
+//!
+//! A call is reserved at the start of CreateCall, so calls still in setup count
+//! toward the concurrency limit (a flood of slow setups cannot exceed it).
+
+use crate::call_state::{CallCounters, EndReason};
+use crate::error::SetupError;
+use realtime_relay_proto::v1;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const STATE_PENDING: u8 = 1;
+const STATE_CONNECTED: u8 = 2;
+
+#[derive(Debug)]
+pub struct CallEntry {
+    pub call_id: String,
+    pub model: String,
+    pub upstream_model: String,
+    pub worker_id: String,
+    pub created_at_ms: i64,
+    connected_at_ms: AtomicI64,
+    state: AtomicU8,
+    pub counters: Arc<CallCounters>,
+    pub cancel: CancellationToken,
+    end_request: Mutex<Option<EndReason>>,
+    upstream_call_id: Mutex<String>,
+    done_tx: watch::Sender<bool>,
+}
+
+impl CallEntry {
+    pub fn mark_connected(&self) {
+        self.connected_at_ms.store(unix_ms(), Ordering::Relaxed);
+        self.state.store(STATE_CONNECTED, Ordering::Relaxed);
+    }
+
+    pub fn set_upstream_call_id(&self, id: &str) {
+        *self
+            .upstream_call_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = id.to_string();
+    }
+
+    /// Asks the call's task to end with `reason` (the first request wins).
+    pub fn request_end(&self, reason: EndReason) {
+        let mut r = self.end_request.lock().unwrap_or_else(|p| p.into_inner());
+        r.get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    pub fn requested_end(&self) -> Option<EndReason> {
+        *self.end_request.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn info(&self, ended: Option<(EndReason, i64)>) -> v1::CallInfo {
+        let state = match (ended, self.state.load(Ordering::Relaxed)) {
+            (Some(_), _) => v1::CallState::Ended,
+            (None, STATE_CONNECTED) => v1::CallState::Connected,
+            (None, _) => v1::CallState::Pending,
+        };
+        v1::CallInfo {
+            call_id: self.call_id.clone(),
+            state: state as i32,
+            model: self.model.clone(),
+            upstream_model: self.upstream_model.clone(),
+            worker_id: self.worker_id.clone(),
+            created_at_ms: self.created_at_ms,
+            connected_at_ms: self.connected_at_ms.load(Ordering::Relaxed),
+            ended_at_ms: ended.map(|(_, t)| t).unwrap_or(0),
+            end_reason: ended.map(|(r, _)| r.code().to_string()).unwrap_or_default(),
+            client_to_upstream: Some(self.counters.client_to_upstream.snapshot()),
+            upstream_to_client: Some(self.counters.upstream_to_client.snapshot()),
+            upstream_call_id: self
+                .upstream_call_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    pub fn live_info(&self) -> v1::CallInfo {
+        self.info(None)
+    }
+}
+
+pub struct NewCall<'a> {
+    pub call_id: &'a str,
+    pub model: &'a str,
+    pub upstream_model: &'a str,
+    pub worker_id: &'a str,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<String, Arc<CallEntry>>,
+    ended: VecDeque<v1::CallInfo>,
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    max_calls: usize,
+    ended_kept: usize,
+    draining: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(max_calls: usize, ended_kept: usize) -> Self {
+        Registry {
+            inner: Mutex::new(Inner::default()),
+            max_calls,
+            ended_kept,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn reserve(&self, new: NewCall<'_>) -> Result<Arc<CallEntry>, SetupError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(SetupError::Draining);
+        }
+        let mut inner = self.lock();
+        if inner.live.contains_key(new.call_id)
+            || inner.ended.iter().any(|c| c.call_id == new.call_id)
+        {
+            return Err(SetupError::CallExists);
+        }
+        if inner.live.len() >= self.max_calls {
+            return Err(SetupError::TooManyCalls(self.max_calls));
+        }
+        let (done_tx, _) = watch::channel(false);
+        let entry = Arc::new(CallEntry {
+            call_id: new.call_id.to_string(),
+            model: new.model.to_string(),
+            upstream_model: new.upstream_model.to_string(),
+            worker_id: new.worker_id.to_string(),
+            created_at_ms: unix_ms(),
+            connected_at_ms: AtomicI64::new(0),
+            state: AtomicU8::new(STATE_PENDING),
+            counters: Arc::new(CallCounters::default()),
+            cancel: CancellationToken::new(),
+            end_request: Mutex::new(None),
+            upstream_call_id: Mutex::new(String::new()),
+            done_tx,
+        });
+        inner.live.insert(new.call_id.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Frees a reservation whose setup failed (not an ended call: it never started).
+    pub fn release(&self, call_id: &str) {
+        let entry = self.lock().live.remove(call_id);
+        if let Some(e) = entry {
+            let _ = e.done_tx.send(true);
+        }
+    }
+
+    /// Records the end of a live call and frees its entry.
+    pub fn finish(&self, call_id: &str, reason: EndReason) -> Option<v1::CallInfo> {
+        let mut inner = self.lock();
+        let entry = inner.live.remove(call_id)?;
+        let info = entry.info(Some((reason, unix_ms())));
+        if self.ended_kept > 0 {
+            if inner.ended.len() >= self.ended_kept {
+                inner.ended.pop_back();
+            }
+            inner.ended.push_front(info.clone());
+        }
+        drop(inner);
+        let _ = entry.done_tx.send(true);
+        Some(info)
+    }
+
+    pub fn live(&self, call_id: &str) -> Option<Arc<CallEntry>> {
+        self.lock().live.get(call_id).cloned()
+    }
+
+    pub fn get(&self, call_id: &str) -> Option<v1::CallInfo> {
+        let inner = self.lock();
+        if let Some(e) = inner.live.get(call_id) {
+            return Some(e.live_info());
+        }
+        inner.ended.iter().find(|c| c.call_id == call_id).cloned()
+    }
+
+    /// Ends a live call and waits (bounded) until its task has freed everything.
+    pub async fn end_and_wait(
+        &self,
+        call_id: &str,
+        reason: EndReason,
+        wait: Duration,
+    ) -> Option<v1::CallInfo> {
+        let entry = self.live(call_id)?;
+        let mut done = entry.done_tx.subscribe();
+        entry.request_end(reason);
+        let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+        self.get(call_id)
+    }
+
+    pub fn list(&self, include_ended: bool) -> v1::ListCallsResponse {
+        let inner = self.lock();
+        let mut calls: Vec<v1::CallInfo> = inner.live.values().map(|e| e.live_info()).collect();
+        let mut by_worker: HashMap<String, u32> = HashMap::new();
+        for e in inner.live.values() {
+            *by_worker.entry(e.worker_id.clone()).or_default() += 1;
+        }
+        if include_ended {
+            calls.extend(inner.ended.iter().cloned());
+        }
+        v1::ListCallsResponse {
+            calls,
+            live_calls_by_worker: by_worker,
+        }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn end_all(&self, reason: EndReason) {
+        let entries: Vec<_> = self.lock().live.values().cloned().collect();
+        for e in entries {
+            e.request_end(reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new<'a>(id: &'a str) -> NewCall<'a> {
+        NewCall {
+            call_id: id,
+            model: "m",
+            upstream_model: "m",
+            worker_id: "w1",
+        }
+    }
+
+    #[test]
+    fn the_limit_counts_reservations_and_frees_on_release_and_finish() {
+        let r = Registry::new(2, 10);
+        r.reserve(new("rtc_a")).unwrap();
+        r.reserve(new("rtc_b")).unwrap();
+        assert_eq!(
+            r.reserve(new("rtc_c")).unwrap_err().code(),
+            "too_many_calls"
+        );
+        r.release("rtc_a");
+        r.reserve(new("rtc_c")).unwrap();
+        let info = r.finish("rtc_b", EndReason::Hangup).unwrap();
+        assert_eq!(info.end_reason, "hangup");
+        assert_eq!(info.state, v1::CallState::Ended as i32);
+        assert_eq!(r.live_count(), 1);
+        assert_eq!(r.get("rtc_b").unwrap().end_reason, "hangup");
+        assert!(
+            r.get("rtc_a").is_none(),
+            "a released reservation leaves no trace"
+        );
+        assert_eq!(r.reserve(new("rtc_b")).unwrap_err().code(), "call_exists");
+    }
+
+    #[test]
+    fn ended_calls_are_bounded_and_listing_counts_live_per_worker() {
+        let r = Registry::new(100, 3);
+        for i in 0..5 {
+            let id = format!("rtc_{i}");
+            r.reserve(new(&id)).unwrap();
+            r.finish(&id, EndReason::ClientClosed);
+        }
+        r.reserve(new("rtc_live")).unwrap();
+        let all = r.list(true);
+        assert_eq!(all.calls.len(), 4);
+        assert_eq!(all.live_calls_by_worker.get("w1"), Some(&1));
+        assert_eq!(r.list(false).calls.len(), 1);
+    }
+
+    #[test]
+    fn draining_refuses_new_calls() {
+        let r = Registry::new(10, 10);
+        r.start_draining();
+        assert_eq!(r.reserve(new("rtc_x")).unwrap_err().code(), "draining");
+    }
+}

@@ -1,0 +1,446 @@
+//! The relay's domain operations: create, hang up, inspect and drain calls. The gRPC
+//! service is a thin adapter over these, and tests call them directly too.
+
+use crate::allowlist::{self, Allowlist};
+use crate::bridge::{Bridge, BridgeLimits, BridgeTelemetry, LegSetup};
+use crate::call::CallDriver;
+use crate::call_state::EndReason;
+use crate::config::Limits;
+use crate::error::SetupError;
+use crate::ids;
+use crate::media_socket::ClientPort;
+use crate::metrics::{Metrics, ReasonLabel, WorkerLabel};
+use crate::peer;
+use crate::registry::{NewCall, Registry};
+use crate::signaling::{ExchangeOutcome, UpstreamClient};
+use crate::upstream_body;
+use futures::FutureExt;
+use realtime_relay_proto::v1;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use str0m::IceCreds;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use url::Url;
+
+pub struct RelaySettings {
+    pub limits: Limits,
+    /// Address put in the client-leg candidate.
+    pub advertised_media_addr: SocketAddr,
+    /// Local IP for upstream sockets; None: the route's source address.
+    pub upstream_media_ip: Option<IpAddr>,
+}
+
+pub struct Relay {
+    settings: RelaySettings,
+    registry: Arc<Registry>,
+    client_port: Arc<ClientPort>,
+    upstream: UpstreamClient,
+    allowlist: Arc<Allowlist>,
+    metrics: Arc<Metrics>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum LookupError {
+    NotFound,
+}
+
+impl Relay {
+    pub fn new(
+        settings: RelaySettings,
+        allowlist: Allowlist,
+        client_port: Arc<ClientPort>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let allowlist = Arc::new(allowlist);
+        let upstream = UpstreamClient::new(
+            allowlist.clone(),
+            settings.limits.upstream_connect_timeout,
+            settings.limits.upstream_timeout,
+            settings.limits.max_upstream_body_bytes,
+        )?;
+        Ok(Relay {
+            registry: Arc::new(Registry::new(
+                settings.limits.max_calls,
+                settings.limits.ended_calls_kept,
+            )),
+            settings,
+            client_port,
+            upstream,
+            allowlist,
+            metrics,
+            tasks: tokio_util::task::TaskTracker::new(),
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Sets up a call. Order matters: everything about the client's request is checked
+    /// (and the offer accepted) before the upstream hears of it.
+    pub async fn create_call(
+        &self,
+        req: v1::CreateCallRequest,
+    ) -> Result<v1::CreateCallResponse, SetupError> {
+        let started = Instant::now();
+        let call_id = if req.call_id.is_empty() {
+            ids::new_call_id()
+        } else if ids::is_valid_call_id(&req.call_id) {
+            req.call_id.clone()
+        } else {
+            return Err(self.failed(SetupError::InvalidCallId, ""));
+        };
+        let span = tracing::info_span!("call", call_id = %call_id, request_id = %req.request_id);
+        let worker_id = req
+            .upstream
+            .as_ref()
+            .map(|u| u.worker_id.clone())
+            .unwrap_or_default();
+        match self
+            .setup(call_id.clone(), req)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(resp) => {
+                self.metrics
+                    .setup_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(resp)
+            }
+            Err(e) => {
+                span.in_scope(|| {
+                    if e.is_upstream_fault() {
+                        tracing::warn!(code = e.code(), error = %e, "call setup failed upstream");
+                    } else {
+                        tracing::info!(code = e.code(), error = %e, "call setup refused");
+                    }
+                });
+                Err(self.failed(e, &worker_id))
+            }
+        }
+    }
+
+    fn failed(&self, e: SetupError, worker_id: &str) -> SetupError {
+        self.metrics
+            .setup_failures
+            .get_or_create(&ReasonLabel {
+                reason: e.code().to_string(),
+            })
+            .inc();
+        if e.is_upstream_fault() && !worker_id.is_empty() {
+            self.metrics
+                .worker_failures
+                .get_or_create(&WorkerLabel {
+                    worker: worker_id.to_string(),
+                })
+                .inc();
+        }
+        e
+    }
+
+    async fn setup(
+        &self,
+        call_id: String,
+        req: v1::CreateCallRequest,
+    ) -> Result<v1::CreateCallResponse, SetupError> {
+        // 1. The client's request, checked without touching the network.
+        peer::precheck_offer(&req.sdp_offer, self.settings.limits.max_offer_bytes)?;
+        let upstream_model = if req.upstream_model.trim().is_empty() {
+            req.model.trim()
+        } else {
+            req.upstream_model.trim()
+        };
+        let session = (!req.session_json.trim().is_empty()).then_some(req.session_json.as_str());
+        // Validates the session JSON now; the body itself is built once our offer exists.
+        upstream_body::session_for_upstream(session, Some(upstream_model))?;
+        let upstream = req.upstream.as_ref().ok_or(SetupError::MissingUpstream)?;
+        if upstream.base_url.trim().is_empty() {
+            return Err(SetupError::MissingUpstream);
+        }
+        let base = self.allowlist.check(upstream.base_url.trim())?;
+
+        // 2. A place in the registry (limits, draining, duplicate ids).
+        let entry = self.registry.reserve(NewCall {
+            call_id: &call_id,
+            model: req.model.trim(),
+            upstream_model,
+            worker_id: &upstream.worker_id,
+        })?;
+        let reservation = Reservation {
+            registry: &self.registry,
+            call_id: &call_id,
+            armed: true,
+        };
+
+        // 3. Accept the client's offer: a bad offer fails here, before any upstream work.
+        let (ufrag, pass) = ids::new_ice_credentials();
+        let now = Instant::now();
+        let client = peer::accept_client_offer(
+            &req.sdp_offer,
+            self.settings.advertised_media_addr,
+            IceCreds {
+                ufrag: ufrag.clone(),
+                pass,
+            },
+            now,
+        )?;
+
+        // 4. The upstream leg: its own socket, our offer, the HTTP exchange.
+        let upstream_socket = self.bind_upstream_socket(&base).await?;
+        let upstream_local = upstream_socket
+            .local_addr()
+            .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?;
+        let mut up = peer::create_upstream_offer(upstream_local, now)?;
+        let body = upstream_body::build(&up.offer.to_sdp_string(), session, Some(upstream_model))?;
+        let authorization = Some(upstream.authorization.as_str()).filter(|a| !a.is_empty());
+        let outcome = self.upstream.exchange(&base, authorization, body).await?;
+        let (answer_sdp, upstream_call_id) = match outcome {
+            ExchangeOutcome::Answer {
+                sdp,
+                upstream_call_id,
+            } => (sdp, upstream_call_id),
+            ExchangeOutcome::Rejected {
+                status,
+                content_type,
+                body,
+            } => {
+                tracing::info!(status, "upstream rejected the call");
+                let reason = format!("upstream_status_{status}");
+                self.metrics
+                    .setup_failures
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                if status >= 500 && !upstream.worker_id.is_empty() {
+                    self.metrics
+                        .worker_failures
+                        .get_or_create(&WorkerLabel {
+                            worker: upstream.worker_id.clone(),
+                        })
+                        .inc();
+                }
+                return Ok(v1::CreateCallResponse {
+                    call_id: call_id.clone(),
+                    outcome: Some(v1::create_call_response::Outcome::UpstreamRejection(
+                        v1::UpstreamRejection {
+                            status: status as u32,
+                            content_type,
+                            body,
+                        },
+                    )),
+                });
+            }
+        };
+        peer::accept_upstream_answer(&mut up.rtc, up.pending, &answer_sdp)?;
+        if let Some(id) = &upstream_call_id {
+            entry.set_upstream_call_id(id);
+        }
+
+        // 5. Start the bridge.
+        let limits = &self.settings.limits;
+        let telemetry = BridgeTelemetry {
+            call: entry.counters.clone(),
+            client_to_upstream: self.metrics.client_to_upstream.clone(),
+            upstream_to_client: self.metrics.upstream_to_client.clone(),
+            dc_write_errors: self.metrics.dc_write_errors.clone(),
+            buffer_overflows: self.metrics.buffer_overflows.clone(),
+        };
+        let bridge = Bridge::new(
+            LegSetup {
+                rtc: client.rtc,
+                local_addr: self.client_port.local_addr(),
+                audio_mid: client.audio_mid,
+            },
+            LegSetup {
+                rtc: up.rtc,
+                local_addr: upstream_local,
+                audio_mid: Some(up.audio_mid),
+            },
+            up.channel,
+            BridgeLimits {
+                dc_buffer_bytes: limits.dc_buffer_bytes,
+                ice_timeout: limits.ice_timeout,
+                peer_timeout: limits.peer_timeout,
+                idle_timeout: limits.idle_timeout,
+                max_duration: limits.max_call_duration,
+            },
+            telemetry,
+            now,
+        );
+        let (tx, rx) = mpsc::channel(limits.call_queue_datagrams);
+        let route = self.client_port.register(&ufrag, tx);
+        let driver = CallDriver {
+            bridge,
+            entry: entry.clone(),
+            client_port: self.client_port.clone(),
+            client_rx: rx,
+            upstream_socket,
+            connected_gauge: self.metrics.calls_connected.clone(),
+            _route: route,
+        };
+        self.spawn_call(
+            driver,
+            base,
+            authorization.map(str::to_string),
+            upstream_call_id,
+        );
+        reservation.disarm();
+        self.metrics.calls_created.inc();
+        self.metrics.calls_active.inc();
+        tracing::info!(worker = %upstream.worker_id, model = %req.model.trim(), "call set up");
+        Ok(v1::CreateCallResponse {
+            call_id,
+            outcome: Some(v1::create_call_response::Outcome::SdpAnswer(
+                client.answer.to_sdp_string(),
+            )),
+        })
+    }
+
+    /// Binds the upstream leg's socket on the configured IP, or on the address the
+    /// kernel would use to reach the upstream host (no packet is sent to find it).
+    async fn bind_upstream_socket(&self, base: &Url) -> Result<UdpSocket, SetupError> {
+        let ip = match self.settings.upstream_media_ip {
+            Some(ip) => ip,
+            None => {
+                let target = allowlist::resolve_allowed(&self.allowlist, base).await?;
+                let probe = UdpSocket::bind(SocketAddr::new(unspecified_like(target.ip()), 0))
+                    .await
+                    .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?;
+                probe.connect(target).await.map_err(|e| {
+                    SetupError::UpstreamUnreachable(format!("no route to the upstream: {e}"))
+                })?;
+                probe
+                    .local_addr()
+                    .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?
+                    .ip()
+            }
+        };
+        UdpSocket::bind(SocketAddr::new(ip, 0)).await.map_err(|e| {
+            SetupError::Internal(format!("cannot bind an upstream media socket on {ip}: {e}"))
+        })
+    }
+
+    fn spawn_call(
+        &self,
+        driver: CallDriver,
+        base: Url,
+        authorization: Option<String>,
+        upstream_call_id: Option<String>,
+    ) {
+        let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
+        let upstream = self.upstream.clone();
+        let entry = driver.entry.clone();
+        let call_id = entry.call_id.clone();
+        let span = tracing::info_span!("call", call_id = %call_id);
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(
+            async move {
+                // A panic inside one call's code ends that call, not the relay.
+                let reason = match AssertUnwindSafe(driver.run()).catch_unwind().await {
+                    Ok(reason) => reason,
+                    Err(_) => {
+                        metrics.call_panics.inc();
+                        tracing::error!("call task panicked; the call is ended");
+                        EndReason::InternalError
+                    }
+                };
+                registry.finish(&call_id, reason);
+                metrics.calls_active.dec();
+                metrics.ended(reason);
+                if reason.is_worker_failure() && !entry.worker_id.is_empty() {
+                    metrics
+                        .worker_failures
+                        .get_or_create(&WorkerLabel {
+                            worker: entry.worker_id.clone(),
+                        })
+                        .inc();
+                }
+                tracing::info!(reason = reason.code(), "call ended");
+                // Tell the provider when the end was ours, so it frees its side now.
+                if !matches!(
+                    reason,
+                    EndReason::UpstreamClosed | EndReason::UpstreamTimeout
+                ) {
+                    if let Some(id) = upstream_call_id {
+                        tasks.spawn(async move {
+                            upstream.hangup(&base, authorization.as_deref(), &id).await;
+                        });
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    pub async fn hangup(&self, call_id: &str) -> Result<v1::CallInfo, LookupError> {
+        if self.registry.live(call_id).is_some() {
+            return self
+                .registry
+                .end_and_wait(call_id, EndReason::Hangup, Duration::from_secs(5))
+                .await
+                .ok_or(LookupError::NotFound);
+        }
+        // Ending an ended call is not an error: hangups are retried by clients.
+        self.registry.get(call_id).ok_or(LookupError::NotFound)
+    }
+
+    pub fn get_call(&self, call_id: &str) -> Result<v1::CallInfo, LookupError> {
+        self.registry.get(call_id).ok_or(LookupError::NotFound)
+    }
+
+    pub fn list_calls(&self, include_ended: bool) -> v1::ListCallsResponse {
+        self.registry.list(include_ended)
+    }
+
+    /// Refuses new calls, lets live ones run until `deadline`, then ends the rest and
+    /// waits (bounded) for their tasks to finish.
+    pub async fn drain(&self, deadline: Duration) {
+        self.registry.start_draining();
+        let live = self.registry.live_count();
+        tracing::info!(live, deadline_secs = deadline.as_secs(), "draining");
+        let until = Instant::now() + deadline;
+        while self.registry.live_count() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.registry.end_all(EndReason::Drain);
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Frees a registry reservation if setup fails after it.
+struct Reservation<'a> {
+    registry: &'a Registry,
+    call_id: &'a str,
+    armed: bool,
+}
+
+impl Reservation<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.release(self.call_id);
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Wiring the relay into a process: the media port, gRPC (with health and reflection),
+//! the metrics endpoint, and graceful drain. Tests start it in-process on ephemeral
+//! loopback ports through [`start`].
+
+use crate::allowlist::Allowlist;
+use crate::config::Args;
+use crate::grpc::RelayGrpc;
+use crate::media_socket::ClientPort;
+use crate::metrics::Metrics;
+use crate::relay::{Relay, RelaySettings};
+use realtime_relay_proto::v1::relay_service_server::RelayServiceServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct RunningRelay {
+    pub relay: Arc<Relay>,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub media_addr: SocketAddr,
+    health: tonic_health::server::HealthReporter,
+    grpc_stop: Option<oneshot::Sender<()>>,
+    grpc_task: JoinHandle<()>,
+    metrics_task: JoinHandle<()>,
+    drain_timeout: Duration,
+}
+
+pub async fn start(args: &Args) -> Result<RunningRelay, String> {
+    args.validate()?;
+    let limits = args.limits();
+    let metrics = Arc::new(Metrics::new());
+    let shards = if args.media_shards == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        args.media_shards
+    };
+    let port = ClientPort::bind(args.media_addr, shards).map_err(|e| {
+        format!(
+            "cannot bind the media port {}: {e} (is it in use?)",
+            args.media_addr
+        )
+    })?;
+    let media_addr = port.local_addr();
+    let mut advertised = args.advertised_media_addr()?;
+    if args.public_port.is_none() {
+        // --media-addr with port 0 (tests): advertise the port we actually got.
+        advertised.set_port(media_addr.port());
+    }
+    let port = Arc::new(port);
+    port.spawn_receivers(metrics.clone());
+    let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)?;
+    let relay = Arc::new(Relay::new(
+        RelaySettings {
+            limits,
+            advertised_media_addr: advertised,
+            upstream_media_ip: args.upstream_media_ip,
+        },
+        allowlist,
+        port,
+        metrics.clone(),
+    )?);
+
+    // gRPC with health and reflection.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RelayServiceServer<RelayGrpc>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(realtime_relay_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen for gRPC on {}: {e} (is it in use?)",
+                args.grpc_addr
+            )
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (grpc_stop, stop_rx) = oneshot::channel::<()>();
+    let service = RelayServiceServer::new(RelayGrpc {
+        relay: relay.clone(),
+    })
+    // Offers are a few KiB; 1 MiB is far above any legitimate request.
+    .max_decoding_message_size(1024 * 1024);
+    let grpc_task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(60))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+
+    // Metrics over plain HTTP.
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen for metrics on {}: {e} (is it in use?)",
+                args.metrics_addr
+            )
+        })?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|e| e.to_string())?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get({
+                let metrics = metrics.clone();
+                move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics.encode(),
+                        )
+                    }
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let metrics_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, app).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+
+    tracing::info!(%grpc_addr, %metrics_addr, %media_addr, %advertised, shards, "relay listening");
+    Ok(RunningRelay {
+        relay,
+        grpc_addr,
+        metrics_addr,
+        media_addr,
+        health,
+        grpc_stop: Some(grpc_stop),
+        grpc_task,
+        metrics_task,
+        drain_timeout: Duration::from_secs(args.drain_secs),
+    })
+}
+
+impl RunningRelay {
+    /// Graceful stop: health goes NOT_SERVING (so Envoy's health checks steer new calls
+    /// away), new calls are refused, live calls get the drain time, then everything ends.
+    pub async fn shutdown(mut self) {
+        self.health
+            .set_not_serving::<RelayServiceServer<RelayGrpc>>()
+            .await;
+        self.relay.drain(self.drain_timeout).await;
+        if let Some(stop) = self.grpc_stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.grpc_task).await;
+        self.metrics_task.abort();
+        tracing::info!("relay stopped");
+    }
+}
