@@ -369,32 +369,26 @@ impl Bridge {
                 }
             }
             Event::ChannelOpen(id, label) => self.channel_opened(leg, id, &label),
-            Event::ChannelData(d) => {
-                if self.leg(leg).channel == Some(d.id) {
-                    let (c, m) = self.telemetry.direction(leg);
-                    c.dc_messages.fetch_add(1, Relaxed);
-                    c.dc_bytes.fetch_add(d.data.len() as u64, Relaxed);
-                    m.dc_messages.inc();
-                    m.dc_bytes.inc_by(d.data.len() as u64);
-                    self.last_activity = now;
-                    self.send_message(
-                        leg.other(),
-                        Message {
-                            binary: d.binary,
-                            data: d.data,
-                        },
-                    );
-                }
+            Event::ChannelData(d) if self.leg(leg).channel == Some(d.id) => {
+                let (c, m) = self.telemetry.direction(leg);
+                c.dc_messages.fetch_add(1, Relaxed);
+                c.dc_bytes.fetch_add(d.data.len() as u64, Relaxed);
+                m.dc_messages.inc();
+                m.dc_bytes.inc_by(d.data.len() as u64);
+                self.last_activity = now;
+                self.send_message(
+                    leg.other(),
+                    Message {
+                        binary: d.binary,
+                        data: d.data,
+                    },
+                );
             }
-            Event::ChannelBufferedAmountLow(id) => {
-                if self.leg(leg).channel == Some(id) {
-                    self.flush(leg);
-                }
+            Event::ChannelBufferedAmountLow(id) if self.leg(leg).channel == Some(id) => {
+                self.flush(leg);
             }
-            Event::ChannelClose(id) => {
-                if self.leg(leg).channel == Some(id) {
-                    self.end(leg.closed());
-                }
+            Event::ChannelClose(id) if self.leg(leg).channel == Some(id) => {
+                self.end(leg.closed());
             }
             Event::RtpPacket(p) => self.forward_rtp(leg, p, now),
             Event::Closed => self.end(leg.closed()),

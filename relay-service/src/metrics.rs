@@ -63,12 +63,9 @@ impl Metrics {
             worker_failures: Family::default(),
             calls_active: Gauge::default(),
             calls_connected: Gauge::default(),
-            setup_seconds: Histogram::new(
-                [
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]
-                .into_iter(),
-            ),
+            setup_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             buffer_overflows: Counter::default(),
             dc_write_errors: Counter::default(),
             unmatched_datagrams: Counter::default(),

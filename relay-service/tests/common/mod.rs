@@ -1,0 +1,135 @@
+//! Shared set-up for relay tests: an echo-model provider, an in-process relay on
+//! ephemeral loopback ports, and a gRPC client to it.
+#![allow(dead_code)]
+
+use clap::Parser;
+use echo_model::{ClientConfig, ConnectedClient, MockProvider, ProviderConfig, TestClient};
+use realtime_relay_proto::v1;
+use realtime_relay_proto::v1::relay_service_client::RelayServiceClient;
+use relay_service::config::Args;
+use relay_service::server::RunningRelay;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub const UPSTREAM_KEY: &str = "sk-test-upstream-7f3a9c1e5b";
+
+pub struct Harness {
+    pub provider: MockProvider,
+    pub relay: RunningRelay,
+    pub grpc: RelayServiceClient<Channel>,
+}
+
+pub fn relay_args(provider_url: &str, extra: &[&str]) -> Args {
+    let mut argv = vec![
+        "realtime-relay".to_string(),
+        "--grpc-addr=127.0.0.1:0".into(),
+        "--metrics-addr=127.0.0.1:0".into(),
+        "--media-addr=127.0.0.1:0".into(),
+        "--media-shards=2".into(),
+        format!("--allow-upstream={provider_url}"),
+        "--allow-private-upstreams".into(),
+        "--drain-secs=1".into(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    Args::parse_from(argv)
+}
+
+impl Harness {
+    pub async fn start(extra: &[&str]) -> Harness {
+        Self::start_with(ProviderConfig::local(Some(UPSTREAM_KEY)), extra).await
+    }
+
+    pub async fn start_with(config: ProviderConfig, extra: &[&str]) -> Harness {
+        let provider = MockProvider::start(config).await.expect("provider starts");
+        let relay = relay_service::server::start(&relay_args(&provider.base_url(), extra))
+            .await
+            .expect("relay starts");
+        let grpc = RelayServiceClient::connect(format!("http://{}", relay.grpc_addr))
+            .await
+            .expect("gRPC connects");
+        Harness {
+            provider,
+            relay,
+            grpc,
+        }
+    }
+
+    pub fn request(&self, offer: &str, model: &str, session: &str) -> v1::CreateCallRequest {
+        v1::CreateCallRequest {
+            call_id: String::new(),
+            model: model.into(),
+            upstream_model: String::new(),
+            sdp_offer: offer.into(),
+            session_json: session.into(),
+            upstream: Some(v1::Upstream {
+                base_url: self.provider.base_url(),
+                authorization: format!("Bearer {UPSTREAM_KEY}"),
+                worker_id: "w1".into(),
+            }),
+            request_id: "req_test".into(),
+        }
+    }
+
+    /// A full call: offer from a str0m client, CreateCall over gRPC, connect.
+    pub async fn call(
+        &mut self,
+        config: ClientConfig,
+        model: &str,
+        session: &str,
+    ) -> (String, ConnectedClient) {
+        let (client, offer) = TestClient::new(config).expect("client");
+        let resp = self
+            .grpc
+            .create_call(self.request(&offer, model, session))
+            .await
+            .expect("CreateCall succeeds")
+            .into_inner();
+        let Some(v1::create_call_response::Outcome::SdpAnswer(answer)) = resp.outcome else {
+            panic!("expected an SDP answer, got {:?}", resp.outcome);
+        };
+        let connected = client
+            .connect(&answer)
+            .await
+            .expect("client connects through the relay");
+        (resp.call_id, connected)
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.relay.metrics_addr))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    pub async fn wait_for_state(
+        &mut self,
+        call_id: &str,
+        state: v1::CallState,
+        within: Duration,
+    ) -> v1::CallInfo {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let info = self
+                .grpc
+                .get_call(v1::GetCallRequest {
+                    call_id: call_id.into(),
+                })
+                .await
+                .expect("GetCall")
+                .into_inner();
+            if info.state == state as i32 || tokio::time::Instant::now() >= deadline {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub fn client_with_pt(pt: u8) -> ClientConfig {
+    ClientConfig {
+        opus_pt: pt,
+        ..ClientConfig::default()
+    }
+}

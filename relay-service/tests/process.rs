@@ -1,0 +1,187 @@
+//! The `realtime-relay` binary as an operator runs it: logs never carry a key or raw
+//! SDP, and SIGTERM drains live calls, then exits.
+
+mod common;
+
+use common::UPSTREAM_KEY;
+use echo_model::{ClientConfig, MockProvider, ProviderConfig, TestClient};
+use realtime_relay_proto::v1;
+use realtime_relay_proto::v1::relay_service_client::RelayServiceClient;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Kills the child by PID when dropped, even if the test panicked.
+struct Relay {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Relay {
+    fn spawn(provider_url: &str) -> Relay {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_realtime-relay"))
+            .args([
+                "--grpc-addr=127.0.0.1:0",
+                "--metrics-addr=127.0.0.1:0",
+                "--media-addr=127.0.0.1:0",
+                "--allow-private-upstreams",
+                "--drain-secs=2",
+                "--log-format=json",
+            ])
+            .arg(format!("--allow-upstream={provider_url}"))
+            // The most talkative level, str0m included: if a secret can leak, it leaks here.
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn realtime-relay");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Relay { child, log }
+    }
+
+    fn wait_for_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log.lock().unwrap().clone();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn grpc_url(&self) -> String {
+        let line = self.wait_for_log("relay listening", Duration::from_secs(10));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        format!("http://{}", v["grpc_addr"].as_str().expect("grpc_addr"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_no_key_and_no_sdp_and_sigterm_drains() {
+    let provider = MockProvider::start(ProviderConfig::local(Some(UPSTREAM_KEY)))
+        .await
+        .unwrap();
+    let mut relay = Relay::spawn(&provider.base_url());
+    let mut grpc = RelayServiceClient::connect(relay.grpc_url()).await.unwrap();
+
+    let (client, offer) = TestClient::new(ClientConfig::default()).unwrap();
+    let resp = grpc
+        .create_call(v1::CreateCallRequest {
+            model: "gpt-realtime".into(),
+            sdp_offer: offer.clone(),
+            upstream: Some(v1::Upstream {
+                base_url: provider.base_url(),
+                authorization: format!("Bearer {UPSTREAM_KEY}"),
+                worker_id: "w1".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::create_call_response::Outcome::SdpAnswer(answer)) = resp.outcome else {
+        panic!("no answer: {:?}", resp.outcome);
+    };
+    let mut client = client.connect(&answer).await.unwrap();
+    client
+        .wait_for_event_type("session.created", Duration::from_secs(10))
+        .await
+        .unwrap();
+    client.send_text(r#"{"type":"x"}"#).await.unwrap();
+    client
+        .send_audio(10, Duration::from_millis(20))
+        .await
+        .unwrap();
+    // A refused request with a key in it must not echo the key either.
+    let _ = grpc
+        .create_call(v1::CreateCallRequest {
+            model: "m".into(),
+            sdp_offer: "garbage".into(),
+            upstream: Some(v1::Upstream {
+                base_url: "http://10.9.9.9:1".into(),
+                authorization: format!("Bearer {UPSTREAM_KEY}"),
+                worker_id: "w1".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+
+    // SIGTERM with a live call: it drains for --drain-secs, then ends the call and exits 0.
+    let pid = relay.child.id() as libc_pid;
+    let started = Instant::now();
+    // SAFETY: plain kill(2) on the child we spawned.
+    unsafe { kill(pid, 15) };
+    let status = loop {
+        if let Some(s) = relay.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "relay did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the live call got its drain time"
+    );
+    assert!(
+        client.wait_closed(Duration::from_secs(5)).await,
+        "the live call was ended"
+    );
+    assert!(
+        provider
+            .wait_for_active_calls(0, Duration::from_secs(5))
+            .await
+    );
+
+    let log = relay.log.lock().unwrap().clone();
+    assert!(
+        log.contains("call set up"),
+        "the log is being captured:\n{log:.2000}"
+    );
+    assert!(log.contains(r#""reason":"drain""#), "{log:.4000}");
+    assert!(!log.contains(UPSTREAM_KEY), "a key leaked into the log");
+    assert!(
+        !log.contains("sk-test"),
+        "part of a key leaked into the log"
+    );
+    assert!(
+        !log.contains("a=fingerprint"),
+        "raw SDP leaked into the log"
+    );
+    assert!(
+        !log.contains("a=ice-pwd"),
+        "ICE credentials leaked into the log"
+    );
+}
+
+#[allow(non_camel_case_types)]
+type libc_pid = i32;
+extern "C" {
+    fn kill(pid: libc_pid, sig: i32) -> i32;
+}
