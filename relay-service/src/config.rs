@@ -44,6 +44,17 @@ pub struct Args {
     #[arg(long, env = "RELAY_UPSTREAM_MEDIA_IP")]
     pub upstream_media_ip: Option<IpAddr>,
 
+    /// STUN server (host:port) used to add a server-reflexive candidate to the
+    /// upstream leg, for relays behind NAT. Off by default: on a routable host the
+    /// host candidate is enough, and the relay never contacts a server nobody chose.
+    #[arg(long, env = "RELAY_UPSTREAM_STUN_SERVER")]
+    pub upstream_stun_server: Option<String>,
+
+    /// How long to wait for the STUN server's answer before going on without the
+    /// server-reflexive candidate, in milliseconds.
+    #[arg(long, env = "RELAY_UPSTREAM_STUN_TIMEOUT_MS", default_value_t = 3_000)]
+    pub upstream_stun_timeout_ms: u64,
+
     /// Allowed upstream base URL (scheme, host, port, optional path prefix);
     /// repeatable. Requests naming any other upstream are refused.
     #[arg(

@@ -124,11 +124,23 @@ pub struct UpstreamLeg {
     pub channel: ChannelId,
 }
 
-pub fn create_upstream_offer(local: SocketAddr, now: Instant) -> Result<UpstreamLeg, SetupError> {
+pub fn create_upstream_offer(
+    local: SocketAddr,
+    reflexive: Option<SocketAddr>,
+    now: Instant,
+) -> Result<UpstreamLeg, SetupError> {
     let mut rtc = base_config().build(now);
     let candidate = Candidate::host(local, "udp")
         .map_err(|e| SetupError::Internal(format!("bad upstream media address: {e}")))?;
     rtc.add_local_candidate(candidate);
+    if let Some(mapped) = reflexive.filter(|m| *m != local) {
+        match Candidate::server_reflexive(mapped, local, "udp") {
+            Ok(c) => {
+                rtc.add_local_candidate(c);
+            }
+            Err(e) => tracing::warn!(error = %e, "unusable server-reflexive address"),
+        }
+    }
     let mut api = rtc.sdp_api();
     let audio_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
     let channel = api.add_channel(EVENTS_CHANNEL.to_string());
@@ -201,8 +213,14 @@ mod tests {
 
     #[test]
     fn an_upstream_offer_has_audio_and_the_events_channel() {
-        let leg = create_upstream_offer("127.0.0.1:5000".parse().unwrap(), Instant::now()).unwrap();
+        let leg = create_upstream_offer(
+            "127.0.0.1:5000".parse().unwrap(),
+            Some("198.51.100.4:6000".parse().unwrap()),
+            Instant::now(),
+        )
+        .unwrap();
         let sdp = leg.offer.to_sdp_string();
+        assert!(sdp.contains("198.51.100.4 6000 typ srflx"), "{sdp}");
         assert!(sdp.contains("m=audio"), "{sdp}");
         assert!(sdp.contains("m=application"), "{sdp}");
         assert!(sdp.contains("opus/48000/2"), "{sdp}");

@@ -32,6 +32,9 @@ pub struct RelaySettings {
     pub advertised_media_addr: SocketAddr,
     /// Local IP for upstream sockets; None: the route's source address.
     pub upstream_media_ip: Option<IpAddr>,
+    /// STUN server for the upstream leg's server-reflexive candidate, and how long to
+    /// wait for it.
+    pub upstream_stun: Option<(SocketAddr, Duration)>,
 }
 
 pub struct Relay {
@@ -199,7 +202,17 @@ impl Relay {
         let upstream_local = upstream_socket
             .local_addr()
             .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?;
-        let mut up = peer::create_upstream_offer(upstream_local, now)?;
+        let reflexive = match self.settings.upstream_stun {
+            Some((server, wait)) => {
+                let found = crate::stun::discover_reflexive(&upstream_socket, server, wait).await;
+                if found.is_none() {
+                    tracing::warn!(%server, "no STUN answer; the upstream leg offers its host candidate only");
+                }
+                found
+            }
+            None => None,
+        };
+        let mut up = peer::create_upstream_offer(upstream_local, reflexive, now)?;
         let body = upstream_body::build(&up.offer.to_sdp_string(), session, Some(upstream_model))?;
         let authorization = Some(upstream.authorization.as_str()).filter(|a| !a.is_empty());
         let outcome = self.upstream.exchange(&base, authorization, body).await?;

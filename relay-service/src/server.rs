@@ -53,11 +53,23 @@ pub async fn start(args: &Args) -> Result<RunningRelay, String> {
     let port = Arc::new(port);
     port.spawn_receivers(metrics.clone());
     let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)?;
+    let upstream_stun = match &args.upstream_stun_server {
+        Some(server) => {
+            let addr = tokio::net::lookup_host(server.as_str())
+                .await
+                .map_err(|e| format!("--upstream-stun-server {server}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("--upstream-stun-server {server}: no address"))?;
+            Some((addr, Duration::from_millis(args.upstream_stun_timeout_ms)))
+        }
+        None => None,
+    };
     let relay = Arc::new(Relay::new(
         RelaySettings {
             limits,
             advertised_media_addr: advertised,
             upstream_media_ip: args.upstream_media_ip,
+            upstream_stun,
         },
         allowlist,
         port,

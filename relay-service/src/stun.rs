@@ -1,4 +1,6 @@
-//! Just enough STUN parsing to demultiplex client legs on one shared UDP port.
+//! Just enough STUN: reading the ufrag to demultiplex client legs on one shared UDP
+//! port, and a binding request for the optional server-reflexive candidate of the
+//! upstream leg (off unless `--upstream-stun-server` is given).
 //!
 //! The first datagram from a new client address is an ICE binding request whose
 //! USERNAME is "<our ufrag>:<their ufrag>" (RFC 8445 §7.2.2). We read our ufrag from
@@ -7,7 +9,133 @@
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 const ATTR_USERNAME: u16 = 0x0006;
+const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
+const BINDING_REQUEST: u16 = 0x0001;
+const BINDING_SUCCESS: u16 = 0x0101;
 const HEADER_LEN: usize = 20;
+
+/// A STUN binding request (RFC 5389) with no attributes, for server-reflexive
+/// address discovery on the upstream leg.
+pub fn binding_request(transaction_id: [u8; 12]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER_LEN);
+    m.extend_from_slice(&BINDING_REQUEST.to_be_bytes());
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&MAGIC_COOKIE);
+    m.extend_from_slice(&transaction_id);
+    m
+}
+
+/// The XOR-MAPPED-ADDRESS of a binding success response to `transaction_id`.
+pub fn mapped_address(datagram: &[u8], transaction_id: &[u8; 12]) -> Option<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    if datagram.len() < HEADER_LEN
+        || u16::from_be_bytes([datagram[0], datagram[1]]) != BINDING_SUCCESS
+        || datagram[4..8] != MAGIC_COOKIE
+        || &datagram[8..20] != transaction_id
+    {
+        return None;
+    }
+    let body_len = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
+    let body = datagram.get(HEADER_LEN..HEADER_LEN + body_len)?;
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let kind = u16::from_be_bytes([body[at], body[at + 1]]);
+        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
+        let value = body.get(at + 4..at + 4 + len)?;
+        if kind == ATTR_XOR_MAPPED_ADDRESS && len >= 8 {
+            let port = u16::from_be_bytes([value[2], value[3]]) ^ 0x2112;
+            let ip = match value[1] {
+                0x01 => {
+                    let mut o = [0u8; 4];
+                    for (i, b) in o.iter_mut().enumerate() {
+                        *b = value[4 + i] ^ MAGIC_COOKIE[i];
+                    }
+                    IpAddr::V4(Ipv4Addr::from(o))
+                }
+                0x02 if len >= 20 => {
+                    let mut key = [0u8; 16];
+                    key[..4].copy_from_slice(&MAGIC_COOKIE);
+                    key[4..].copy_from_slice(transaction_id);
+                    let mut o = [0u8; 16];
+                    for (i, b) in o.iter_mut().enumerate() {
+                        *b = value[4 + i] ^ key[i];
+                    }
+                    IpAddr::V6(Ipv6Addr::from(o))
+                }
+                _ => return None,
+            };
+            return Some(SocketAddr::new(ip, port));
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
+}
+
+/// A binding success response carrying `mapped` (what a STUN server sends back);
+/// used by tests and by anyone running a loopback STUN responder.
+pub fn binding_success(transaction_id: &[u8; 12], mapped: std::net::SocketAddr) -> Vec<u8> {
+    let mut value = vec![0u8];
+    let port = mapped.port() ^ 0x2112;
+    match mapped.ip() {
+        std::net::IpAddr::V4(ip) => {
+            value.push(0x01);
+            value.extend_from_slice(&port.to_be_bytes());
+            for (i, b) in ip.octets().iter().enumerate() {
+                value.push(b ^ MAGIC_COOKIE[i]);
+            }
+        }
+        std::net::IpAddr::V6(ip) => {
+            value.push(0x02);
+            value.extend_from_slice(&port.to_be_bytes());
+            let mut key = [0u8; 16];
+            key[..4].copy_from_slice(&MAGIC_COOKIE);
+            key[4..].copy_from_slice(transaction_id);
+            for (i, b) in ip.octets().iter().enumerate() {
+                value.push(b ^ key[i]);
+            }
+        }
+    }
+    let mut m = Vec::new();
+    m.extend_from_slice(&BINDING_SUCCESS.to_be_bytes());
+    m.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+    m.extend_from_slice(&MAGIC_COOKIE);
+    m.extend_from_slice(transaction_id);
+    m.extend_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
+    m.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    m.extend_from_slice(&value);
+    m
+}
+
+/// Asks `server` for this socket's server-reflexive address, retransmitting every
+/// 500 ms until `timeout`. None on timeout: the call then goes on with its host
+/// candidate only.
+pub async fn discover_reflexive(
+    socket: &tokio::net::UdpSocket,
+    server: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> Option<std::net::SocketAddr> {
+    use rand::RngCore;
+    let mut txid = [0u8; 12];
+    rand::rng().fill_bytes(&mut txid);
+    let request = binding_request(txid);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    while tokio::time::Instant::now() < deadline {
+        let _ = socket.send_to(&request, server).await;
+        let resend =
+            (tokio::time::Instant::now() + std::time::Duration::from_millis(500)).min(deadline);
+        while let Ok(Ok((n, from))) =
+            tokio::time::timeout_at(resend, socket.recv_from(&mut buf)).await
+        {
+            if from == server {
+                if let Some(mapped) = mapped_address(&buf[..n], &txid) {
+                    return Some(mapped);
+                }
+            }
+        }
+    }
+    None
+}
 
 /// Our (local) ufrag from a STUN binding request, if `datagram` is one.
 pub fn local_ufrag(datagram: &[u8]) -> Option<&str> {
@@ -35,7 +163,7 @@ pub fn local_ufrag(datagram: &[u8]) -> Option<&str> {
 mod tests {
     use super::*;
 
-    fn binding_request(username: &[u8], extra_before: bool) -> Vec<u8> {
+    fn request_with_username(username: &[u8], extra_before: bool) -> Vec<u8> {
         let mut attrs = Vec::new();
         if extra_before {
             // PRIORITY attribute (4 bytes) first, like browsers often send.
@@ -58,26 +186,84 @@ mod tests {
     #[test]
     fn reads_our_ufrag_from_a_binding_request() {
         assert_eq!(
-            local_ufrag(&binding_request(b"abcd:efgh", false)),
+            local_ufrag(&request_with_username(b"abcd:efgh", false)),
             Some("abcd")
         );
         assert_eq!(
-            local_ufrag(&binding_request(b"abc:efgh", true)),
+            local_ufrag(&request_with_username(b"abc:efgh", true)),
             Some("abc")
         );
+    }
+
+    #[test]
+    fn xor_mapped_address_round_trips_for_v4_and_v6() {
+        let txid = [7u8; 12];
+        for mapped in ["203.0.113.9:40123", "[2001:db8::17]:3478"] {
+            let mapped = mapped.parse().unwrap();
+            assert_eq!(
+                mapped_address(&binding_success(&txid, mapped), &txid),
+                Some(mapped)
+            );
+            assert_eq!(
+                mapped_address(&binding_success(&txid, mapped), &[8u8; 12]),
+                None,
+                "other transaction"
+            );
+        }
+        assert_eq!(
+            mapped_address(&super::binding_request(txid), &txid),
+            None,
+            "a request is not a response"
+        );
+    }
+
+    #[tokio::test]
+    async fn discovers_the_reflexive_address_from_a_loopback_responder() {
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let reflexive: std::net::SocketAddr = "198.51.100.4:50000".parse().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            // Ignore the first request to prove retransmission works.
+            let _ = server.recv_from(&mut buf).await;
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            let txid: [u8; 12] = buf[8..20].try_into().unwrap();
+            assert_eq!(n, HEADER_LEN);
+            server
+                .send_to(&binding_success(&txid, reflexive), from)
+                .await
+                .unwrap();
+        });
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let got = discover_reflexive(&sock, server_addr, std::time::Duration::from_secs(3)).await;
+        assert_eq!(got, Some(reflexive));
+        // Nobody answers: None after the timeout, not a hang.
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let started = std::time::Instant::now();
+        let none = discover_reflexive(
+            &sock,
+            silent.local_addr().unwrap(),
+            std::time::Duration::from_millis(300),
+        )
+        .await;
+        assert_eq!(none, None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]
     fn rejects_what_is_not_a_well_formed_binding_request() {
         assert_eq!(local_ufrag(&[]), None);
         assert_eq!(local_ufrag(&[0x80; 40]), None); // RTP-looking
-        let mut m = binding_request(b"abcd:efgh", false);
+        let mut m = request_with_username(b"abcd:efgh", false);
         m[4] = 0; // bad cookie
         assert_eq!(local_ufrag(&m), None);
-        let mut m = binding_request(b"abcd:efgh", false);
+        let mut m = request_with_username(b"abcd:efgh", false);
         m[3] = 200; // length past the end
         assert_eq!(local_ufrag(&m), None);
-        assert_eq!(local_ufrag(&binding_request(b":efgh", false)), None);
-        assert_eq!(local_ufrag(&binding_request(&[0xff, 0xfe], false)), None);
+        assert_eq!(local_ufrag(&request_with_username(b":efgh", false)), None);
+        assert_eq!(
+            local_ufrag(&request_with_username(&[0xff, 0xfe], false)),
+            None
+        );
     }
 }

@@ -437,3 +437,35 @@ async fn health_and_listing_are_served() {
     assert_eq!(list.live_calls_by_worker.get("w1"), Some(&1));
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_stun_server_adds_a_reflexive_candidate_upstream() {
+    // A loopback STUN responder that reports a NAT mapping on 127.0.0.2.
+    let stun = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let stun_addr = stun.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = stun.recv_from(&mut buf).await {
+            if n >= 20 {
+                let txid: [u8; 12] = buf[8..20].try_into().unwrap();
+                let mapped = std::net::SocketAddr::new("127.0.0.2".parse().unwrap(), from.port());
+                let _ = stun
+                    .send_to(&relay_service::stun::binding_success(&txid, mapped), from)
+                    .await;
+            }
+        }
+    });
+    let flag = format!("--upstream-stun-server={stun_addr}");
+    let mut h = Harness::start(&[&flag]).await;
+    let (_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
+    let offer = &h.provider.requests()[0].sdp;
+    assert!(
+        offer.contains("127.0.0.2") && offer.contains("typ srflx"),
+        "{offer}"
+    );
+    client
+        .wait_for_event_type("session.created", T)
+        .await
+        .unwrap();
+    client.close().await;
+}
