@@ -113,6 +113,14 @@ impl Paths {
         ))
     }
 
+    /// The demo page Envoy serves at `/`: `$RTGW_WEB_DIR/index.html`, else `web/index.html`.
+    pub fn demo_page(&self) -> PathBuf {
+        std::env::var_os("RTGW_WEB_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.root.join("web"))
+            .join("index.html")
+    }
+
     pub fn envoy_template(&self) -> PathBuf {
         self.root.join("envoy/envoy.yaml")
     }
@@ -356,6 +364,7 @@ impl Envoy {
             ("WORKER_URL", format!("http://127.0.0.1:{provider}")),
             ("DEFAULT_MODEL", "gpt-realtime".to_string()),
             ("FILTER_WASM", paths.filter_wasm()?.display().to_string()),
+            ("DEMO_PAGE", paths.demo_page().display().to_string()),
         ] {
             vars.insert(k.to_string(), v);
         }

@@ -324,17 +324,19 @@ fn scenario(
     })
 }
 
-/// The relay's `calls_active` gauge falls to 0 after the hang-up.
+/// The relay's `realtime_relay_calls_active` gauge falls to 0 after the hang-up.
 fn wait_no_live_calls(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, body) = http_get(addr, "/metrics")?;
         let active = body
             .lines()
-            .find_map(|l| l.strip_prefix("calls_active "))
+            .find_map(|l| l.strip_prefix("realtime_relay_calls_active "))
             .and_then(|v| v.trim().parse::<f64>().ok());
         match active {
-            None => bail!("the relay's /metrics has no `calls_active` gauge; cannot check hang-up"),
+            None => bail!(
+                "the relay's /metrics has no `realtime_relay_calls_active` gauge; cannot check hang-up"
+            ),
             Some(0.0) => return Ok(()),
             Some(n) if Instant::now() >= deadline => {
                 bail!("the relay still reports {n} live call(s) after hang-up")
