@@ -25,6 +25,30 @@ pub fn binding_request(transaction_id: [u8; 12]) -> Vec<u8> {
     m
 }
 
+/// Finds attribute `kind` in a STUN message body (attributes padded to 4 bytes).
+fn find_attribute(body: &[u8], kind: u16) -> Option<&[u8]> {
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let this = u16::from_be_bytes([body[at], body[at + 1]]);
+        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
+        let value = body.get(at + 4..at + 4 + len)?;
+        if this == kind {
+            return Some(value);
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
+}
+
+/// The XOR key of XOR-MAPPED-ADDRESS (RFC 5389 §15.2): the magic cookie, then (for
+/// IPv6) the transaction id. XOR is its own inverse, so it encodes and decodes.
+fn xor_address(bytes: &mut [u8], transaction_id: &[u8; 12]) {
+    let key = MAGIC_COOKIE.iter().chain(transaction_id.iter());
+    for (b, k) in bytes.iter_mut().zip(key) {
+        *b ^= k;
+    }
+}
+
 /// The XOR-MAPPED-ADDRESS of a binding success response to `transaction_id`.
 pub fn mapped_address(datagram: &[u8], transaction_id: &[u8; 12]) -> Option<std::net::SocketAddr> {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -37,64 +61,35 @@ pub fn mapped_address(datagram: &[u8], transaction_id: &[u8; 12]) -> Option<std:
     }
     let body_len = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
     let body = datagram.get(HEADER_LEN..HEADER_LEN + body_len)?;
-    let mut at = 0;
-    while at + 4 <= body.len() {
-        let kind = u16::from_be_bytes([body[at], body[at + 1]]);
-        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
-        let value = body.get(at + 4..at + 4 + len)?;
-        if kind == ATTR_XOR_MAPPED_ADDRESS && len >= 8 {
-            let port = u16::from_be_bytes([value[2], value[3]]) ^ 0x2112;
-            let ip = match value[1] {
-                0x01 => {
-                    let mut o = [0u8; 4];
-                    for (i, b) in o.iter_mut().enumerate() {
-                        *b = value[4 + i] ^ MAGIC_COOKIE[i];
-                    }
-                    IpAddr::V4(Ipv4Addr::from(o))
-                }
-                0x02 if len >= 20 => {
-                    let mut key = [0u8; 16];
-                    key[..4].copy_from_slice(&MAGIC_COOKIE);
-                    key[4..].copy_from_slice(transaction_id);
-                    let mut o = [0u8; 16];
-                    for (i, b) in o.iter_mut().enumerate() {
-                        *b = value[4 + i] ^ key[i];
-                    }
-                    IpAddr::V6(Ipv6Addr::from(o))
-                }
-                _ => return None,
-            };
-            return Some(SocketAddr::new(ip, port));
+    let value = find_attribute(body, ATTR_XOR_MAPPED_ADDRESS)?;
+    let port = u16::from_be_bytes([*value.get(2)?, *value.get(3)?]) ^ 0x2112;
+    let ip = match value.get(1)? {
+        0x01 => {
+            let mut o: [u8; 4] = value.get(4..8)?.try_into().ok()?;
+            xor_address(&mut o, transaction_id);
+            IpAddr::V4(Ipv4Addr::from(o))
         }
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    None
+        0x02 => {
+            let mut o: [u8; 16] = value.get(4..20)?.try_into().ok()?;
+            xor_address(&mut o, transaction_id);
+            IpAddr::V6(Ipv6Addr::from(o))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// A binding success response carrying `mapped` (what a STUN server sends back);
 /// used by tests and by anyone running a loopback STUN responder.
 pub fn binding_success(transaction_id: &[u8; 12], mapped: std::net::SocketAddr) -> Vec<u8> {
-    let mut value = vec![0u8];
-    let port = mapped.port() ^ 0x2112;
-    match mapped.ip() {
-        std::net::IpAddr::V4(ip) => {
-            value.push(0x01);
-            value.extend_from_slice(&port.to_be_bytes());
-            for (i, b) in ip.octets().iter().enumerate() {
-                value.push(b ^ MAGIC_COOKIE[i]);
-            }
-        }
-        std::net::IpAddr::V6(ip) => {
-            value.push(0x02);
-            value.extend_from_slice(&port.to_be_bytes());
-            let mut key = [0u8; 16];
-            key[..4].copy_from_slice(&MAGIC_COOKIE);
-            key[4..].copy_from_slice(transaction_id);
-            for (i, b) in ip.octets().iter().enumerate() {
-                value.push(b ^ key[i]);
-            }
-        }
-    }
+    let (family, mut ip) = match mapped.ip() {
+        std::net::IpAddr::V4(ip) => (0x01, ip.octets().to_vec()),
+        std::net::IpAddr::V6(ip) => (0x02, ip.octets().to_vec()),
+    };
+    xor_address(&mut ip, transaction_id);
+    let mut value = vec![0u8, family];
+    value.extend_from_slice(&(mapped.port() ^ 0x2112).to_be_bytes());
+    value.extend_from_slice(&ip);
     let mut m = Vec::new();
     m.extend_from_slice(&BINDING_SUCCESS.to_be_bytes());
     m.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
@@ -144,19 +139,8 @@ pub fn local_ufrag(datagram: &[u8]) -> Option<&str> {
     }
     let body_len = u16::from_be_bytes([datagram[2], datagram[3]]) as usize;
     let body = datagram.get(HEADER_LEN..HEADER_LEN + body_len)?;
-    let mut at = 0;
-    while at + 4 <= body.len() {
-        let kind = u16::from_be_bytes([body[at], body[at + 1]]);
-        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
-        let value = body.get(at + 4..at + 4 + len)?;
-        if kind == ATTR_USERNAME {
-            let username = std::str::from_utf8(value).ok()?;
-            return username.split(':').next().filter(|u| !u.is_empty());
-        }
-        // Attributes are padded to 4 bytes.
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    None
+    let username = std::str::from_utf8(find_attribute(body, ATTR_USERNAME)?).ok()?;
+    username.split(':').next().filter(|u| !u.is_empty())
 }
 
 #[cfg(test)]
