@@ -104,6 +104,7 @@ struct LegState {
     /// The `oai-events` channel on this leg, once open.
     channel: Option<ChannelId>,
     audio_mid: Option<Mid>,
+    has_data_channel: bool,
     last_receive: Instant,
     next_timeout: Instant,
     /// Messages waiting to be written on this leg.
@@ -136,6 +137,10 @@ pub struct LegSetup {
     /// The address the leg's datagrams arrive on (what str0m sees as destination).
     pub local_addr: SocketAddr,
     pub audio_mid: Option<Mid>,
+    /// Whether this leg negotiated a data channel (an `m=application` section). An
+    /// audio-only client never opens `oai-events`: events for it are dropped and
+    /// counted instead of queued until the cap ends the call.
+    pub has_data_channel: bool,
 }
 
 impl Bridge {
@@ -153,6 +158,7 @@ impl Bridge {
             connected: false,
             channel: None,
             audio_mid: s.audio_mid,
+            has_data_channel: s.has_data_channel,
             last_receive: now,
             next_timeout: now,
             outbox: PendingQueue::new(limits.dc_buffer_bytes),
@@ -422,6 +428,10 @@ impl Bridge {
     /// earlier messages still queued, or the send buffer full).
     fn send_message(&mut self, to: Leg, message: Message) {
         let state = self.leg(to);
+        if !state.has_data_channel {
+            self.telemetry.dropped(to.other());
+            return;
+        }
         if state.channel.is_some() && state.outbox.is_empty() {
             match self.write_message(to, message) {
                 WriteResult::Written | WriteResult::Failed => return,

@@ -271,11 +271,13 @@ impl Relay {
                 rtc: client.rtc,
                 local_addr: self.client_port.local_addr(),
                 audio_mid: client.audio_mid,
+                has_data_channel: req.sdp_offer.contains("\nm=application "),
             },
             LegSetup {
                 rtc: up.rtc,
                 local_addr: upstream_local,
                 audio_mid: Some(up.audio_mid),
+                has_data_channel: true,
             },
             up.channel,
             BridgeLimits {

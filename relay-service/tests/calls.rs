@@ -469,3 +469,111 @@ async fn an_optional_stun_server_adds_a_reflexive_candidate_upstream() {
         .unwrap();
     client.close().await;
 }
+
+/// An audio-only client (no data channel): audio is relayed, upstream events are
+/// dropped and counted, and the call is not ended by the event buffer cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audio_only_client_gets_audio_and_events_are_dropped_not_queued() {
+    use std::time::Instant;
+    use str0m::media::{Direction, MediaKind};
+    use str0m::net::{Protocol, Receive};
+    use str0m::rtp::RtpWrite;
+    use str0m::{Candidate, Event, Input, Output, Rtc};
+
+    let mut h = Harness::start(&["--dc-buffer-bytes=65536"]).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut rtc = Rtc::builder()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let mut api = rtc.sdp_api();
+    let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, pending) = api.apply().unwrap();
+    let offer = offer.to_sdp_string();
+    assert!(!offer.contains("m=application"));
+    let resp = h
+        .grpc
+        .create_call(h.request(&offer, "m", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::create_call_response::Outcome::SdpAnswer(answer)) = resp.outcome else {
+        panic!("{:?}", resp.outcome)
+    };
+    rtc.sdp_api()
+        .accept_answer(
+            pending,
+            str0m::change::SdpAnswer::from_sdp_string(&answer).unwrap(),
+        )
+        .unwrap();
+
+    let (mut connected, mut received, mut sent) = (false, 0u32, 0u16);
+    let mut next_frame = Instant::now();
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline && received < 20 {
+        let timeout = loop {
+            match rtc.poll_output().unwrap() {
+                Output::Timeout(t) => break t,
+                Output::Transmit(t) => {
+                    socket.send_to(&t.contents, t.destination).await.unwrap();
+                }
+                Output::Event(Event::Connected) => connected = true,
+                Output::Event(Event::RtpPacket(_)) => received += 1,
+                Output::Event(_) => {}
+            }
+        };
+        let now = Instant::now();
+        if connected && now >= next_frame && sent < 200 {
+            let pt = rtc.codec_config().params()[0].pt();
+            let mut direct = rtc.direct_api();
+            let stream = direct.stream_tx_by_mid(mid, None).unwrap();
+            stream.write_rtp(RtpWrite::new(
+                pt,
+                (sent as u64).into(),
+                sent as u32 * 960,
+                now,
+                vec![7u8; 120],
+            ));
+            sent += 1;
+            next_frame = now + Duration::from_millis(20);
+            rtc.handle_input(Input::Timeout(now)).unwrap();
+            continue;
+        }
+        let wait = timeout
+            .min(next_frame)
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+            Ok(Ok((n, source))) => {
+                let contents = buf[..n].try_into().unwrap();
+                rtc.handle_input(Input::Receive(
+                    Instant::now(),
+                    Receive {
+                        proto: Protocol::Udp,
+                        source,
+                        destination: local,
+                        contents,
+                    },
+                ))
+                .unwrap();
+            }
+            _ => rtc.handle_input(Input::Timeout(Instant::now())).unwrap(),
+        }
+    }
+    assert!(
+        received >= 20,
+        "audio came back to an audio-only client ({received})"
+    );
+    let info = h
+        .wait_for_state(&resp.call_id, v1::CallState::Connected, T)
+        .await;
+    assert_eq!(info.state, v1::CallState::Connected as i32, "{info:?}");
+    assert!(
+        info.upstream_to_client.unwrap().dropped >= 1,
+        "session.created was dropped: {info:?}"
+    );
+}
