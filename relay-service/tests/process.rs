@@ -185,3 +185,64 @@ type libc_pid = i32;
 extern "C" {
     fn kill(pid: libc_pid, sig: i32) -> i32;
 }
+
+/// `relayctl` against a live relay: reflection lists the services, health is SERVING,
+/// a call created from an SDP file shows up in `list`, and `hangup` ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
+    let provider = MockProvider::start(ProviderConfig::local(Some(UPSTREAM_KEY)))
+        .await
+        .unwrap();
+    let relay = Relay::spawn(&provider.base_url());
+    let url = relay.grpc_url();
+    let ctl = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_relayctl"))
+            .arg(format!("--relay={url}"))
+            .args(args)
+            .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+            .output()
+            .expect("run relayctl");
+        assert!(
+            out.status.success(),
+            "relayctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    };
+    let services = ctl(&["services"]);
+    let names: Vec<&str> = services["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        names.contains(&realtime_relay_proto::SERVICE_NAME),
+        "{names:?}"
+    );
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    assert_eq!(ctl(&["health"])["status"], "SERVING");
+
+    let (client, offer) = TestClient::new(ClientConfig::default()).unwrap();
+    let offer_file =
+        std::env::temp_dir().join(format!("relayctl-offer-{}.sdp", std::process::id()));
+    std::fs::write(&offer_file, offer).unwrap();
+    let created = ctl(&[
+        "create",
+        &format!("--offer={}", offer_file.display()),
+        "--model=gpt-realtime",
+        &format!("--upstream={}", provider.base_url()),
+        "--api-key-env=TEST_UPSTREAM_KEY",
+    ]);
+    let _ = std::fs::remove_file(&offer_file);
+    let call_id = created["call_id"].as_str().unwrap().to_string();
+    let client = client
+        .connect(created["sdp_answer"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ctl(&["list"])["live_calls_by_worker"]["cli"], 1);
+    let ended = ctl(&["hangup", &call_id]);
+    assert_eq!(ended["state"], "CALL_STATE_ENDED");
+    assert_eq!(ended["end_reason"], "hangup");
+    assert!(client.wait_closed(Duration::from_secs(5)).await);
+}

@@ -1,0 +1,214 @@
+//! `relayctl`: drive the relay's gRPC API from a shell — list, inspect and hang up
+//! calls, set one up from an SDP file, check health, and list services through
+//! server reflection. Output is JSON, one document per command.
+
+use clap::{Parser, Subcommand};
+use realtime_relay_proto::v1;
+use realtime_relay_proto::v1::relay_service_client::RelayServiceClient;
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "relayctl",
+    version,
+    about = "Command-line client for the realtime relay's gRPC API"
+)]
+struct Cli {
+    /// The relay's gRPC endpoint.
+    #[arg(long, env = "RELAY_GRPC_URL", default_value = "http://127.0.0.1:50051")]
+    relay: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Live calls (and recently ended ones with --ended), with live calls per worker.
+    List {
+        #[arg(long)]
+        ended: bool,
+    },
+    /// One call.
+    Get { call_id: String },
+    /// End a call.
+    Hangup { call_id: String },
+    /// Set up a call from an SDP offer file; prints the answer (or the upstream's rejection).
+    Create {
+        /// File with the client's SDP offer ("-" for standard input).
+        #[arg(long)]
+        offer: String,
+        #[arg(long)]
+        model: String,
+        /// Upstream base URL (must be on the relay's allowlist).
+        #[arg(long)]
+        upstream: String,
+        #[arg(long, default_value = "cli")]
+        worker: String,
+        /// Name of an environment variable holding the upstream API key (never a flag,
+        /// so it stays out of shell history and process listings).
+        #[arg(long)]
+        api_key_env: Option<String>,
+    },
+    /// gRPC health of the relay service.
+    Health,
+    /// Services the relay exposes, through gRPC server reflection.
+    Services,
+}
+
+fn call_json(c: &v1::CallInfo) -> Value {
+    let dir = |d: &Option<v1::DirectionStats>| {
+        let d = d.clone().unwrap_or_default();
+        json!({"rtp_packets": d.rtp_packets, "rtp_bytes": d.rtp_bytes, "dc_messages": d.dc_messages,
+               "dc_bytes": d.dc_bytes, "dropped": d.dropped})
+    };
+    json!({
+        "call_id": c.call_id,
+        "state": v1::CallState::try_from(c.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "model": c.model, "upstream_model": c.upstream_model, "worker_id": c.worker_id,
+        "created_at_ms": c.created_at_ms, "connected_at_ms": c.connected_at_ms, "ended_at_ms": c.ended_at_ms,
+        "end_reason": c.end_reason, "upstream_call_id": c.upstream_call_id,
+        "client_to_upstream": dir(&c.client_to_upstream), "upstream_to_client": dir(&c.upstream_to_client),
+    })
+}
+
+async fn run(cli: Cli) -> Result<Value, String> {
+    let channel = Channel::from_shared(cli.relay.clone())
+        .map_err(|e| format!("bad --relay URL: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the relay at {}: {e}", cli.relay))?;
+    let mut relay = RelayServiceClient::new(channel.clone());
+    let status = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
+    Ok(match cli.command {
+        Command::List { ended } => {
+            let r = relay
+                .list_calls(v1::ListCallsRequest {
+                    include_ended: ended,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            json!({"calls": r.calls.iter().map(call_json).collect::<Vec<_>>(),
+                   "live_calls_by_worker": r.live_calls_by_worker})
+        }
+        Command::Get { call_id } => call_json(
+            &relay
+                .get_call(v1::GetCallRequest { call_id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ),
+        Command::Hangup { call_id } => {
+            let r = relay
+                .hangup_call(v1::HangupCallRequest { call_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            r.call.as_ref().map(call_json).unwrap_or(Value::Null)
+        }
+        Command::Create {
+            offer,
+            model,
+            upstream,
+            worker,
+            api_key_env,
+        } => {
+            let sdp = if offer == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+            } else {
+                std::fs::read_to_string(&offer).map_err(|e| format!("{offer}: {e}"))?
+            };
+            let authorization = match api_key_env {
+                Some(name) => format!(
+                    "Bearer {}",
+                    std::env::var(&name).map_err(|_| format!("${name} is not set"))?
+                ),
+                None => String::new(),
+            };
+            let r = relay
+                .create_call(v1::CreateCallRequest {
+                    model,
+                    sdp_offer: sdp,
+                    upstream: Some(v1::Upstream {
+                        base_url: upstream,
+                        authorization,
+                        worker_id: worker,
+                    }),
+                    request_id: "relayctl".into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match r.outcome {
+                Some(v1::create_call_response::Outcome::SdpAnswer(a)) => {
+                    json!({"call_id": r.call_id, "sdp_answer": a})
+                }
+                Some(v1::create_call_response::Outcome::UpstreamRejection(u)) => {
+                    json!({"call_id": r.call_id,
+                    "upstream_rejection": {"status": u.status, "content_type": u.content_type,
+                                           "body": String::from_utf8_lossy(&u.body)}})
+                }
+                None => return Err("the relay answered with no outcome".into()),
+            }
+        }
+        Command::Health => {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: realtime_relay_proto::SERVICE_NAME.into(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let s = tonic_health::pb::health_check_response::ServingStatus::try_from(r.status)
+                .map(|s| s.as_str_name())
+                .unwrap_or("UNKNOWN");
+            json!({"service": realtime_relay_proto::SERVICE_NAME, "status": s})
+        }
+        Command::Services => {
+            use tonic_reflection::pb::v1::{
+                server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse, ServerReflectionRequest,
+            };
+            let mut client = ServerReflectionClient::new(channel);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = client
+                .server_reflection_info(futures::stream::iter(vec![req]))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut names = Vec::new();
+            if let Some(resp) = stream.message().await.map_err(status)? {
+                if let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response {
+                    names = l.service.into_iter().map(|s| s.name).collect();
+                }
+            }
+            names.sort();
+            json!({"services": names})
+        }
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relayctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
