@@ -59,8 +59,8 @@ enum Command {
 }
 
 fn call_json(c: &v1::CallInfo) -> Value {
-    let dir = |d: &Option<v1::DirectionStats>| {
-        let d = d.clone().unwrap_or_default();
+    let dir = |d: Option<v1::DirectionStats>| {
+        let d = d.unwrap_or_default();
         json!({"rtp_packets": d.rtp_packets, "rtp_bytes": d.rtp_bytes, "dc_messages": d.dc_messages,
                "dc_bytes": d.dc_bytes, "dropped": d.dropped})
     };
@@ -70,7 +70,7 @@ fn call_json(c: &v1::CallInfo) -> Value {
         "model": c.model, "upstream_model": c.upstream_model, "worker_id": c.worker_id,
         "created_at_ms": c.created_at_ms, "connected_at_ms": c.connected_at_ms, "ended_at_ms": c.ended_at_ms,
         "end_reason": c.end_reason, "upstream_call_id": c.upstream_call_id,
-        "client_to_upstream": dir(&c.client_to_upstream), "upstream_to_client": dir(&c.upstream_to_client),
+        "client_to_upstream": dir(c.client_to_upstream), "upstream_to_client": dir(c.upstream_to_client),
     })
 }
 
