@@ -359,15 +359,7 @@ impl Relay {
         let tasks = self.tasks.clone();
         self.tasks.spawn(
             async move {
-                // A panic inside one call's code ends that call, not the relay.
-                let reason = match AssertUnwindSafe(driver.run()).catch_unwind().await {
-                    Ok(reason) => reason,
-                    Err(_) => {
-                        metrics.call_panics.inc();
-                        tracing::error!("call task panicked; the call is ended");
-                        EndReason::InternalError
-                    }
-                };
+                let reason = run_isolated(driver.run(), &metrics).await;
                 registry.finish(&call_id, reason);
                 metrics.calls_active.dec();
                 metrics.ended(reason);
@@ -432,6 +424,23 @@ impl Relay {
     }
 }
 
+/// Runs one call's driver so that a panic inside it ends that call (as
+/// `internal_error`, counted) instead of unwinding into the relay. Everything the call
+/// holds is owned by the future and dropped during unwinding: sockets, route guards.
+pub async fn run_isolated(
+    call: impl std::future::Future<Output = EndReason>,
+    metrics: &Metrics,
+) -> EndReason {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(reason) => reason,
+        Err(_) => {
+            metrics.call_panics.inc();
+            tracing::error!("call task panicked; the call is ended");
+            EndReason::InternalError
+        }
+    }
+}
+
 fn unspecified_like(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -457,5 +466,42 @@ impl Drop for Reservation<'_> {
         if self.armed {
             self.registry.release(self.call_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_call_ends_as_internal_error_and_frees_what_it_held() {
+        let metrics = Metrics::new();
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let guard = port.register("ufragpanic", tx);
+        assert_eq!(port.route_count().0, 1);
+        let call = async move {
+            let _held = guard;
+            if port_is_set() {
+                panic!("a bug in one call");
+            }
+            EndReason::Hangup
+        };
+        assert_eq!(run_isolated(call, &metrics).await, EndReason::InternalError);
+        assert_eq!(metrics.call_panics.get(), 1);
+        assert_eq!(
+            port.route_count().0,
+            0,
+            "the route guard was dropped while unwinding"
+        );
+        // A call that does not panic keeps its own reason.
+        assert_eq!(
+            run_isolated(async { EndReason::Drain }, &metrics).await,
+            EndReason::Drain
+        );
+    }
+
+    fn port_is_set() -> bool {
+        true
     }
 }
