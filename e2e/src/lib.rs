@@ -109,7 +109,9 @@ impl Paths {
             }
         }
         Err(format!(
-            "binary {name} not built (cargo build --bin {name}) and ${env_var} unset"
+            "binary {name} not found in {}/{{debug,release}} and ${env_var} unset: build it \
+             first (`cargo build --workspace --bins`, or `cargo xtask test`, which does)",
+            self.target.display()
         ))
     }
 
@@ -322,6 +324,10 @@ pub struct EnvoyOptions {
     pub env: Vec<(String, String)>,
     /// Extra placeholder values (override the defaults).
     pub vars: Vars,
+    /// Another bootstrap under the workspace root (default `envoy/envoy.yaml`).
+    pub template: Option<PathBuf>,
+    /// Literal text replacements applied to the rendered config (each must match).
+    pub patches: Vec<(String, String)>,
 }
 
 pub struct Envoy {
@@ -369,11 +375,24 @@ impl Envoy {
             vars.insert(k.to_string(), v);
         }
         vars.extend(opts.vars.clone());
-        let template = std::fs::read_to_string(paths.envoy_template())
-            .map_err(|e| format!("{}: {e}", paths.envoy_template().display()))?;
+        let template_path = opts
+            .template
+            .clone()
+            .unwrap_or_else(|| paths.envoy_template());
+        let template = std::fs::read_to_string(&template_path)
+            .map_err(|e| format!("{}: {e}", template_path.display()))?;
         let mut text = render(&template, &vars)?;
         if let Some(json) = &opts.plugin_config {
             text = replace_plugin_config(&text, json)?;
+        }
+        for (from, to) in &opts.patches {
+            if !text.contains(from.as_str()) {
+                return Err(format!(
+                    "patch target {from:?} not in {}",
+                    template_path.display()
+                ));
+            }
+            text = text.replace(from.as_str(), to);
         }
         let path = dir.path.join("envoy.yaml");
         std::fs::write(&path, text).map_err(|e| e.to_string())?;
@@ -459,6 +478,115 @@ impl Envoy {
 
 fn admin_addr(p: &EnvoyPorts) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], p.admin))
+}
+
+/// The relay binary (`realtime-relay`) on ephemeral loopback ports, stopped by PID on drop.
+pub struct Relay {
+    pub proc: Proc,
+    pub grpc_port: u16,
+    pub metrics_port: u16,
+    pub media_port: u16,
+}
+
+impl Relay {
+    /// Starts `realtime-relay` allowing `upstreams` (loopback allowed), plus `extra` flags,
+    /// and waits until its gRPC and metrics ports answer.
+    pub fn start(
+        paths: &Paths,
+        dir: &RunDir,
+        name: &str,
+        upstreams: &[String],
+        extra: &[&str],
+    ) -> Result<Relay> {
+        let bin = paths.workspace_bin("realtime-relay", "RTGW_RELAY_BIN")?;
+        let grpc_port = free_port()?;
+        let metrics_port = free_port()?;
+        let media_port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free UDP port: {e}"))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
+            .arg(format!("--media-addr=127.0.0.1:{media_port}"))
+            .args([
+                "--media-shards=1",
+                "--allow-private-upstreams",
+                "--drain-secs=1",
+            ]);
+        for u in upstreams {
+            cmd.arg(format!("--allow-upstream={u}"));
+        }
+        cmd.args(extra).env_remove("OPENAI_API_KEY");
+        let proc = Proc::spawn(name, cmd, &dir.path.join(format!("{name}.log")))?;
+        let mut relay = Relay {
+            proc,
+            grpc_port,
+            metrics_port,
+            media_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in [grpc_port, metrics_port] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if let Some(s) = relay.proc.try_exited() {
+                    return Err(format!(
+                        "{name} exited ({s}) before ready:\n{}",
+                        relay.proc.log_tail(20)
+                    ));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{name} not listening on {addr} in 20 s:\n{}",
+                        relay.proc.log_tail(20)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(relay)
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        http::get(self.metrics_addr(), "/metrics").map(|r| r.text())
+    }
+
+    /// Sum of every sample of `name` (all label sets) in the relay's `/metrics`.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        self.metrics().map(|t| metric_sum(&t, name))
+    }
+
+    /// Waits up to `timeout` for `name` to equal `want`; returns the last value.
+    pub fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(name)?;
+            if v == want || Instant::now() >= deadline {
+                return Ok(v);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Sum of the samples of metric `name` (any labels) in Prometheus text; 0 when absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.split_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
 }
 
 /// A recorded request at the fake upstream.
