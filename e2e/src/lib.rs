@@ -363,6 +363,9 @@ impl Envoy {
             ("ADMIN_PORT", ports.admin.to_string()),
             ("RELAY_GRPC_HOST", "127.0.0.1".to_string()),
             ("RELAY_GRPC_PORT", relay.to_string()),
+            // second relay replica (envoy/envoy-two-relays.yaml); down unless set in `vars`
+            ("RELAY2_GRPC_HOST", "127.0.0.1".to_string()),
+            ("RELAY2_GRPC_PORT", closed_port()?.to_string()),
             ("PROVIDER_SCHEME", "http".to_string()),
             ("PROVIDER_HOST", "127.0.0.1".to_string()),
             ("PROVIDER_PORT", provider.to_string()),

@@ -8,6 +8,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel};
 use realtime_filter_core::classify::{self, split_path};
 use realtime_filter_core::relay::{self, Verdict};
+use realtime_filter_core::replica::{self, Failover};
 use realtime_filter_core::{
     check_create_headers, plan_create, routing, validate_create_body, BodyKind, FilterError,
     HttpReply, Route,
@@ -31,11 +32,38 @@ enum State {
         call_id: String,
         worker_id: String,
         started_ms: u64,
+        /// For a failover to another relay replica: the encoded request (holds the key:
+        /// never log it), the replicas tried so far, the call id's random part.
+        message: Vec<u8>,
+        tried: Vec<usize>,
+        random: [u8; 16],
     },
     /// HangupCall dispatched.
     HangingUp { token: u32 },
     /// Replied.
     Done,
+}
+
+/// Dispatches `CreateCall` for `call_id` to `cluster` (replica `replica`, if any).
+fn dispatch_create(
+    rt: &Runtime,
+    cluster: &str,
+    replica: Option<usize>,
+    call_id: &str,
+    request_id: &str,
+    message: &[u8],
+) -> Result<u32, proxy_wasm::types::Status> {
+    if let Some(r) = replica.and_then(|i| rt.config.replicas.get(i)) {
+        rt.metrics.inc(&metrics::replica(&r.id, "creates"));
+    }
+    hostcalls::dispatch_grpc_call(
+        cluster,
+        relay::SERVICE_NAME,
+        relay::METHOD_CREATE,
+        relay::metadata(call_id, request_id),
+        Some(message),
+        Duration::from_millis(rt.config.create_timeout_ms),
+    )
 }
 
 pub struct Http {
@@ -118,21 +146,24 @@ impl Http {
             Ok(p) => p,
             Err(e) => return self.fail(&e),
         };
-        let md = relay::metadata(&plan.call_id, &self.request_id);
-        match hostcalls::dispatch_grpc_call(
-            &cfg.relay_cluster,
-            relay::SERVICE_NAME,
-            relay::METHOD_CREATE,
-            md,
-            Some(&plan.message),
-            Duration::from_millis(cfg.create_timeout_ms),
+        match dispatch_create(
+            rt,
+            &plan.cluster,
+            plan.replica,
+            &plan.call_id,
+            &self.request_id,
+            &plan.message,
         ) {
             Ok(token) => {
                 log(
                     LogLevel::Debug,
                     &format!(
-                        "request_id={} call_id={} model={} worker={} CreateCall dispatched",
-                        self.request_id, plan.call_id, offer.model.requested, plan.worker_id
+                        "request_id={} call_id={} model={} worker={} CreateCall dispatched to {}",
+                        self.request_id,
+                        plan.call_id,
+                        offer.model.requested,
+                        plan.worker_id,
+                        plan.cluster
                     ),
                 );
                 self.state = State::Creating {
@@ -140,6 +171,9 @@ impl Http {
                     call_id: plan.call_id,
                     worker_id: plan.worker_id,
                     started_ms: now,
+                    message: plan.message,
+                    tried: plan.replica.into_iter().collect(),
+                    random,
                 };
                 Action::Pause
             }
@@ -149,7 +183,7 @@ impl Http {
                     LogLevel::Warn,
                     &format!(
                         "request_id={} dispatch to cluster '{}' failed: {e:?}",
-                        self.request_id, cfg.relay_cluster
+                        self.request_id, plan.cluster
                     ),
                 );
                 self.fail(&FilterError::RelayUnavailable {
@@ -165,9 +199,14 @@ impl Http {
             return self.fail(&e);
         }
         let cfg = &rt.config;
+        // With replicas the id names the one that holds the call.
+        let cluster = match replica::cluster_for_call(cfg, call_id) {
+            Ok(c) => c,
+            Err(e) => return self.fail(&e),
+        };
         let msg = relay::encode_hangup(call_id);
         match hostcalls::dispatch_grpc_call(
-            &cfg.relay_cluster,
+            cluster,
             relay::SERVICE_NAME,
             relay::METHOD_HANGUP,
             relay::metadata(call_id, &self.request_id),
@@ -203,7 +242,60 @@ impl Context for Http {
                 call_id,
                 worker_id,
                 started_ms,
+                message: request,
+                mut tried,
+                random,
             } if token == token_id => {
+                // A replica that cannot take the call (unreachable, draining, full): the next
+                // one gets it, under a call id naming that one.
+                let fo = replica::failover(status_code, message.as_deref());
+                let last = tried.last().copied();
+                if let (Some(from), true) = (last, fo != Failover::No) {
+                    let now = now_ms();
+                    let from_id = cfg.replicas.get(from).map_or("", |r| r.id.as_str());
+                    if fo == Failover::Down {
+                        replica::mark_down(&ProxyStore, from_id, now);
+                    }
+                    rt.metrics.inc(&metrics::replica(from_id, "failovers"));
+                    if let Some(next) = replica::pick(cfg, &ProxyStore, now, &tried) {
+                        if let Some(r) = cfg.replicas.get(next) {
+                            let new_id = replica::call_id(&random, Some(&r.id));
+                            let dispatched = relay::with_call_id(&request, &new_id)
+                                .ok_or(proxy_wasm::types::Status::InternalFailure)
+                                .and_then(|m| {
+                                    dispatch_create(
+                                        &rt,
+                                        &r.cluster,
+                                        Some(next),
+                                        &new_id,
+                                        &self.request_id,
+                                        &m,
+                                    )
+                                    .map(|t| (t, m))
+                                });
+                            if let Ok((t, m)) = dispatched {
+                                log(
+                                    LogLevel::Info,
+                                    &format!(
+                                        "request_id={} relay replica {from_id} answered gRPC status {status_code}: call_id={new_id} goes to replica {}",
+                                        self.request_id, r.id
+                                    ),
+                                );
+                                tried.push(next);
+                                self.state = State::Creating {
+                                    token: t,
+                                    call_id: new_id,
+                                    worker_id,
+                                    started_ms,
+                                    message: m,
+                                    tried,
+                                    random,
+                                };
+                                return;
+                            }
+                        }
+                    }
+                }
                 let r = relay::map_create_response(
                     cfg,
                     status_code,

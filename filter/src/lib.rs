@@ -8,6 +8,7 @@ mod host;
 mod http;
 mod metrics;
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -33,8 +34,16 @@ pub struct Runtime {
 #[derive(Default)]
 struct Root {
     runtime: Option<Rc<Runtime>>,
-    /// Outstanding ListCalls token.
-    refresh_token: Option<u32>,
+    /// The ListCalls round in flight (one call per relay cluster).
+    refresh: Option<Refresh>,
+}
+
+/// One ListCalls round: live calls per worker summed over the relays that answered.
+#[derive(Default)]
+struct Refresh {
+    pending: Vec<u32>,
+    live: HashMap<String, u32>,
+    answered: usize,
 }
 
 const REFRESH_KEY: &str = "realtime.v1.load_refresh_at_ms";
@@ -58,6 +67,10 @@ impl Root {
             metrics.define(MetricType::Counter, name);
         }
         metrics.define(MetricType::Histogram, metrics::SETUP_LATENCY);
+        for r in &config.replicas {
+            metrics.define(MetricType::Counter, &metrics::replica(&r.id, "creates"));
+            metrics.define(MetricType::Counter, &metrics::replica(&r.id, "failovers"));
+        }
         let store = ProxyStore;
         for (_, w) in config.workers() {
             metrics.define(MetricType::Counter, &metrics::setups(&w.id, "ok"));
@@ -75,11 +88,20 @@ impl Root {
         }
         let workers = config.workers().count();
         let keyed = config.workers().filter(|(_, w)| w.key.is_some()).count();
+        let relay = if config.replicas.is_empty() {
+            format!("relay cluster '{}'", config.relay_cluster)
+        } else {
+            let names: Vec<String> = config
+                .replicas
+                .iter()
+                .map(|r| format!("{}={}", r.id, r.cluster))
+                .collect();
+            format!("relay replicas [{}]", names.join(", "))
+        };
         log(
             LogLevel::Info,
             &format!(
-                "realtime filter configured: relay cluster '{}', {} models, {} pools, {workers} workers ({keyed} with a key from the VM environment)",
-                config.relay_cluster,
+                "realtime filter configured: {relay}, {} models, {} pools, {workers} workers ({keyed} with a key from the VM environment)",
                 config.models.len(),
                 config.pools.len()
             ),
@@ -101,11 +123,13 @@ impl GetValue for ProxyStore {
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        if self.refresh_token != Some(token_id) {
+        let Some(refresh) = &mut self.refresh else {
             return;
-        }
-        self.refresh_token = None;
-        let Some(rt) = &self.runtime else { return };
+        };
+        let Some(pos) = refresh.pending.iter().position(|t| *t == token_id) else {
+            return;
+        };
+        refresh.pending.swap_remove(pos);
         let counts = if status_code == relay::grpc::OK {
             host::buffer(BufferType::GrpcReceiveBuffer, response_size)
                 .or(Some(Vec::new()))
@@ -115,16 +139,30 @@ impl Context for Root {
         };
         match counts {
             Some(c) => {
-                routing::apply_live_counts(&ProxyStore, &rt.config, &c);
-                rt.metrics.inc(metrics::LOAD_REFRESH);
+                refresh.answered += 1;
+                for (w, n) in c {
+                    let e = refresh.live.entry(w).or_insert(0);
+                    *e = e.saturating_add(n);
+                }
             }
-            None => {
-                rt.metrics.inc(metrics::LOAD_REFRESH_FAILED);
-                log(
-                    LogLevel::Debug,
-                    &format!("ListCalls load refresh failed with gRPC status {status_code}"),
-                );
-            }
+            None => log(
+                LogLevel::Debug,
+                &format!("ListCalls load refresh failed with gRPC status {status_code}"),
+            ),
+        }
+        if !refresh.pending.is_empty() {
+            return;
+        }
+        let Some(done) = self.refresh.take() else {
+            return;
+        };
+        let Some(rt) = &self.runtime else { return };
+        // A relay that did not answer holds no calls we can count; the others' counts stand.
+        if done.answered > 0 {
+            routing::apply_live_counts(&ProxyStore, &rt.config, &done.live);
+            rt.metrics.inc(metrics::LOAD_REFRESH);
+        } else {
+            rt.metrics.inc(metrics::LOAD_REFRESH_FAILED);
         }
     }
 }
@@ -142,7 +180,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(rt) = &self.runtime else { return };
-        if self.refresh_token.is_some() {
+        if self.refresh.is_some() {
             return;
         }
         // One refresh per period across all worker threads: claim the period with CAS.
@@ -160,22 +198,36 @@ impl RootContext for Root {
             return;
         }
         let msg = relay::encode_list();
-        match hostcalls::dispatch_grpc_call(
-            &rt.config.relay_cluster,
-            relay::SERVICE_NAME,
-            relay::METHOD_LIST,
-            Vec::new(),
-            Some(&msg),
-            Duration::from_millis(rt.config.hangup_timeout_ms),
-        ) {
-            Ok(token) => self.refresh_token = Some(token),
-            Err(e) => {
-                rt.metrics.inc(metrics::LOAD_REFRESH_FAILED);
-                log(
+        let clusters: Vec<&str> = if rt.config.replicas.is_empty() {
+            vec![rt.config.relay_cluster.as_str()]
+        } else {
+            rt.config
+                .replicas
+                .iter()
+                .map(|r| r.cluster.as_str())
+                .collect()
+        };
+        let mut refresh = Refresh::default();
+        for cluster in clusters {
+            match hostcalls::dispatch_grpc_call(
+                cluster,
+                relay::SERVICE_NAME,
+                relay::METHOD_LIST,
+                Vec::new(),
+                Some(&msg),
+                Duration::from_millis(rt.config.hangup_timeout_ms),
+            ) {
+                Ok(token) => refresh.pending.push(token),
+                Err(e) => log(
                     LogLevel::Debug,
-                    &format!("ListCalls dispatch failed: {e:?}"),
-                );
+                    &format!("ListCalls dispatch to '{cluster}' failed: {e:?}"),
+                ),
             }
+        }
+        if refresh.pending.is_empty() {
+            rt.metrics.inc(metrics::LOAD_REFRESH_FAILED);
+        } else {
+            self.refresh = Some(refresh);
         }
     }
 

@@ -68,3 +68,8 @@ pub fn setups(worker: &str, outcome: &str) -> String {
 pub fn ejections(worker: &str) -> String {
     format!("realtime_filter.worker.{worker}.ejections")
 }
+
+/// `realtime_filter.replica.<id>.{creates,failovers}`.
+pub fn replica(id: &str, what: &str) -> String {
+    format!("realtime_filter.replica.{id}.{what}")
+}

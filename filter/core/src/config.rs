@@ -24,8 +24,13 @@ pub const MAX_POOL_WEIGHT: u32 = 10_000;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Envoy cluster of the relay (HTTP/2).
+    /// Envoy cluster of the relay (HTTP/2). Exactly one of this and `relay_replicas`.
+    #[serde(default)]
     pub relay_cluster: String,
+    /// Relay replicas, one Envoy cluster each. The replica that set a call up is named in
+    /// its call id (`rtc_<replica>_<random>`), so its hangup reaches the same replica.
+    #[serde(default)]
+    pub relay_replicas: Vec<RawReplica>,
     #[serde(default = "default_create_timeout_ms")]
     pub create_timeout_ms: u64,
     #[serde(default = "default_hangup_timeout_ms")]
@@ -56,6 +61,15 @@ pub struct RawConfig {
     pub load_refresh_ms: u64,
     pub models: Vec<RawModel>,
     pub pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplica {
+    /// 1-16 of `[A-Za-z0-9-]`; appears in call ids.
+    pub id: String,
+    /// Envoy cluster holding this replica only (HTTP/2, health-checked).
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +180,16 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
+/// Most relay replicas in one configuration.
+pub const MAX_REPLICAS: usize = 64;
+
+/// One relay replica (its own Envoy cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub id: String,
+    pub cluster: String,
+}
+
 /// One worker, ready to use.
 #[derive(Debug, Clone)]
 pub struct Worker {
@@ -197,7 +221,10 @@ pub struct Model {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The relay's cluster when there is one relay (or one Service); empty with replicas.
     pub relay_cluster: String,
+    /// Relay replicas addressed one cluster each; empty with `relay_cluster`.
+    pub replicas: Vec<Replica>,
     pub create_timeout_ms: u64,
     pub hangup_timeout_ms: u64,
     pub calls_path: String,
@@ -281,11 +308,56 @@ fn valid_base_url(s: &str) -> bool {
         && !s.chars().any(char::is_control)
 }
 
+fn valid_replica_id(s: &str) -> bool {
+    (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn validate_replicas(cluster: &str, raw: Vec<RawReplica>) -> Result<Vec<Replica>, ConfigError> {
+    if raw.is_empty() {
+        if cluster.trim().is_empty() {
+            return err("relay_cluster must not be empty (or give relay_replicas)");
+        }
+        return Ok(Vec::new());
+    }
+    if !cluster.is_empty() {
+        return err("give relay_cluster or relay_replicas, not both");
+    }
+    if raw.len() > MAX_REPLICAS {
+        return err(format!("relay_replicas: at most {MAX_REPLICAS}"));
+    }
+    let mut ids = HashSet::new();
+    let mut clusters = HashSet::new();
+    let mut out = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        if !valid_replica_id(&r.id) {
+            return err(format!(
+                "relay_replicas[{i}].id '{}' must be 1-16 of [A-Za-z0-9-] (it is part of call ids)",
+                r.id
+            ));
+        }
+        if r.cluster.trim().is_empty() {
+            return err(format!("relay_replicas[{i}].cluster must not be empty"));
+        }
+        if !ids.insert(r.id.clone()) {
+            return err(format!("relay_replicas[{i}].id '{}' is used twice", r.id));
+        }
+        if !clusters.insert(r.cluster.clone()) {
+            return err(format!(
+                "relay_replicas[{i}].cluster '{}' is used twice (one cluster per replica)",
+                r.cluster
+            ));
+        }
+        out.push(Replica {
+            id: r.id,
+            cluster: r.cluster,
+        });
+    }
+    Ok(out)
+}
+
 impl RawConfig {
     pub fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        if self.relay_cluster.trim().is_empty() {
-            return err("relay_cluster must not be empty");
-        }
+        let replicas = validate_replicas(&self.relay_cluster, self.relay_replicas)?;
         if !(1..=300_000).contains(&self.create_timeout_ms) {
             return err("create_timeout_ms must be between 1 and 300000");
         }
@@ -481,6 +553,7 @@ impl RawConfig {
 
         Ok(Config {
             relay_cluster: self.relay_cluster,
+            replicas,
             create_timeout_ms: self.create_timeout_ms,
             hangup_timeout_ms: self.hangup_timeout_ms,
             calls_path: self.calls_path,
@@ -564,6 +637,28 @@ pub(crate) mod tests {
             (
                 "relay_cluster",
                 Box::new(|v| v["relay_cluster"] = "".into()),
+            ),
+            (
+                "not both",
+                Box::new(|v| {
+                    v["relay_replicas"] = serde_json::json!([{"id": "a", "cluster": "r_a"}])
+                }),
+            ),
+            (
+                "[A-Za-z0-9-]",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("relay_cluster");
+                    v["relay_replicas"] = serde_json::json!([{"id": "a_b", "cluster": "r"}])
+                }),
+            ),
+            (
+                "one cluster per replica",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("relay_cluster");
+                    v["relay_replicas"] = serde_json::json!([
+                        {"id": "a", "cluster": "r"}, {"id": "b", "cluster": "r"}
+                    ])
+                }),
             ),
             (
                 "unknown pool",

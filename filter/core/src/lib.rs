@@ -15,6 +15,7 @@ pub mod keys;
 pub mod model;
 pub mod multipart;
 pub mod relay;
+pub mod replica;
 pub mod routing;
 pub mod sdp;
 
@@ -115,6 +116,10 @@ pub fn validate_create_body(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub call_id: String,
+    /// The relay cluster to dispatch to.
+    pub cluster: String,
+    /// The relay replica chosen (index into `Config::replicas`), when there are replicas.
+    pub replica: Option<usize>,
     pub choice: Choice,
     pub worker_id: String,
     pub key_source: KeySource,
@@ -151,7 +156,12 @@ pub fn plan_create(
                 return Err(e);
             }
         };
-    let call_id = classify::new_call_id(call_random);
+    let replica = replica::pick(config, store, now_ms, &[]);
+    let (cluster, replica_id) = match replica.and_then(|i| config.replicas.get(i)) {
+        Some(r) => (r.cluster.clone(), Some(r.id.as_str())),
+        None => (config.relay_cluster.clone(), None),
+    };
+    let call_id = replica::call_id(call_random, replica_id);
     let upstream_model = worker.upstream_model.as_deref().unwrap_or(&model.name);
     let message = relay::encode_create(&relay::CreateCall {
         call_id: &call_id,
@@ -166,6 +176,8 @@ pub fn plan_create(
     });
     Ok(Plan {
         call_id,
+        cluster,
+        replica,
         choice,
         worker_id: worker.id.clone(),
         key_source,

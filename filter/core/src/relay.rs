@@ -71,6 +71,14 @@ pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The same `CreateCallRequest` with another call id (a failover to another relay replica,
+/// whose id the call id must name). `None` if `message` is not a `CreateCallRequest`.
+pub fn with_call_id(message: &[u8], call_id: &str) -> Option<Vec<u8>> {
+    let mut req = CreateCallRequest::decode(message).ok()?;
+    req.call_id = call_id.to_string();
+    Some(req.encode_to_vec())
+}
+
 pub fn encode_hangup(call_id: &str) -> Vec<u8> {
     HangupCallRequest {
         call_id: call_id.to_string(),
@@ -455,6 +463,27 @@ mod tests {
         assert_eq!(r.reply.status, 502);
         let r = map_create_response(&c, 0, None, Some(&[]), "rtc_x", "req");
         assert_eq!(r.error_code.as_deref(), Some("bad_relay_response"));
+    }
+
+    #[test]
+    fn a_failover_keeps_the_request_but_the_call_id() {
+        let m = encode_create(&CreateCall {
+            call_id: "rtc_r0_aa",
+            request_id: "req",
+            model: "m",
+            upstream_model: "m",
+            sdp_offer: "v=0",
+            session_json: "",
+            base_url: "http://x",
+            authorization: "Bearer k",
+            worker_id: "w",
+        });
+        let out =
+            CreateCallRequest::decode(with_call_id(&m, "rtc_r1_aa").unwrap().as_slice()).unwrap();
+        assert_eq!(out.call_id, "rtc_r1_aa");
+        assert_eq!(out.sdp_offer, "v=0");
+        assert_eq!(out.upstream.unwrap().authorization, "Bearer k");
+        assert!(with_call_id(b"\xff\xff", "x").is_none());
     }
 
     #[test]
