@@ -136,7 +136,7 @@ impl Session {
     fn demo(&self) -> Result<Value> {
         self.js(
             "const d = window.demo; return {state: d.state, dc: d.dcState, callId: d.callId, \
-             error: d.error, inbound: d.inboundPackets, maxLevel: d.maxLevel, \
+             error: d.error, inbound: d.inboundPackets, level: d.level, maxLevel: d.maxLevel, \
              events: d.events.map(e => e.dir + ':' + e.type)};",
         )
     }
@@ -299,6 +299,14 @@ fn scenario(
             d["inbound"].as_u64().unwrap_or(0) >= 25 && d["maxLevel"].as_f64().unwrap_or(0.0) > 0.01
         },
     )?;
+    // Chromium's fake microphone beeps once a second: take the picture while the returned
+    // beep moves the level meter, so the screenshot shows audio coming back (best effort;
+    // the level was checked above).
+    let _ = s.wait_for(
+        "a returned beep on the meter",
+        Duration::from_secs(3),
+        |d| d["level"].as_f64().unwrap_or(0.0) > 0.02,
+    );
     let screenshot = out.join("demo.png");
     s.screenshot(&screenshot)?;
     s.js("document.getElementById('hangup').click();")?;
