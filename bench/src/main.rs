@@ -1,1 +1,302 @@
-fn main() {}
+//! `rtgw-bench`: benchmarks of the realtime WebRTC gateway (run through `cargo xtask bench`).
+//!
+//! 1. call setup latency, direct to the echo provider vs through Envoy + filter + relay;
+//! 2. relay capacity: concurrent calls with audio both ways and data-channel events;
+//! 3. call-setup rate over gRPC;
+//! 4. filter cost on pass-through requests.
+//!
+//! CPU layout on a machine with two or more cores: this process (load generator, in-process
+//! echo provider), the echo-model binary and the call-setup Envoy run on CPU 0; the relay
+//! under test (and the pass-through Envoys) run alone on CPU 1. Results go to
+//! `bench-results/<timestamp>.json`; a full run also rewrites the generated section of
+//! `docs/benchmarks.md`.
+
+mod capacity;
+mod filter;
+mod peer;
+mod procs;
+mod report;
+mod setup;
+mod sys;
+
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+use xtask::paths::{Paths, Profile};
+use xtask::stack::{Stack, StackConfig, LOCAL_ECHO_API_KEY};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rtgw-bench",
+    about = "Benchmarks of the realtime WebRTC gateway"
+)]
+struct Cli {
+    /// Smoke run: small counts, about a minute; does not touch docs/benchmarks.md.
+    #[arg(long)]
+    quick: bool,
+    /// Capacity levels (concurrent calls), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    levels: Option<Vec<usize>>,
+    /// Sections to run (setup, capacity, filter); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Rewrite the generated section of docs/benchmarks.md even in --quick mode.
+    #[arg(long)]
+    doc: bool,
+    /// Do not rewrite docs/benchmarks.md.
+    #[arg(long, conflicts_with = "doc")]
+    no_doc: bool,
+    /// Use the dev-profile relay and echo model (the smoke pass of `xtask test`; its
+    /// figures mean nothing).
+    #[arg(long)]
+    dev_binaries: bool,
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+pub fn say(msg: impl AsRef<str>) {
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[bench {t:6.1}s] {}", msg.as_ref());
+}
+
+fn main() -> ExitCode {
+    let _ = START.get_or_init(Instant::now);
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rtgw-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let paths = Paths::discover();
+    let profile = if cli.dev_binaries {
+        Profile::Dev
+    } else {
+        Profile::Release
+    };
+    let wants = |s: &str| cli.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    let two_cores = sys::online_cpus() >= 2;
+    let (gen_cpu, relay_cpu) = if two_cores {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
+    if let Some(c) = gen_cpu {
+        sys::pin(std::process::id(), c).context("pinning the load generator")?;
+    }
+    let stamp = timestamp();
+    let run_dir = paths.scratch().join("bench").join(&stamp);
+    std::fs::create_dir_all(&run_dir)?;
+    let machine = sys::machine(&paths.envoy_bin(), &paths.root);
+    let others_before = sys::other_busy_processes(&[]);
+    let load_before = sys::loadavg();
+    say(format!(
+        "machine: {machine}; load {load_before}; other busy processes: {others_before:?}"
+    ));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(if two_cores { 1 } else { 2 })
+        .enable_all()
+        .build()?;
+    let mut results = json!({});
+    let mut failures: Vec<String> = Vec::new();
+
+    if wants("setup") {
+        let r = setup_section(&paths, &rt, &run_dir, relay_cpu, cli.quick, profile);
+        match r {
+            Ok(v) => {
+                check_setup(&v, &mut failures);
+                results["setup"] = v;
+            }
+            Err(e) => {
+                failures.push(format!("setup: {e:#}"));
+                results["setup"] = json!({ "error": format!("{e:#}") });
+            }
+        }
+    }
+    if wants("capacity") {
+        let levels = cli.levels.clone().unwrap_or_else(|| {
+            if cli.quick {
+                vec![10]
+            } else {
+                vec![50, 100, 200, 500]
+            }
+        });
+        let relay_bin = paths.relay_bin(profile);
+        let r = rt.block_on(capacity::ramp(
+            &levels, cli.quick, &relay_bin, relay_cpu, &run_dir,
+        ));
+        match r {
+            Ok(v) => {
+                if v["largest_clean_level"].as_u64().unwrap_or(0) == 0 {
+                    let first = &v["levels"][0]["relay"];
+                    if first["connected"].as_u64().unwrap_or(0) == 0 {
+                        failures.push(format!("capacity: no call got through: {first}"));
+                    }
+                }
+                results["capacity"] = v;
+            }
+            Err(e) => {
+                failures.push(format!("capacity: {e:#}"));
+                results["capacity"] = json!({ "error": format!("{e:#}") });
+            }
+        }
+    }
+    if wants("filter") {
+        say("filter cost: pass-through with and without the Wasm filter");
+        match rt.block_on(filter::run(&paths, &run_dir, relay_cpu, cli.quick)) {
+            Ok(v) => results["filter_passthrough"] = v,
+            Err(e) => {
+                failures.push(format!("filter: {e:#}"));
+                results["filter_passthrough"] = json!({ "error": format!("{e:#}") });
+            }
+        }
+    }
+    drop(rt);
+
+    let doc = json!({
+        "timestamp": stamp,
+        "mode": if cli.quick { "quick" } else { "full" },
+        "binaries": profile.dir(),
+        "machine": machine,
+        "cpu_layout": if two_cores {
+            "load generator + in-process echo provider + echo-model binary + call-setup Envoy on CPU 0; relay (and pass-through Envoys) alone on CPU 1 (taskset)"
+        } else {
+            "single CPU: nothing pinned"
+        },
+        "load": {
+            "loadavg_before": load_before,
+            "loadavg_after": sys::loadavg(),
+            "other_busy_processes_before": others_before,
+            "other_busy_processes_after": sys::other_busy_processes(&[]),
+        },
+        "results": results,
+        "failures": failures,
+    });
+    let out_dir = paths.root.join("bench-results");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("{stamp}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    say(format!("wrote {}", out.display()));
+    let write_doc = if cli.quick { cli.doc } else { !cli.no_doc };
+    if write_doc {
+        let md = paths.root.join("docs").join("benchmarks.md");
+        report::update_doc(&md, &doc)?;
+        say(format!("updated {}", md.display()));
+    }
+    println!("{}", report::summary_lines(&doc));
+    if !failures.is_empty() {
+        bail!(
+            "{} benchmark failure(s): {}",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn check_setup(v: &Value, failures: &mut Vec<String>) {
+    for key in ["sequential", "concurrent"] {
+        if v[key]["gateway_ms"]["n"].as_u64().unwrap_or(0) == 0
+            || v[key]["direct_ms"]["n"].as_u64().unwrap_or(0) == 0
+        {
+            failures.push(format!("setup {key}: no call got through: {}", v[key]));
+        }
+    }
+    if v["setup_rate"]["setups"].as_u64().unwrap_or(0) == 0 {
+        failures.push(format!("setup rate: no call set up: {}", v["setup_rate"]));
+    }
+}
+
+fn setup_section(
+    paths: &Paths,
+    rt: &tokio::runtime::Runtime,
+    run_dir: &std::path::Path,
+    relay_cpu: Option<usize>,
+    quick: bool,
+    profile: Profile,
+) -> Result<Value> {
+    say(format!(
+        "setup: starting echo model + relay + Envoy ({})",
+        profile.dir()
+    ));
+    let mut cfg = StackConfig::ephemeral(paths, "bench")?;
+    cfg.profile = profile;
+    cfg.run_dir = run_dir.join("stack");
+    std::fs::create_dir_all(&cfg.run_dir)?;
+    // The listener's native rate cap (100 req/s) would be what we measure: raise it.
+    let template = std::fs::read_to_string(paths.envoy_dir().join("envoy.yaml"))?;
+    let raised = cfg.run_dir.join("envoy.bench.yaml");
+    std::fs::write(&raised, filter::raise_rate_limit(&template)?)?;
+    cfg.envoy_config = raised;
+    let stack = Stack::start(paths, cfg)?;
+    let pid_of = |name: &str| {
+        stack
+            .processes()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .and_then(|(_, p, _)| p)
+            .with_context(|| format!("no {name} process in the stack"))
+    };
+    let relay_pid = pid_of("relay")?;
+    if let Some(c) = relay_cpu {
+        sys::pin(relay_pid, c)?;
+    }
+    let t = setup::Targets {
+        gateway_calls: stack.urls.calls.clone(),
+        provider_url: stack.urls.upstream.clone(),
+        provider_auth: format!("Bearer {LOCAL_ECHO_API_KEY}"),
+        relay_grpc: stack.urls.relay_grpc.parse()?,
+        relay_pid,
+        envoy_pid: pid_of("envoy")?,
+        provider_pid: pid_of("local echo model")?,
+    };
+    let counts = if quick {
+        setup::Counts {
+            sequential: 10,
+            concurrent: 32,
+            in_flight: 8,
+            cpu_setups: 10,
+            rate_setups: 40,
+            rate_in_flight: 8,
+        }
+    } else {
+        setup::Counts {
+            sequential: 200,
+            concurrent: 400,
+            in_flight: 8,
+            cpu_setups: 200,
+            rate_setups: 1000,
+            rate_in_flight: 16,
+        }
+    };
+    let v = rt.block_on(setup::run(&t, &counts));
+    drop(stack);
+    let mut v = v?;
+    v["counts"] = json!({
+        "sequential_per_path": counts.sequential,
+        "concurrent_per_path": counts.concurrent,
+        "in_flight": counts.in_flight,
+    });
+    Ok(v)
+}
+
+fn timestamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%dT%H%M%SZ"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => secs.to_string(),
+    }
+}

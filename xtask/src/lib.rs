@@ -5,6 +5,7 @@
 //! [`stack::Stack`] (start echo model, relay and Envoy on chosen ports; stop them by PID) and
 //! [`envoy::render`] (fill `${NAME}` placeholders in the configs under `envoy/`).
 
+pub mod bench;
 pub mod browser;
 pub mod compile;
 pub mod envoy;

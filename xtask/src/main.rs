@@ -51,9 +51,13 @@ enum Cmd {
     /// Start the gateway on loopback: local echo model (or a real provider), relay, Envoy with
     /// the filter. Prints the demo page URL; Ctrl-C stops everything.
     Up(UpArgs),
-    /// Benchmarks (not yet implemented).
+    /// Benchmarks: call setup, relay capacity, setup rate, filter cost. Builds in release,
+    /// writes bench-results/<timestamp>.json and (full mode) docs/benchmarks.md.
     Bench {
-        /// Arguments for the future benchmark command.
+        /// Smoke run: small counts, about a minute; leaves docs/benchmarks.md alone.
+        #[arg(long)]
+        quick: bool,
+        /// More arguments for rtgw-bench, e.g. `--levels 50,100 --only capacity`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -148,10 +152,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Test { browser } => pipeline::test(&paths, TestOptions { browser })?,
         Cmd::Up(args) => up(&paths, args)?,
-        Cmd::Bench { .. } => {
-            eprintln!("cargo xtask bench: not yet implemented");
-            return Ok(ExitCode::from(2));
-        }
+        Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
         Cmd::BrowserTest { url, relay_metrics } => {
             let report = match url {
                 Some(url) => xtask::browser::demo_call(

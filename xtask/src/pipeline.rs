@@ -393,6 +393,13 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     } else {
         p.skip("cargo test --workspace", "the build failed");
     }
+    if built && wasm_ok {
+        p.step("bench --quick (smoke, dev binaries)", || {
+            crate::bench::smoke(paths)
+        });
+    } else {
+        p.skip("bench --quick (smoke, dev binaries)", "the build failed");
+    }
     let browser = opts.browser || std::env::var("CI").is_ok_and(|v| v == "true");
     if !browser {
         p.skip(

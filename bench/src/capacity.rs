@@ -1,0 +1,334 @@
+//! Relay capacity: N concurrent calls, each with 20 ms audio frames both ways (the echo
+//! model returns every frame) and one data-channel event per second. The same N peers are
+//! also run straight against the provider, so the relay's added latency is the difference of
+//! the two round trips, halved.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::task::JoinSet;
+
+use crate::peer::{Load, Offer, FRAME_INTERVAL};
+use crate::procs::{self, RelayProc};
+use crate::sys::{self, round1, round3};
+
+pub const PROVIDER_AUTH: &str = "Bearer sk-bench";
+
+pub enum Via<'a> {
+    Direct {
+        provider_url: String,
+    },
+    Relay {
+        relay: &'a RelayProc,
+        provider_url: String,
+    },
+}
+
+pub struct LevelOpts {
+    pub calls: usize,
+    pub warmup: Duration,
+    pub window: Duration,
+    pub setup_concurrency: usize,
+}
+
+/// Sets up `calls` peers (through the relay or direct), waits until each has its
+/// `session.created`, runs audio, measures a window, stops everything.
+pub async fn run_level(via: &Via<'_>, opts: &LevelOpts) -> Result<Value> {
+    let n = opts.calls;
+    let load = Arc::new(Load::default());
+    let http = reqwest::Client::new();
+    let grpc = match via {
+        Via::Relay { relay, .. } => Some(procs::grpc_client(relay.grpc).await?),
+        Via::Direct { .. } => None,
+    };
+    let relay_pid = match via {
+        Via::Relay { relay, .. } => Some(relay.pid),
+        Via::Direct { .. } => None,
+    };
+    let rss_base = relay_pid.map(sys::rss_kib).transpose()?;
+
+    // Setup, a bounded number in flight.
+    let setup_started = Instant::now();
+    let mut set: JoinSet<Result<tokio::task::JoinHandle<Vec<u32>>>> = JoinSet::new();
+    let mut peers = Vec::with_capacity(n);
+    let mut setup_errors: Vec<String> = Vec::new();
+    let mut collect = |r: Result<Result<_>, tokio::task::JoinError>| match r {
+        Ok(Ok(h)) => peers.push(h),
+        Ok(Err(e)) => setup_errors.push(format!("{e:#}")),
+        Err(e) => setup_errors.push(e.to_string()),
+    };
+    for i in 0..n {
+        while set.len() >= opts.setup_concurrency {
+            if let Some(r) = set.join_next().await {
+                collect(r);
+            }
+        }
+        let load = load.clone();
+        // Spread the peers' frame phases over the 20 ms period.
+        let phase = FRAME_INTERVAL.mul_f64(i as f64 / n as f64);
+        let http = http.clone();
+        let mut grpc = grpc.clone();
+        let provider_url = match via {
+            Via::Direct { provider_url } | Via::Relay { provider_url, .. } => provider_url.clone(),
+        };
+        set.spawn(async move {
+            let offer = Offer::new()?;
+            let answer = match grpc.as_mut() {
+                Some(g) => {
+                    let req = procs::create_request(&offer.sdp, &provider_url, PROVIDER_AUTH);
+                    procs::create_call(g, req).await?.1
+                }
+                None => {
+                    let resp = http
+                        .post(format!(
+                            "{provider_url}/v1/realtime/calls?model=gpt-realtime"
+                        ))
+                        .header("authorization", PROVIDER_AUTH)
+                        .header("content-type", "application/sdp")
+                        .body(offer.sdp.clone())
+                        .send()
+                        .await?;
+                    if resp.status().as_u16() != 201 {
+                        bail!("provider answered {}", resp.status());
+                    }
+                    resp.text().await?
+                }
+            };
+            offer.start(&answer, load, phase)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        collect(r);
+    }
+    let started = peers.len();
+    let deadline = Instant::now() + Duration::from_secs(20) + Duration::from_millis(40 * n as u64);
+    while load.ready.load(Relaxed) + load.dead.load(Relaxed) < started && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = load.ready.load(Relaxed);
+    let setup_secs = setup_started.elapsed().as_secs_f64();
+
+    let result = if ready == 0 {
+        Err(anyhow::anyhow!(
+            "no call connected ({started} set up, errors: {:?})",
+            setup_errors.iter().take(3).collect::<Vec<_>>()
+        ))
+    } else {
+        measure(via, opts, &load, &http, relay_pid, rss_base, ready).await
+    };
+
+    // Stop every peer (they close their connections) and collect round trips.
+    load.sending.store(false, Relaxed);
+    load.stop.store(true, Relaxed);
+    let mut rtts: Vec<f64> = Vec::new();
+    for h in peers {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(5), h).await {
+            rtts.extend(s.into_iter().map(|us| us as f64 / 1000.0));
+        }
+    }
+    let mut v = result?;
+    v["calls"] = json!(n);
+    v["connected"] = json!(ready);
+    v["setup_errors"] = json!(setup_errors.len());
+    if let Some(e) = setup_errors.first() {
+        v["first_setup_error"] = json!(e);
+    }
+    v["setup_and_connect_secs"] = json!(round3(setup_secs));
+    v["rtt_ms"] = sys::summary(&mut rtts);
+    Ok(v)
+}
+
+async fn measure(
+    via: &Via<'_>,
+    opts: &LevelOpts,
+    load: &Load,
+    http: &reqwest::Client,
+    relay_pid: Option<u32>,
+    rss_base: Option<u64>,
+    ready: usize,
+) -> Result<Value> {
+    let me = std::process::id();
+    load.sending.store(true, Relaxed);
+    tokio::time::sleep(opts.warmup).await;
+
+    let packets = |text: &str| procs::metric_sum(text, "realtime_relay_rtp_packets_total");
+    let metrics_addr = match via {
+        Via::Relay { relay, .. } => Some(relay.metrics),
+        Via::Direct { .. } => None,
+    };
+    let m0 = match metrics_addr {
+        Some(a) => Some(procs::metrics_text(http, a).await?),
+        None => None,
+    };
+    let relay_cpu0 = relay_pid.map(sys::cpu_secs).transpose()?;
+    let gen_cpu0 = sys::cpu_secs(me)?;
+    let (busy0, total0) = sys::machine_jiffies();
+    let sent0 = load.frames_sent.load(Relaxed);
+    let t0 = Instant::now();
+    load.measuring.store(true, Relaxed);
+    tokio::time::sleep(opts.window / 2).await;
+    let rss = relay_pid.map(sys::rss_kib).transpose()?;
+    tokio::time::sleep(opts.window / 2).await;
+    load.measuring.store(false, Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    let sent1 = load.frames_sent.load(Relaxed);
+    let relay_cpu1 = relay_pid.map(sys::cpu_secs).transpose()?;
+    let gen_cpu1 = sys::cpu_secs(me)?;
+    let (busy1, total1) = sys::machine_jiffies();
+    let m1 = match metrics_addr {
+        Some(a) => Some(procs::metrics_text(http, a).await?),
+        None => None,
+    };
+
+    // Let frames in flight arrive, then count loss over the whole audio period.
+    load.sending.store(false, Relaxed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let sent = load.frames_sent.load(Relaxed);
+    let received = load.frames_received.load(Relaxed);
+    let loss = if sent == 0 {
+        f64::NAN
+    } else {
+        sent.saturating_sub(received) as f64 / sent as f64 * 100.0
+    };
+    let gen_util = (gen_cpu1 - gen_cpu0) / secs * 100.0;
+    let machine_util = if total1 > total0 {
+        (busy1 - busy0) as f64 / (total1 - total0) as f64 * 100.0 * sys::online_cpus() as f64
+    } else {
+        f64::NAN
+    };
+    let mut v = json!({
+        "window_secs": round3(secs),
+        "frames_sent": sent,
+        "frames_echoed_back": received,
+        "loss_pct": round3(loss),
+        "offered_frames_per_sec": round1((sent1 - sent0) as f64 / secs),
+        "events_sent": load.events_sent.load(Relaxed),
+        "events_echoed_back": load.events_received.load(Relaxed),
+        "generator_and_provider_cpu_pct": round1(gen_util),
+        "machine_cpu_pct_of_one_core": round1(machine_util),
+        "generator_send_errors": load.send_errors.load(Relaxed),
+    });
+    if let (Some(m0), Some(m1), Some(c0), Some(c1)) = (m0, m1, relay_cpu0, relay_cpu1) {
+        let pk = packets(&m1) - packets(&m0);
+        let cpu = c1 - c0;
+        v["relayed_packets"] = json!(pk);
+        v["relayed_packets_per_sec"] = json!(round1(pk / secs));
+        v["relay_cpu_pct"] = json!(round1(cpu / secs * 100.0));
+        v["relay_cpu_us_per_packet"] = json!(if pk > 0.0 {
+            round3(cpu * 1e6 / pk)
+        } else {
+            f64::NAN
+        });
+        v["relay_dropped"] = json!(
+            procs::metric_sum(&m1, "realtime_relay_dropped_total")
+                + procs::metric_sum(&m1, "realtime_relay_call_queue_full_drops_total")
+        );
+        v["relay_calls_connected"] =
+            json!(procs::metric_sum(&m1, "realtime_relay_calls_connected"));
+    }
+    if let (Some(base), Some(rss)) = (rss_base, rss) {
+        v["relay_rss_kib"] = json!(rss);
+        v["relay_rss_base_kib"] = json!(base);
+        v["relay_rss_kib_per_call"] = json!(round1(rss.saturating_sub(base) as f64 / ready as f64));
+    }
+    Ok(v)
+}
+
+/// Runs each level direct and through a fresh relay pinned to `relay_cpu`; stops the ramp
+/// when a level is not clean (calls failed to connect, loss over 1 %).
+pub async fn ramp(
+    levels: &[usize],
+    quick: bool,
+    relay_bin: &std::path::Path,
+    relay_cpu: Option<usize>,
+    log_dir: &std::path::Path,
+) -> Result<Value> {
+    let provider = echo_model::MockProvider::start_with_limits(
+        echo_model::ProviderConfig::local(None),
+        echo_model::provider::CallLimits::default(),
+    )
+    .await
+    .context("starting the in-process echo provider")?;
+    let provider_url = provider.base_url();
+    let (warmup, window) = if quick {
+        (Duration::from_secs(1), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(3), Duration::from_secs(10))
+    };
+    let mut out = Vec::new();
+    let mut largest_clean = 0;
+    for &calls in levels {
+        let opts = LevelOpts {
+            calls,
+            warmup,
+            window,
+            setup_concurrency: 16,
+        };
+        crate::say(format!("capacity: {calls} calls direct to the provider"));
+        let direct = run_level(
+            &Via::Direct {
+                provider_url: provider_url.clone(),
+            },
+            &LevelOpts {
+                window: window / 2,
+                ..opts
+            },
+        )
+        .await;
+        provider
+            .wait_for_active_calls(0, Duration::from_secs(10))
+            .await;
+        crate::say(format!("capacity: {calls} calls through the relay"));
+        let log = log_dir.join(format!("relay-capacity-{calls}.log"));
+        let relay = RelayProc::start(relay_bin, &provider_url, relay_cpu, &log, &[])?;
+        let via = Via::Relay {
+            relay: &relay,
+            provider_url: provider_url.clone(),
+        };
+        let relayed = run_level(&via, &opts).await;
+        drop(relay);
+        provider
+            .wait_for_active_calls(0, Duration::from_secs(10))
+            .await;
+        let direct = direct.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        let mut relayed = relayed.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        // Added one-way latency: (RTT via relay - RTT direct) / 2, per percentile.
+        for p in ["p50", "p99"] {
+            let r = relayed["rtt_ms"][p].as_f64();
+            let d = direct["rtt_ms"][p].as_f64();
+            if let (Some(r), Some(d)) = (r, d) {
+                relayed["added_one_way_ms"][p] = json!(round3((r - d) / 2.0));
+            }
+        }
+        let connected = relayed["connected"].as_u64().unwrap_or(0) as usize;
+        let loss = relayed["loss_pct"].as_f64().unwrap_or(100.0);
+        let clean = connected == calls && loss <= 1.0;
+        relayed["clean"] = json!(clean);
+        if clean {
+            largest_clean = calls;
+        }
+        crate::say(format!(
+            "  {calls} calls: connected {connected}, loss {loss}%, relay {} µs/packet, {} packets/s, added one-way p50 {} ms p99 {} ms, generator {}% CPU",
+            relayed["relay_cpu_us_per_packet"],
+            relayed["relayed_packets_per_sec"],
+            relayed["added_one_way_ms"]["p50"],
+            relayed["added_one_way_ms"]["p99"],
+            relayed["generator_and_provider_cpu_pct"],
+        ));
+        out.push(json!({ "calls": calls, "direct": direct, "relay": relayed }));
+        if !clean {
+            break;
+        }
+    }
+    provider.shutdown().await;
+    Ok(json!({
+        "levels": out,
+        "largest_clean_level": largest_clean,
+        "warmup_secs": warmup.as_secs_f64(),
+        "window_secs": window.as_secs_f64(),
+    }))
+}
