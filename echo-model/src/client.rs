@@ -141,6 +141,9 @@ struct AudioAcc {
 
 struct ClientShared {
     alive: AtomicBool,
+    /// Set by `vanish`: the driver must stop without a goodbye, even if it sees the
+    /// command channel close before the abort lands.
+    vanished: AtomicBool,
     audio: Mutex<AudioAcc>,
     dc_dropped: std::sync::atomic::AtomicU64,
 }
@@ -226,6 +229,7 @@ impl TestClient {
 
         let shared = Arc::new(ClientShared {
             alive: AtomicBool::new(true),
+            vanished: AtomicBool::new(false),
             audio: Mutex::new(AudioAcc::default()),
             dc_dropped: Default::default(),
         });
@@ -438,6 +442,7 @@ impl ConnectedClient {
     /// Disappear without a goodbye (no DTLS close_notify), like a crashed or unplugged peer:
     /// stops the task and frees the socket at once. For testing the remote's dead-peer handling.
     pub fn vanish(mut self) {
+        self.shared.vanished.store(true, Ordering::Release);
         self.shared.alive.store(false, Ordering::Release);
         if let Some(task) = self.task.take() {
             task.abort();
@@ -582,6 +587,11 @@ impl Driver {
         }
         // Mark dead first so callers polling is_alive() see the end promptly.
         self.shared.alive.store(false, Ordering::Release);
+        if self.shared.vanished.load(Ordering::Acquire) {
+            // Dropping the handle in `vanish` closes the command channel, which can wake
+            // this loop before the abort lands: a vanished peer sends nothing more.
+            return;
+        }
         self.udp.close_gracefully();
         if self.udp.counters.send_errors > 0 {
             tracing::debug!(
