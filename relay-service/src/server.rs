@@ -106,7 +106,9 @@ pub async fn start(args: &Args) -> Result<RunningRelay, String> {
             .add_service(reflection)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                // Without TCP_NODELAY, Nagle holds back the small frames that end each
+                // gRPC response until the peer's delayed ACK: ~40 ms on every CreateCall.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
                     let _ = stop_rx.await;
                 },
