@@ -11,14 +11,40 @@
 use crate::bridge::EVENTS_CHANNEL;
 use crate::error::SetupError;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
+use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 
+/// One crypto provider and one DTLS certificate for every leg of every call.
+///
+/// Without them each `Rtc::build` sets up the provider and generates a fresh certificate,
+/// about 0.7 ms of CPU, twice per call (docs/benchmarks.md has the before/after). Reusing a
+/// certificate across peer connections is what browsers do with an `RTCCertificate`; each
+/// handshake still negotiates its own keys, and the fingerprint in each SDP still
+/// authenticates it. If generation fails, legs fall back to str0m's per-`Rtc` default.
+fn shared_crypto() -> Option<&'static (Arc<CryptoProvider>, DtlsCert)> {
+    static SHARED: OnceLock<Option<(Arc<CryptoProvider>, DtlsCert)>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let provider = str0m::crypto::from_feature_flags();
+            let cert = provider.dtls_provider.generate_certificate()?;
+            Some((Arc::new(provider), cert))
+        })
+        .as_ref()
+}
+
 fn base_config() -> RtcConfig {
-    RtcConfig::new()
+    let mut config = RtcConfig::new();
+    if let Some((provider, cert)) = shared_crypto() {
+        config = config
+            .set_crypto_provider(provider.clone())
+            .set_dtls_cert(cert.clone());
+    }
+    config
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
@@ -209,6 +235,22 @@ mod tests {
         let sdp = "v=0\r\nm=application 9 x\r\na=mid:0\r\nm=audio 9 x 111\r\na=mid:1\r\n";
         assert_eq!(first_audio_mid(sdp), Some(Mid::from("1")));
         assert_eq!(first_audio_mid("v=0\r\nm=video 9 x\r\na=mid:0\r\n"), None);
+    }
+
+    #[test]
+    fn legs_share_one_certificate() {
+        let fingerprint = |sdp: &str| {
+            sdp.lines()
+                .find(|l| l.starts_with("a=fingerprint:"))
+                .map(str::to_string)
+        };
+        let a =
+            create_upstream_offer("127.0.0.1:5000".parse().unwrap(), None, Instant::now()).unwrap();
+        let b =
+            create_upstream_offer("127.0.0.1:5001".parse().unwrap(), None, Instant::now()).unwrap();
+        let fa = fingerprint(&a.offer.to_sdp_string());
+        assert!(fa.is_some());
+        assert_eq!(fa, fingerprint(&b.offer.to_sdp_string()));
     }
 
     #[test]
