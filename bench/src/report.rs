@@ -63,11 +63,12 @@ pub fn section(doc: &Value) -> String {
     push(
         &mut s,
         format!(
-            "CPU layout: {}. Load average before/after: {} / {}; other busy processes before: {}.",
+            "CPU layout: {}. Load average before/after: {} / {}; other busy processes before: {}; after: {}.",
             doc["cpu_layout"].as_str().unwrap_or(""),
             doc["load"]["loadavg_before"].as_str().unwrap_or(""),
             doc["load"]["loadavg_after"].as_str().unwrap_or(""),
             list(&doc["load"]["other_busy_processes_before"]),
+            list(&doc["load"]["other_busy_processes_after"]),
         ),
     );
 
