@@ -105,9 +105,34 @@ fn pass_through_request_reaches_the_provider_untouched() {
     );
     assert_eq!(seen[0].header("x-custom").as_deref(), Some("kept"));
     assert_eq!(seen[0].body, br#"{"input":"hi"}"#);
-    // A GET on a call's own URL is not the filter's either.
+    // Non-realtime routes disable the filter: the request never entered the Wasm VM.
+    assert_eq!(
+        passed_through(&envoy),
+        0,
+        "pass-through routes bypass the VM"
+    );
+    // A GET on a call's own URL is not the filter's either; that route runs the filter,
+    // which lets it through.
     let r = http::get(envoy.listen(), "/v1/realtime/calls/rtc_abc").unwrap();
     assert_eq!(r.status, 200);
+    assert_eq!(
+        passed_through(&envoy),
+        1,
+        "the realtime route runs the filter"
+    );
+}
+
+/// The filter's `requests.passed_through` counter from Envoy's stats.
+fn passed_through(envoy: &Envoy) -> u64 {
+    let stats = http::get(envoy.admin(), "/stats/prometheus")
+        .unwrap()
+        .text();
+    stats
+        .lines()
+        .find(|l| l.starts_with("realtime_filter_requests_passed_through"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no passed_through counter in Envoy's stats"))
 }
 
 #[test]

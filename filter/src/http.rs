@@ -381,6 +381,7 @@ impl HttpContext for Http {
         let path = host::request_header(":path").unwrap_or_default();
         let route = realtime_filter_core::classify(&method, &path, &rt.config.calls_path);
         if route == Route::PassThrough {
+            rt.metrics.inc(metrics::REQ_PASSED_THROUGH);
             return Action::Continue;
         }
         let random = host::random16().unwrap_or_default();

@@ -61,6 +61,7 @@ impl Root {
             metrics::REQ_UPSTREAM_REJECTED,
             metrics::REQ_FAILED,
             metrics::REQ_HANGUP,
+            metrics::REQ_PASSED_THROUGH,
             metrics::LOAD_REFRESH,
             metrics::LOAD_REFRESH_FAILED,
         ] {

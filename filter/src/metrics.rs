@@ -57,6 +57,10 @@ pub const REQ_CREATED: &str = "realtime_filter.requests.created";
 pub const REQ_UPSTREAM_REJECTED: &str = "realtime_filter.requests.upstream_rejected";
 pub const REQ_FAILED: &str = "realtime_filter.requests.failed";
 pub const REQ_HANGUP: &str = "realtime_filter.requests.hangup";
+/// Requests on a route where the filter is enabled that it let through untouched. Routes
+/// that disable the filter (every non-realtime route in envoy/) never count here: the
+/// request does not enter the Wasm VM at all.
+pub const REQ_PASSED_THROUGH: &str = "realtime_filter.requests.passed_through";
 pub const SETUP_LATENCY: &str = "realtime_filter.setup_latency_ms";
 pub const LOAD_REFRESH: &str = "realtime_filter.load_refresh";
 pub const LOAD_REFRESH_FAILED: &str = "realtime_filter.load_refresh_failed";
