@@ -109,6 +109,8 @@ struct LegState {
     next_timeout: Instant,
     /// Messages waiting to be written on this leg.
     outbox: PendingQueue,
+    /// RTP was written since the last timeout pass: it waits in str0m's queue.
+    written: bool,
 }
 
 pub struct Bridge {
@@ -162,6 +164,7 @@ impl Bridge {
             last_receive: now,
             next_timeout: now,
             outbox: PendingQueue::new(limits.dc_buffer_bytes),
+            written: false,
         };
         let mut bridge = Bridge {
             client: leg(client),
@@ -257,6 +260,20 @@ impl Bridge {
             tracing::debug!(?leg, error = %e, "datagram rejected");
         }
         self.drain(leg);
+        self.process_events(now);
+    }
+
+    /// Lets RTP written during the last batch of input leave: one str0m timeout pass
+    /// per leg that was written to, instead of one per packet.
+    pub fn send_written(&mut self, now: Instant) {
+        for leg in [Leg::Client, Leg::Upstream] {
+            if std::mem::take(&mut self.leg_mut(leg).written) {
+                if let Err(e) = self.leg_mut(leg).rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(?leg, error = %e, "send timeout failed");
+                }
+                self.drain(leg);
+            }
+        }
         self.process_events(now);
     }
 
@@ -527,11 +544,10 @@ impl Bridge {
             .ext_vals(ext_vals),
         );
         self.drain(to);
-        // The packet leaves on the next timeout handling; do it now, not in 20 ms.
-        if let Err(e) = self.leg_mut(to).rtc.handle_input(Input::Timeout(now)) {
-            tracing::debug!(?to, error = %e, "send timeout failed");
-        }
-        self.drain(to);
+        // A written packet leaves on the leg's next timeout handling. Rather than run
+        // str0m's whole timeout pass per packet, mark the leg; the driver calls
+        // `send_written` once per batch of input, before it sends.
+        self.leg_mut(to).written = true;
         let (c, m) = self.telemetry.direction(from);
         c.rtp_packets.fetch_add(1, Relaxed);
         c.rtp_bytes.fetch_add(payload_len, Relaxed);

@@ -95,6 +95,7 @@ impl CallDriver {
     }
 
     async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) {
+        self.bridge.send_written(Instant::now());
         out.extend(self.bridge.take_transmits());
         for (leg, t) in out.drain(..) {
             match leg {
