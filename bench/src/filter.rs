@@ -206,7 +206,9 @@ pub fn raise_rate_limit(text: &str) -> Result<String> {
         .join("\n"))
 }
 
-/// Cuts the `envoy.filters.http.wasm` entry out of the HTTP filter chain.
+/// Cuts the `envoy.filters.http.wasm` entry out of the HTTP filter chain, and the
+/// per-route `typed_per_filter_config` blocks, which in envoy/envoy.yaml only switch that
+/// filter off on the non-realtime routes (they name it, and mean nothing without it).
 fn remove_wasm_filter(text: &str) -> Result<String> {
     let start = text
         .find("- name: envoy.filters.http.wasm")
@@ -215,7 +217,27 @@ fn remove_wasm_filter(text: &str) -> Result<String> {
         + text[start..]
             .find("- name: envoy.filters.http.router")
             .context("envoy/envoy.yaml has no router after the Wasm filter")?;
-    Ok(format!("{}{}", &text[..start], &text[end..]))
+    let cut = format!("{}{}", &text[..start], &text[end..]);
+    // A per-route block is the `typed_per_filter_config:` line and its more-indented lines.
+    let mut out = Vec::new();
+    let mut skip_deeper_than: Option<usize> = None;
+    for line in cut.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(level) = skip_deeper_than {
+            if indent > level || line.trim().is_empty() {
+                continue;
+            }
+            skip_deeper_than = None;
+        }
+        if line.trim_start().starts_with("typed_per_filter_config:") {
+            skip_deeper_than = Some(indent);
+            continue;
+        }
+        out.push(line);
+    }
+    let mut joined = out.join("\n");
+    joined.push('\n');
+    Ok(joined)
 }
 
 pub async fn run(paths: &Paths, run_dir: &Path, cpu: Option<usize>, quick: bool) -> Result<Value> {
