@@ -279,3 +279,67 @@ fn filter_counters_appear_in_envoy_stats() {
     line("realtime_filter_worker_worker_1_setups_ok");
     line("realtime_filter_setup_latency_ms");
 }
+
+/// Browser apps on another origin: Envoy's CORS filter answers the preflight before the
+/// Wasm filter, only for listed origins, and lets the page read `Location` (the call id).
+#[test]
+fn cross_origin_browsers_get_a_preflight_answer_and_can_read_location() {
+    let (_dir, envoy) = start("cors", with_key());
+    let allowed = "https://app.example.test";
+    let preflight = |origin: &str| {
+        http::request(
+            envoy.listen(),
+            "OPTIONS",
+            "/v1/realtime/calls?model=gpt-realtime",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization,content-type",
+                ),
+            ],
+            b"",
+        )
+        .unwrap()
+    };
+    let r = preflight(allowed);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some(allowed)
+    );
+    let methods = r.header("access-control-allow-methods").unwrap_or_default();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = r.header("access-control-allow-headers").unwrap_or_default();
+    assert!(
+        headers.contains("authorization") && headers.contains("content-type"),
+        "{headers}"
+    );
+    // An origin that is not listed gets no CORS grant (the browser then blocks the call).
+    let r = preflight("https://evil.example.test");
+    assert!(
+        r.header("access-control-allow-origin").is_none(),
+        "{:?}",
+        r.header("access-control-allow-origin")
+    );
+    // The actual call's answer (here the filter's own 503: no relay) carries the grant and
+    // exposes Location and x-request-id to the page.
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/realtime/calls?model=gpt-realtime",
+        &[("origin", allowed), ("content-type", "application/sdp")],
+        OFFER.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some(allowed)
+    );
+    let exposed = r
+        .header("access-control-expose-headers")
+        .unwrap_or_default();
+    assert!(exposed.contains("location"), "{exposed}");
+}
