@@ -13,6 +13,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 /// Kinds we ship, with the API versions we write them in.
 const KNOWN: &[(&str, &[&str])] = &[
     ("Deployment", &["apps/v1"]),
+    ("StatefulSet", &["apps/v1"]),
     ("Service", &["v1"]),
     ("ServiceAccount", &["v1"]),
     ("Secret", &["v1"]),
@@ -155,6 +156,14 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
         match m.kind.as_str() {
             "WasmPlugin" => check_wasm_plugin(&m.doc, &at, &mut problems),
             "Deployment" => check_deployment(&m.doc, &at, &mut problems),
+            "StatefulSet" => {
+                if str_at(&m.doc, &["spec", "serviceName"]).is_none() {
+                    problems.push(format!(
+                        "{at}: spec.serviceName (the headless Service of the pod DNS names) is missing"
+                    ));
+                }
+                check_deployment(&m.doc, &at, &mut problems);
+            }
             "Service" => check_service(&m.doc, &at, &mut problems),
             "EnvoyFilter" if get(&m.doc, &["spec", "configPatches"]).as_vec().is_none() => {
                 problems.push(format!("{at}: spec.configPatches is not a list"));
@@ -163,10 +172,117 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
             _ => {}
         }
     }
+    check_route_filter_names(&manifests, &mut problems);
     if problems.is_empty() {
         Ok(report)
     } else {
         bail!("{}", problems.join("\n"))
+    }
+}
+
+/// Manifest files a kustomization pulls in, following listed directories' kustomizations.
+fn kustomization_files(file: &Path, out: &mut BTreeSet<PathBuf>) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let Ok(docs) = YamlLoader::load_from_str(&text) else {
+        return;
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    let listed = docs
+        .first()
+        .and_then(|d| d["resources"].as_vec().cloned())
+        .unwrap_or_default();
+    for path in listed.iter().filter_map(Yaml::as_str).map(|s| base.join(s)) {
+        if path.is_dir() {
+            kustomization_files(&path.join("kustomization.yaml"), out);
+        } else if let Ok(p) = path.canonicalize() {
+            out.insert(p);
+        }
+    }
+}
+
+/// The per-route filter switch (`typed_per_filter_config` with a `FilterConfig` in an
+/// `HTTP_ROUTE` patch) must be keyed by the name the filter has in the chain of the same
+/// variant: `<namespace>.<name>` for a WasmPlugin (Istio names it so), the patch's own
+/// `name` for a filter inserted by an `HTTP_FILTER` patch. A wrong key is silently ignored
+/// by Envoy, so only this check would notice it. Variants are the kustomizations no other
+/// kustomization lists (`deploy/`, `deploy/inline/`, …).
+fn check_route_filter_names(all: &[Manifest], problems: &mut Vec<String>) {
+    let kustomizations: Vec<&Manifest> = all.iter().filter(|m| m.kind == "Kustomization").collect();
+    let mut listed_dirs = BTreeSet::new();
+    for k in &kustomizations {
+        let base = k.file.parent().unwrap_or(Path::new("."));
+        for s in k.doc["resources"].as_vec().into_iter().flatten() {
+            if let Some(Ok(p)) = s.as_str().map(|s| base.join(s).canonicalize()) {
+                listed_dirs.insert(p);
+            }
+        }
+    }
+    for k in kustomizations {
+        let dir = k.file.parent().and_then(|d| d.canonicalize().ok());
+        if dir.as_ref().is_some_and(|d| listed_dirs.contains(d)) {
+            continue;
+        }
+        let mut files = BTreeSet::new();
+        kustomization_files(&k.file, &mut files);
+        let in_variant: Vec<&Manifest> = all
+            .iter()
+            .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
+            .collect();
+        let mut filters = BTreeSet::new();
+        let mut keys = Vec::new();
+        for m in &in_variant {
+            match m.kind.as_str() {
+                "WasmPlugin" => {
+                    let ns = str_at(&m.doc, &["metadata", "namespace"]).unwrap_or("default");
+                    filters.insert(format!("{ns}.{}", m.name));
+                }
+                "EnvoyFilter" => {
+                    for p in get(&m.doc, &["spec", "configPatches"])
+                        .as_vec()
+                        .into_iter()
+                        .flatten()
+                    {
+                        let value = &p["patch"]["value"];
+                        match p["applyTo"].as_str() {
+                            Some("HTTP_FILTER") => {
+                                if let Some(n) = value["name"].as_str() {
+                                    filters.insert(n.to_string());
+                                }
+                            }
+                            Some("HTTP_ROUTE" | "VIRTUAL_HOST") => {
+                                for (key, cfg) in value["typed_per_filter_config"]
+                                    .as_hash()
+                                    .into_iter()
+                                    .flatten()
+                                {
+                                    if cfg["@type"].as_str()
+                                        == Some("type.googleapis.com/envoy.config.route.v3.FilterConfig")
+                                    {
+                                        if let Some(key) = key.as_str() {
+                                            keys.push((key.to_string(), m.file.clone()));
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (key, file) in keys {
+            if !filters.contains(&key) {
+                problems.push(format!(
+                    "{}: the route patch in {} switches filter `{key}`, which is not a filter of \
+                     this variant (its filters: {filters:?})",
+                    k.file.display(),
+                    file.display()
+                ));
+            }
+        }
     }
 }
 
@@ -316,7 +432,8 @@ fn check_kustomization(m: &Manifest, dir: &Path, all: &[Manifest], problems: &mu
 }
 
 /// Builds one Envoy bootstrap that holds every Envoy fragment patched in by the EnvoyFilters
-/// under `dir` (CLUSTER and HTTP_FILTER patch values), plus stubs for the clusters Istio
+/// under `dir` (CLUSTER and HTTP_FILTER patch values, HTTP_ROUTE patch values each on a route
+/// of its own), plus stubs for the clusters Istio
 /// provides (`sds-grpc`, clusters a remote Wasm fetch names), so that `envoy --mode validate`
 /// checks those fragments against the real Envoy schema.
 pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
@@ -331,6 +448,7 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     };
     let mut clusters = Vec::new();
     let mut filters = Vec::new();
+    let mut routes = Vec::new();
     let mut stub_names = vec!["sds-grpc".to_string()];
     for m in load(dir)?.iter().filter(|m| m.kind == "EnvoyFilter") {
         for patch in get(&m.doc, &["spec", "configPatches"])
@@ -344,6 +462,21 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
             }
             match patch["applyTo"].as_str() {
                 Some("CLUSTER") => clusters.push(value),
+                // A route patch (MERGE onto a route Istio generates) goes onto a route of its
+                // own, next to the filters it names.
+                Some("HTTP_ROUTE") => {
+                    let mut route = value;
+                    if let Yaml::Hash(h) = &mut route {
+                        let n = routes.len();
+                        h.insert(key("match"), parse(&format!("{{path: /route-patch-{n}}}"))?);
+                        if !h.contains_key(&key("route"))
+                            && !h.contains_key(&key("direct_response"))
+                        {
+                            h.insert(key("direct_response"), parse("{status: 404}")?);
+                        }
+                    }
+                    routes.push(route);
+                }
                 Some("HTTP_FILTER") => {
                     if let Some(c) = get(
                         &value,
@@ -367,7 +500,7 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
             }
         }
     }
-    if clusters.is_empty() && filters.is_empty() {
+    if clusters.is_empty() && filters.is_empty() && routes.is_empty() {
         return Ok(None);
     }
     for name in stub_names {
@@ -399,6 +532,16 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     if let Yaml::Hash(h) = &mut hcm {
         if let Some(Yaml::Hash(tc)) = h.get_mut(&key("typed_config")) {
             tc.insert(key("http_filters"), Yaml::Array(filters));
+            if let Some(Yaml::Hash(rc)) = tc.get_mut(&key("route_config")) {
+                if let Some(Yaml::Array(vhs)) = rc.get_mut(&key("virtual_hosts")) {
+                    if let Some(Yaml::Hash(vh)) = vhs.first_mut() {
+                        if let Some(Yaml::Array(rs)) = vh.get_mut(&key("routes")) {
+                            routes.append(rs);
+                            *rs = routes;
+                        }
+                    }
+                }
+            }
         }
     }
     let mut listener =
@@ -475,8 +618,9 @@ mod tests {
             checked += 1;
         }
         assert_eq!(
-            checked, 2,
-            "expected the WasmPlugin and the inline EnvoyFilter configs"
+            checked, 3,
+            "expected the two WasmPlugin configs (deploy/, deploy/replicas/) and the inline \
+             EnvoyFilter config"
         );
     }
 
@@ -494,6 +638,46 @@ mod tests {
         assert!(clusters
             .iter()
             .any(|c| c["name"].as_str() == Some("sds-grpc")));
+        for name in ["realtime_relay_r0", "realtime_relay_r1"] {
+            assert!(
+                clusters.iter().any(|c| c["name"].as_str() == Some(name)),
+                "{name}"
+            );
+        }
+        let routes = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+            .as_vec()
+            .unwrap();
+        assert!(
+            routes
+                .iter()
+                .filter(|r| !r["typed_per_filter_config"].is_badvalue())
+                .count()
+                >= 2,
+            "the HTTP_ROUTE patches of both variants are on routes"
+        );
+    }
+
+    /// Every route patch names the filter of its own variant (the WasmPlugin's
+    /// `<namespace>.<name>` or the inline filter's name), and a wrong key is refused.
+    #[test]
+    fn route_patches_name_their_variants_filter() {
+        let paths = crate::paths::Paths::discover();
+        let manifests = load(&paths.deploy_dir()).unwrap();
+        let mut problems = Vec::new();
+        check_route_filter_names(&manifests, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut wrong = manifests.clone();
+        for m in wrong.iter_mut().filter(|m| m.kind == "WasmPlugin") {
+            m.name = format!("{}-renamed", m.name);
+        }
+        check_route_filter_names(&wrong, &mut problems);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("istio-system.realtime-gateway")),
+            "{problems:?}"
+        );
     }
 
     #[test]
