@@ -7,16 +7,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use echo_model::client::{audio_frame, frame_send_time, micros_since_epoch, FRAME_TICKS};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::channel::ChannelId;
-use str0m::config::{CryptoProvider, DtlsCert};
-use str0m::format::{Codec, FormatParams};
-use str0m::media::{Direction, Frequency, MediaKind, Mid, Pt};
+use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
@@ -42,25 +40,6 @@ pub struct Load {
     pub send_errors: AtomicU64,
 }
 
-struct Crypto {
-    provider: Arc<CryptoProvider>,
-    cert: DtlsCert,
-}
-
-fn crypto() -> Result<&'static Crypto> {
-    static C: OnceLock<Option<Crypto>> = OnceLock::new();
-    C.get_or_init(|| {
-        let provider = str0m::crypto::from_feature_flags();
-        let cert = provider.dtls_provider.generate_certificate()?;
-        Some(Crypto {
-            provider: Arc::new(provider),
-            cert,
-        })
-    })
-    .as_ref()
-    .ok_or_else(|| anyhow!("the crypto provider cannot generate a DTLS certificate"))
-}
-
 /// A peer that has made its offer.
 pub struct Offer {
     rtc: Rtc,
@@ -72,28 +51,10 @@ pub struct Offer {
 
 impl Offer {
     pub fn new() -> Result<Offer> {
-        let c = crypto()?;
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a UDP socket")?;
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
-        let mut cfg = Rtc::builder()
-            .set_crypto_provider(c.provider.clone())
-            .set_dtls_cert(c.cert.clone())
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .set_stats_interval(None);
-        cfg.codec_config().add_config(
-            Pt::from(OPUS_PT),
-            None,
-            Codec::Opus,
-            Frequency::FORTY_EIGHT_KHZ,
-            Some(2),
-            FormatParams {
-                min_p_time: Some(10),
-                use_inband_fec: Some(true),
-                ..Default::default()
-            },
-        );
+        let cfg = echo_model::client::client_rtc_config(Pt::from(OPUS_PT))?;
         let mut rtc = cfg.build(Instant::now());
         rtc.add_local_candidate(Candidate::host(local, "udp")?);
         let mut api = rtc.sdp_api();

@@ -42,6 +42,29 @@ pub const MAX_RTT_SAMPLES: usize = 100_000;
 
 /// Process-wide epoch for frame timestamps. All clients in a process share it, so a frame sent
 /// by one client and received by another still yields a valid latency.
+/// The str0m configuration of a client peer (tests, benchmarks): the process-wide DTLS
+/// certificate and crypto provider (cheap `build`, no panic on certificate generation),
+/// RTP mode, Opus only at `opus_pt` with str0m's `enable_opus` parameters, no stats events.
+pub fn client_rtc_config(opus_pt: Pt) -> anyhow::Result<str0m::RtcConfig> {
+    let mut builder = peer::rtc_builder()?
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .set_stats_interval(None);
+    builder.codec_config().add_config(
+        opus_pt,
+        None,
+        Codec::Opus,
+        Frequency::FORTY_EIGHT_KHZ,
+        Some(2),
+        FormatParams {
+            min_p_time: Some(10),
+            use_inband_fec: Some(true),
+            ..Default::default()
+        },
+    );
+    Ok(builder)
+}
+
 pub fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -177,20 +200,7 @@ impl TestClient {
         let socket = peer::bind_udp(config.bind_ip)?;
         let local = socket.local_addr().context("UDP local address")?;
 
-        let mut builder = peer::rtc_builder()?.set_rtp_mode(true).clear_codecs();
-        // Same parameters as str0m's `enable_opus`, at the payload type we were asked for.
-        builder.codec_config().add_config(
-            opus_pt,
-            None,
-            Codec::Opus,
-            Frequency::FORTY_EIGHT_KHZ,
-            Some(2),
-            FormatParams {
-                min_p_time: Some(10),
-                use_inband_fec: Some(true),
-                ..Default::default()
-            },
-        );
+        let builder = client_rtc_config(opus_pt)?;
         let mut rtc = builder.build(Instant::now());
         let candidate = Candidate::host(local, "udp").context("host candidate")?;
         rtc.add_local_candidate(candidate);
