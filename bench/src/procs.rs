@@ -61,14 +61,7 @@ impl RelayProc {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let media = format!("127.0.0.1:{}", free_udp_port()?);
-        let mut cmd = match cpu {
-            Some(c) => {
-                let mut cmd = Command::new("taskset");
-                cmd.args(["-c", &c.to_string()]).arg(bin);
-                cmd
-            }
-            None => Command::new(bin),
-        };
+        let mut cmd = pinned_command(bin, cpu);
         cmd.arg(format!("--grpc-addr={grpc}"))
             .arg(format!("--metrics-addr={metrics}"))
             .arg(format!("--media-addr={media}"))
@@ -161,14 +154,7 @@ impl EnvoyProc {
         cpu: Option<usize>,
         log: PathBuf,
     ) -> Result<EnvoyProc> {
-        let mut cmd = match cpu {
-            Some(c) => {
-                let mut cmd = Command::new("taskset");
-                cmd.args(["-c", &c.to_string()]).arg(bin);
-                cmd
-            }
-            None => Command::new(bin),
-        };
+        let mut cmd = pinned_command(bin, cpu);
         cmd.arg("-c")
             .arg(config)
             .args([
@@ -195,6 +181,19 @@ impl EnvoyProc {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(EnvoyProc { _child: child, pid })
+    }
+}
+
+/// `bin`, pinned to one CPU with `taskset` when `cpu` is given, so the process under
+/// measurement and the load generator do not share a core.
+fn pinned_command(bin: &Path, cpu: Option<usize>) -> Command {
+    match cpu {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
     }
 }
 
