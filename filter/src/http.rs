@@ -416,28 +416,20 @@ impl HttpContext for Http {
         let Some(rt) = self.rt.clone() else {
             return Action::Continue;
         };
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::PassThrough => {
-                self.state = State::PassThrough;
-                Action::Continue
-            }
-            State::Body { kind, query } => {
-                if body_size > rt.config.max_body_bytes {
-                    return self.fail(&FilterError::BodyTooLarge {
-                        limit: rt.config.max_body_bytes,
-                    });
-                }
-                if !end_of_stream {
-                    self.state = State::Body { kind, query };
-                    return Action::Pause;
-                }
-                self.create(&rt, &kind, query.as_deref(), body_size)
-            }
-            other => {
-                self.state = other;
-                Action::Pause
-            }
+        let (kind, query) = match self.take_body() {
+            Ok(body) => body,
+            Err(action) => return action,
+        };
+        if body_size > rt.config.max_body_bytes {
+            return self.fail(&FilterError::BodyTooLarge {
+                limit: rt.config.max_body_bytes,
+            });
         }
+        if !end_of_stream {
+            self.state = State::Body { kind, query };
+            return Action::Pause;
+        }
+        self.create(&rt, &kind, query.as_deref(), body_size)
     }
 
     fn on_log(&mut self) {
@@ -458,22 +450,34 @@ impl HttpContext for Http {
         let Some(rt) = self.rt.clone() else {
             return Action::Continue;
         };
+        let (kind, query) = match self.take_body() {
+            Ok(body) => body,
+            Err(action) => return action,
+        };
+        // The body ended with trailers: it is complete now.
+        let size = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .map_or(0, |b| b.len());
+        self.create(&rt, &kind, query.as_deref(), size)
+    }
+}
+
+impl Http {
+    /// Takes the buffered-body state out of a create request. Any other state answers
+    /// the body or trailer callback itself: pass-through continues untouched, and a
+    /// request whose reply is already on its way stays paused.
+    fn take_body(&mut self) -> Result<(BodyKind, Option<String>), Action> {
         match std::mem::replace(&mut self.state, State::Done) {
-            State::PassThrough => {
-                self.state = State::PassThrough;
-                Action::Continue
-            }
-            State::Body { kind, query } => {
-                // The body ended with trailers: it is complete now.
-                let size = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |b| b.len());
-                self.create(&rt, &kind, query.as_deref(), size)
-            }
+            State::Body { kind, query } => Ok((kind, query)),
             other => {
+                let action = if matches!(other, State::PassThrough) {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                };
                 self.state = other;
-                Action::Pause
+                Err(action)
             }
         }
     }
