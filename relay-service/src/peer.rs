@@ -37,6 +37,33 @@ fn shared_crypto() -> Option<&'static (Arc<CryptoProvider>, DtlsCert)> {
         .as_ref()
 }
 
+/// A parser or negotiation error as one short line a client may see. str0m's parse
+/// errors carry the parser's debug state, including memory addresses
+/// (`PointerOffset(0x7f…)`): those lines are dropped, the readable ones kept.
+pub fn describe(e: &impl std::fmt::Display) -> String {
+    const MAX: usize = 200;
+    let text = e.to_string();
+    let kept: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains("0x") && !l.contains("PointerOffset"))
+        .collect();
+    let mut line = if kept.is_empty() {
+        "malformed SDP".to_string()
+    } else {
+        kept.join("; ")
+    };
+    line.retain(|c| !c.is_control());
+    if line.len() > MAX {
+        let mut end = MAX;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+    }
+    line
+}
+
 fn base_config() -> RtcConfig {
     let mut config = RtcConfig::new();
     if let Some((provider, cert)) = shared_crypto() {
@@ -101,8 +128,9 @@ pub fn accept_client_offer(
     creds: IceCreds,
     now: Instant,
 ) -> Result<ClientLeg, SetupError> {
-    let offer = SdpOffer::from_sdp_string(sdp)
-        .map_err(|e| SetupError::InvalidSdp(format!("the offer does not parse: {e}")))?;
+    let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
+        SetupError::InvalidSdp(format!("the offer does not parse: {}", describe(&e)))
+    })?;
     let audio_mid = first_audio_mid(sdp);
     let mut rtc = base_config()
         .set_ice_lite(true)
@@ -111,10 +139,9 @@ pub fn accept_client_offer(
     let candidate = Candidate::host(advertised, "udp")
         .map_err(|e| SetupError::Internal(format!("bad advertised media address: {e}")))?;
     rtc.add_local_candidate(candidate);
-    let answer = rtc
-        .sdp_api()
-        .accept_offer(offer)
-        .map_err(|e| SetupError::InvalidSdp(format!("the offer cannot be accepted: {e}")))?;
+    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
+        SetupError::InvalidSdp(format!("the offer cannot be accepted: {}", describe(&e)))
+    })?;
     if !answer.to_sdp_string().contains("a=fingerprint") {
         return Err(SetupError::InvalidSdp(
             "the offer negotiated no DTLS".into(),
@@ -188,10 +215,16 @@ pub fn accept_upstream_answer(
     answer_sdp: &str,
 ) -> Result<(), SetupError> {
     let answer = SdpAnswer::from_sdp_string(answer_sdp).map_err(|e| {
-        SetupError::UpstreamInvalidAnswer(format!("the upstream answer does not parse: {e}"))
+        SetupError::UpstreamInvalidAnswer(format!(
+            "the upstream answer does not parse: {}",
+            describe(&e)
+        ))
     })?;
     rtc.sdp_api().accept_answer(pending, answer).map_err(|e| {
-        SetupError::UpstreamInvalidAnswer(format!("the upstream answer cannot be accepted: {e}"))
+        SetupError::UpstreamInvalidAnswer(format!(
+            "the upstream answer cannot be accepted: {}",
+            describe(&e)
+        ))
     })
 }
 
@@ -227,6 +260,37 @@ mod tests {
             precheck_offer(ok, 10).unwrap_err().code(),
             "invalid_sdp",
             "size limit"
+        );
+    }
+
+    #[test]
+    fn sdp_errors_reach_clients_as_one_line_without_addresses() {
+        let raw = "SDP parse: Parse error at PointerOffset(0x7f9dcc002b1f)\nMedia is missing a=mid: audio UDP/TLS/RTP/SAVPF\n";
+        assert_eq!(
+            describe(&raw),
+            "Media is missing a=mid: audio UDP/TLS/RTP/SAVPF"
+        );
+        assert_eq!(describe(&"\n0x1\n"), "malformed SDP");
+        assert!(describe(&"x".repeat(500)).len() <= 200);
+        // A real str0m parse error of a truncated offer.
+        let offer =
+            "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n";
+        let err = accept_client_offer(
+            offer,
+            "127.0.0.1:4000".parse().unwrap(),
+            IceCreds {
+                ufrag: "abcd".into(),
+                pass: "p".repeat(24),
+            },
+            Instant::now(),
+        )
+        .err()
+        .unwrap();
+        let message = err.to_string();
+        assert!(message.starts_with("invalid_sdp: "), "{message}");
+        assert!(
+            !message.contains("0x") && !message.contains('\n'),
+            "{message}"
         );
     }
 
