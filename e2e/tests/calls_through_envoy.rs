@@ -122,7 +122,11 @@ fn malformed_inputs_are_refused_by_the_filter_without_a_grpc_call() {
     let e = &g.envoy;
     let (_c, offer) = new_client();
     let mp = "multipart/form-data; boundary=XyZ";
-    let truncated = &offer[..offer.len() / 3];
+    // Cut before the first m-line: the filter's own check must refuse it. (An offer cut
+    // further on may pass the filter's cheap check and is refused by the relay instead;
+    // see an_offer_only_the_relay_refuses_keeps_its_code_through_envoy.)
+    let first_media = offer.find("\r\nm=").expect("the offer has media");
+    let truncated = &offer[..first_media / 2];
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
         (
             CALLS,
@@ -373,4 +377,47 @@ fn a_pool_shares_calls_by_policy_and_an_ejected_worker_gets_none() {
     g.relay
         .wait_metric("realtime_relay_calls_active", 0.0, T)
         .unwrap();
+}
+
+#[test]
+fn an_offer_only_the_relay_refuses_keeps_its_code_through_envoy() {
+    let rt = runtime();
+    let p = provider(&rt, KEY);
+    let g = gateway(
+        "relay-refuses",
+        &[p.base_url()],
+        single_worker(&p.base_url(), "inject_if_missing"),
+    );
+    let (_c, offer) = new_client();
+    // Structurally fine for the filter, but no DTLS fingerprint: str0m refuses it.
+    let no_fingerprint: String = offer
+        .split_inclusive("\r\n")
+        .filter(|l| !l.starts_with("a=fingerprint"))
+        .collect();
+    let r = post(
+        &g.envoy,
+        "/v1/realtime/calls?model=gpt-realtime",
+        &[("content-type", "application/sdp")],
+        no_fingerprint.as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json().unwrap();
+    // The relay's stable code survives gRPC's percent-encoding of the status message,
+    // and the message is one readable line with no parser internals.
+    assert_eq!(v["error"]["code"], "invalid_sdp", "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("{via_upstream}"), "{message}");
+    assert!(
+        !message.contains('%') && !message.contains("0x"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+    // The relay saw it (and refused it before any upstream request).
+    let m = g.relay.metrics().unwrap();
+    assert_eq!(
+        e2e::metric_sum(&m, "realtime_relay_calls_created_total"),
+        0.0,
+        "{m}"
+    );
+    assert!(p.requests().is_empty(), "the provider heard nothing");
 }

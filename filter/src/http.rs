@@ -230,7 +230,10 @@ impl Context for Http {
         let Some(rt) = self.rt.clone() else { return };
         let cfg = &rt.config;
         // Status and size first; only read the body of a successful call.
-        let message = hostcalls::get_grpc_status().ok().and_then(|(_, m)| m);
+        let message = hostcalls::get_grpc_status()
+            .ok()
+            .and_then(|(_, m)| m)
+            .map(|m| relay::decode_grpc_message(&m));
         let body = if status_code == relay::grpc::OK && response_size > 0 {
             host::buffer(BufferType::GrpcReceiveBuffer, response_size)
         } else {

@@ -101,6 +101,55 @@ pub fn metadata<'a>(call_id: &'a str, request_id: &'a str) -> Vec<(&'static str,
     ]
 }
 
+/// The text of a gRPC status message as the host hands it over: `grpc-message` is
+/// percent-encoded on the wire (gRPC over HTTP/2: bytes outside 0x20..=0x7E and `%`), and
+/// Envoy passes it on undecoded. Undecoded, "invalid_sdp: …" arrives as
+/// "invalid_sdp:%20…" and its stable code is lost. Per the spec a decoder never fails:
+/// a malformed escape is kept as it is. Envoy's async gRPC client also appends its
+/// response-code details in braces (`…{via_upstream}`); that suffix is dropped.
+pub fn decode_grpc_message(raw: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    strip_envoy_details(&text).to_string()
+}
+
+/// `"text{via_upstream}"` → `"text"`: only a trailing `{lower_snake_case}` group.
+fn strip_envoy_details(text: &str) -> &str {
+    let Some(body) = text.strip_suffix('}') else {
+        return text;
+    };
+    match body.rfind('{') {
+        Some(open)
+            if open + 1 < body.len()
+                && body[open + 1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_') =>
+        {
+            &text[..open]
+        }
+        _ => text,
+    }
+}
+
 fn is_upstream_code(code: Option<&str>) -> bool {
     code.is_some_and(|c| c.starts_with("upstream_"))
 }
@@ -332,6 +381,33 @@ pub fn decode_live_counts(body: &[u8]) -> Option<HashMap<String, u32>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn grpc_messages_are_percent_decoded_so_their_code_survives() {
+        assert_eq!(
+            decode_grpc_message("invalid_sdp:%20the%20offer%0Ahas%20no%20media"),
+            "invalid_sdp: the offer\nhas no media"
+        );
+        assert_eq!(decode_grpc_message("100%"), "100%");
+        assert_eq!(
+            decode_grpc_message("invalid_sdp:%20missing%20a=fingerprint{via_upstream}"),
+            "invalid_sdp: missing a=fingerprint"
+        );
+        assert_eq!(
+            decode_grpc_message("keeps {A JSON-ish} tail}"),
+            "keeps {A JSON-ish} tail}"
+        );
+        assert_eq!(decode_grpc_message("{}"), "{}");
+        assert_eq!(decode_grpc_message("%zz%4"), "%zz%4");
+        assert_eq!(decode_grpc_message("caf%C3%A9"), "caf\u{e9}");
+        assert_eq!(decode_grpc_message("%FF"), "\u{fffd}");
+        let decoded = decode_grpc_message("upstream_unreachable:%20cannot%20connect");
+        assert_eq!(
+            split_status_message(&decoded),
+            (Some("upstream_unreachable"), "cannot connect")
+        );
+    }
+
     use super::*;
     use crate::config::tests::sample;
     use realtime_relay_proto::v1::UpstreamRejection;
