@@ -1,12 +1,21 @@
 //! The `realtime.relay.v1` gRPC contract.
 //!
 //! Message types are plain prost structs (usable from the wasm filter without tonic);
-//! the `grpc` feature adds tonic client and server stubs.
+//! the `grpc` feature adds tonic client and server stubs. The facts of the contract that
+//! are not messages live here too, once, for both sides: the call-id grammar
+//! ([`call_id`]), the metadata keys ([`metadata`]) and the stable error codes with their
+//! fault classes ([`error_code`]).
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/realtime.relay.v1.rs"));
 }
+
+pub mod call_id;
+pub mod error_code;
+pub mod metadata;
+
+pub use error_code::{ErrorClass, ErrorCode};
 
 /// Fully-qualified gRPC service name, as used in `:path` and by `dispatch_grpc_call`.
 pub const SERVICE_NAME: &str = "realtime.relay.v1.RelayService";

@@ -5,6 +5,7 @@
 //! status message is "<code>: <human text>" (see `proto/relay.proto`), and never
 //! contains a key or raw SDP.
 
+use realtime_relay_proto::{ErrorClass, ErrorCode};
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,32 +48,33 @@ pub enum SetupError {
 impl SetupError {
     /// The stable code: the part of the message before ": ".
     pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
+    }
+
+    /// The contract's code for this error (`realtime_relay_proto::ErrorCode`).
+    pub fn error_code(&self) -> ErrorCode {
         match self {
-            SetupError::MissingSdp => "missing_sdp",
-            SetupError::InvalidSdp(_) => "invalid_sdp",
-            SetupError::MissingModel => "missing_model",
-            SetupError::InvalidSessionJson(_) => "invalid_session_json",
-            SetupError::InvalidCallId => "invalid_call_id",
-            SetupError::CallExists => "call_exists",
-            SetupError::MissingUpstream => "missing_upstream",
-            SetupError::UpstreamNotAllowed(_) => "upstream_not_allowed",
-            SetupError::TooManyCalls(_) => "too_many_calls",
-            SetupError::Draining => "draining",
-            SetupError::Internal(_) => "internal_error",
-            SetupError::UpstreamUnreachable(_) => "upstream_unreachable",
-            SetupError::UpstreamTimeout => "upstream_timeout",
-            SetupError::UpstreamInvalidAnswer(_) => "upstream_invalid_answer",
+            SetupError::MissingSdp => ErrorCode::MissingSdp,
+            SetupError::InvalidSdp(_) => ErrorCode::InvalidSdp,
+            SetupError::MissingModel => ErrorCode::MissingModel,
+            SetupError::InvalidSessionJson(_) => ErrorCode::InvalidSessionJson,
+            SetupError::InvalidCallId => ErrorCode::InvalidCallId,
+            SetupError::CallExists => ErrorCode::CallExists,
+            SetupError::MissingUpstream => ErrorCode::MissingUpstream,
+            SetupError::UpstreamNotAllowed(_) => ErrorCode::UpstreamNotAllowed,
+            SetupError::TooManyCalls(_) => ErrorCode::TooManyCalls,
+            SetupError::Draining => ErrorCode::Draining,
+            SetupError::Internal(_) => ErrorCode::InternalError,
+            SetupError::UpstreamUnreachable(_) => ErrorCode::UpstreamUnreachable,
+            SetupError::UpstreamTimeout => ErrorCode::UpstreamTimeout,
+            SetupError::UpstreamInvalidAnswer(_) => ErrorCode::UpstreamInvalidAnswer,
         }
     }
 
-    /// Whether the failure is the upstream worker's (and so counts against it).
+    /// Whether the failure is the upstream worker's (and so counts against it): the
+    /// contract's class, the same one the filter reads from the status message.
     pub fn is_upstream_fault(&self) -> bool {
-        matches!(
-            self,
-            SetupError::UpstreamUnreachable(_)
-                | SetupError::UpstreamTimeout
-                | SetupError::UpstreamInvalidAnswer(_)
-        )
+        self.error_code().class() == ErrorClass::Upstream
     }
 
     pub fn grpc_code(&self) -> Code {

@@ -2,6 +2,7 @@
 
 use crate::relay::{LookupError, Relay};
 use realtime_relay_proto::v1;
+use realtime_relay_proto::{metadata as md, ErrorCode, ERROR_CODE_SEPARATOR};
 use realtime_relay_proto::v1::relay_service_server::RelayService;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -20,7 +21,10 @@ fn metadata(req: &Request<impl Sized>, key: &str) -> String {
 
 fn not_found(call_id: &str) -> Status {
     let shown: String = call_id.chars().take(80).collect();
-    Status::not_found(format!("call_not_found: no call {shown:?}"))
+    Status::not_found(format!(
+        "{}{ERROR_CODE_SEPARATOR}no call {shown:?}",
+        ErrorCode::CallNotFound
+    ))
 }
 
 #[tonic::async_trait]
@@ -29,8 +33,8 @@ impl RelayService for RelayGrpc {
         &self,
         request: Request<v1::CreateCallRequest>,
     ) -> Result<Response<v1::CreateCallResponse>, Status> {
-        let call_id_md = metadata(&request, "x-call-id");
-        let request_id_md = metadata(&request, "x-request-id");
+        let call_id_md = metadata(&request, md::CALL_ID);
+        let request_id_md = metadata(&request, md::REQUEST_ID);
         let mut req = request.into_inner();
         if req.call_id.is_empty() {
             req.call_id = call_id_md;

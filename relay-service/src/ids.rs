@@ -1,29 +1,19 @@
-//! Call ids: `rtc_` + 32 hex characters (128 random bits). One widely used client
-//! takes the last path segment of `Location` and requires the `rtc_` prefix.
+//! Call ids (`rtc_` + 32 hex characters, 128 random bits; the grammar is the contract's)
+//! and ICE credentials.
 
 use rand::RngCore;
+use realtime_relay_proto::call_id;
 
 pub fn new_call_id() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
-    let mut id = String::with_capacity(4 + 32);
-    id.push_str("rtc_");
-    for b in bytes {
-        id.push_str(&format!("{b:02x}"));
-    }
-    id
+    call_id::new(&bytes, None)
 }
 
-/// Caller-chosen ids must be `rtc_` + 8..=64 of `[A-Za-z0-9_-]`: they appear in URLs,
-/// logs and metrics, so nothing else is accepted.
+/// Caller-chosen ids must fit the contract's grammar (`realtime_relay_proto::call_id`):
+/// they appear in URLs, logs and metrics, so nothing else is accepted.
 pub fn is_valid_call_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("rtc_") else {
-        return false;
-    };
-    (8..=64).contains(&rest.len())
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    call_id::is_valid(id)
 }
 
 /// Random ICE credentials (RFC 8839: ufrag ≥ 4 chars, pwd ≥ 22 chars of ice-char).

@@ -1,0 +1,102 @@
+//! The call-id grammar, one for the filter and the relay.
+//!
+//! A call id is `rtc_` followed by 8 to 64 of `[A-Za-z0-9_-]`. Ids appear in URLs
+//! (`Location: /v1/realtime/calls/{id}`), logs and metrics, so nothing else is accepted;
+//! one widely used client takes the last path segment of `Location` and requires the
+//! `rtc_` prefix. Ids the gateway makes are `rtc_<32 hex>` (128 random bits), or
+//! `rtc_<replica>_<32 hex>` when the filter addresses relay replicas (a replica id is at
+//! most [`MAX_REPLICA_ID`] characters, so every such id fits the grammar).
+
+/// Prefix of every call id.
+pub const PREFIX: &str = "rtc_";
+/// Fewest characters after the prefix.
+pub const MIN_SUFFIX: usize = 8;
+/// Most characters after the prefix.
+pub const MAX_SUFFIX: usize = 64;
+/// Longest relay replica id (`[A-Za-z0-9-]`, no `_`: it is the id's first segment).
+pub const MAX_REPLICA_ID: usize = 16;
+
+fn is_id_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+/// Whether `id` is a call id of the grammar above.
+pub fn is_valid(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix(PREFIX) else {
+        return false;
+    };
+    (MIN_SUFFIX..=MAX_SUFFIX).contains(&rest.len()) && rest.bytes().all(is_id_char)
+}
+
+/// Whether `id` may name a relay replica inside call ids.
+pub fn is_valid_replica_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REPLICA_ID
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A new call id from 128 random bits: `rtc_<32 hex>`, or `rtc_<replica>_<32 hex>`.
+pub fn new(random: &[u8; 16], replica: Option<&str>) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(PREFIX.len() + MAX_REPLICA_ID + 1 + 32);
+    s.push_str(PREFIX);
+    if let Some(r) = replica {
+        s.push_str(r);
+        s.push('_');
+    }
+    for b in random {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// The replica segment of `rtc_<replica>_<random>`, if the id has one.
+pub fn replica_segment(id: &str) -> Option<&str> {
+    let (replica, _) = id.strip_prefix(PREFIX)?.split_once('_')?;
+    Some(replica)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_the_gateway_makes_fit_the_grammar() {
+        let plain = new(&[0xab; 16], None);
+        assert_eq!(plain.len(), 36);
+        assert!(plain.starts_with("rtc_abab"));
+        assert!(is_valid(&plain));
+        let longest = "r".repeat(MAX_REPLICA_ID);
+        assert!(is_valid_replica_id(&longest));
+        let named = new(&[0; 16], Some(&longest));
+        assert!(is_valid(&named), "{named}");
+        assert_eq!(replica_segment(&named), Some(longest.as_str()));
+        assert_eq!(replica_segment(&plain), None);
+    }
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        for bad in [
+            "",
+            "rtc_",
+            "rtc_short",
+            "call_12345678",
+            "RTC_12345678",
+            "rtc_../../etc",
+            "rtc_abc def ghi",
+            "rtc_aaaaaaaa/hangup",
+            "rtc_a%2faaaaaaa",
+            "rtc_\u{0}aaaaaaaaa",
+            "rtc_\u{e9}aaaaaaaa",
+        ] {
+            assert!(!is_valid(bad), "{bad:?}");
+        }
+        assert!(is_valid("rtc_abcdefgh"));
+        assert!(is_valid(&format!("rtc_{}", "a".repeat(MAX_SUFFIX))));
+        assert!(!is_valid(&format!("rtc_{}", "a".repeat(MAX_SUFFIX + 1))));
+        for bad in ["", "a_b", "a.b", &"r".repeat(MAX_REPLICA_ID + 1)] {
+            assert!(!is_valid_replica_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The stable error codes the relay puts in front of its gRPC status messages
+//! (`"<code>: <human text>"`), and who is at fault for each.
+//!
+//! The class decides what the filter does with a failure: only an upstream fault counts
+//! against the worker (and can eject it); a client fault is a 4xx; a relay fault may send
+//! the call to another relay replica.
+
+/// Who caused a failed call setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The client's request is wrong (`INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`).
+    Client,
+    /// The model provider failed (unreachable, timed out, answered nonsense).
+    Upstream,
+    /// The relay itself cannot take the call (full, draining, internal error).
+    Relay,
+}
+
+macro_rules! error_codes {
+    ($($variant:ident = $text:literal, $class:ident;)*) => {
+        /// Every stable code the relay sends.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, for tables and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code as it appears on the wire.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $text,)*
+                }
+            }
+
+            pub const fn class(self) -> ErrorClass {
+                match self {
+                    $(ErrorCode::$variant => ErrorClass::$class,)*
+                }
+            }
+
+            /// The code named by `text`; `None` for a code this contract does not define.
+            pub fn parse(text: &str) -> Option<ErrorCode> {
+                match text {
+                    $($text => Some(ErrorCode::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    MissingSdp = "missing_sdp", Client;
+    InvalidSdp = "invalid_sdp", Client;
+    MissingModel = "missing_model", Client;
+    InvalidSessionJson = "invalid_session_json", Client;
+    InvalidCallId = "invalid_call_id", Client;
+    CallExists = "call_exists", Client;
+    CallNotFound = "call_not_found", Client;
+    MissingUpstream = "missing_upstream", Client;
+    // The filter named an upstream the relay's allowlist refuses: a configuration fault at
+    // the edge, never the worker's (it was never contacted).
+    UpstreamNotAllowed = "upstream_not_allowed", Client;
+    TooManyCalls = "too_many_calls", Relay;
+    Draining = "draining", Relay;
+    InternalError = "internal_error", Relay;
+    UpstreamUnreachable = "upstream_unreachable", Upstream;
+    UpstreamTimeout = "upstream_timeout", Upstream;
+    UpstreamInvalidAnswer = "upstream_invalid_answer", Upstream;
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The class of the code at the front of a relay status message; `None` when the message
+/// carries no code this contract defines (Envoy's own texts, an older or newer relay).
+pub fn class_of_message(message: &str) -> Option<ErrorClass> {
+    let (code, _) = crate::split_status_message(message);
+    code.and_then(ErrorCode::parse).map(ErrorCode::class)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_round_trips_and_is_snake_case() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(c.as_str()), Some(*c));
+            assert!(c
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+        assert_eq!(ErrorCode::parse("bogus"), None);
+    }
+
+    #[test]
+    fn a_refused_upstream_is_not_the_workers_fault() {
+        assert_eq!(ErrorCode::UpstreamNotAllowed.class(), ErrorClass::Client);
+        assert_eq!(ErrorCode::UpstreamTimeout.class(), ErrorClass::Upstream);
+        assert_eq!(
+            class_of_message("upstream_unreachable: connect refused"),
+            Some(ErrorClass::Upstream)
+        );
+        assert_eq!(class_of_message("draining: bye"), Some(ErrorClass::Relay));
+        assert_eq!(class_of_message("upstream_other: x"), None);
+        assert_eq!(class_of_message("no code here"), None);
+    }
+}
