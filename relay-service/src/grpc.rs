@@ -2,8 +2,8 @@
 
 use crate::relay::{LookupError, Relay};
 use realtime_relay_proto::v1;
-use realtime_relay_proto::{metadata as md, ErrorCode, ERROR_CODE_SEPARATOR};
 use realtime_relay_proto::v1::relay_service_server::RelayService;
+use realtime_relay_proto::{metadata as md, ErrorCode, ERROR_CODE_SEPARATOR};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 

@@ -52,14 +52,10 @@ pub fn classify(method: &str, path: &str, calls_path: &str) -> Route {
     Route::PassThrough
 }
 
-/// A call id the relay could have issued: `rtc_` then 1-124 of `[A-Za-z0-9_-]`.
+/// A call id the relay could have issued: the contract's grammar
+/// (`realtime_relay_proto::call_id`).
 pub fn is_valid_call_id(id: &str) -> bool {
-    id.len() > 4
-        && id.len() <= 128
-        && id.starts_with("rtc_")
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    realtime_relay_proto::call_id::is_valid(id)
 }
 
 /// Refuses a hangup for a call id the relay cannot know, without asking it.
@@ -69,16 +65,6 @@ pub fn check_call_id(id: &str) -> Result<(), FilterError> {
     } else {
         Err(FilterError::CallNotFound)
     }
-}
-
-/// A new call id: `rtc_` and 32 lowercase hex digits (128 bits from the caller's CSPRNG).
-pub fn new_call_id(random: &[u8; 16]) -> String {
-    let mut s = String::with_capacity(36);
-    s.push_str("rtc_");
-    for b in random {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
 }
 
 /// The request id to log and echo: the client's/Envoy's `x-request-id` when it is sane,
@@ -141,9 +127,7 @@ mod tests {
 
     #[test]
     fn call_ids() {
-        let id = new_call_id(&[0xab; 16]);
-        assert_eq!(id.len(), 36);
-        assert!(id.starts_with("rtc_abab"));
+        let id = realtime_relay_proto::call_id::new(&[0xab; 16], None);
         assert!(is_valid_call_id(&id));
         assert!(!is_valid_call_id("rtc_"));
         assert!(!is_valid_call_id("abc"));

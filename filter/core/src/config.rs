@@ -269,6 +269,28 @@ impl Config {
     }
 
     /// Names of the environment variables the config refers to (for diagnostics).
+    /// One line for the log when the configuration loads: relays, models, pools, workers and
+    /// how many have a key (never the keys).
+    pub fn summary(&self) -> String {
+        let workers = self.workers().count();
+        let keyed = self.workers().filter(|(_, w)| w.key.is_some()).count();
+        let relay = if self.replicas.is_empty() {
+            format!("relay cluster '{}'", self.relay_cluster)
+        } else {
+            let names: Vec<String> = self
+                .replicas
+                .iter()
+                .map(|r| format!("{}={}", r.id, r.cluster))
+                .collect();
+            format!("relay replicas [{}]", names.join(", "))
+        };
+        format!(
+            "{relay}, {} models, {} pools, {workers} workers ({keyed} with a key from the VM environment)",
+            self.models.len(),
+            self.pools.len()
+        )
+    }
+
     pub fn key_envs(&self) -> Vec<&str> {
         self.workers()
             .filter_map(|(_, w)| w.key_env.as_deref())
@@ -308,10 +330,6 @@ fn valid_base_url(s: &str) -> bool {
         && !s.chars().any(char::is_control)
 }
 
-fn valid_replica_id(s: &str) -> bool {
-    (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
 fn validate_replicas(cluster: &str, raw: Vec<RawReplica>) -> Result<Vec<Replica>, ConfigError> {
     if raw.is_empty() {
         if cluster.trim().is_empty() {
@@ -329,7 +347,7 @@ fn validate_replicas(cluster: &str, raw: Vec<RawReplica>) -> Result<Vec<Replica>
     let mut clusters = HashSet::new();
     let mut out = Vec::new();
     for (i, r) in raw.into_iter().enumerate() {
-        if !valid_replica_id(&r.id) {
+        if !realtime_relay_proto::call_id::is_valid_replica_id(&r.id) {
             return err(format!(
                 "relay_replicas[{i}].id '{}' must be 1-16 of [A-Za-z0-9-] (it is part of call ids)",
                 r.id

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::reply::HttpReply;
+
 /// Every error the filter answers with itself. The `code()` strings are part of the API:
 /// clients and dashboards match on them, so never rename one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,7 +177,7 @@ impl FilterError {
     }
 
     /// The complete reply: status, headers and body.
-    pub fn to_reply(&self, request_id: &str) -> crate::HttpReply {
+    pub fn to_reply(&self, request_id: &str) -> HttpReply {
         let mut headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("x-request-id".to_string(), request_id.to_string()),
@@ -187,7 +189,7 @@ impl FilterError {
         if let Some(s) = self.retry_after_s() {
             headers.push(("retry-after".to_string(), s.to_string()));
         }
-        crate::HttpReply {
+        HttpReply {
             status: self.status(),
             headers,
             body: self.to_json(),

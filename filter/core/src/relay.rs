@@ -12,7 +12,8 @@ use realtime_relay_proto::v1::{
 
 use crate::config::Config;
 use crate::error::FilterError;
-use crate::HttpReply;
+use crate::reply::HttpReply;
+use realtime_relay_proto::ErrorClass;
 
 pub use realtime_relay_proto::SERVICE_NAME;
 pub const METHOD_CREATE: &str = "CreateCall";
@@ -93,14 +94,6 @@ pub fn encode_list() -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// gRPC metadata for a call: `x-call-id` and `x-request-id`.
-pub fn metadata<'a>(call_id: &'a str, request_id: &'a str) -> Vec<(&'static str, &'a [u8])> {
-    vec![
-        ("x-call-id", call_id.as_bytes()),
-        ("x-request-id", request_id.as_bytes()),
-    ]
-}
-
 /// The text of a gRPC status message as the host hands it over: `grpc-message` is
 /// percent-encoded on the wire (gRPC over HTTP/2: bytes outside 0x20..=0x7E and `%`), and
 /// Envoy passes it on undecoded. Undecoded, "invalid_sdp: …" arrives as
@@ -150,10 +143,6 @@ fn strip_envoy_details(text: &str) -> &str {
     }
 }
 
-fn is_upstream_code(code: Option<&str>) -> bool {
-    code.is_some_and(|c| c.starts_with("upstream_"))
-}
-
 fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -170,7 +159,10 @@ pub fn map_grpc_error(
 ) -> (FilterError, Verdict) {
     let (code, text) = split_status_message(message.unwrap_or(""));
     let owned = code.map(str::to_string);
-    let upstream = is_upstream_code(code);
+    // The contract's class, not the code's spelling: `upstream_not_allowed` is a client fault.
+    let upstream = code
+        .and_then(realtime_relay_proto::ErrorCode::parse)
+        .is_some_and(|c| c.class() == ErrorClass::Upstream);
     let verdict = if upstream {
         Verdict::UpstreamFailure
     } else {
@@ -215,14 +207,6 @@ pub struct CreateResult {
     pub error_code: Option<String>,
     /// Set when the upstream rejected the call (its status).
     pub upstream_status: Option<u16>,
-}
-
-fn with_request_id(mut r: HttpReply, request_id: &str) -> HttpReply {
-    if !r.headers.iter().any(|(k, _)| k == "x-request-id") {
-        r.headers
-            .push(("x-request-id".to_string(), request_id.to_string()));
-    }
-    r
 }
 
 fn failed(e: FilterError, verdict: Verdict, request_id: &str) -> CreateResult {
@@ -306,14 +290,12 @@ pub fn map_create_response(
                 headers.push(("content-type".to_string(), r.content_type));
             }
             CreateResult {
-                reply: with_request_id(
-                    HttpReply {
-                        status,
-                        headers,
-                        body: r.body,
-                    },
-                    request_id,
-                ),
+                reply: HttpReply {
+                    status,
+                    headers,
+                    body: r.body,
+                }
+                .with_request_id(request_id),
                 verdict: if status >= 500 {
                     Verdict::UpstreamFailure
                 } else {
@@ -414,7 +396,7 @@ mod tests {
 
     fn answer(outcome: Outcome) -> Vec<u8> {
         CreateCallResponse {
-            call_id: "rtc_abc".into(),
+            call_id: "rtc_abcdefgh".into(),
             outcome: Some(outcome),
         }
         .encode_to_vec()
@@ -435,7 +417,7 @@ mod tests {
         assert_eq!(r.reply.status, 201);
         assert_eq!(
             header(&r.reply, "location"),
-            Some("/v1/realtime/calls/rtc_abc")
+            Some("/v1/realtime/calls/rtc_abcdefgh")
         );
         assert_eq!(header(&r.reply, "content-type"), Some("application/sdp"));
         assert_eq!(r.verdict, Verdict::Success);

@@ -10,6 +10,8 @@
 //! and outlier detection stay Envoy's), the filter picks the replica for a new call, and the
 //! call id names it: `rtc_<replica>_<32 hex>`. A hangup reads the replica from the id.
 
+use realtime_relay_proto::ErrorClass;
+
 use crate::config::Config;
 use crate::error::FilterError;
 use crate::relay::grpc;
@@ -26,23 +28,9 @@ pub fn down_key(replica: &str) -> String {
     format!("realtime.v1.replica_down_until_ms.{replica}")
 }
 
-/// A new call id: `rtc_<32 hex>`, or `rtc_<replica>_<32 hex>` naming the relay replica.
-pub fn call_id(random: &[u8; 16], replica: Option<&str>) -> String {
-    let mut s = String::with_capacity(4 + 17 + 32);
-    s.push_str("rtc_");
-    if let Some(r) = replica {
-        s.push_str(r);
-        s.push('_');
-    }
-    for b in random {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
-}
-
 /// The replica (index into `config.replicas`) a call id names, if any.
 pub fn replica_of(config: &Config, call_id: &str) -> Option<usize> {
-    let (id, _) = call_id.strip_prefix("rtc_")?.split_once('_')?;
+    let id = realtime_relay_proto::call_id::replica_segment(call_id)?;
     config.replicas.iter().position(|r| r.id == id)
 }
 
@@ -114,9 +102,9 @@ pub enum Failover {
 }
 
 pub fn failover(status: u32, message: Option<&str>) -> Failover {
-    let (code, _) = realtime_relay_proto::split_status_message(message.unwrap_or(""));
+    let class = realtime_relay_proto::error_code::class_of_message(message.unwrap_or(""));
     match status {
-        grpc::UNAVAILABLE if !code.is_some_and(|c| c.starts_with("upstream_")) => Failover::Down,
+        grpc::UNAVAILABLE if class != Some(ErrorClass::Upstream) => Failover::Down,
         grpc::RESOURCE_EXHAUSTED => Failover::Full,
         _ => Failover::No,
     }
@@ -126,6 +114,7 @@ pub fn failover(status: u32, message: Option<&str>) -> Failover {
 mod tests {
     use super::*;
     use crate::routing::MemoryStore;
+    use realtime_relay_proto::call_id::new as call_id;
 
     fn config() -> Config {
         let mut v: serde_json::Value = serde_json::from_str(crate::config::tests::SAMPLE).unwrap();

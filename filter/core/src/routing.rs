@@ -284,6 +284,17 @@ pub fn record_upstream_failure(
     false
 }
 
+/// Creates every worker's outstanding counter (at 0) if it does not exist yet, so later
+/// compare-and-swap updates from many worker threads never race on its creation.
+pub fn create_counters(store: &dyn SharedStore, config: &Config) {
+    for (_, w) in config.workers() {
+        let key = outstanding_key(&w.id);
+        if store.get(&key).0.is_none() {
+            store_value(store, &key, 0);
+        }
+    }
+}
+
 /// Overwrites outstanding counts with the relay's live-call counts (workers it does not list
 /// have none).
 pub fn apply_live_counts(store: &dyn SharedStore, config: &Config, live: &HashMap<String, u32>) {

@@ -1,11 +1,17 @@
 //! One row per malformed or hostile request: the status and code it must get, and that it
-//! never gets as far as a relay call (a `Plan`).
+//! never gets as far as a relay call, run through the request lifecycle on a fake host.
 
 use crate::config::tests::{env, sample, SAMPLE};
 use crate::multipart::build;
 use crate::routing::MemoryStore;
 use crate::sdp::tests::OFFER;
 use crate::*;
+use std::rc::Rc;
+
+use prost::Message;
+use realtime_relay_proto::v1::CreateCallRequest;
+
+use crate::fake_host::FakeHost;
 
 struct Req {
     method: &'static str,
@@ -56,48 +62,69 @@ fn offer_with(from: &str, to: &str) -> Req {
     sdp(OFFER.replace(from, to))
 }
 
-/// Runs a request through everything the filter does before the relay.
-fn run(r: &Req) -> Result<Plan, FilterError> {
-    let mut cfg = sample();
-    if r.no_default_model {
-        cfg = Config::from_json(
+/// A refusal as the client sees it: status, the error code, and the whole JSON body.
+struct Refusal {
+    status: u16,
+    code: String,
+    json: serde_json::Value,
+}
+
+/// Runs a request through the filter's lifecycle on a fake host: the `CreateCall` it
+/// dispatches, or the reply it sends. A refusal must never dispatch anything nor leave a
+/// worker counted.
+fn run(r: &Req) -> Result<CreateCallRequest, Refusal> {
+    let cfg = if r.no_default_model {
+        Config::from_json(
             SAMPLE
                 .replace("\"default_model\": \"gpt-realtime\",", "")
                 .as_bytes(),
             &env,
         )
-        .unwrap();
-    }
-    let store = MemoryStore::default();
-    match classify(r.method, &r.path, &cfg.calls_path) {
-        Route::Create => {}
-        Route::Hangup { call_id } => {
-            classify::check_call_id(&call_id)?;
-            return Err(FilterError::Internal); // would go to the relay: not expected in this table
-        }
-        Route::Reject(e) => return Err(e),
-        Route::PassThrough => return Err(FilterError::Internal),
-    }
-    let kind = check_create_headers(&cfg, r.content_type.as_deref(), r.content_length.as_deref())?;
-    let (_, query) = classify::split_path(&r.path);
-    let offer = validate_create_body(&cfg, &kind, query, &r.body)?;
-    let plan = plan_create(
-        &cfg,
-        &offer,
-        r.authorization,
-        r.route,
-        &store,
-        0,
-        &[7; 16],
-        "req-1",
-    );
-    if plan.is_err() {
-        // nothing stays counted when planning fails
-        for (_, w) in cfg.workers() {
-            assert_eq!(routing::load(&store, &routing::outstanding_key(&w.id)), 0);
+        .unwrap()
+    } else {
+        sample()
+    };
+    let mut headers = vec![(":method", r.method), (":path", r.path.as_str())];
+    for (name, value) in [
+        ("content-type", r.content_type.as_deref()),
+        ("content-length", r.content_length.as_deref()),
+        ("authorization", r.authorization),
+        ("x-realtime-route", r.route),
+    ] {
+        if let Some(v) = value {
+            headers.push((name, v));
         }
     }
-    plan
+    let mut host = FakeHost::request(&headers, &r.body);
+    let mut flow = Flow::new(Rc::new(cfg));
+    let cfg = sample();
+    if flow.on_headers(&mut host, r.body.is_empty()) == Action::Pause && host.replies.is_empty() {
+        flow.on_body(&mut host, r.body.len(), true);
+    }
+    if let Some(d) = host.dispatched.first() {
+        assert!(host.replies.is_empty());
+        if d.method != "CreateCall" {
+            // A hangup would go to the relay: no row of this table expects that.
+            return Err(Refusal {
+                status: 0,
+                code: format!("dispatched {}", d.method),
+                json: serde_json::Value::Null,
+            });
+        }
+        return Ok(CreateCallRequest::decode(d.message.as_slice()).unwrap());
+    }
+    // nothing stays counted when a request is refused
+    for (_, w) in cfg.workers() {
+        assert_eq!(host.stored(&routing::outstanding_key(&w.id)), 0);
+    }
+    let reply = host.last_reply();
+    let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    Err(Refusal {
+        status: reply.status,
+        code: json["error"]["code"].as_str().unwrap_or("").to_string(),
+        json,
+    })
 }
 
 fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
@@ -205,15 +232,13 @@ fn malformed_and_hostile_inputs_get_their_status_and_code_and_never_reach_the_re
         match run(req) {
             Ok(_) => failures.push(format!("{name}: accepted, want {status} {code}")),
             Err(e) => {
-                if e.status() != *status || e.code() != *code {
+                if e.status != *status || e.code != *code {
                     failures.push(format!(
-                        "{name}: got {} {} ({e}), want {status} {code}",
-                        e.status(),
-                        e.code()
+                        "{name}: got {} {} ({}), want {status} {code}",
+                        e.status, e.code, e.json
                     ));
                 }
-                let json: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
-                let obj = json["error"].as_object().unwrap();
+                let obj = e.json["error"].as_object().unwrap();
                 assert_eq!(obj.len(), 4, "{name}");
             }
         }
@@ -266,22 +291,30 @@ fn well_formed_requests_are_planned() {
         ),
     ];
     for (name, req) in ok {
-        let plan = run(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(plan.call_id.starts_with("rtc_"), "{name}");
+        let sent = run(&req).unwrap_or_else(|e| panic!("{name}: {} {}", e.status, e.json));
+        assert!(
+            realtime_relay_proto::call_id::is_valid(&sent.call_id),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn the_create_message_carries_model_key_and_session() {
-    use prost::Message;
-    use realtime_relay_proto::v1::CreateCallRequest;
     let cfg = sample();
     let store = MemoryStore::default();
     let req = session("{\"model\":\"gpt-4o-realtime-preview\"}");
     let kind = check_create_headers(&cfg, req.content_type.as_deref(), None).unwrap();
     let offer = validate_create_body(&cfg, &kind, None, &req.body).unwrap();
     // Route to worker b (upstream_model override) with the replace-free inject policy.
-    let plan = plan_create(&cfg, &offer, None, Some("b"), &store, 0, &[1; 16], "req-9").unwrap();
+    let req9 = CreateRequest {
+        offer: &offer,
+        authorization: None,
+        routing_value: Some("b"),
+        call_random: &[1; 16],
+        request_id: "req-9",
+    };
+    let plan = plan_create(&cfg, &req9, &store, 0).unwrap();
     let m = CreateCallRequest::decode(plan.message.as_slice()).unwrap();
     assert_eq!(m.call_id, plan.call_id);
     assert_eq!(m.model, "gpt-4o-realtime-preview");
@@ -293,17 +326,14 @@ fn the_create_message_carries_model_key_and_session() {
     assert_eq!(up.worker_id, "b");
     assert_eq!(up.base_url, "https://api2.example.com");
     // The replace policy drops the client's key.
-    let plan = plan_create(
-        &cfg,
-        &offer,
-        Some("Bearer sk-client"),
-        Some("canary"),
-        &store,
-        0,
-        &[2; 16],
-        "r",
-    )
-    .unwrap();
+    let client = CreateRequest {
+        authorization: Some("Bearer sk-client"),
+        routing_value: Some("canary"),
+        call_random: &[2; 16],
+        request_id: "r",
+        ..req9
+    };
+    let plan = plan_create(&cfg, &client, &store, 0).unwrap();
     let m = CreateCallRequest::decode(plan.message.as_slice()).unwrap();
     assert_eq!(m.upstream.unwrap().authorization, "Bearer sk-aaa");
 }

@@ -1,0 +1,169 @@
+//! Call creation before the relay: the headers checked, the buffered body validated into an
+//! [`Offer`], and the [`Plan`] (worker, key, call id, gRPC message) made from it.
+
+use crate::config::Config;
+use crate::content_type::{self, BodyKind};
+use crate::error::FilterError;
+use crate::keys::{self, KeySource};
+use crate::model::{self, ResolvedModel};
+use crate::routing::{self, Choice, SharedStore};
+use crate::{multipart, relay, replica, sdp};
+
+/// Checks a call-creation request before its body arrives: body form and declared size.
+pub fn check_create_headers(
+    config: &Config,
+    content_type: Option<&str>,
+    content_length: Option<&str>,
+) -> Result<BodyKind, FilterError> {
+    if let Some(len) = content_length {
+        // Envoy has validated the number; an absurd one is still too large.
+        let too_large = len.trim().parse::<u64>().map_or(true, |n| {
+            n > u64::try_from(config.max_body_bytes).unwrap_or(u64::MAX)
+        });
+        if too_large {
+            return Err(FilterError::BodyTooLarge {
+                limit: config.max_body_bytes,
+            });
+        }
+    }
+    content_type::parse(content_type)
+}
+
+/// A validated offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub sdp: String,
+    /// The session part as sent (a JSON object), or empty.
+    pub session_json: String,
+    pub model: ResolvedModel,
+}
+
+/// Validates the buffered body: structure, SDP, session JSON, model.
+pub fn validate_create_body(
+    config: &Config,
+    kind: &BodyKind,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Offer, FilterError> {
+    if body.len() > config.max_body_bytes {
+        return Err(FilterError::BodyTooLarge {
+            limit: config.max_body_bytes,
+        });
+    }
+    let (sdp_bytes, session) = match kind {
+        BodyKind::Sdp => (body, None),
+        BodyKind::Multipart { boundary } => {
+            let p = multipart::parse(
+                body,
+                boundary,
+                config.max_sdp_bytes,
+                config.max_session_bytes,
+            )?;
+            (p.sdp, p.session)
+        }
+    };
+    let sdp = sdp::validate_offer(sdp_bytes, config.max_sdp_bytes)?;
+    let (session_json, session_model) = match session {
+        None => (String::new(), None),
+        Some(raw) => {
+            let text = std::str::from_utf8(raw)
+                .map_err(|_| FilterError::InvalidSessionJson("not UTF-8"))?;
+            let value: serde_json::Value = serde_json::from_str(text)
+                .map_err(|_| FilterError::InvalidSessionJson("not valid JSON"))?;
+            let obj = value
+                .as_object()
+                .ok_or(FilterError::InvalidSessionJson("not a JSON object"))?;
+            (text.trim().to_string(), model::session_model(obj)?)
+        }
+    };
+    let from_query = model::query_model(query)?;
+    let model = model::resolve(config, session_model.as_deref(), from_query.as_deref())?;
+    Ok(Offer {
+        sdp: sdp.to_string(),
+        session_json,
+        model,
+    })
+}
+
+/// Everything needed to dispatch `CreateCall`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub call_id: String,
+    /// The relay cluster to dispatch to.
+    pub cluster: String,
+    /// The relay replica chosen (index into `Config::replicas`), when there are replicas.
+    pub replica: Option<usize>,
+    pub choice: Choice,
+    pub worker_id: String,
+    pub key_source: KeySource,
+    /// Encoded `CreateCallRequest` (holds the key: never log it).
+    pub message: Vec<u8>,
+}
+
+/// What the caller brings to a create besides the offer.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRequest<'a> {
+    pub offer: &'a Offer,
+    /// The client's `Authorization` header, if any.
+    pub authorization: Option<&'a str>,
+    /// The routing header's value, if the configuration names one and the request has it.
+    pub routing_value: Option<&'a str>,
+    /// 128 random bits for the call id.
+    pub call_random: &'a [u8; 16],
+    pub request_id: &'a str,
+}
+
+/// Picks the worker (counting one outstanding call on it), resolves the key, picks the relay
+/// replica and builds the gRPC message. On error nothing stays counted.
+pub fn plan_create(
+    config: &Config,
+    req: &CreateRequest<'_>,
+    store: &dyn SharedStore,
+    now_ms: u64,
+) -> Result<Plan, FilterError> {
+    let offer = req.offer;
+    let choice = routing::pick(config, offer.model.index, req.routing_value, store, now_ms)?;
+    let (Some(pool), Some(worker), Some(model)) = (
+        choice.pool(config),
+        choice.worker(config),
+        config.models.get(offer.model.index),
+    ) else {
+        return Err(FilterError::Internal);
+    };
+    let (auth, key_source) =
+        match keys::upstream_authorization(pool.key_policy, req.authorization, worker.key.as_ref())
+        {
+            Ok(v) => v,
+            Err(e) => {
+                routing::release(store, &worker.id);
+                return Err(e);
+            }
+        };
+    let replica = replica::pick(config, store, now_ms, &[]);
+    let (cluster, replica_id) = match replica.and_then(|i| config.replicas.get(i)) {
+        Some(r) => (r.cluster.clone(), Some(r.id.as_str())),
+        None => (config.relay_cluster.clone(), None),
+    };
+    let call_id = realtime_relay_proto::call_id::new(req.call_random, replica_id);
+    let upstream_model = worker.upstream_model.as_deref().unwrap_or(&model.name);
+    let message = relay::encode_create(&relay::CreateCall {
+        call_id: &call_id,
+        request_id: req.request_id,
+        model: &offer.model.requested,
+        upstream_model,
+        sdp_offer: &offer.sdp,
+        session_json: &offer.session_json,
+        base_url: &worker.base_url,
+        authorization: &auth,
+        worker_id: &worker.id,
+    });
+    Ok(Plan {
+        call_id,
+        cluster,
+        replica,
+        choice,
+        worker_id: worker.id.clone(),
+        key_source,
+        message,
+    })
+}

@@ -1,0 +1,532 @@
+//! One request's life, as a state machine: headers → body buffered → validated → creating
+//! (attempts over relay replicas) or hanging up → done.
+//!
+//! The proxy-wasm glue forwards each Envoy callback to one event method here and does what it
+//! returns; everything else (reading the request, dispatching gRPC, replying, counting)
+//! happens through [`HttpHost`]. So failover, ejection, the worker's verdict, releasing a
+//! worker's outstanding count when the client leaves, and every error reply are tested
+//! natively against `fake_host`.
+
+use std::rc::Rc;
+
+use crate::classify::{self, split_path, Route};
+use crate::config::Config;
+use crate::content_type::BodyKind;
+use crate::create::{check_create_headers, plan_create, validate_create_body, CreateRequest};
+use crate::error::FilterError;
+use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
+use crate::relay::{self, Verdict};
+use crate::replica::{self, Failover};
+use crate::{metrics, routing};
+
+/// A create whose `CreateCall` is in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creating {
+    pub token: u32,
+    pub call_id: String,
+    pub worker_id: String,
+    pub started_ms: u64,
+    /// The encoded request, for a failover to another relay replica (it holds the key:
+    /// never log it).
+    pub message: Vec<u8>,
+    /// Relay replicas tried so far (indexes into `Config::replicas`), in order.
+    pub tried: Vec<usize>,
+    /// The call id's random part, kept when a failover renames the call for another replica.
+    pub random: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Not ours: untouched.
+    PassThrough,
+    /// A create request whose body is being buffered.
+    Body {
+        kind: BodyKind,
+        query: Option<String>,
+    },
+    /// `CreateCall` dispatched.
+    Creating(Creating),
+    /// `HangupCall` dispatched.
+    HangingUp { token: u32 },
+    /// Replied (or the client left).
+    Done,
+}
+
+/// The state machine of one HTTP request.
+pub struct Flow {
+    config: Rc<Config>,
+    state: State,
+    request_id: String,
+}
+
+impl Flow {
+    pub fn new(config: Rc<Config>) -> Flow {
+        Flow {
+            config,
+            state: State::PassThrough,
+            request_id: String::new(),
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The request headers are here.
+    pub fn on_headers(&mut self, host: &mut dyn HttpHost, end_of_stream: bool) -> Action {
+        let method = host.request_header(":method").unwrap_or_default();
+        let path = host.request_header(":path").unwrap_or_default();
+        let route = classify::classify(&method, &path, &self.config.calls_path);
+        if route == Route::PassThrough {
+            host.increment(metrics::REQ_PASSED_THROUGH);
+            return Action::Continue;
+        }
+        let random = host.random16().unwrap_or_default();
+        self.request_id =
+            classify::request_id(host.request_header("x-request-id").as_deref(), &random);
+        match route {
+            Route::PassThrough => Action::Continue,
+            Route::Reject(e) => self.fail(host, &e),
+            Route::Hangup { call_id } => self.hangup(host, &call_id),
+            Route::Create => {
+                let kind = match check_create_headers(
+                    &self.config,
+                    host.request_header("content-type").as_deref(),
+                    host.request_header("content-length").as_deref(),
+                ) {
+                    Ok(k) => k,
+                    Err(e) => return self.fail(host, &e),
+                };
+                let query = split_path(&path).1.map(str::to_string);
+                if end_of_stream {
+                    return self.create(host, &kind, query.as_deref(), Vec::new());
+                }
+                self.state = State::Body { kind, query };
+                // With allow_on_headers_stop_iteration the body still reaches on_body.
+                Action::Pause
+            }
+        }
+    }
+
+    /// A chunk of the request body arrived; `body_size` is all buffered so far.
+    pub fn on_body(
+        &mut self,
+        host: &mut dyn HttpHost,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        let (kind, query) = match self.take_body() {
+            Ok(body) => body,
+            Err(action) => return action,
+        };
+        if body_size > self.config.max_body_bytes {
+            return self.fail(
+                host,
+                &FilterError::BodyTooLarge {
+                    limit: self.config.max_body_bytes,
+                },
+            );
+        }
+        if !end_of_stream {
+            self.state = State::Body { kind, query };
+            return Action::Pause;
+        }
+        let body = if body_size == 0 {
+            Some(Vec::new())
+        } else {
+            host.request_body(body_size)
+        };
+        match body {
+            Some(b) => self.create(host, &kind, query.as_deref(), b),
+            None => self.fail(host, &FilterError::Internal),
+        }
+    }
+
+    /// The body ended with trailers: it is complete now.
+    pub fn on_trailers(&mut self, host: &mut dyn HttpHost) -> Action {
+        let (kind, query) = match self.take_body() {
+            Ok(body) => body,
+            Err(action) => return action,
+        };
+        // One byte over the limit is enough to refuse; never read more than that.
+        let body = host
+            .request_body(self.config.max_body_bytes.saturating_add(1))
+            .unwrap_or_default();
+        self.create(host, &kind, query.as_deref(), body)
+    }
+
+    /// The answer to a gRPC call this request dispatched. `message` is the gRPC status
+    /// message as the host hands it over (percent-encoded); `body` the response message,
+    /// read only when the status is OK.
+    pub fn on_grpc_response(
+        &mut self,
+        host: &mut dyn HttpHost,
+        token: u32,
+        status: u32,
+        message: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
+        let message = message.map(relay::decode_grpc_message);
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Creating(mut c) if c.token == token => {
+                if self.fail_over(host, &mut c, status, message.as_deref()) {
+                    self.state = State::Creating(c);
+                } else {
+                    self.finish_create(host, &c, status, message.as_deref(), body);
+                }
+            }
+            State::HangingUp { token: t } if t == token => {
+                self.finish_hangup(host, status, message.as_deref(), body);
+            }
+            other => self.state = other,
+        }
+    }
+
+    /// The request is over (Envoy's `on_log`). A client that left while `CreateCall` was in
+    /// flight will never get the reply, so the call stops counting against its worker now
+    /// (the ListCalls refresh counts it again if the relay set it up anyway).
+    pub fn on_done(&mut self, host: &mut dyn HttpHost) {
+        if let State::Creating(c) = &self.state {
+            host.cancel_grpc(c.token);
+            routing::release(host.store(), &c.worker_id);
+            self.state = State::Done;
+        }
+    }
+
+    /// Takes the buffered-body state out of a create request. Any other state answers the
+    /// body or trailer callback itself: pass-through continues untouched, and a request
+    /// whose reply is already on its way stays paused.
+    fn take_body(&mut self) -> Result<(BodyKind, Option<String>), Action> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Body { kind, query } => Ok((kind, query)),
+            other => {
+                let action = if other == State::PassThrough {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                };
+                self.state = other;
+                Err(action)
+            }
+        }
+    }
+
+    fn reply(&mut self, host: &mut dyn HttpHost, reply: &crate::HttpReply) -> Action {
+        host.send_reply(reply);
+        self.state = State::Done;
+        Action::Pause
+    }
+
+    fn fail(&mut self, host: &mut dyn HttpHost, e: &FilterError) -> Action {
+        host.increment(metrics::REQ_FAILED);
+        host.count_error(e.code());
+        host.log(
+            LogLevel::Info,
+            &format!(
+                "request_id={} rejected status={} code={}",
+                self.request_id,
+                e.status(),
+                e.code()
+            ),
+        );
+        let reply = e.to_reply(&self.request_id);
+        self.reply(host, &reply)
+    }
+
+    fn relay_unavailable(&self) -> FilterError {
+        FilterError::RelayUnavailable {
+            retry_after_s: self.config.retry_after_s,
+            code: None,
+        }
+    }
+
+    /// The whole body is here: validate, plan, dispatch.
+    fn create(
+        &mut self,
+        host: &mut dyn HttpHost,
+        kind: &BodyKind,
+        query: Option<&str>,
+        body: Vec<u8>,
+    ) -> Action {
+        let config = Rc::clone(&self.config);
+        let offer = match validate_create_body(&config, kind, query, &body) {
+            Ok(o) => o,
+            Err(e) => return self.fail(host, &e),
+        };
+        let Some(random) = host.random16() else {
+            host.log(LogLevel::Error, "random_get failed: cannot make a call id");
+            return self.fail(host, &FilterError::Internal);
+        };
+        let authorization = host.request_header("authorization");
+        let routing_value = config
+            .routing_header
+            .as_deref()
+            .and_then(|h| host.request_header(h));
+        let now = host.now_ms();
+        let request = CreateRequest {
+            offer: &offer,
+            authorization: authorization.as_deref(),
+            routing_value: routing_value.as_deref(),
+            call_random: &random,
+            request_id: &self.request_id,
+        };
+        let plan = match plan_create(&config, &request, host.store(), now) {
+            Ok(p) => p,
+            Err(e) => return self.fail(host, &e),
+        };
+        match self.dispatch_create(
+            host,
+            &plan.cluster,
+            plan.replica,
+            &plan.call_id,
+            &plan.message,
+        ) {
+            Ok(token) => {
+                host.log(
+                    LogLevel::Debug,
+                    &format!(
+                        "request_id={} call_id={} model={} worker={} CreateCall dispatched to {}",
+                        self.request_id,
+                        plan.call_id,
+                        offer.model.requested,
+                        plan.worker_id,
+                        plan.cluster
+                    ),
+                );
+                self.state = State::Creating(Creating {
+                    token,
+                    call_id: plan.call_id,
+                    worker_id: plan.worker_id,
+                    started_ms: now,
+                    message: plan.message,
+                    tried: plan.replica.into_iter().collect(),
+                    random,
+                });
+                Action::Pause
+            }
+            Err(e) => {
+                routing::release(host.store(), &plan.worker_id);
+                host.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "request_id={} dispatch to cluster '{}' failed: {}",
+                        self.request_id, plan.cluster, e.0
+                    ),
+                );
+                let e = self.relay_unavailable();
+                self.fail(host, &e)
+            }
+        }
+    }
+
+    /// Dispatches `CreateCall` for `call_id` to `cluster` (replica `replica`, if any).
+    fn dispatch_create(
+        &self,
+        host: &mut dyn HttpHost,
+        cluster: &str,
+        replica: Option<usize>,
+        call_id: &str,
+        message: &[u8],
+    ) -> Result<u32, crate::host::DispatchFailed> {
+        if let Some(r) = replica.and_then(|i| self.config.replicas.get(i)) {
+            host.increment(&metrics::replica(&r.id, "creates"));
+        }
+        host.dispatch_grpc(&GrpcCall {
+            cluster,
+            method: relay::METHOD_CREATE,
+            call_id,
+            request_id: &self.request_id,
+            message,
+            timeout_ms: self.config.create_timeout_ms,
+        })
+    }
+
+    /// A replica that cannot take the call (unreachable, draining, full): the next untried
+    /// one gets it, under a call id naming that one. `false` when there is no failover to
+    /// make (not a replica fault, no replica left, dispatch refused): `c` is then unchanged.
+    fn fail_over(
+        &mut self,
+        host: &mut dyn HttpHost,
+        c: &mut Creating,
+        status: u32,
+        message: Option<&str>,
+    ) -> bool {
+        let kind = replica::failover(status, message);
+        let Some(from) = c.tried.last().copied() else {
+            return false;
+        };
+        if kind == Failover::No {
+            return false;
+        }
+        let config = Rc::clone(&self.config);
+        let now = host.now_ms();
+        let from_id = config.replicas.get(from).map_or("", |r| r.id.as_str());
+        if kind == Failover::Down {
+            replica::mark_down(host.store(), from_id, now);
+        }
+        host.increment(&metrics::replica(from_id, "failovers"));
+        let Some((next, r)) = replica::pick(&config, host.store(), now, &c.tried)
+            .and_then(|i| config.replicas.get(i).map(|r| (i, r)))
+        else {
+            return false;
+        };
+        let call_id = realtime_relay_proto::call_id::new(&c.random, Some(&r.id));
+        let Some(message) = relay::with_call_id(&c.message, &call_id) else {
+            return false;
+        };
+        let Ok(token) = self.dispatch_create(host, &r.cluster, Some(next), &call_id, &message)
+        else {
+            return false;
+        };
+        host.log(
+            LogLevel::Info,
+            &format!(
+                "request_id={} relay replica {from_id} answered gRPC status {status}: call_id={call_id} goes to replica {}",
+                self.request_id, r.id
+            ),
+        );
+        c.tried.push(next);
+        c.token = token;
+        c.call_id = call_id;
+        c.message = message;
+        true
+    }
+
+    /// The last attempt answered: reply, apply the verdict on the worker, count.
+    fn finish_create(
+        &mut self,
+        host: &mut dyn HttpHost,
+        c: &Creating,
+        status: u32,
+        message: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
+        let config = Rc::clone(&self.config);
+        let r = relay::map_create_response(
+            &config,
+            status,
+            message,
+            body,
+            &c.call_id,
+            &self.request_id,
+        );
+        self.apply_verdict(host, &c.worker_id, r.verdict, c.started_ms);
+        match (&r.error_code, r.upstream_status) {
+            (Some(code), _) => {
+                host.increment(metrics::REQ_FAILED);
+                host.count_error(code);
+            }
+            (None, Some(_)) => host.increment(metrics::REQ_UPSTREAM_REJECTED),
+            (None, None) => host.increment(metrics::REQ_CREATED),
+        }
+        host.log(
+            LogLevel::Info,
+            &format!(
+                "request_id={} call_id={} worker={} grpc_status={status} status={} code={}",
+                self.request_id,
+                c.call_id,
+                c.worker_id,
+                r.reply.status,
+                r.error_code.as_deref().unwrap_or("-")
+            ),
+        );
+        self.reply(host, &r.reply);
+    }
+
+    /// Only upstream failures count against a worker (and may eject it); success clears
+    /// its failure run; a failed setup stops counting as outstanding.
+    fn apply_verdict(
+        &self,
+        host: &mut dyn HttpHost,
+        worker_id: &str,
+        verdict: Verdict,
+        started_ms: u64,
+    ) {
+        let config = &self.config;
+        match verdict {
+            Verdict::Success => {
+                routing::record_success(host.store(), worker_id);
+                host.increment(&metrics::setups(worker_id, "ok"));
+                host.record(
+                    metrics::SETUP_LATENCY,
+                    host.now_ms().saturating_sub(started_ms),
+                );
+            }
+            Verdict::UpstreamFailure => {
+                routing::release(host.store(), worker_id);
+                host.increment(&metrics::setups(worker_id, "failed"));
+                let now = host.now_ms();
+                if routing::record_upstream_failure(host.store(), config, worker_id, now) {
+                    host.increment(&metrics::ejections(worker_id));
+                    host.log(
+                        LogLevel::Warn,
+                        &format!(
+                            "worker {worker_id} ejected for {} ms after upstream failures",
+                            config.eject_ms
+                        ),
+                    );
+                }
+            }
+            Verdict::Neutral => routing::release(host.store(), worker_id),
+        }
+    }
+
+    fn hangup(&mut self, host: &mut dyn HttpHost, call_id: &str) -> Action {
+        if let Err(e) = classify::check_call_id(call_id) {
+            return self.fail(host, &e);
+        }
+        let config = Rc::clone(&self.config);
+        // With replicas the id names the one that holds the call.
+        let cluster = match replica::cluster_for_call(&config, call_id) {
+            Ok(c) => c,
+            Err(e) => return self.fail(host, &e),
+        };
+        let message = relay::encode_hangup(call_id);
+        let dispatched = host.dispatch_grpc(&GrpcCall {
+            cluster,
+            method: relay::METHOD_HANGUP,
+            call_id,
+            request_id: &self.request_id,
+            message: &message,
+            timeout_ms: config.hangup_timeout_ms,
+        });
+        match dispatched {
+            Ok(token) => {
+                self.state = State::HangingUp { token };
+                Action::Pause
+            }
+            Err(_) => {
+                let e = self.relay_unavailable();
+                self.fail(host, &e)
+            }
+        }
+    }
+
+    fn finish_hangup(
+        &mut self,
+        host: &mut dyn HttpHost,
+        status: u32,
+        message: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
+        let r = relay::map_hangup_response(&self.config, status, message, body, &self.request_id);
+        if let Some(w) = &r.worker_id {
+            routing::release(host.store(), w);
+        }
+        match &r.error_code {
+            Some(code) => {
+                host.increment(metrics::REQ_FAILED);
+                host.count_error(code);
+            }
+            None => host.increment(metrics::REQ_HANGUP),
+        }
+        self.reply(host, &r.reply);
+    }
+}
+
+#[cfg(test)]
+mod tests;
