@@ -16,6 +16,7 @@ use crate::create::{check_create_headers, plan_create, validate_create_body, Cre
 use crate::error::FilterError;
 use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
 use crate::relay::{self, Verdict};
+use crate::reply::HttpReply;
 use crate::replica::{self, Failover};
 use crate::{metrics, routing};
 
@@ -215,7 +216,7 @@ impl Flow {
         }
     }
 
-    fn reply(&mut self, host: &mut dyn HttpHost, reply: &crate::HttpReply) -> Action {
+    fn reply(&mut self, host: &mut dyn HttpHost, reply: &HttpReply) -> Action {
         host.send_reply(reply);
         self.state = State::Done;
         Action::Pause
