@@ -82,6 +82,17 @@ pub struct BridgeTelemetry {
 }
 
 impl BridgeTelemetry {
+    /// The process-wide metrics, and `call`'s own counters.
+    pub fn from_metrics(metrics: &crate::metrics::Metrics, call: Arc<CallCounters>) -> Self {
+        BridgeTelemetry {
+            call,
+            client_to_upstream: metrics.client_to_upstream.clone(),
+            upstream_to_client: metrics.upstream_to_client.clone(),
+            dc_write_errors: metrics.dc_write_errors.clone(),
+            buffer_overflows: metrics.buffer_overflows.clone(),
+        }
+    }
+
     /// Counters for traffic that arrived on `from`.
     fn direction(&self, from: Leg) -> (&DirectionCounters, &DirectionMetrics) {
         match from {
@@ -358,8 +369,10 @@ impl Bridge {
                 Err(e) => {
                     tracing::warn!(?leg, error = %e, "peer connection failed");
                     self.end(leg.closed());
-                    // Keep time moving so the driver doesn't spin on this leg.
-                    self.leg_mut(leg).next_timeout = Instant::now() + Duration::from_secs(3600);
+                    // Keep time moving so the driver doesn't spin on this leg. The time
+                    // comes from the driver's inputs, never the wall clock.
+                    let later = self.now + Duration::from_secs(3600);
+                    self.leg_mut(leg).next_timeout = later;
                     break;
                 }
             }
