@@ -395,7 +395,13 @@ impl Bridge {
                     self.last_activity = now;
                 }
             }
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+            // A leg that was connected and lost ICE is gone. One that never connected
+            // is the ICE timeout's to judge: str0m's agent may give up on a pair before
+            // the configured timeout (and recover if checks arrive later), and a call that
+            // never connected ends as `ice_timeout`, not as a peer's timeout.
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected)
+                if self.leg(leg).connected =>
+            {
                 self.end(leg.timed_out());
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
@@ -604,3 +610,9 @@ enum WriteResult {
     Full(Message),
     Failed,
 }
+
+#[cfg(test)]
+mod virtual_call;
+
+#[cfg(test)]
+mod tests;
