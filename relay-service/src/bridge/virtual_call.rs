@@ -19,13 +19,11 @@ use crate::metrics::Metrics;
 use crate::peer;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
-use str0m::config::{CryptoProvider, DtlsCert};
-use str0m::format::{Codec, FormatParams};
-use str0m::media::{Direction, Frequency, MediaKind, Mid, Pt};
+use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
@@ -308,9 +306,8 @@ impl VirtualCall {
         let now = start;
 
         // The client's offer, as a browser makes it.
-        let mut client_rtc = client_config(options.client_opus_pt)
-            .set_sctp_max_buffered_amount(options.peer_sctp_buffer)
-            .build(now);
+        let mut client_rtc =
+            peer_config(options.client_opus_pt, options.peer_sctp_buffer).build(now);
         client_rtc.add_local_candidate(Candidate::host(CLIENT, "udp").expect("candidate"));
         let mut api = client_rtc.sdp_api();
         let client_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
@@ -327,9 +324,7 @@ impl VirtualCall {
                 .expect("the relay accepts the client's offer");
         let mut up = peer::create_upstream_offer(RELAY_UPSTREAM_LEG, None, now)
             .expect("the relay makes its upstream offer");
-        let mut provider_rtc = provider_config()
-            .set_sctp_max_buffered_amount(options.peer_sctp_buffer)
-            .build(now);
+        let mut provider_rtc = peer_config(111, options.peer_sctp_buffer).build(now);
         provider_rtc.add_local_candidate(Candidate::host(PROVIDER, "udp").expect("candidate"));
         let upstream_offer = SdpOffer::from_sdp_string(&up.offer.to_sdp_string()).expect("sdp");
         let provider_answer = provider_rtc
@@ -746,49 +741,11 @@ fn write_frame(peer: &mut TestPeer, now: Instant) {
     ));
 }
 
-/// One certificate and crypto provider for every test peer, as the relay shares its
-/// own: a handshake costs no certificate generation.
-fn test_crypto() -> &'static (Arc<CryptoProvider>, DtlsCert) {
-    static SHARED: OnceLock<(Arc<CryptoProvider>, DtlsCert)> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let provider = str0m::crypto::from_feature_flags();
-        let cert = provider
-            .dtls_provider
-            .generate_certificate()
-            .expect("a DTLS certificate");
-        (Arc::new(provider), cert)
-    })
-}
-
-fn base_config() -> RtcConfig {
-    let (provider, cert) = test_crypto();
-    Rtc::builder()
-        .set_crypto_provider(provider.clone())
-        .set_dtls_cert(cert.clone())
-        .set_rtp_mode(true)
-        .clear_codecs()
-        .set_stats_interval(None)
-}
-
-/// A browser-like client: Opus at `opus_pt` with a browser's format parameters.
-fn client_config(opus_pt: u8) -> RtcConfig {
-    let mut config = base_config();
-    config.codec_config().add_config(
-        Pt::from(opus_pt),
-        None,
-        Codec::Opus,
-        Frequency::FORTY_EIGHT_KHZ,
-        Some(2),
-        FormatParams {
-            min_p_time: Some(10),
-            use_inband_fec: Some(true),
-            ..Default::default()
-        },
-    );
-    config
-}
-
-/// The provider answers with str0m's own Opus configuration.
-fn provider_config() -> RtcConfig {
-    base_config().enable_opus(true, false)
+/// A browser-like peer configuration (echo-model's test client: Opus at `opus_pt`
+/// with a browser's format parameters, RTP mode, the shared DTLS certificate). The
+/// provider uses it too: as the answerer it takes the relay's payload types anyway.
+fn peer_config(opus_pt: u8, sctp_buffer: usize) -> RtcConfig {
+    echo_model::client::client_rtc_config(Pt::from(opus_pt))
+        .expect("a test peer configuration")
+        .set_sctp_max_buffered_amount(sctp_buffer)
 }
