@@ -150,6 +150,8 @@ impl Relay {
         req: v1::CreateCallRequest,
     ) -> Result<v1::CreateCallResponse, SetupError> {
         let checked = self.check_request(&req)?;
+        // Stage 2: a place in the registry (limits, draining, duplicate ids), freed
+        // again if a later stage fails.
         let entry = self.registry.reserve(NewCall {
             call_id: &call_id,
             model: req.model.trim(),
