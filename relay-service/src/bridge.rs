@@ -82,6 +82,17 @@ pub struct BridgeTelemetry {
 }
 
 impl BridgeTelemetry {
+    /// The process-wide metrics, and `call`'s own counters.
+    pub fn from_metrics(metrics: &crate::metrics::Metrics, call: Arc<CallCounters>) -> Self {
+        BridgeTelemetry {
+            call,
+            client_to_upstream: metrics.client_to_upstream.clone(),
+            upstream_to_client: metrics.upstream_to_client.clone(),
+            dc_write_errors: metrics.dc_write_errors.clone(),
+            buffer_overflows: metrics.buffer_overflows.clone(),
+        }
+    }
+
     /// Counters for traffic that arrived on `from`.
     fn direction(&self, from: Leg) -> (&DirectionCounters, &DirectionMetrics) {
         match from {
@@ -358,8 +369,10 @@ impl Bridge {
                 Err(e) => {
                     tracing::warn!(?leg, error = %e, "peer connection failed");
                     self.end(leg.closed());
-                    // Keep time moving so the driver doesn't spin on this leg.
-                    self.leg_mut(leg).next_timeout = Instant::now() + Duration::from_secs(3600);
+                    // Keep time moving so the driver doesn't spin on this leg. The time
+                    // comes from the driver's inputs, never the wall clock.
+                    let later = self.now + Duration::from_secs(3600);
+                    self.leg_mut(leg).next_timeout = later;
                     break;
                 }
             }
@@ -382,7 +395,13 @@ impl Bridge {
                     self.last_activity = now;
                 }
             }
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+            // A leg that was connected and lost ICE is gone. One that never connected
+            // is the ICE timeout's to judge: str0m's agent may give up on a pair before
+            // the configured timeout (and recover if checks arrive later), and a call that
+            // never connected ends as `ice_timeout`, not as a peer's timeout.
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected)
+                if self.leg(leg).connected =>
+            {
                 self.end(leg.timed_out());
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
@@ -591,3 +610,9 @@ enum WriteResult {
     Full(Message),
     Failed,
 }
+
+#[cfg(test)]
+mod virtual_call;
+
+#[cfg(test)]
+mod tests;

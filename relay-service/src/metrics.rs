@@ -179,6 +179,29 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a call setup that did not produce an answer, by its error code (or
+    /// `upstream_status_<n>` for a provider's rejection).
+    pub fn setup_failed(&self, reason: &str) {
+        self.setup_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a failure the worker is to blame for (at setup or mid-call). Calls
+    /// without a worker id (direct use, tests) are not labelled.
+    pub fn worker_failed(&self, worker_id: &str) {
+        if worker_id.is_empty() {
+            return;
+        }
+        self.worker_failures
+            .get_or_create(&WorkerLabel {
+                worker: worker_id.to_string(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -233,6 +256,28 @@ mod tests {
         );
         assert!(
             text.contains(r#"realtime_relay_calls_ended_total{reason="hangup"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn worker_failures_are_labelled_by_worker_and_anonymous_calls_are_not_counted() {
+        let m = Metrics::new();
+        m.worker_failed("w1");
+        m.worker_failed("w1");
+        m.worker_failed("");
+        m.setup_failed("upstream_status_503");
+        let text = m.encode();
+        assert!(
+            text.contains(r#"realtime_relay_worker_failures_total{worker="w1"} 2"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"worker="""#),
+            "no series for an empty worker id: {text}"
+        );
+        assert!(
+            text.contains(r#"realtime_relay_setup_failures_total{reason="upstream_status_503"} 1"#),
             "{text}"
         );
     }

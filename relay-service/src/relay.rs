@@ -9,9 +9,9 @@ use crate::config::Limits;
 use crate::error::SetupError;
 use crate::ids;
 use crate::media_socket::ClientPort;
-use crate::metrics::{Metrics, ReasonLabel, WorkerLabel};
+use crate::metrics::Metrics;
 use crate::peer;
-use crate::registry::{NewCall, Registry};
+use crate::registry::{CallEntry, NewCall, Registry};
 use crate::signaling::{ExchangeOutcome, UpstreamClient};
 use crate::upstream_body;
 use futures::FutureExt;
@@ -20,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use str0m::channel::ChannelId;
 use str0m::IceCreds;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -133,29 +134,91 @@ impl Relay {
     }
 
     fn failed(&self, e: SetupError, worker_id: &str) -> SetupError {
-        self.metrics
-            .setup_failures
-            .get_or_create(&ReasonLabel {
-                reason: e.code().to_string(),
-            })
-            .inc();
-        if e.is_upstream_fault() && !worker_id.is_empty() {
-            self.metrics
-                .worker_failures
-                .get_or_create(&WorkerLabel {
-                    worker: worker_id.to_string(),
-                })
-                .inc();
+        self.metrics.setup_failed(e.code());
+        if e.is_upstream_fault() {
+            self.metrics.worker_failed(worker_id);
         }
         e
     }
 
+    /// The stages of a call's setup, in the order that keeps the upstream from hearing
+    /// of a request we would refuse: check, reserve, accept the client's offer, offer
+    /// upstream, then start the bridge.
     async fn setup(
         &self,
         call_id: String,
         req: v1::CreateCallRequest,
     ) -> Result<v1::CreateCallResponse, SetupError> {
-        // 1. The client's request, checked without touching the network.
+        let checked = self.check_request(&req)?;
+        // Stage 2: a place in the registry (limits, draining, duplicate ids), freed
+        // again if a later stage fails.
+        let entry = self.registry.reserve(NewCall {
+            call_id: &call_id,
+            model: req.model.trim(),
+            upstream_model: checked.upstream_model,
+            worker_id: &checked.upstream.worker_id,
+        })?;
+        let reservation = Reservation {
+            registry: &self.registry,
+            call_id: &call_id,
+            armed: true,
+        };
+        let now = Instant::now();
+        let client = self.accept_client(&req.sdp_offer, now)?;
+        let upstream = self.open_upstream_leg(&checked.base, now).await?;
+        let authorization = Some(checked.upstream.authorization.as_str()).filter(|a| !a.is_empty());
+        let offer = upstream.leg.offer.to_sdp_string();
+        let (answer_sdp, upstream_call_id) = match self
+            .negotiate_upstream(&checked, authorization, &offer)
+            .await?
+        {
+            Negotiated::Answer {
+                sdp,
+                upstream_call_id,
+            } => (sdp, upstream_call_id),
+            Negotiated::Rejected(rejection) => {
+                self.count_rejection(&checked.upstream.worker_id, rejection.status);
+                return Ok(v1::CreateCallResponse {
+                    call_id: call_id.clone(),
+                    outcome: Some(v1::create_call_response::Outcome::UpstreamRejection(
+                        rejection,
+                    )),
+                });
+            }
+        };
+        let upstream = upstream.answered(&answer_sdp)?;
+        if let Some(id) = &upstream_call_id {
+            entry.set_upstream_call_id(id);
+        }
+        let bridge = self.bridge(client.leg, upstream.leg, upstream.channel, &entry, now);
+        self.start_call(
+            bridge,
+            &client.ufrag,
+            entry,
+            upstream.socket,
+            UpstreamSession {
+                base: checked.base,
+                authorization: authorization.map(str::to_string),
+                upstream_call_id,
+            },
+        );
+        reservation.disarm();
+        self.metrics.calls_created.inc();
+        self.metrics.calls_active.inc();
+        tracing::info!(worker = %checked.upstream.worker_id, model = %req.model.trim(), "call set up");
+        Ok(v1::CreateCallResponse {
+            call_id,
+            outcome: Some(v1::create_call_response::Outcome::SdpAnswer(
+                client.answer_sdp,
+            )),
+        })
+    }
+
+    /// Stage 1: everything about the client's request that needs no network.
+    fn check_request<'r>(
+        &self,
+        req: &'r v1::CreateCallRequest,
+    ) -> Result<CheckedRequest<'r>, SetupError> {
         peer::precheck_offer(&req.sdp_offer, self.settings.limits.max_offer_bytes)?;
         let upstream_model = if req.upstream_model.trim().is_empty() {
             req.model.trim()
@@ -170,25 +233,20 @@ impl Relay {
             return Err(SetupError::MissingUpstream);
         }
         let base = self.allowlist.check(upstream.base_url.trim())?;
-
-        // 2. A place in the registry (limits, draining, duplicate ids).
-        let entry = self.registry.reserve(NewCall {
-            call_id: &call_id,
-            model: req.model.trim(),
+        Ok(CheckedRequest {
             upstream_model,
-            worker_id: &upstream.worker_id,
-        })?;
-        let reservation = Reservation {
-            registry: &self.registry,
-            call_id: &call_id,
-            armed: true,
-        };
+            session,
+            upstream,
+            base,
+        })
+    }
 
-        // 3. Accept the client's offer: a bad offer fails here, before any upstream work.
+    /// Stage 3: accepts the client's offer. A bad offer fails here, before any upstream
+    /// work.
+    fn accept_client(&self, offer: &str, now: Instant) -> Result<AcceptedClient, SetupError> {
         let (ufrag, pass) = ids::new_ice_credentials();
-        let now = Instant::now();
         let client = peer::accept_client_offer(
-            &req.sdp_offer,
+            offer,
             self.settings.advertised_media_addr,
             IceCreds {
                 ufrag: ufrag.clone(),
@@ -196,15 +254,32 @@ impl Relay {
             },
             now,
         )?;
+        Ok(AcceptedClient {
+            answer_sdp: client.answer.to_sdp_string(),
+            leg: LegSetup {
+                rtc: client.rtc,
+                local_addr: self.client_port.local_addr(),
+                audio_mid: client.audio_mid,
+                has_data_channel: offer.contains("\nm=application "),
+            },
+            ufrag,
+        })
+    }
 
-        // 4. The upstream leg: its own socket, our offer, the HTTP exchange.
-        let upstream_socket = self.bind_upstream_socket(&base).await?;
-        let upstream_local = upstream_socket
+    /// Stage 4: the upstream leg's own socket, its reflexive address if a STUN server is
+    /// configured, and our offer.
+    async fn open_upstream_leg(
+        &self,
+        base: &Url,
+        now: Instant,
+    ) -> Result<UpstreamSide, SetupError> {
+        let socket = self.bind_upstream_socket(base).await?;
+        let local = socket
             .local_addr()
             .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?;
         let reflexive = match self.settings.upstream_stun {
             Some((server, wait)) => {
-                let found = crate::stun::discover_reflexive(&upstream_socket, server, wait).await;
+                let found = crate::stun::discover_reflexive(&socket, server, wait).await;
                 if found.is_none() {
                     tracing::warn!(%server, "no STUN answer; the upstream leg offers its host candidate only");
                 }
@@ -212,74 +287,71 @@ impl Relay {
             }
             None => None,
         };
-        let mut up = peer::create_upstream_offer(upstream_local, reflexive, now)?;
-        let body = upstream_body::build(&up.offer.to_sdp_string(), session, Some(upstream_model))?;
-        let authorization = Some(upstream.authorization.as_str()).filter(|a| !a.is_empty());
-        let outcome = self.upstream.exchange(&base, authorization, body).await?;
-        let (answer_sdp, upstream_call_id) = match outcome {
+        let leg = peer::create_upstream_offer(local, reflexive, now)?;
+        Ok(UpstreamSide { socket, local, leg })
+    }
+
+    /// Stage 5: the HTTP exchange with the provider: its answer, or its rejection to
+    /// pass back verbatim.
+    async fn negotiate_upstream(
+        &self,
+        checked: &CheckedRequest<'_>,
+        authorization: Option<&str>,
+        offer_sdp: &str,
+    ) -> Result<Negotiated, SetupError> {
+        let body = upstream_body::build(offer_sdp, checked.session, Some(checked.upstream_model))?;
+        let outcome = self
+            .upstream
+            .exchange(&checked.base, authorization, body)
+            .await?;
+        Ok(match outcome {
             ExchangeOutcome::Answer {
                 sdp,
                 upstream_call_id,
-            } => (sdp, upstream_call_id),
+            } => Negotiated::Answer {
+                sdp,
+                upstream_call_id,
+            },
             ExchangeOutcome::Rejected {
                 status,
                 content_type,
                 body,
             } => {
                 tracing::info!(status, "upstream rejected the call");
-                let reason = format!("upstream_status_{status}");
-                self.metrics
-                    .setup_failures
-                    .get_or_create(&ReasonLabel { reason })
-                    .inc();
-                if status >= 500 && !upstream.worker_id.is_empty() {
-                    self.metrics
-                        .worker_failures
-                        .get_or_create(&WorkerLabel {
-                            worker: upstream.worker_id.clone(),
-                        })
-                        .inc();
-                }
-                return Ok(v1::CreateCallResponse {
-                    call_id: call_id.clone(),
-                    outcome: Some(v1::create_call_response::Outcome::UpstreamRejection(
-                        v1::UpstreamRejection {
-                            status: status as u32,
-                            content_type,
-                            body,
-                        },
-                    )),
-                });
+                Negotiated::Rejected(v1::UpstreamRejection {
+                    status: status as u32,
+                    content_type,
+                    body,
+                })
             }
-        };
-        peer::accept_upstream_answer(&mut up.rtc, up.pending, &answer_sdp)?;
-        if let Some(id) = &upstream_call_id {
-            entry.set_upstream_call_id(id);
-        }
+        })
+    }
 
-        // 5. Start the bridge.
+    /// A provider's rejection is a setup failure by its status; a 5xx is the worker's.
+    fn count_rejection(&self, worker_id: &str, status: u32) {
+        self.metrics
+            .setup_failed(&format!("upstream_status_{status}"));
+        if status >= 500 {
+            self.metrics.worker_failed(worker_id);
+        }
+    }
+
+    /// Stage 6a: the sans-IO bridge over both legs, reporting into the call's counters
+    /// and the process metrics.
+    fn bridge(
+        &self,
+        client: LegSetup,
+        upstream: LegSetup,
+        upstream_channel: ChannelId,
+        entry: &CallEntry,
+        now: Instant,
+    ) -> Bridge {
         let limits = &self.settings.limits;
-        let telemetry = BridgeTelemetry {
-            call: entry.counters.clone(),
-            client_to_upstream: self.metrics.client_to_upstream.clone(),
-            upstream_to_client: self.metrics.upstream_to_client.clone(),
-            dc_write_errors: self.metrics.dc_write_errors.clone(),
-            buffer_overflows: self.metrics.buffer_overflows.clone(),
-        };
-        let bridge = Bridge::new(
-            LegSetup {
-                rtc: client.rtc,
-                local_addr: self.client_port.local_addr(),
-                audio_mid: client.audio_mid,
-                has_data_channel: req.sdp_offer.contains("\nm=application "),
-            },
-            LegSetup {
-                rtc: up.rtc,
-                local_addr: upstream_local,
-                audio_mid: Some(up.audio_mid),
-                has_data_channel: true,
-            },
-            up.channel,
+        let telemetry = BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone());
+        Bridge::new(
+            client,
+            upstream,
+            upstream_channel,
             BridgeLimits {
                 dc_buffer_bytes: limits.dc_buffer_bytes,
                 ice_timeout: limits.ice_timeout,
@@ -289,36 +361,31 @@ impl Relay {
             },
             telemetry,
             now,
-        );
-        let (tx, rx) = mpsc::channel(limits.call_queue_datagrams);
-        let route = self.client_port.register(&ufrag, tx);
+        )
+    }
+
+    /// Stage 6b: routes the client's ufrag to the call and spawns its driver.
+    fn start_call(
+        &self,
+        bridge: Bridge,
+        ufrag: &str,
+        entry: Arc<CallEntry>,
+        upstream_socket: UdpSocket,
+        session: UpstreamSession,
+    ) {
+        let (tx, rx) = mpsc::channel(self.settings.limits.call_queue_datagrams);
+        let route = self.client_port.register(ufrag, tx);
         let driver = CallDriver {
             bridge,
-            entry: entry.clone(),
+            entry,
             client_port: self.client_port.clone(),
             client_rx: rx,
             upstream_socket,
             connected_gauge: self.metrics.calls_connected.clone(),
             _route: route,
         };
-        self.spawn_call(
-            driver,
-            base,
-            authorization.map(str::to_string),
-            upstream_call_id,
-        );
-        reservation.disarm();
-        self.metrics.calls_created.inc();
-        self.metrics.calls_active.inc();
-        tracing::info!(worker = %upstream.worker_id, model = %req.model.trim(), "call set up");
-        Ok(v1::CreateCallResponse {
-            call_id,
-            outcome: Some(v1::create_call_response::Outcome::SdpAnswer(
-                client.answer.to_sdp_string(),
-            )),
-        })
+        self.spawn_call(driver, session);
     }
-
     /// Binds the upstream leg's socket on the configured IP, or on the address the
     /// kernel would use to reach the upstream host (no packet is sent to find it).
     async fn bind_upstream_socket(&self, base: &Url) -> Result<UdpSocket, SetupError> {
@@ -343,13 +410,7 @@ impl Relay {
         })
     }
 
-    fn spawn_call(
-        &self,
-        driver: CallDriver,
-        base: Url,
-        authorization: Option<String>,
-        upstream_call_id: Option<String>,
-    ) {
+    fn spawn_call(&self, driver: CallDriver, session: UpstreamSession) {
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
         let upstream = self.upstream.clone();
@@ -363,13 +424,8 @@ impl Relay {
                 registry.finish(&call_id, reason);
                 metrics.calls_active.dec();
                 metrics.ended(reason);
-                if reason.is_worker_failure() && !entry.worker_id.is_empty() {
-                    metrics
-                        .worker_failures
-                        .get_or_create(&WorkerLabel {
-                            worker: entry.worker_id.clone(),
-                        })
-                        .inc();
+                if reason.is_worker_failure() {
+                    metrics.worker_failed(&entry.worker_id);
                 }
                 tracing::info!(reason = reason.code(), "call ended");
                 // Tell the provider when the end was ours, so it frees its side now.
@@ -377,9 +433,11 @@ impl Relay {
                     reason,
                     EndReason::UpstreamClosed | EndReason::UpstreamTimeout
                 ) {
-                    if let Some(id) = upstream_call_id {
+                    if let Some(id) = session.upstream_call_id {
                         tasks.spawn(async move {
-                            upstream.hangup(&base, authorization.as_deref(), &id).await;
+                            upstream
+                                .hangup(&session.base, session.authorization.as_deref(), &id)
+                                .await;
                         });
                     }
                 }
@@ -446,6 +504,71 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
         IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
     }
+}
+
+/// A CreateCall request that passed every check needing no network.
+struct CheckedRequest<'r> {
+    upstream_model: &'r str,
+    session: Option<&'r str>,
+    upstream: &'r v1::Upstream,
+    /// The upstream's base URL, on the allowlist.
+    base: Url,
+}
+
+/// The client leg, accepted, with what the client gets back and what routes its
+/// datagrams to the call.
+struct AcceptedClient {
+    leg: LegSetup,
+    answer_sdp: String,
+    ufrag: String,
+}
+
+/// The upstream leg before the provider answered.
+struct UpstreamSide {
+    socket: UdpSocket,
+    local: SocketAddr,
+    leg: peer::UpstreamLeg,
+}
+
+impl UpstreamSide {
+    /// Applies the provider's answer: the leg is ready for the bridge.
+    fn answered(self, answer_sdp: &str) -> Result<AnsweredUpstream, SetupError> {
+        let mut rtc = self.leg.rtc;
+        peer::accept_upstream_answer(&mut rtc, self.leg.pending, answer_sdp)?;
+        Ok(AnsweredUpstream {
+            leg: LegSetup {
+                rtc,
+                local_addr: self.local,
+                audio_mid: Some(self.leg.audio_mid),
+                has_data_channel: true,
+            },
+            channel: self.leg.channel,
+            socket: self.socket,
+        })
+    }
+}
+
+struct AnsweredUpstream {
+    leg: LegSetup,
+    /// The `oai-events` channel our offer created.
+    channel: ChannelId,
+    socket: UdpSocket,
+}
+
+enum Negotiated {
+    Answer {
+        sdp: String,
+        upstream_call_id: Option<String>,
+    },
+    /// The provider refused the call; the client gets its reply verbatim.
+    Rejected(v1::UpstreamRejection),
+}
+
+/// What the relay needs to hang up the provider's side when the call ends.
+struct UpstreamSession {
+    base: Url,
+    authorization: Option<String>,
+    upstream_call_id: Option<String>,
 }
 
 /// Frees a registry reservation if setup fails after it.
