@@ -7,12 +7,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
+use xtask::launch::{Relay, RelaySpec};
+use xtask::metrics;
 
 use crate::peer::{Load, Offer, FRAME_INTERVAL};
-use crate::procs::{self, RelayProc};
+use crate::relay_grpc;
 use crate::sys::{self, round1, round3};
 
 pub const PROVIDER_AUTH: &str = "Bearer sk-bench";
@@ -22,7 +27,7 @@ pub enum Via<'a> {
         provider_url: String,
     },
     Relay {
-        relay: &'a RelayProc,
+        relay: &'a Relay,
         provider_url: String,
     },
 }
@@ -41,11 +46,11 @@ pub async fn run_level(via: &Via<'_>, opts: &LevelOpts) -> Result<Value> {
     let load = Arc::new(Load::default());
     let http = reqwest::Client::new();
     let grpc = match via {
-        Via::Relay { relay, .. } => Some(procs::grpc_client(relay.grpc).await?),
+        Via::Relay { relay, .. } => Some(relay_grpc::grpc_client(relay.grpc).await?),
         Via::Direct { .. } => None,
     };
     let relay_pid = match via {
-        Via::Relay { relay, .. } => Some(relay.pid),
+        Via::Relay { relay, .. } => Some(relay.pid().context("the relay has no pid")?),
         Via::Direct { .. } => None,
     };
     let rss_base = relay_pid.map(sys::rss_kib).transpose()?;
@@ -78,8 +83,8 @@ pub async fn run_level(via: &Via<'_>, opts: &LevelOpts) -> Result<Value> {
             let offer = Offer::new()?;
             let answer = match grpc.as_mut() {
                 Some(g) => {
-                    let req = procs::create_request(&offer.sdp, &provider_url, PROVIDER_AUTH);
-                    procs::create_call(g, req).await?.1
+                    let req = relay_grpc::create_request(&offer.sdp, &provider_url, PROVIDER_AUTH);
+                    relay_grpc::create_call(g, req).await?.1
                 }
                 None => {
                     let resp = http
@@ -155,13 +160,13 @@ async fn measure(
     load.sending.store(true, Relaxed);
     tokio::time::sleep(opts.warmup).await;
 
-    let packets = |text: &str| procs::metric_sum(text, "realtime_relay_rtp_packets_total");
+    let packets = |text: &str| metrics::value(text, "realtime_relay_rtp_packets_total");
     let metrics_addr = match via {
         Via::Relay { relay, .. } => Some(relay.metrics),
         Via::Direct { .. } => None,
     };
     let m0 = match metrics_addr {
-        Some(a) => Some(procs::metrics_text(http, a).await?),
+        Some(a) => Some(metrics_text(http, a).await?),
         None => None,
     };
     let relay_cpu0 = relay_pid.map(sys::cpu_secs).transpose()?;
@@ -180,7 +185,7 @@ async fn measure(
     let gen_cpu1 = sys::cpu_secs(me)?;
     let (busy1, total1) = sys::machine_jiffies();
     let m1 = match metrics_addr {
-        Some(a) => Some(procs::metrics_text(http, a).await?),
+        Some(a) => Some(metrics_text(http, a).await?),
         None => None,
     };
 
@@ -213,7 +218,7 @@ async fn measure(
         "generator_send_errors": load.send_errors.load(Relaxed),
     });
     if let (Some(m0), Some(m1), Some(c0), Some(c1)) = (m0, m1, relay_cpu0, relay_cpu1) {
-        let pk = packets(&m1) - packets(&m0);
+        let pk = packets(&m1)? - packets(&m0)?;
         let cpu = c1 - c0;
         v["relayed_packets"] = json!(pk);
         v["relayed_packets_per_sec"] = json!(round1(pk / secs));
@@ -224,11 +229,10 @@ async fn measure(
             f64::NAN
         });
         v["relay_dropped"] = json!(
-            procs::metric_sum(&m1, "realtime_relay_dropped_total")
-                + procs::metric_sum(&m1, "realtime_relay_call_queue_full_drops_total")
+            metrics::value(&m1, "realtime_relay_dropped_total")?
+                + metrics::value(&m1, "realtime_relay_call_queue_full_drops_total")?
         );
-        v["relay_calls_connected"] =
-            json!(procs::metric_sum(&m1, "realtime_relay_calls_connected"));
+        v["relay_calls_connected"] = json!(metrics::value(&m1, "realtime_relay_calls_connected")?);
     }
     if let (Some(base), Some(rss)) = (rss_base, rss) {
         v["relay_rss_kib"] = json!(rss);
@@ -238,14 +242,37 @@ async fn measure(
     Ok(v)
 }
 
+/// The relay under test on ephemeral loopback ports, pinned to `cpu` (None: not pinned).
+fn start_relay(bin: &Path, upstream: &str, cpu: Option<usize>, log: PathBuf) -> Result<Relay> {
+    let mut spec = RelaySpec::ephemeral("relay", bin.to_path_buf(), log)?;
+    spec.allow_upstreams = vec![upstream.to_string()];
+    spec.allow_private_upstreams = true;
+    spec.args = vec!["--drain-secs=1".into(), "--max-calls=5000".into()];
+    spec.env = vec![("RUST_LOG".into(), "warn".into())];
+    spec.cpu = cpu;
+    Relay::start(&spec)
+}
+
+/// The relay's `/metrics` text (with the load generator's async client: a blocking fetch
+/// would stall a runtime thread that carries media).
+async fn metrics_text(http: &reqwest::Client, addr: SocketAddr) -> Result<String> {
+    Ok(http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
 /// Runs each level direct and through a fresh relay pinned to `relay_cpu`; stops the ramp
 /// when a level is not clean (calls failed to connect, loss over 1 %).
 pub async fn ramp(
     levels: &[usize],
     quick: bool,
-    relay_bin: &std::path::Path,
+    relay_bin: &Path,
     relay_cpu: Option<usize>,
-    log_dir: &std::path::Path,
+    log_dir: &Path,
 ) -> Result<Value> {
     let provider = echo_model::MockProvider::start_with_limits(
         echo_model::ProviderConfig::local(None),
@@ -284,7 +311,7 @@ pub async fn ramp(
             .await;
         crate::say(format!("capacity: {calls} calls through the relay"));
         let log = log_dir.join(format!("relay-capacity-{calls}.log"));
-        let relay = RelayProc::start(relay_bin, &provider_url, relay_cpu, &log, &[])?;
+        let relay = start_relay(relay_bin, &provider_url, relay_cpu, log)?;
         let via = Via::Relay {
             relay: &relay,
             provider_url: provider_url.clone(),

@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::sys::{self, round1, round3};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use xtask::envoy::{render, Vars};
+use xtask::launch::{Envoy, EnvoySpec};
 use xtask::paths::Paths;
-
-use crate::procs::{free_port, EnvoyProc};
-use crate::sys::{self, round1, round3};
+use xtask::ports::free_tcp_port as free_port;
+use xtask::stack::LOCAL_ECHO_API_KEY;
 
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\n\r\nok\n";
@@ -247,14 +248,19 @@ pub async fn run(paths: &Paths, run_dir: &Path, cpu: Option<usize>, quick: bool)
         let (listen, admin) = (free_port()?, free_port()?);
         let file = run_dir.join(format!("envoy-passthrough-{name}.yaml"));
         std::fs::write(&file, config(paths, with, listen, admin, &upstream_url)?)?;
-        let proc = EnvoyProc::start(
-            &paths.envoy_bin(),
-            &file,
-            format!("127.0.0.1:{admin}").parse()?,
-            cpu,
+        let mut spec = EnvoySpec::new(
+            paths,
+            file,
             run_dir.join(format!("envoy-passthrough-{name}.log")),
-        )?;
-        envoys.push((name, format!("127.0.0.1:{listen}"), proc));
+        );
+        spec.concurrency = Some(1);
+        spec.log_level = "warn".into();
+        spec.env = vec![("OPENAI_API_KEY".into(), LOCAL_ECHO_API_KEY.into())];
+        spec.cpu = cpu;
+        let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let envoy = Envoy::start(&spec, loopback(admin), loopback(listen))?;
+        let pid = envoy.pid().context("envoy pid")?;
+        envoys.push((name, format!("127.0.0.1:{listen}"), pid, envoy));
     }
     let (rounds, secs, conns) = if quick {
         (1, Duration::from_secs(1), 16)
@@ -263,8 +269,8 @@ pub async fn run(paths: &Paths, run_dir: &Path, cpu: Option<usize>, quick: bool)
     };
     let mut results: Vec<(&str, Vec<Value>)> = envoys.iter().map(|e| (e.0, Vec::new())).collect();
     for _ in 0..rounds {
-        for (i, (_, listen, proc)) in envoys.iter().enumerate() {
-            let m = measure(listen, proc.pid, conns, secs).await?;
+        for (i, (_, listen, pid, _)) in envoys.iter().enumerate() {
+            let m = measure(listen, *pid, conns, secs).await?;
             if m["rps"].as_f64().unwrap_or(0.0) <= 0.0 {
                 bail!("no pass-through request succeeded: {m}");
             }

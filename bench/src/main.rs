@@ -14,7 +14,7 @@
 mod capacity;
 mod filter;
 mod peer;
-mod procs;
+mod relay_grpc;
 mod report;
 mod setup;
 mod sys;

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::procs;
+use crate::relay_grpc;
 use crate::sys::{self, round1, round3};
 
 /// Where the stack answers.
@@ -206,12 +206,12 @@ async fn cpu_per_setup(
 /// Sequential CreateCall latency straight to the relay over gRPC (the relay's share of a
 /// gateway setup, without Envoy and the filter).
 async fn relay_grpc_latency(t: &Targets, offer: &str, n: usize) -> Result<Value> {
-    let mut grpc = procs::grpc_client(t.relay_grpc).await?;
+    let mut grpc = relay_grpc::grpc_client(t.relay_grpc).await?;
     let mut ms = Vec::new();
     for _ in 0..n {
-        let req = procs::create_request(offer, &t.provider_url, &t.provider_auth);
+        let req = relay_grpc::create_request(offer, &t.provider_url, &t.provider_auth);
         let started = Instant::now();
-        let (id, _) = procs::create_call(&mut grpc, req).await?;
+        let (id, _) = relay_grpc::create_call(&mut grpc, req).await?;
         ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let _ = grpc
             .hangup_call(realtime_relay_proto::v1::HangupCallRequest { call_id: id })
@@ -223,7 +223,7 @@ async fn relay_grpc_latency(t: &Targets, offer: &str, n: usize) -> Result<Value>
 /// Setups per second over gRPC, `in_flight` at once, each call hung up right after its
 /// answer.
 async fn rate(t: &Targets, offer: &str, n: usize, in_flight: usize) -> Result<Value> {
-    let grpc = procs::grpc_client(t.relay_grpc).await?;
+    let grpc = relay_grpc::grpc_client(t.relay_grpc).await?;
     let r0 = sys::cpu_secs(t.relay_pid)?;
     let p0 = sys::cpu_secs(t.provider_pid)?;
     let started = Instant::now();
@@ -234,8 +234,8 @@ async fn rate(t: &Targets, offer: &str, n: usize, in_flight: usize) -> Result<Va
         set.spawn(async move {
             let (mut ok, mut err, mut first) = (0usize, 0usize, None);
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                let req = procs::create_request(&offer, &t.provider_url, &t.provider_auth);
-                match procs::create_call(&mut grpc, req).await {
+                let req = relay_grpc::create_request(&offer, &t.provider_url, &t.provider_auth);
+                match relay_grpc::create_call(&mut grpc, req).await {
                     Ok((id, _)) => {
                         ok += 1;
                         let _ = grpc

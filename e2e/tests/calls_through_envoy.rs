@@ -208,14 +208,15 @@ fn malformed_inputs_are_refused_by_the_filter_without_a_grpc_call() {
         assert!(r.header("x-request-id").is_some());
     }
     // nothing reached the relay or the provider
-    let m = g.relay.metrics().unwrap();
+    let m = g.relay.metrics_text().unwrap();
     assert_eq!(
-        e2e::metric_sum(&m, "realtime_relay_calls_created_total"),
+        e2e::metrics::value(&m, "realtime_relay_calls_created_total").unwrap(),
         0.0,
         "{m}"
     );
     assert_eq!(
-        e2e::metric_sum(&m, "realtime_relay_setup_failures_total"),
+        // A labelled family: no line in /metrics until the first failure.
+        e2e::metrics::labelled_family_sum(&m, "realtime_relay_setup_failures_total"),
         0.0,
         "{m}"
     );
@@ -413,9 +414,9 @@ fn an_offer_only_the_relay_refuses_keeps_its_code_through_envoy() {
     );
     assert!(!message.contains('\n'), "{message}");
     // The relay saw it (and refused it before any upstream request).
-    let m = g.relay.metrics().unwrap();
+    let m = g.relay.metrics_text().unwrap();
     assert_eq!(
-        e2e::metric_sum(&m, "realtime_relay_calls_created_total"),
+        e2e::metrics::value(&m, "realtime_relay_calls_created_total").unwrap(),
         0.0,
         "{m}"
     );

@@ -19,7 +19,7 @@ fn with_key() -> EnvoyOptions {
 fn start(name: &str, opts: EnvoyOptions) -> (RunDir, Envoy) {
     let paths = Paths::discover();
     let dir = RunDir::new(name).unwrap();
-    let envoy = Envoy::start(&paths, &dir, &opts).unwrap();
+    let envoy = opts.start(&paths, &dir).unwrap();
     (dir, envoy)
 }
 
@@ -39,8 +39,9 @@ fn assert_openai_error(r: &http::Response, status: u16, code: &str) {
 fn shipped_envoy_config_validates_and_loads_the_filter() {
     let paths = Paths::discover();
     let dir = RunDir::new("validate").unwrap();
-    let log = Envoy::validate(&paths, &dir, &with_key()).unwrap();
-    let log = log.unwrap_or_else(|l| panic!("envoy --mode validate failed:\n{l}"));
+    let v = with_key().validate(&paths, &dir).unwrap();
+    assert!(v.valid, "envoy --mode validate failed:\n{}", v.log);
+    let log = v.log;
     // validate mode instantiates the VM and runs on_configure
     assert!(log.contains("realtime filter configured"), "{log}");
     assert!(!log.contains(KEY), "key in Envoy's log");
@@ -53,9 +54,11 @@ fn bad_plugin_config_is_rejected_when_envoy_loads_it() {
     let mut opts = with_key();
     opts.plugin_config =
         Some(r#"{"relay_cluster": "relay", "models": [], "pools": [], "surprise": true}"#.into());
-    let err = Envoy::start(&paths, &dir, &opts)
+    let err = opts
+        .start(&paths, &dir)
         .err()
         .expect("Envoy must refuse the config");
+    let err = format!("{err:#}");
     assert!(err.contains("invalid plugin configuration"), "{err}");
     assert!(
         err.contains("surprise"),
@@ -68,8 +71,9 @@ fn missing_worker_key_in_vm_environment_is_rejected_at_load() {
     let paths = Paths::discover();
     let dir = RunDir::new("nokey").unwrap();
     // OPENAI_API_KEY not in Envoy's environment → not in the VM's → refused at load
-    let r = Envoy::validate(&paths, &dir, &EnvoyOptions::default()).unwrap();
-    let log = r.expect_err("validate must fail without the key");
+    let v = EnvoyOptions::default().validate(&paths, &dir).unwrap();
+    assert!(!v.valid, "validate must fail without the key");
+    let log = v.log;
     assert!(
         log.contains("'OPENAI_API_KEY' (key_env) is not set"),
         "{log}"
@@ -124,15 +128,9 @@ fn pass_through_request_reaches_the_provider_untouched() {
 
 /// The filter's `requests.passed_through` counter from Envoy's stats.
 fn passed_through(envoy: &Envoy) -> u64 {
-    let stats = http::get(envoy.admin(), "/stats/prometheus")
-        .unwrap()
-        .text();
-    stats
-        .lines()
-        .find(|l| l.starts_with("realtime_filter_requests_passed_through"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no passed_through counter in Envoy's stats"))
+    envoy
+        .stat("realtime_filter_requests_passed_through")
+        .unwrap_or_else(|e| panic!("no passed_through counter in Envoy's stats: {e:#}")) as u64
 }
 
 #[test]
@@ -230,7 +228,7 @@ fn relay_down_gives_503_within_a_second() {
     assert_openai_error(&r, 503, "relay_unavailable");
     // never log a key
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!envoy.proc.log_text().contains(KEY));
+    assert!(!envoy.log_text().contains(KEY));
 }
 
 #[test]

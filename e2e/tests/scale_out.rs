@@ -4,12 +4,12 @@
 mod common;
 
 use common::*;
-use e2e::{Envoy, EnvoyOptions, Paths, Relay, RunDir, Vars};
+use e2e::{start_relay, Envoy, EnvoyOptions, Paths, Relay, RunDir, Vars};
 
 fn two_relays(paths: &Paths, dir: &RunDir, upstream: &str) -> (Relay, Relay) {
     let up = [upstream.to_string()];
-    let a = Relay::start(paths, dir, "relay-a", &up, &[]).expect("relay a");
-    let b = Relay::start(paths, dir, "relay-b", &up, &[]).expect("relay b");
+    let a = start_relay(paths, dir, "relay-a", &up).expect("relay a");
+    let b = start_relay(paths, dir, "relay-b", &up).expect("relay b");
     (a, b)
 }
 
@@ -59,16 +59,16 @@ fn one_relay_cluster_with_two_endpoints_cannot_keep_a_call_on_its_replica() {
         |port: u16| format!("socket_address: {{ address: \"127.0.0.1\", port_value: {port} }}");
     let two_endpoints = format!(
         "{}\n              - endpoint:\n                  address:\n                    {}",
-        endpoint(a.grpc_port),
-        endpoint(b.grpc_port)
+        endpoint(a.grpc.port()),
+        endpoint(b.grpc.port())
     );
     for lb in ["ROUND_ROBIN", "RING_HASH"] {
         let opts = EnvoyOptions {
-            relay_port: Some(a.grpc_port),
+            relay_port: Some(a.grpc.port()),
             plugin_config: Some(single_worker(&p.base_url(), "inject_if_missing")),
             env: vec![("OPENAI_API_KEY".into(), KEY.into())],
             patches: vec![
-                (endpoint(a.grpc_port), two_endpoints.clone()),
+                (endpoint(a.grpc.port()), two_endpoints.clone()),
                 (
                     "lb_policy: ROUND_ROBIN\n      typed_extension_protocol_options".into(),
                     format!("lb_policy: {lb}\n      typed_extension_protocol_options"),
@@ -76,7 +76,7 @@ fn one_relay_cluster_with_two_endpoints_cannot_keep_a_call_on_its_replica() {
             ],
             ..Default::default()
         };
-        let envoy = Envoy::start(&paths, &dir, &opts).expect("envoy");
+        let envoy = opts.start(&paths, &dir).expect("envoy");
         wait_relay_healthy(&envoy, "relay");
         let (on_a, on_b, ok, not_found) = creates_and_hangups(&envoy, &a, &b, 10);
         eprintln!(
@@ -106,17 +106,17 @@ fn replicas_named_in_call_ids_share_calls_and_hangups_reach_their_replica() {
     let paths = Paths::discover();
     let dir = RunDir::new("two-relays").unwrap();
     let (a, b) = two_relays(&paths, &dir, &p.base_url());
-    let mut vars = Vars::new();
-    vars.insert("RELAY2_GRPC_PORT".into(), b.grpc_port.to_string());
+    let mut vars = Vars::default();
+    vars.set("RELAY2_GRPC_PORT", b.grpc.port().to_string());
     let opts = EnvoyOptions {
-        relay_port: Some(a.grpc_port),
+        relay_port: Some(a.grpc.port()),
         provider_port: Some(p.local_addr().port()),
         env: vec![("OPENAI_API_KEY".into(), KEY.into())],
         vars,
         template: Some(paths.root.join("envoy/envoy-two-relays.yaml")),
         ..Default::default()
     };
-    let envoy = Envoy::start(&paths, &dir, &opts).expect("envoy");
+    let envoy = opts.start(&paths, &dir).expect("envoy");
     wait_relay_healthy(&envoy, "relay_r0");
     wait_relay_healthy(&envoy, "relay_r1");
 
@@ -169,7 +169,7 @@ fn replicas_named_in_call_ids_share_calls_and_hangups_reach_their_replica() {
     drop(clients);
 
     // Replica r1 dies: new calls fail over to r0 (no 503), under ids naming r0.
-    let b_log = b.proc.log_text();
+    let b_log = b.log_text();
     drop(b);
     let before = created_total(&a);
     for _ in 0..4 {
@@ -181,8 +181,8 @@ fn replicas_named_in_call_ids_share_calls_and_hangups_reach_their_replica() {
     assert_eq!(created_total(&a) - before, 4.0);
     assert!(envoy_stat(&envoy, "realtime_filter_replica_r1_failovers") >= 1.0);
     for (name, text) in [
-        ("envoy", envoy.proc.log_text()),
-        ("relay a", a.proc.log_text()),
+        ("envoy", envoy.log_text()),
+        ("relay a", a.log_text()),
         ("relay b", b_log),
     ] {
         assert!(!text.contains(KEY), "key in the {name} log");

@@ -4,6 +4,24 @@ use clap::{Parser, ValueEnum};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+/// A configuration clap accepts but the relay cannot run with.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{flag} must be at least {min}{why}")]
+    TooSmall {
+        flag: &'static str,
+        min: u64,
+        /// Why the minimum, as a parenthesis (or empty).
+        why: &'static str,
+    },
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+    #[error("no --allow-upstream given: the relay would refuse every call")]
+    NoUpstreamAllowed,
+    #[error("--media-addr {0} is unspecified: set --public-ip to the address clients reach")]
+    UnspecifiedMediaAddr(SocketAddr),
+}
+
 /// gRPC relay for OpenAI Realtime WebRTC calls: validates a client's SDP offer,
 /// exchanges SDP with the upstream model provider, and bridges audio and the
 /// `oai-events` data channel between the two peer connections.
@@ -182,13 +200,10 @@ impl Args {
     }
 
     /// The address advertised in client-leg candidates.
-    pub fn advertised_media_addr(&self) -> Result<SocketAddr, String> {
+    pub fn advertised_media_addr(&self) -> Result<SocketAddr, ConfigError> {
         let ip = self.public_ip.unwrap_or(self.media_addr.ip());
         if ip.is_unspecified() {
-            return Err(format!(
-                "--media-addr {} is unspecified: set --public-ip to the address clients reach",
-                self.media_addr
-            ));
+            return Err(ConfigError::UnspecifiedMediaAddr(self.media_addr));
         }
         Ok(SocketAddr::new(
             ip,
@@ -197,20 +212,19 @@ impl Args {
     }
 
     /// Checks what clap cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let too_small = |flag, min, why| Err(ConfigError::TooSmall { flag, min, why });
         if self.max_calls == 0 {
-            return Err("--max-calls must be at least 1".into());
+            return too_small("--max-calls", 1, "");
         }
         if self.max_offer_bytes < 512 {
-            return Err("--max-offer-bytes must be at least 512".into());
+            return too_small("--max-offer-bytes", 512, "");
         }
         if self.dc_buffer_bytes < 64 * 1024 {
-            return Err(
-                "--dc-buffer-bytes must be at least 65536 (one large Realtime event)".into(),
-            );
+            return too_small("--dc-buffer-bytes", 65536, " (one large Realtime event)");
         }
         if self.call_queue_datagrams == 0 {
-            return Err("--call-queue-datagrams must be at least 1".into());
+            return too_small("--call-queue-datagrams", 1, "");
         }
         for (name, v) in [
             ("--upstream-timeout-ms", self.upstream_timeout_ms),
@@ -224,11 +238,11 @@ impl Args {
             ("--max-call-secs", self.max_call_secs),
         ] {
             if v == 0 {
-                return Err(format!("{name} must be greater than 0"));
+                return Err(ConfigError::Zero(name));
             }
         }
         if self.allow_upstreams.is_empty() {
-            return Err("no --allow-upstream given: the relay would refuse every call".into());
+            return Err(ConfigError::NoUpstreamAllowed);
         }
         self.advertised_media_addr()?;
         Ok(())
@@ -258,6 +272,33 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_flag_is_named_with_its_limit() {
+        let args = |extra: &[&str]| {
+            let mut argv = vec![
+                "realtime-relay",
+                "--allow-upstream",
+                "http://127.0.0.1:8089",
+            ];
+            argv.extend_from_slice(extra);
+            Args::parse_from(argv)
+        };
+        let err = |extra: &[&str]| args(extra).validate().unwrap_err().to_string();
+        assert_eq!(
+            err(&["--dc-buffer-bytes", "1024"]),
+            "--dc-buffer-bytes must be at least 65536 (one large Realtime event)"
+        );
+        assert_eq!(err(&["--max-calls", "0"]), "--max-calls must be at least 1");
+        assert_eq!(
+            err(&["--idle-timeout-secs", "0"]),
+            "--idle-timeout-secs must be greater than 0"
+        );
+        assert_eq!(
+            Args::parse_from(["realtime-relay"]).validate(),
+            Err(ConfigError::NoUpstreamAllowed)
+        );
+    }
+
+    #[test]
     fn unspecified_media_ip_needs_a_public_ip() {
         let args = Args::parse_from([
             "realtime-relay",
@@ -266,7 +307,11 @@ mod tests {
             "--media-addr",
             "0.0.0.0:40000",
         ]);
-        assert!(args.validate().unwrap_err().contains("--public-ip"));
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--public-ip"));
         let args = Args::parse_from([
             "realtime-relay",
             "--allow-upstream",

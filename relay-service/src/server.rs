@@ -3,7 +3,7 @@
 //! loopback ports through [`start`].
 
 use crate::allowlist::Allowlist;
-use crate::config::Args;
+use crate::config::{Args, ConfigError};
 use crate::grpc::RelayGrpc;
 use crate::media_socket::ClientPort;
 use crate::metrics::Metrics;
@@ -14,6 +14,41 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// Why the relay could not start; each names the flag or address to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind the media port {addr}: {source} (is it in use?)")]
+    MediaPort {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for {what} on {addr}: {source} (is it in use?)")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("--upstream-stun-server {server}: {source}")]
+    StunLookup {
+        server: String,
+        source: std::io::Error,
+    },
+    #[error("--upstream-stun-server {0}: no address")]
+    StunNoAddress(String),
+    /// An `--allow-upstream` entry that is not an absolute http(s) URL.
+    #[error("{0}")]
+    Allowlist(String),
+    /// The relay's own set-up (its upstream HTTP client).
+    #[error("{0}")]
+    Relay(String),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("reading the bound address: {0}")]
+    LocalAddr(std::io::Error),
+}
 
 pub struct RunningRelay {
     pub relay: Arc<Relay>,
@@ -27,7 +62,7 @@ pub struct RunningRelay {
     drain_timeout: Duration,
 }
 
-pub async fn start(args: &Args) -> Result<RunningRelay, String> {
+pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
     args.validate()?;
     let limits = args.limits();
     let metrics = Arc::new(Metrics::new());
@@ -38,12 +73,11 @@ pub async fn start(args: &Args) -> Result<RunningRelay, String> {
     } else {
         args.media_shards
     };
-    let port = ClientPort::bind(args.media_addr, shards).map_err(|e| {
-        format!(
-            "cannot bind the media port {}: {e} (is it in use?)",
-            args.media_addr
-        )
-    })?;
+    let port =
+        ClientPort::bind(args.media_addr, shards).map_err(|source| StartError::MediaPort {
+            addr: args.media_addr,
+            source,
+        })?;
     let media_addr = port.local_addr();
     let mut advertised = args.advertised_media_addr()?;
     if args.public_port.is_none() {
@@ -52,29 +86,36 @@ pub async fn start(args: &Args) -> Result<RunningRelay, String> {
     }
     let port = Arc::new(port);
     port.spawn_receivers(metrics.clone());
-    let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)?;
+    let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)
+        .map_err(StartError::Allowlist)?;
     let upstream_stun = match &args.upstream_stun_server {
         Some(server) => {
             let addr = tokio::net::lookup_host(server.as_str())
                 .await
-                .map_err(|e| format!("--upstream-stun-server {server}: {e}"))?
+                .map_err(|source| StartError::StunLookup {
+                    server: server.clone(),
+                    source,
+                })?
                 .next()
-                .ok_or_else(|| format!("--upstream-stun-server {server}: no address"))?;
+                .ok_or_else(|| StartError::StunNoAddress(server.clone()))?;
             Some((addr, Duration::from_millis(args.upstream_stun_timeout_ms)))
         }
         None => None,
     };
-    let relay = Arc::new(Relay::new(
-        RelaySettings {
-            limits,
-            advertised_media_addr: advertised,
-            upstream_media_ip: args.upstream_media_ip,
-            upstream_stun,
-        },
-        allowlist,
-        port,
-        metrics.clone(),
-    )?);
+    let relay = Arc::new(
+        Relay::new(
+            RelaySettings {
+                limits,
+                advertised_media_addr: advertised,
+                upstream_media_ip: args.upstream_media_ip,
+                upstream_stun,
+            },
+            allowlist,
+            port,
+            metrics.clone(),
+        )
+        .map_err(StartError::Relay)?,
+    );
 
     // gRPC with health and reflection.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -82,17 +123,15 @@ pub async fn start(args: &Args) -> Result<RunningRelay, String> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(realtime_relay_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("reflection: {e}"))?;
+        .build_v1()?;
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen for gRPC on {}: {e} (is it in use?)",
-                args.grpc_addr
-            )
+        .map_err(|source| StartError::Listen {
+            what: "gRPC",
+            addr: args.grpc_addr,
+            source,
         })?;
-    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let grpc_addr = listener.local_addr().map_err(StartError::LocalAddr)?;
     let (grpc_stop, stop_rx) = oneshot::channel::<()>();
     let service = RelayServiceServer::new(RelayGrpc {
         relay: relay.clone(),
@@ -122,13 +161,14 @@ pub async fn start(args: &Args) -> Result<RunningRelay, String> {
     // Metrics over plain HTTP.
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen for metrics on {}: {e} (is it in use?)",
-                args.metrics_addr
-            )
+        .map_err(|source| StartError::Listen {
+            what: "metrics",
+            addr: args.metrics_addr,
+            source,
         })?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|e| e.to_string())?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(StartError::LocalAddr)?;
     let app = axum::Router::new()
         .route(
             "/metrics",

@@ -7,8 +7,7 @@
 //! inbound audio packets and a non-silent level, save a screenshot, hang up, and check the relay
 //! no longer has a live call.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,7 +16,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::process::ChildGuard;
-use crate::stack::http_get;
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -32,79 +30,19 @@ pub struct DemoReport {
     pub screenshot: PathBuf,
 }
 
-/// One HTTP/1.1 request; returns status and body. The body is read by `Content-Length`
-/// (chromedriver keeps the connection open even when asked to close it), or to the end of the
-/// stream when the response has none.
+/// One WebDriver request (JSON body); returns status and body. Page loads can take a while,
+/// hence the long read limit.
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let payload = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-        payload.len()
+    let r = crate::http::request_within(
+        Duration::from_secs(60),
+        addr,
+        method,
+        path,
+        &[("content-type", "application/json")],
+        payload.as_bytes(),
     )?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    let header_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            bail!("connection to {addr} closed before the response headers");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status from {addr}"))?;
-    let length = head.lines().find_map(|l| {
-        l.strip_prefix("content-length:")
-            .and_then(|v| v.trim().parse::<usize>().ok())
-    });
-    let mut body = buf.split_off(header_end);
-    match length {
-        Some(len) => {
-            while body.len() < len {
-                let n = stream.read(&mut chunk)?;
-                if n == 0 {
-                    bail!("connection to {addr} closed mid-body");
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-            body.truncate(len);
-        }
-        None => {
-            stream.read_to_end(&mut body)?;
-        }
-    }
-    let text = String::from_utf8_lossy(&body).into_owned();
-    let text = if head.contains("transfer-encoding: chunked") {
-        dechunk(&text)
-    } else {
-        text
-    };
-    Ok((status, text))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    Ok((r.status, r.text()))
 }
 
 /// A WebDriver session on a chromedriver we started.
@@ -228,23 +166,20 @@ pub fn demo_call(
         }
     }
     std::fs::create_dir_all(out)?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let addr = crate::ports::free_tcp_addr()?;
     let mut cmd = Command::new(CHROMEDRIVER);
-    cmd.arg(format!("--port={port}"));
-    let _driver = ChildGuard::spawn(
+    cmd.arg(format!("--port={}", addr.port()));
+    let mut driver = ChildGuard::spawn(
         "chromedriver",
         cmd,
         &out.join("chromedriver.log"),
         "Run `cargo xtask setup --browser`.",
     )?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !matches!(http(addr, "GET", "/status", None), Ok((200, _))) {
-        if Instant::now() > deadline {
-            bail!("chromedriver did not answer on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    driver.wait_ready(
+        &format!("chromedriver on {addr}"),
+        Duration::from_secs(15),
+        || matches!(http(addr, "GET", "/status", None), Ok((200, _))),
+    )?;
     let profile = out.join("chromium-profile");
     let _ = std::fs::remove_dir_all(&profile);
     let caps = json!({"capabilities": {"alwaysMatch": {
@@ -336,20 +271,15 @@ fn scenario(
 fn wait_no_live_calls(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_, body) = http_get(addr, "/metrics")?;
-        let active = body
-            .lines()
-            .find_map(|l| l.strip_prefix("realtime_relay_calls_active "))
-            .and_then(|v| v.trim().parse::<f64>().ok());
+        let body = crate::http::get(addr, "/metrics")?.text();
+        let active = crate::metrics::value(&body, "realtime_relay_calls_active")
+            .context("cannot check hang-up")?;
         match active {
-            None => bail!(
-                "the relay's /metrics has no `realtime_relay_calls_active` gauge; cannot check hang-up"
-            ),
-            Some(0.0) => return Ok(()),
-            Some(n) if Instant::now() >= deadline => {
+            0.0 => return Ok(()),
+            n if Instant::now() >= deadline => {
                 bail!("the relay still reports {n} live call(s) after hang-up")
             }
-            Some(_) => std::thread::sleep(Duration::from_millis(200)),
+            _ => std::thread::sleep(Duration::from_millis(200)),
         }
     }
 }
@@ -373,9 +303,6 @@ mod tests {
     #[test]
     fn base64_and_chunked_bodies_decode() {
         assert_eq!(decode_base64("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
+        // Chunked bodies: the shared client's `http::tests::chunked_bodies_decode`.
     }
 }

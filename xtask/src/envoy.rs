@@ -7,15 +7,13 @@
 //! The known names and their `up` defaults are in [`Vars::local`] and in
 //! `docs/configuration.md`.
 
+use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use anyhow::{anyhow, bail, Context, Result};
 use yaml_rust2::{Yaml, YamlLoader};
 
+use crate::launch::{Envoy, EnvoySpec};
 use crate::paths::Paths;
-use crate::process::output;
 
 /// Default model of the local demo (`?model=` default on the demo page too).
 pub const DEFAULT_MODEL: &str = "gpt-realtime";
@@ -149,6 +147,39 @@ pub fn render_file(src: &Path, dest: &Path, vars: &Vars) -> Result<()> {
     Ok(())
 }
 
+/// Replaces the filter's JSON configuration: the block under the line holding
+/// `value: | # plugin config` (the marker in `envoy/envoy.yaml`), re-indented under it.
+pub fn replace_plugin_config(yaml: &str, json: &str) -> Result<String> {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("value: | # plugin config"))
+        .ok_or_else(|| anyhow!("no `value: | # plugin config` line in the Envoy config"))?;
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let base = indent(lines[start]);
+    let end = (start + 1..lines.len())
+        .find(|&i| !lines[i].trim().is_empty() && indent(lines[i]) <= base)
+        .unwrap_or(lines.len());
+    let pad = " ".repeat(base + 2);
+    let mut out: Vec<String> = lines[..=start].iter().map(|s| s.to_string()).collect();
+    out.extend(json.lines().map(|l| format!("{pad}{l}")));
+    out.extend(lines[end..].iter().map(|s| s.to_string()));
+    Ok(out.join("\n") + "\n")
+}
+
+/// Applies literal text replacements; each `from` must occur (a stale patch fails loudly
+/// instead of silently testing the unpatched config).
+pub fn patch(text: &str, patches: &[(String, String)]) -> Result<String> {
+    let mut text = text.to_string();
+    for (from, to) in patches {
+        if !text.contains(from.as_str()) {
+            bail!("patch target {from:?} is not in the Envoy config");
+        }
+        text = text.replace(from.as_str(), to);
+    }
+    Ok(text)
+}
+
 /// Keys that mark a YAML document as an Envoy bootstrap config.
 const BOOTSTRAP_KEYS: &[&str] = &[
     "static_resources",
@@ -218,32 +249,41 @@ pub fn rendered_path(paths: &Paths, config: &Path, run_dir: &Path) -> PathBuf {
 }
 
 /// Renders `config` and runs `envoy --mode validate` on it. Returns Envoy's verdict line.
-///
-/// Validation loads the Wasm filter and runs its `on_configure`, which refuses a config whose
-/// `key_env` variables are unset; the VM environment gets the local echo model's (non-secret)
-/// key as `OPENAI_API_KEY`, never the caller's real one.
 pub fn validate(paths: &Paths, config: &Path, vars: &Vars) -> Result<String> {
     let dest = rendered_path(paths, config, &paths.scratch().join("envoy-validate"));
     render_file(config, &dest, vars)?;
-    let out = output(
-        Command::new(paths.envoy_bin())
-            .args([
-                "--mode",
-                "validate",
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-                "-c",
-            ])
-            .arg(&dest)
-            .env("OPENAI_API_KEY", crate::stack::LOCAL_ECHO_API_KEY),
+    validate_rendered(
+        paths,
+        &dest,
         &format!(
             "Envoy rejected {} (rendered copy: {}).",
             config.display(),
             dest.display()
         ),
-    )?;
-    Ok(out
+    )
+}
+
+/// Runs `envoy --mode validate` on a config file; returns Envoy's verdict line, or an error
+/// with Envoy's output and `hint`.
+///
+/// Validation loads the Wasm filter and runs its `on_configure`, which refuses a config whose
+/// `key_env` variables are unset; the VM environment gets the local echo model's (non-secret)
+/// key as `OPENAI_API_KEY`, never the caller's real one.
+pub fn validate_rendered(paths: &Paths, file: &Path, hint: &str) -> Result<String> {
+    let mut log = file.as_os_str().to_owned();
+    log.push(".log");
+    let mut spec = EnvoySpec::new(paths, file.to_path_buf(), PathBuf::from(log));
+    spec.log_level = "warn".into();
+    spec.env = vec![(
+        "OPENAI_API_KEY".into(),
+        crate::stack::LOCAL_ECHO_API_KEY.into(),
+    )];
+    let verdict = Envoy::validate(&spec)?;
+    if !verdict.valid {
+        bail!("{hint} Envoy said:\n{}", verdict.log.trim());
+    }
+    Ok(verdict
+        .log
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
@@ -292,6 +332,23 @@ mod tests {
         v.set_provider("http://127.0.0.1:8089").unwrap();
         assert_eq!(v.get("PROVIDER_PORT"), Some("8089"));
         assert!(v.set_provider("api.openai.com").is_err());
+    }
+
+    #[test]
+    fn plugin_config_block_is_replaced() {
+        let y = "a:\n  value: | # plugin config\n    {\n      \"x\": 1\n    }\n  next: 2\n";
+        let out = replace_plugin_config(y, "{\"y\": 2}").unwrap();
+        assert_eq!(
+            out,
+            "a:\n  value: | # plugin config\n    {\"y\": 2}\n  next: 2\n"
+        );
+    }
+
+    #[test]
+    fn a_patch_that_matches_nothing_is_an_error() {
+        let p = |a: &str, b: &str| vec![(a.to_string(), b.to_string())];
+        assert_eq!(patch("lb: A", &p("A", "B")).unwrap(), "lb: B");
+        assert!(patch("lb: A", &p("C", "B")).is_err());
     }
 
     #[test]

@@ -1,17 +1,23 @@
 //! Project commands (`cargo xtask ...`) and the shared start-up path of the local gateway.
 //!
 //! The binary (`src/main.rs`) is a thin CLI; everything it does lives here so that the
-//! end-to-end tests and the benchmarks can reuse the same code, in particular
-//! [`stack::Stack`] (start echo model, relay and Envoy on chosen ports; stop them by PID) and
-//! [`envoy::render`] (fill `${NAME}` placeholders in the configs under `envoy/`).
+//! end-to-end tests and the benchmarks reuse the same code: [`stack::Stack`] (echo model,
+//! relay and Envoy on chosen ports, stopped by PID), the components it is made of
+//! ([`launch::Relay`], [`launch::Envoy`]) for other topologies, [`envoy::render`] (fill
+//! `${NAME}` placeholders in the configs under `envoy/`), [`ports`], [`process::ChildGuard`],
+//! the one loopback HTTP/1.1 client [`http`] and the metric reader [`metrics::value`].
 
 pub mod bench;
 pub mod browser;
 pub mod compile;
 pub mod envoy;
+pub mod http;
+pub mod launch;
 pub mod manifests;
+pub mod metrics;
 pub mod paths;
 pub mod pipeline;
+pub mod ports;
 pub mod process;
 pub mod setup;
 pub mod stack;

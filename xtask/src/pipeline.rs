@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::compile::{build_filter, cargo};
 use crate::envoy::{self, Vars};
 use crate::manifests;
-use crate::paths::{Paths, Profile, FILTER_PACKAGE, WASM_TARGET};
+use crate::paths::{Paths, FILTER_PACKAGE, WASM_TARGET};
 use crate::process::{run, spawn_error};
 use crate::setup::{self, SetupOptions};
 use crate::ui::{line, Step};
@@ -148,27 +148,12 @@ pub fn add_result_line(counts: &mut TestCounts, line: &str) {
     }
 }
 
-/// Environment that tells the end-to-end tests where the artifacts are.
-pub fn artifact_env(paths: &Paths, profile: Profile) -> Vec<(&'static str, String)> {
-    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
-    vec![
-        ("RTGW_ROOT", s(paths.root.clone())),
-        ("RTGW_ENVOY_BIN", s(paths.envoy_bin())),
-        ("RTGW_FILTER_WASM", s(paths.filter_wasm())),
-        ("RTGW_RELAY_BIN", s(paths.relay_bin(profile))),
-        ("RTGW_ECHO_MODEL_BIN", s(paths.echo_bin(profile))),
-        ("RTGW_WEB_DIR", s(paths.web_dir())),
-    ]
-}
-
-fn cargo_test(paths: &Paths, counts: &mut TestCounts, browser: bool) -> Result<String> {
+/// `cargo test --workspace`. The end-to-end tests find the artifacts through xtask's own
+/// [`Paths`], as `cargo xtask up` does.
+fn cargo_test(counts: &mut TestCounts) -> Result<String> {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
-        .envs(artifact_env(paths, Profile::Dev))
         .stdout(Stdio::piped());
-    if browser {
-        cmd.env("RTGW_BROWSER", "1");
-    }
     let mut child = cmd
         .spawn()
         .map_err(|e| spawn_error(&cmd, &e, "cargo must be on PATH"))?;
@@ -236,23 +221,14 @@ pub fn validate_envoy_filter_fragments(paths: &Paths) -> Result<String> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&file, text)?;
-    let out = crate::process::output(
-        std::process::Command::new(paths.envoy_bin())
-            .args([
-                "--mode",
-                "validate",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-                "-c",
-            ])
-            .arg(&file),
+    envoy::validate_rendered(
+        paths,
+        &file,
         &format!(
             "An EnvoyFilter under deploy/ patches in config Envoy rejects (checked bootstrap: {}).",
             file.display()
         ),
-    )?;
-    Ok(out.lines().last().unwrap_or("OK").trim().to_string())
+    )
 }
 
 /// Checks the demo page is self-contained and small enough for Envoy's direct_response.
@@ -387,9 +363,7 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     });
     let mut counts = TestCounts::default();
     if built {
-        p.step("cargo test --workspace", || {
-            cargo_test(paths, &mut counts, opts.browser)
-        });
+        p.step("cargo test --workspace", || cargo_test(&mut counts));
     } else {
         p.skip("cargo test --workspace", "the build failed");
     }

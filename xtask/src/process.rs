@@ -81,6 +81,8 @@ pub struct ChildGuard {
     child: Option<Child>,
     log: PathBuf,
     exited: Option<ExitStatus>,
+    /// SIGTERM-to-SIGKILL grace when dropped; zero kills at once.
+    drop_grace: Duration,
 }
 
 impl ChildGuard {
@@ -104,7 +106,14 @@ impl ChildGuard {
             child: Some(child),
             log: log.to_path_buf(),
             exited: None,
+            drop_grace: Duration::from_secs(5),
         })
+    }
+
+    /// How long a drop waits after SIGTERM before SIGKILL. Tests that stand for a crash, or
+    /// only want their processes gone, set zero: SIGKILL at once, nothing drains.
+    pub fn set_drop_grace(&mut self, grace: Duration) {
+        self.drop_grace = grace;
     }
 
     pub fn name(&self) -> &str {
@@ -131,6 +140,52 @@ impl ChildGuard {
         self.exited
     }
 
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exited() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `ready` until it holds. Fails when the process exits first (with the tail of its
+    /// log) or after `timeout` (naming `what` and the log).
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if self.try_exited().is_some() {
+                bail!("{}", self.exit_report());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{what} did not become ready within {timeout:?}. Last lines of {}:\n{}",
+                    self.log.display(),
+                    tail(&self.log, 25)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Describes an unexpected exit with the tail of the log.
     pub fn exit_report(&mut self) -> String {
         let status = self
@@ -145,7 +200,8 @@ impl ChildGuard {
         )
     }
 
-    /// Stops the process: SIGTERM, wait up to `grace`, then SIGKILL. Idempotent.
+    /// Stops the process: SIGTERM, wait up to `grace`, then SIGKILL (at once when `grace` is
+    /// zero). Idempotent.
     pub fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -153,6 +209,13 @@ impl ChildGuard {
         if self.exited.is_none() {
             if let Ok(Some(status)) = child.try_wait() {
                 self.exited = Some(status);
+                return;
+            }
+            if grace.is_zero() {
+                let _ = child.kill();
+                if let Ok(status) = child.wait() {
+                    self.exited = Some(status);
+                }
                 return;
             }
             send_signal(child.id(), libc::SIGTERM);
@@ -174,7 +237,20 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
+        self.stop(self.drop_grace);
+    }
+}
+
+/// `program`, pinned to one CPU with `taskset` (util-linux) when `cpu` is given, so a process
+/// under measurement and its load generator do not share a core.
+pub fn on_cpu(program: &Path, cpu: Option<usize>) -> Command {
+    match cpu {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
     }
 }
 

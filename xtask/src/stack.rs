@@ -7,16 +7,18 @@
 //! they do not. Every process it starts is owned by a [`ChildGuard`]: stopped by PID when the
 //! [`Stack`] is stopped or dropped, in the order Envoy → relay → echo model.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::envoy::{self, Vars};
+use crate::launch::{Envoy, EnvoySpec, Relay, RelaySpec};
 use crate::paths::{Paths, Profile};
+use crate::ports::{
+    accepts_tcp, check_tcp_free, check_udp_free, free_tcp_port, free_udp_port, sockaddr,
+};
 use crate::process::ChildGuard;
 
 /// Key that Envoy injects toward the local echo model. Not a secret: the echo model runs on
@@ -155,50 +157,10 @@ pub struct Urls {
 pub struct Stack {
     pub config: StackConfig,
     pub urls: Urls,
-    /// In start order: echo model (if any), relay, Envoy.
-    children: Vec<ChildGuard>,
-}
-
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .context("binding an ephemeral TCP port on 127.0.0.1")?
-        .local_addr()?
-        .port())
-}
-
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")
-        .context("binding an ephemeral UDP port on 127.0.0.1")?
-        .local_addr()?
-        .port())
-}
-
-fn sockaddr(host: &str, port: u16) -> Result<SocketAddr> {
-    format!("{host}:{port}")
-        .parse()
-        .map_err(|e| anyhow!("`{host}:{port}` is not an IP address and port: {e}"))
-}
-
-/// Fails with a sentence naming the port, its use and the option that moves it.
-fn check_tcp_free(host: &str, port: u16, what: &str, option: &str) -> Result<()> {
-    if let Err(e) = TcpListener::bind(sockaddr(host, port)?) {
-        bail!(
-            "TCP port {port} on {host} ({what}) is not available: {e}. Stop the program that \
-             holds it (`ss -ltnp 'sport = :{port}'` shows it, often an earlier `cargo xtask up`) \
-             or choose another port with {option}."
-        );
-    }
-    Ok(())
-}
-
-fn check_udp_free(host: &str, port: u16, what: &str, option: &str) -> Result<()> {
-    if let Err(e) = UdpSocket::bind(sockaddr(host, port)?) {
-        bail!(
-            "UDP port {port} on {host} ({what}) is not available: {e}. Stop the program that \
-             holds it (`ss -lunp 'sport = :{port}'` shows it) or choose another port with {option}."
-        );
-    }
-    Ok(())
+    /// Dropped after the relay: fields drop in order, but [`Stack::stop`] orders the stop.
+    echo: Option<ChildGuard>,
+    relay: Relay,
+    envoy: Envoy,
 }
 
 /// Checks that every artifact the stack needs is there, with the command that makes it.
@@ -235,8 +197,7 @@ impl Stack {
     /// tail of its log).
     pub fn start(paths: &Paths, cfg: StackConfig) -> Result<Stack> {
         check_artifacts(paths, &cfg)?;
-        let host = cfg.host.clone();
-        let h = host.as_str();
+        let h = cfg.host.as_str();
         let echo = cfg.upstream == Upstream::Echo;
         check_tcp_free(h, cfg.listen_port, "Envoy listener", "--listen-port")?;
         check_tcp_free(h, cfg.admin_port, "Envoy admin", "--admin-port")?;
@@ -269,17 +230,10 @@ impl Stack {
         let vars = cfg.envoy_vars(paths)?;
         let rendered = cfg.run_dir.join("envoy.rendered.yaml");
         envoy::render_file(&cfg.envoy_config, &rendered, &vars)?;
-
-        let urls = cfg.urls();
-        let mut stack = Stack {
-            config: cfg,
-            urls,
-            children: Vec::new(),
-        };
-        let cfg = stack.config.clone();
         let log = |name: &str| cfg.run_dir.join(format!("{name}.log"));
 
-        if echo {
+        // Each started child is dropped, so stopped by PID, if a later one fails.
+        let echo_model = if echo {
             let mut cmd = Command::new(paths.echo_bin(cfg.profile));
             cmd.arg("--http-addr")
                 .arg(format!("{h}:{}", cfg.echo_port))
@@ -288,113 +242,88 @@ impl Stack {
                 .args(["--api-key-env", "ECHO_MODEL_API_KEY"])
                 .env("ECHO_MODEL_API_KEY", LOCAL_ECHO_API_KEY)
                 .env_remove("OPENAI_API_KEY");
-            let child = ChildGuard::spawn(
+            let mut child = ChildGuard::spawn(
                 "local echo model",
                 cmd,
                 &log("echo-model"),
                 "Run `cargo xtask build`.",
             )?;
-            stack.children.push(child);
-            stack.wait_tcp(sockaddr(h, cfg.echo_port)?)?;
-        }
+            let addr = sockaddr(h, cfg.echo_port)?;
+            child.wait_ready(
+                &format!("local echo model on {addr}"),
+                cfg.ready_timeout,
+                || accepts_tcp(addr),
+            )?;
+            Some(child)
+        } else {
+            None
+        };
 
-        let mut cmd = Command::new(paths.relay_bin(cfg.profile));
-        cmd.arg("--grpc-addr")
-            .arg(format!("{h}:{}", cfg.relay_grpc_port))
-            .arg("--metrics-addr")
-            .arg(format!("{h}:{}", cfg.relay_metrics_port))
-            .arg("--media-addr")
-            .arg(format!("{h}:{}", cfg.relay_media_port))
-            .arg("--allow-upstream")
-            .arg(cfg.upstream_url());
-        if echo {
+        let relay = Relay::start(&RelaySpec {
+            name: "relay".into(),
+            program: paths.relay_bin(cfg.profile),
+            grpc: sockaddr(h, cfg.relay_grpc_port)?,
+            metrics: sockaddr(h, cfg.relay_metrics_port)?,
+            media: sockaddr(h, cfg.relay_media_port)?,
+            allow_upstreams: vec![cfg.upstream_url()],
             // The echo model listens on loopback, which the relay refuses unless told.
-            cmd.arg("--allow-private-upstreams");
-        }
-        cmd.args(&cfg.relay_args).env_remove("OPENAI_API_KEY");
-        let child = ChildGuard::spawn("relay", cmd, &log("relay"), "Run `cargo xtask build`.")?;
-        stack.children.push(child);
-        stack.wait_tcp(sockaddr(h, cfg.relay_grpc_port)?)?;
-        stack.wait_tcp(sockaddr(h, cfg.relay_metrics_port)?)?;
+            allow_private_upstreams: echo,
+            args: cfg.relay_args.clone(),
+            env: Vec::new(),
+            cpu: None,
+            log: log("relay"),
+            ready_timeout: cfg.ready_timeout,
+        })?;
 
-        let mut cmd = Command::new(paths.envoy_bin());
-        cmd.arg("-c")
-            .arg(&rendered)
-            .args(["--disable-hot-restart", "--log-level"])
-            .arg(&cfg.envoy_log_level)
-            // The filter reads worker keys from the VM environment (host_env_keys).
-            .env("OPENAI_API_KEY", &provider_key);
-        if let Some(n) = cfg.envoy_concurrency {
-            cmd.arg("--concurrency").arg(n.to_string());
-        }
-        let child = ChildGuard::spawn("envoy", cmd, &log("envoy"), "Run `cargo xtask setup`.")?;
-        stack.children.push(child);
-        stack.wait_envoy_ready()?;
-        stack.wait_tcp(sockaddr(h, cfg.listen_port)?)?;
-        Ok(stack)
+        let mut spec = EnvoySpec::new(paths, rendered, log("envoy"));
+        spec.concurrency = cfg.envoy_concurrency;
+        spec.log_level = cfg.envoy_log_level.clone();
+        // The filter reads worker keys from the VM environment (host_env_keys).
+        spec.env = vec![("OPENAI_API_KEY".into(), provider_key)];
+        spec.ready_timeout = cfg.ready_timeout;
+        let envoy = Envoy::start(
+            &spec,
+            sockaddr(h, cfg.admin_port)?,
+            sockaddr(h, cfg.listen_port)?,
+        )?;
+
+        Ok(Stack {
+            urls: cfg.urls(),
+            config: cfg,
+            echo: echo_model,
+            relay,
+            envoy,
+        })
+    }
+
+    /// The running children in start order: echo model (if any), relay, Envoy.
+    fn children(&mut self) -> Vec<&mut ChildGuard> {
+        let mut out: Vec<&mut ChildGuard> = self.echo.iter_mut().collect();
+        out.push(&mut self.relay.process);
+        out.push(&mut self.envoy.process);
+        out
     }
 
     /// PIDs and log files of the running children, for printing.
     pub fn processes(&self) -> Vec<(String, Option<u32>, PathBuf)> {
-        self.children
+        self.echo
             .iter()
+            .chain([&self.relay.process, &self.envoy.process])
             .map(|c| (c.name().to_string(), c.pid(), c.log().to_path_buf()))
             .collect()
     }
 
     /// `Some(report)` if a child has exited on its own (a crash, a bad flag).
     pub fn check_alive(&mut self) -> Option<String> {
-        self.children
-            .iter_mut()
+        self.children()
+            .into_iter()
             .find_map(|c| c.try_exited().is_some().then(|| c.exit_report()))
-    }
-
-    fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
-        let deadline = Instant::now() + self.config.ready_timeout;
-        loop {
-            if ready() {
-                return Ok(());
-            }
-            if let Some(report) = self.check_alive() {
-                bail!("{report}");
-            }
-            if Instant::now() >= deadline {
-                let logs = self
-                    .children
-                    .last()
-                    .map(|c| format!(" Its log: {}", c.log().display()))
-                    .unwrap_or_default();
-                bail!(
-                    "{what} did not become ready within {:?}.{logs}",
-                    self.config.ready_timeout
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_tcp(&mut self, addr: SocketAddr) -> Result<()> {
-        let name = self
-            .children
-            .last()
-            .map(|c| c.name().to_string())
-            .unwrap_or_default();
-        self.wait_until(&format!("{name} on {addr}"), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })
-    }
-
-    fn wait_envoy_ready(&mut self) -> Result<()> {
-        let addr = sockaddr(&self.config.host, self.config.admin_port)?;
-        self.wait_until("Envoy (admin /ready)", || {
-            matches!(http_get(addr, "/ready"), Ok((200, _)))
-        })
     }
 
     /// Stops every child by PID, Envoy first (no new calls), then the relay (drains), then the
     /// echo model. Also happens on drop.
     pub fn stop(&mut self) {
-        while let Some(mut child) = self.children.pop() {
+        for child in self.children().into_iter().rev() {
             child.stop(Duration::from_secs(10));
         }
     }
@@ -406,46 +335,10 @@ impl Drop for Stack {
     }
 }
 
-/// Minimal HTTP/1.1 GET with `Connection: close` for readiness probes (no client library
-/// needed on loopback). Not HTTP/1.0: Envoy refuses it by default (426).
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| anyhow!("no HTTP status from {addr}{path}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn port_in_use_is_a_sentence_with_the_option_to_change_it() {
-        let holder = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = holder.local_addr().unwrap().port();
-        let err = check_tcp_free("127.0.0.1", port, "Envoy listener", "--listen-port")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(&format!("TCP port {port}")), "{err}");
-        assert!(err.contains("--listen-port"), "{err}");
-    }
+    use std::net::SocketAddr;
 
     #[test]
     fn ephemeral_configs_do_not_share_ports_or_run_dirs_with_up() {
@@ -541,7 +434,8 @@ static_resources:
         let pids: Vec<u32> = stack.processes().iter().filter_map(|p| p.1).collect();
         assert_eq!(pids.len(), 3, "echo model, relay, envoy");
         assert!(pids.iter().all(|p| alive(*p)));
-        let (status, body) = http_get(listen, "/").unwrap();
+        let r = crate::http::get(listen, "/").unwrap();
+        let (status, body) = (r.status, r.text());
         assert_eq!(status, 200);
         assert!(body.contains("window.demo"));
 

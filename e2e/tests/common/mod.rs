@@ -88,14 +88,14 @@ pub struct Gateway {
 pub fn gateway(name: &str, upstreams: &[String], plugin_config: String) -> Gateway {
     let paths = Paths::discover();
     let dir = RunDir::new(name).expect("run dir");
-    let relay = Relay::start(&paths, &dir, "relay", upstreams, &[]).expect("relay starts");
+    let relay = e2e::start_relay(&paths, &dir, "relay", upstreams).expect("relay starts");
     let opts = EnvoyOptions {
-        relay_port: Some(relay.grpc_port),
+        relay_port: Some(relay.grpc.port()),
         plugin_config: Some(plugin_config),
         env: vec![("OPENAI_API_KEY".into(), KEY.into())],
         ..Default::default()
     };
-    let envoy = Envoy::start(&paths, &dir, &opts).expect("envoy starts");
+    let envoy = opts.start(&paths, &dir).expect("envoy starts");
     wait_relay_healthy(&envoy, "relay");
     Gateway { dir, relay, envoy }
 }
@@ -198,12 +198,11 @@ pub fn exercise(rt: &Runtime, client: TestClient, answer: &str) -> ConnectedClie
     })
 }
 
-/// Envoy's `/stats/prometheus` value of `name` (0 when absent).
+/// Envoy's `/stats/prometheus` value of `name`; panics if Envoy has no such statistic.
 pub fn envoy_stat(envoy: &Envoy, name: &str) -> f64 {
-    let text = http::get(envoy.admin(), "/stats/prometheus")
-        .expect("Envoy stats")
-        .text();
-    e2e::metric_sum(&text, name)
+    envoy
+        .stat(name)
+        .unwrap_or_else(|e| panic!("Envoy stat: {e:#}"))
 }
 
 /// Polls `name` until it reaches at least `want` (bounded by [`T`]); returns the last value.
@@ -220,10 +219,7 @@ pub fn wait_envoy_stat(envoy: &Envoy, name: &str, want: f64) -> f64 {
 
 /// Neither Envoy's nor the relay's log holds a key.
 pub fn assert_no_key_in_logs(g: &Gateway, keys: &[&str]) {
-    let logs = [
-        ("envoy", g.envoy.proc.log_text()),
-        ("relay", g.relay.proc.log_text()),
-    ];
+    let logs = [("envoy", g.envoy.log_text()), ("relay", g.relay.log_text())];
     for (name, text) in logs {
         assert!(!text.is_empty(), "{name} log is empty: is it captured?");
         for k in keys {

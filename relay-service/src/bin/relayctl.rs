@@ -2,6 +2,7 @@
 //! calls, set one up from an SDP file, check health, and list services through
 //! server reflection. Output is JSON, one document per command.
 
+use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use realtime_relay_proto::v1;
 use realtime_relay_proto::v1::relay_service_client::RelayServiceClient;
@@ -74,16 +75,17 @@ fn call_json(c: &v1::CallInfo) -> Value {
     })
 }
 
-async fn run(cli: Cli) -> Result<Value, String> {
+async fn run(cli: Cli) -> Result<Value> {
     let channel = Channel::from_shared(cli.relay.clone())
-        .map_err(|e| format!("bad --relay URL: {e}"))?
+        .context("bad --relay URL")?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .connect()
         .await
-        .map_err(|e| format!("cannot reach the relay at {}: {e}", cli.relay))?;
+        .with_context(|| format!("cannot reach the relay at {}", cli.relay))?;
     let mut relay = RelayServiceClient::new(channel.clone());
-    let status = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
+    // The relay's answer in one line: the gRPC code and its message.
+    let status = |s: tonic::Status| anyhow!("{}: {}", s.code(), s.message());
     Ok(match cli.command {
         Command::List { ended } => {
             let r = relay
@@ -119,14 +121,14 @@ async fn run(cli: Cli) -> Result<Value, String> {
             api_key_env,
         } => {
             let sdp = if offer == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+                std::io::read_to_string(std::io::stdin()).context("reading the offer")?
             } else {
-                std::fs::read_to_string(&offer).map_err(|e| format!("{offer}: {e}"))?
+                std::fs::read_to_string(&offer).with_context(|| offer.clone())?
             };
             let authorization = match api_key_env {
                 Some(name) => format!(
                     "Bearer {}",
-                    std::env::var(&name).map_err(|_| format!("${name} is not set"))?
+                    std::env::var(&name).map_err(|_| anyhow!("${name} is not set"))?
                 ),
                 None => String::new(),
             };
@@ -154,7 +156,7 @@ async fn run(cli: Cli) -> Result<Value, String> {
                     "upstream_rejection": {"status": u.status, "content_type": u.content_type,
                                            "body": String::from_utf8_lossy(&u.body)}})
                 }
-                None => return Err("the relay answered with no outcome".into()),
+                None => return Err(anyhow!("the relay answered with no outcome")),
             }
         }
         Command::Health => {
@@ -207,7 +209,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("relayctl: {e}");
+            eprintln!("relayctl: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,289 @@
+//! Starting one component of the gateway as a child process and waiting until it answers:
+//! the relay binary and Envoy. [`crate::stack::Stack`] composes them into the local stack;
+//! the end-to-end tests and the benchmarks compose them their own way (several relays, a
+//! patched Envoy config, a pinned CPU) with the same code. Every process is owned by a
+//! [`ChildGuard`], so it is stopped by PID when the component is dropped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::http;
+use crate::metrics;
+use crate::paths::Paths;
+use crate::ports::{accepts_tcp, free_tcp_addr, free_udp_addr};
+use crate::process::{on_cpu, ChildGuard};
+
+/// How to run the relay binary.
+#[derive(Clone, Debug)]
+pub struct RelaySpec {
+    /// Name in logs and error messages (`relay`, `relay-a`, ...).
+    pub name: String,
+    pub program: PathBuf,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub media: SocketAddr,
+    pub allow_upstreams: Vec<String>,
+    /// Lets the relay call loopback and private upstreams (the local echo model, in-process
+    /// test providers), which it refuses by default.
+    pub allow_private_upstreams: bool,
+    /// Appended to the command line.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Pin to this CPU (`taskset`).
+    pub cpu: Option<usize>,
+    pub log: PathBuf,
+    pub ready_timeout: Duration,
+}
+
+impl RelaySpec {
+    /// The relay at `program` on free loopback ports.
+    pub fn ephemeral(name: &str, program: PathBuf, log: PathBuf) -> Result<Self> {
+        Ok(RelaySpec {
+            name: name.to_string(),
+            program,
+            grpc: free_tcp_addr()?,
+            metrics: free_tcp_addr()?,
+            media: free_udp_addr()?,
+            allow_upstreams: Vec::new(),
+            allow_private_upstreams: false,
+            args: Vec::new(),
+            env: Vec::new(),
+            cpu: None,
+            log,
+            ready_timeout: Duration::from_secs(20),
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = on_cpu(&self.program, self.cpu);
+        cmd.arg("--grpc-addr")
+            .arg(self.grpc.to_string())
+            .arg("--metrics-addr")
+            .arg(self.metrics.to_string())
+            .arg("--media-addr")
+            .arg(self.media.to_string());
+        for upstream in &self.allow_upstreams {
+            cmd.arg("--allow-upstream").arg(upstream);
+        }
+        if self.allow_private_upstreams {
+            cmd.arg("--allow-private-upstreams");
+        }
+        // The relay never needs a provider key of its own: keys travel per call.
+        cmd.args(&self.args)
+            .env_remove("OPENAI_API_KEY")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+}
+
+/// A running relay, ready once its gRPC and metrics ports accept connections.
+pub struct Relay {
+    pub process: ChildGuard,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub media: SocketAddr,
+}
+
+impl Relay {
+    pub fn start(spec: &RelaySpec) -> Result<Relay> {
+        let mut process = ChildGuard::spawn(
+            &spec.name,
+            spec.command(),
+            &spec.log,
+            "Run `cargo xtask build`.",
+        )?;
+        for addr in [spec.grpc, spec.metrics] {
+            process.wait_ready(
+                &format!("{} on {addr}", spec.name),
+                spec.ready_timeout,
+                || accepts_tcp(addr),
+            )?;
+        }
+        Ok(Relay {
+            process,
+            grpc: spec.grpc,
+            metrics: spec.metrics,
+            media: spec.media,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// The relay's `/metrics` text.
+    pub fn metrics_text(&self) -> Result<String> {
+        let r = http::get(self.metrics, "/metrics")?;
+        if r.status != 200 {
+            bail!(
+                "{} /metrics answered {}: {}",
+                self.process.name(),
+                r.status,
+                r.text()
+            );
+        }
+        Ok(r.text())
+    }
+
+    /// One metric, summed over its label sets; an error if the relay has no such metric.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        metrics::value(&self.metrics_text()?, name)
+    }
+
+    /// Polls `name` until it equals `want` or `timeout` passes; returns the last value.
+    pub fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(name)?;
+            if v == want || Instant::now() >= deadline {
+                return Ok(v);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+}
+
+/// How to run Envoy on an already rendered config (see [`crate::envoy::render_file`]).
+#[derive(Clone, Debug)]
+pub struct EnvoySpec {
+    pub program: PathBuf,
+    pub config: PathBuf,
+    /// Worker threads; `None` lets Envoy pick (one per core).
+    pub concurrency: Option<u32>,
+    pub log_level: String,
+    /// Environment of the Envoy process. The filter reads worker keys from the VM
+    /// environment (`host_env_keys`), which comes from here and from nowhere else: the
+    /// caller's own `OPENAI_API_KEY` is removed.
+    pub env: Vec<(String, String)>,
+    /// Pin to this CPU (`taskset`).
+    pub cpu: Option<usize>,
+    pub log: PathBuf,
+    pub ready_timeout: Duration,
+}
+
+impl EnvoySpec {
+    /// The project's Envoy (`.venv`, from `cargo xtask setup`) with Envoy's own defaults.
+    pub fn new(paths: &Paths, config: PathBuf, log: PathBuf) -> Self {
+        EnvoySpec {
+            program: paths.envoy_bin(),
+            config,
+            concurrency: None,
+            log_level: "info".into(),
+            env: Vec::new(),
+            cpu: None,
+            log,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = on_cpu(&self.program, self.cpu);
+        cmd.arg("-c")
+            .arg(&self.config)
+            .args(["--disable-hot-restart", "--log-level"])
+            .arg(&self.log_level)
+            .env_remove("OPENAI_API_KEY")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(n) = self.concurrency {
+            cmd.arg("--concurrency").arg(n.to_string());
+        }
+        cmd
+    }
+}
+
+/// What `envoy --mode validate` said about a config.
+#[derive(Debug)]
+pub struct Validation {
+    pub valid: bool,
+    /// Everything Envoy printed (stdout and stderr).
+    pub log: String,
+}
+
+/// A running Envoy, ready once its admin `/ready` answers 200 and its listener accepts.
+pub struct Envoy {
+    pub process: ChildGuard,
+    admin: SocketAddr,
+    listen: SocketAddr,
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until the config's `admin` address says `/ready` and its
+    /// `listen` address accepts connections.
+    pub fn start(spec: &EnvoySpec, admin: SocketAddr, listen: SocketAddr) -> Result<Envoy> {
+        let mut process = ChildGuard::spawn(
+            "envoy",
+            spec.command(),
+            &spec.log,
+            "Run `cargo xtask setup`.",
+        )?;
+        process.wait_ready(
+            "Envoy (admin /ready)",
+            spec.ready_timeout,
+            || matches!(http::get(admin, "/ready"), Ok(r) if r.status == 200),
+        )?;
+        process.wait_ready(
+            &format!("Envoy listener on {listen}"),
+            spec.ready_timeout,
+            || accepts_tcp(listen),
+        )?;
+        Ok(Envoy {
+            process,
+            admin,
+            listen,
+        })
+    }
+
+    /// Runs `envoy --mode validate` on the config: it loads the Wasm filter and runs its
+    /// `on_configure`, so a plugin config the filter refuses is invalid here too.
+    pub fn validate(spec: &EnvoySpec) -> Result<Validation> {
+        let mut cmd = spec.command();
+        cmd.args(["--mode", "validate"]);
+        let mut process = ChildGuard::spawn(
+            "envoy --mode validate",
+            cmd,
+            &spec.log,
+            "Run `cargo xtask setup`.",
+        )?;
+        let Some(status) = process.wait_exit(spec.ready_timeout) else {
+            bail!(
+                "envoy --mode validate did not finish within {:?}",
+                spec.ready_timeout
+            );
+        };
+        Ok(Validation {
+            valid: status.success(),
+            log: process.log_text(),
+        })
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// One statistic of `/stats/prometheus`, summed over its label sets; an error if Envoy
+    /// has no such statistic.
+    pub fn stat(&self, name: &str) -> Result<f64> {
+        let r = http::get(self.admin, "/stats/prometheus")?;
+        metrics::value(&r.text(), name)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+}
