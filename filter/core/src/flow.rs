@@ -16,8 +16,8 @@ use crate::create::{check_create_headers, plan_create, validate_create_body, Cre
 use crate::error::FilterError;
 use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
 use crate::relay::{self, Verdict};
-use crate::reply::HttpReply;
 use crate::replica::{self, Failover};
+use crate::reply::HttpReply;
 use crate::{metrics, routing};
 
 /// A create whose `CreateCall` is in flight.
