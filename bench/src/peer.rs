@@ -249,3 +249,51 @@ impl PeerState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One load peer against the in-process echo model: it becomes ready on
+    /// `session.created`, its frames and pings come back, and it stops when told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_peer_gets_its_frames_and_events_echoed() {
+        let provider = echo_model::MockProvider::start(echo_model::ProviderConfig::local(None))
+            .await
+            .unwrap();
+        let offer = Offer::new().unwrap();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/realtime/calls", provider.base_url()))
+            .header("authorization", "Bearer k")
+            .header("content-type", "application/sdp")
+            .body(offer.sdp.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201);
+        let answer = resp.text().await.unwrap();
+        let load = Arc::new(Load::default());
+        let task = offer.start(&answer, load.clone(), Duration::ZERO).unwrap();
+
+        until("ready", || load.ready.load(Relaxed) == 1).await;
+        load.measuring.store(true, Relaxed);
+        load.sending.store(true, Relaxed);
+        until("a ping echoed", || load.events_received.load(Relaxed) >= 1).await;
+        assert!(load.frames_received.load(Relaxed) >= 40);
+        load.stop.store(true, Relaxed);
+        let samples = task.await.unwrap();
+        assert!(!samples.is_empty());
+        assert_eq!(load.dead.load(Relaxed), 1);
+        assert_eq!(load.ready.load(Relaxed), 0);
+        assert_eq!(load.send_errors.load(Relaxed), 0);
+        provider.shutdown().await;
+    }
+}
