@@ -3,7 +3,8 @@
 //! * [`events`]: the Realtime API's data-channel label.
 //! * [`multipart`]: `multipart/form-data` bodies with `sdp` and `session` parts, built and
 //!   parsed under byte limits (also used by the Envoy filter, so it builds for
-//!   wasm32-wasip1 without the `shell` feature).
+//!   wasm32-wasip1 without the `shell` feature), and [`header_params`], the `; key=value`
+//!   parameter lists of its headers.
 //! * `crypto` (feature `shell`): one crypto provider and DTLS certificate per process.
 //! * `shell` (feature `shell`): a sans-IO driver of one str0m `Rtc`, and `udp`, a thin tokio
 //!   UDP wrapper around it.
