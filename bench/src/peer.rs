@@ -5,20 +5,20 @@
 //! relay's work (no Opus encoding: payloads are 160 bytes with a send timestamp; no stats).
 //! All clients share one DTLS certificate and crypto provider, so building one is cheap.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use echo_model::client::{audio_frame, frame_send_time, micros_since_epoch, FRAME_TICKS};
+use rtc_peer::udp::{self, UdpPeer, MAX_DATAGRAM};
+use rtc_peer::EVENTS_CHANNEL;
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, Input, Output, Rtc};
-use tokio::net::UdpSocket;
+use str0m::{Candidate, Event, Rtc};
 
 pub const FRAME_INTERVAL: Duration = Duration::from_millis(20);
 /// One data-channel event per second per call.
@@ -51,15 +51,14 @@ pub struct Offer {
 
 impl Offer {
     pub fn new() -> Result<Offer> {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a UDP socket")?;
-        socket.set_nonblocking(true)?;
+        let socket = udp::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).context("binding a UDP socket")?;
         let local = socket.local_addr()?;
         let cfg = echo_model::client::client_rtc_config(Pt::from(OPUS_PT))?;
         let mut rtc = cfg.build(Instant::now());
         rtc.add_local_candidate(Candidate::host(local, "udp")?);
         let mut api = rtc.sdp_api();
         let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-        api.add_channel("oai-events".to_string());
+        api.add_channel(EVENTS_CHANNEL.to_string());
         let (offer, pending) = api.apply().ok_or_else(|| anyhow!("no offer"))?;
         Ok(Offer {
             rtc,
@@ -83,17 +82,15 @@ impl Offer {
             .sdp_api()
             .accept_answer(self.pending, answer)
             .context("accepting the answer")?;
-        let local = self.socket.local_addr()?;
-        let socket = UdpSocket::from_std(self.socket)?;
         let peer = Peer {
-            rtc: self.rtc,
-            socket,
-            local,
+            udp: UdpPeer::new(self.rtc, self.socket)?,
             mid: self.mid,
-            load,
-            channel: None,
-            ready: false,
-            samples: Vec::new(),
+            state: PeerState {
+                load,
+                channel: None,
+                ready: false,
+                samples: Vec::new(),
+            },
             frame: 0,
             rtp_time: rand::random(),
         };
@@ -102,29 +99,32 @@ impl Offer {
 }
 
 struct Peer {
-    rtc: Rtc,
-    socket: UdpSocket,
-    local: SocketAddr,
+    udp: UdpPeer,
     mid: Mid,
+    state: PeerState,
+    frame: u64,
+    rtp_time: u32,
+}
+
+/// What events update, borrowed apart from the `UdpPeer` during a drain.
+struct PeerState {
     load: Arc<Load>,
     channel: Option<ChannelId>,
     ready: bool,
     /// Round trips (µs) of frames received while measuring.
     samples: Vec<u32>,
-    frame: u64,
-    rtp_time: u32,
 }
 
 impl Peer {
     async fn run(mut self, phase: Duration) -> Vec<u32> {
-        let mut buf = vec![0u8; 2048];
+        let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut next_frame: Option<Instant> = None;
         while let Some(deadline) = self.drain() {
-            if self.load.stop.load(Relaxed) || !self.rtc.is_alive() {
+            if self.state.load.stop.load(Relaxed) || !self.udp.shell.rtc().is_alive() {
                 break;
             }
             let now = Instant::now();
-            let sending = self.ready && self.load.sending.load(Relaxed);
+            let sending = self.state.ready && self.state.load.sending.load(Relaxed);
             if sending && next_frame.is_none() {
                 next_frame = Some(now + phase);
             } else if !sending {
@@ -135,20 +135,13 @@ impl Peer {
                 wake = wake.min(f);
             }
             tokio::select! {
-                r = self.socket.readable() => {
+                r = self.udp.socket.readable() => {
                     if r.is_err() { continue; }
                     // Batch: everything that is already queued on the socket.
                     for _ in 0..64 {
-                        match self.socket.try_recv_from(&mut buf) {
+                        match self.udp.socket.try_recv_from(&mut buf) {
                             Ok((n, source)) => {
-                                let Ok(contents) = buf[..n].try_into() else { continue };
-                                let input = Input::Receive(Instant::now(), Receive {
-                                    proto: Protocol::Udp,
-                                    source,
-                                    destination: self.local,
-                                    contents,
-                                });
-                                let _ = self.rtc.handle_input(input);
+                                self.udp.handle_datagram(&buf[..n], source, Instant::now());
                                 if self.drain().is_none() { break; }
                             }
                             Err(_) => break,
@@ -166,26 +159,24 @@ impl Peer {
                             next_frame = Some(n);
                         }
                     }
-                    if self.rtc.handle_input(Input::Timeout(now)).is_err() {
+                    if self.udp.handle_timeout(now).is_err() {
                         break;
                     }
                 }
             }
         }
-        if self.ready {
-            self.load.ready.fetch_sub(1, Relaxed);
+        let load = &self.state.load;
+        if self.state.ready {
+            load.ready.fetch_sub(1, Relaxed);
         }
-        self.load.dead.fetch_add(1, Relaxed);
-        let _ = self.rtc.close();
-        let _ = self.drain();
-        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
-        let _ = self.drain();
-        self.samples
+        load.dead.fetch_add(1, Relaxed);
+        self.udp.close_gracefully();
+        self.state.samples
     }
 
     fn write_frame(&mut self, now: Instant) {
         let payload = audio_frame(self.frame);
-        let mut api = self.rtc.direct_api();
+        let mut api = self.udp.rtc().direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
             return;
         };
@@ -200,16 +191,16 @@ impl Peer {
             .marker(self.frame == 0),
         );
         self.rtp_time = self.rtp_time.wrapping_add(FRAME_TICKS);
-        self.load.frames_sent.fetch_add(1, Relaxed);
+        self.state.load.frames_sent.fetch_add(1, Relaxed);
         if self.drain().is_none() {
             return;
         }
         if self.frame % FRAMES_PER_EVENT == FRAMES_PER_EVENT - 1 {
-            if let Some(id) = self.channel {
+            if let Some(id) = self.state.channel {
                 let msg = format!("{{\"type\":\"bench.ping\",\"i\":{}}}", self.frame);
-                if let Some(mut ch) = self.rtc.channel(id) {
+                if let Some(mut ch) = self.udp.rtc().channel(id) {
                     if ch.write(false, msg.as_bytes()).unwrap_or(false) {
-                        self.load.events_sent.fetch_add(1, Relaxed);
+                        self.state.load.events_sent.fetch_add(1, Relaxed);
                     }
                 }
                 let _ = self.drain();
@@ -220,23 +211,21 @@ impl Peer {
 
     /// Drains str0m until its next timeout; `None` if the peer connection failed.
     fn drain(&mut self) -> Option<Instant> {
-        loop {
-            match self.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => return Some(t),
-                Ok(Output::Transmit(t)) => {
-                    if self.socket.try_send_to(&t.contents, t.destination).is_err() {
-                        self.load.send_errors.fetch_add(1, Relaxed);
-                    }
-                }
-                Ok(Output::Event(e)) => self.on_event(e),
-                Err(_) => return None,
-            }
+        let state = &mut self.state;
+        let next = self.udp.drain(|_, e| state.on_event(e));
+        // Reported live, while the level runs.
+        let errors = std::mem::take(&mut self.udp.counters.send_errors);
+        if errors > 0 {
+            self.state.load.send_errors.fetch_add(errors, Relaxed);
         }
+        next.ok()
     }
+}
 
+impl PeerState {
     fn on_event(&mut self, e: Event) {
         match e {
-            Event::ChannelOpen(id, label) if label == "oai-events" => self.channel = Some(id),
+            Event::ChannelOpen(id, label) if label == EVENTS_CHANNEL => self.channel = Some(id),
             Event::ChannelData(d) => {
                 if !self.ready {
                     if d.data.windows(15).any(|w| w == b"session.created") {
@@ -258,5 +247,53 @@ impl Peer {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One load peer against the in-process echo model: it becomes ready on
+    /// `session.created`, its frames and pings come back, and it stops when told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_peer_gets_its_frames_and_events_echoed() {
+        let provider = echo_model::MockProvider::start(echo_model::ProviderConfig::local(None))
+            .await
+            .unwrap();
+        let offer = Offer::new().unwrap();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/realtime/calls", provider.base_url()))
+            .header("authorization", "Bearer k")
+            .header("content-type", "application/sdp")
+            .body(offer.sdp.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201);
+        let answer = resp.text().await.unwrap();
+        let load = Arc::new(Load::default());
+        let task = offer.start(&answer, load.clone(), Duration::ZERO).unwrap();
+
+        until("ready", || load.ready.load(Relaxed) == 1).await;
+        load.measuring.store(true, Relaxed);
+        load.sending.store(true, Relaxed);
+        until("a ping echoed", || load.events_received.load(Relaxed) >= 1).await;
+        assert!(load.frames_received.load(Relaxed) >= 40);
+        load.stop.store(true, Relaxed);
+        let samples = task.await.unwrap();
+        assert!(!samples.is_empty());
+        assert_eq!(load.dead.load(Relaxed), 1);
+        assert_eq!(load.ready.load(Relaxed), 0);
+        assert_eq!(load.send_errors.load(Relaxed), 0);
+        provider.shutdown().await;
     }
 }

@@ -25,9 +25,10 @@ use str0m::rtp::{RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dc_queue::{DcQueue, FlushStep, DEFAULT_QUEUE_CAP};
-use crate::peer::{self, UdpRtc, MAX_DATAGRAM};
-use crate::provider::EVENTS_CHANNEL;
+use crate::peer::{self, DEFAULT_QUEUE_CAP};
+use rtc_peer::dc_queue::{DcQueue, FlushStep, Message};
+use rtc_peer::udp::{self, UdpPeer, MAX_DATAGRAM};
+use rtc_peer::EVENTS_CHANNEL;
 
 /// Bytes per audio frame: about a 20 ms Opus frame at voice bitrates.
 pub const FRAME_BYTES: usize = 160;
@@ -197,7 +198,8 @@ impl TestClient {
             );
         }
         let opus_pt = Pt::from(config.opus_pt);
-        let socket = peer::bind_udp(config.bind_ip)?;
+        let socket = udp::bind(config.bind_ip)
+            .with_context(|| format!("binding a UDP socket on {}", config.bind_ip))?;
         let local = socket.local_addr().context("UDP local address")?;
 
         let builder = client_rtc_config(opus_pt)?;
@@ -235,7 +237,7 @@ impl TestClient {
             .sdp_api()
             .accept_answer(self.pending, answer)
             .context("accepting SDP answer")?;
-        let udp = UdpRtc::new(self.rtc, self.socket)?;
+        let udp = UdpPeer::new(self.rtc, self.socket).context("registering the UDP socket")?;
 
         let shared = Arc::new(ClientShared {
             alive: AtomicBool::new(true),
@@ -255,7 +257,7 @@ impl TestClient {
             events_channel: None,
             connected: false,
             ready: Some(ready_tx),
-            queue: DcQueue::new(DEFAULT_QUEUE_CAP),
+            queue: peer::dc_queue(DEFAULT_QUEUE_CAP),
             inbox: inbox_tx,
             seq: 0,
             rtp_time: rand::random(),
@@ -474,7 +476,7 @@ impl ConnectedClient {
 }
 
 struct Driver {
-    udp: UdpRtc,
+    udp: UdpPeer,
     shared: Arc<ClientShared>,
     audio_mid: Mid,
     opus_pt: Pt,
@@ -486,12 +488,12 @@ struct Driver {
     seq: u64,
     rtp_time: u32,
     frames_sent: u64,
-    /// A frame was written; it leaves on the next timeout input (see `UdpRtc::kick`).
+    /// A frame was written; it leaves on the next timeout input (see `UdpPeer::kick`).
     wrote_rtp: bool,
     ended: bool,
 }
 
-/// Event handling state borrowed separately from the `UdpRtc` during a drain.
+/// Event handling state borrowed separately from the `UdpPeer` during a drain.
 struct EventState<'a> {
     shared: &'a ClientShared,
     events_channel: &'a mut Option<ChannelId>,
@@ -565,7 +567,7 @@ impl Driver {
                     break;
                 }
             };
-            if self.ended || !self.udp.rtc.is_alive() {
+            if self.ended || !self.udp.shell.rtc().is_alive() {
                 break;
             }
             if self.connected && self.events_channel.is_some() {
@@ -574,7 +576,7 @@ impl Driver {
                 }
             }
             let now = Instant::now();
-            sleep.as_mut().reset(peer::next_wake(deadline, now));
+            sleep.as_mut().reset(udp::next_wake(deadline, now));
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(Command::Dc { binary, data, reply }) => {
@@ -638,7 +640,10 @@ impl Driver {
                 deadline = udp.kick(|_, ev| st.on_event(ev))?;
                 continue;
             }
-            match queue.flush_one(&mut udp.rtc) {
+            let Some(channel) = *st.events_channel else {
+                return Ok(deadline);
+            };
+            match queue.flush_one(udp.rtc(), channel) {
                 FlushStep::Empty | FlushStep::Blocked => return Ok(deadline),
                 FlushStep::Written(_) => {}
                 FlushStep::Failed => {
@@ -650,19 +655,17 @@ impl Driver {
     }
 
     fn enqueue(&mut self, binary: bool, data: Vec<u8>) -> anyhow::Result<()> {
-        let ch = self
-            .events_channel
-            .ok_or_else(|| anyhow!("oai-events is not open"))?;
-        self.queue
-            .push(ch, binary, data)
-            .map_err(|e| anyhow!("{e}"))
+        if self.events_channel.is_none() {
+            bail!("oai-events is not open");
+        }
+        Ok(self.queue.push(Message { binary, data })?)
     }
 
     fn write_frame(&mut self) {
         let index = self.frames_sent;
         let payload = audio_frame(index);
         let len = payload.len() as u64;
-        let mut api = self.udp.rtc.direct_api();
+        let mut api = self.udp.rtc().direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.audio_mid, None) else {
             lock(&self.shared.audio).packets_not_sent += 1;
             return;

@@ -13,11 +13,9 @@
 //! were told to bind.
 
 pub mod client;
-pub mod multipart;
 pub mod provider;
 
 mod api_error;
-mod dc_queue;
 mod ids;
 mod peer;
 mod session;

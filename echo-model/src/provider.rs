@@ -36,16 +36,26 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api_error::ApiError;
-use crate::dc_queue::{DcQueue, FlushStep, DEFAULT_QUEUE_CAP};
-use crate::multipart;
-use crate::peer::{self, UdpRtc, MAX_DATAGRAM};
+use crate::peer::{self, DEFAULT_QUEUE_CAP};
 use crate::session::{session_created, DEFAULT_MODEL};
-
-/// The data channel the Realtime API speaks on.
-pub const EVENTS_CHANNEL: &str = "oai-events";
+use rtc_peer::dc_queue::{DcQueue, FlushStep, Message};
+use rtc_peer::multipart::{self, Limits, MultipartError};
+use rtc_peer::udp::{self, UdpPeer, MAX_DATAGRAM};
+use rtc_peer::EVENTS_CHANNEL;
 
 /// Largest request body accepted. An SDP offer is a few KiB; multipart adds a session JSON.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Multipart bodies are taken as leniently as a web server would: bare LF line ends, parts
+/// bounded only by the body limit.
+const FORM_LIMITS: Limits = Limits {
+    max_parts: 16,
+    max_part_headers: 64,
+    max_sdp_bytes: MAX_BODY_BYTES,
+    max_session_bytes: MAX_BODY_BYTES,
+    max_other_part_bytes: MAX_BODY_BYTES,
+    bare_lf: true,
+};
 
 #[derive(Clone)]
 pub struct ProviderConfig {
@@ -385,16 +395,16 @@ fn parse_body(content_type: &str, body: &[u8]) -> Result<ParsedBody, ApiError> {
             session: None,
         }),
         "multipart/form-data" => {
-            let parts = multipart::parse(content_type, body)
-                .map_err(|e| ApiError::MalformedMultipart(e.to_string()))?;
-            let sdp = parts
-                .iter()
-                .find(|p| p.name == "sdp")
-                .map(|p| sdp_text(&p.data))
+            let form = multipart::boundary(content_type)
+                .and_then(|b| multipart::parse(body, &b, &FORM_LIMITS))
+                .map_err(malformed)?;
+            let sdp = form
+                .sdp
+                .map(|p| sdp_text(p.data))
                 .unwrap_or(Err(ApiError::MissingSdp));
-            let session = match parts.iter().find(|p| p.name == "session") {
+            let session = match form.session {
                 Some(p) => Some(
-                    serde_json::from_slice::<Value>(&p.data)
+                    serde_json::from_slice::<Value>(p.data)
                         .map_err(|e| ApiError::InvalidSessionJson(e.to_string()))?,
                 ),
                 None => None,
@@ -408,6 +418,13 @@ fn parse_body(content_type: &str, body: &[u8]) -> Result<ParsedBody, ApiError> {
         }
         _ => Err(ApiError::InvalidContentType),
     }
+}
+
+fn malformed(e: MultipartError) -> ApiError {
+    ApiError::MalformedMultipart(match e {
+        MultipartError::Malformed(why) => why.reason().to_string(),
+        other => other.to_string(),
+    })
 }
 
 fn sdp_text(bytes: &[u8]) -> Result<String, ApiError> {
@@ -520,7 +537,7 @@ fn start_call(
         return Err(CallStartError::Busy);
     }
 
-    let socket = peer::bind_udp(shared.media_ip).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let socket = udp::bind(shared.media_ip).map_err(|e| ApiError::Internal(e.to_string()))?;
     let local = socket
         .local_addr()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -538,7 +555,7 @@ fn start_call(
         .accept_offer(offer)
         .map_err(|e| ApiError::InvalidSdp(e.to_string()))?;
 
-    let udp = UdpRtc::new(rtc, socket).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let udp = UdpPeer::new(rtc, socket).map_err(|e| ApiError::Internal(e.to_string()))?;
     let call_id = crate::ids::call_id();
     let cancel = shared.shutdown.child_token();
     let (done_tx, done_rx) = watch::channel(false);
@@ -628,7 +645,7 @@ struct Call {
     model: String,
     session: Option<Value>,
     shared: Arc<Shared>,
-    udp: UdpRtc,
+    udp: UdpPeer,
     state: CallState,
 }
 
@@ -653,10 +670,10 @@ impl Call {
         model: String,
         session: Option<Value>,
         shared: Arc<Shared>,
-        udp: UdpRtc,
+        udp: UdpPeer,
     ) -> Self {
         let mut rng = rand::rng();
-        let queue = DcQueue::new(shared.limits.dc_queue_cap);
+        let queue = peer::dc_queue(shared.limits.dc_queue_cap);
         Call {
             call_id,
             model,
@@ -697,7 +714,7 @@ impl Call {
             if let Some(r) = self.state.ended {
                 break r;
             }
-            if !self.udp.rtc.is_alive() {
+            if !self.udp.shell.rtc().is_alive() {
                 break EndReason::PeerClosed;
             }
             let now = Instant::now();
@@ -707,7 +724,7 @@ impl Call {
             if now >= last_rx + self.shared.limits.idle_timeout {
                 break EndReason::IdleTimeout;
             }
-            sleep.as_mut().reset(peer::next_wake(deadline, now));
+            sleep.as_mut().reset(udp::next_wake(deadline, now));
 
             tokio::select! {
                 _ = cancel.cancelled() => break EndReason::HungUp,
@@ -771,12 +788,17 @@ impl Call {
             }
             if state.pending_session_created {
                 state.pending_session_created = false;
-                if let Some(ch) = state.events_channel {
-                    let event = session_created(model, session.as_ref()).to_string();
-                    state.enqueue(ch, false, event.into_bytes(), &ctx);
-                }
+                let event = session_created(model, session.as_ref()).to_string();
+                let message = Message {
+                    binary: false,
+                    data: event.into_bytes(),
+                };
+                state.enqueue(message, &ctx);
             }
-            match state.queue.flush_one(&mut udp.rtc) {
+            let Some(channel) = state.events_channel else {
+                return Ok(deadline);
+            };
+            match state.queue.flush_one(udp.rtc(), channel) {
                 FlushStep::Empty | FlushStep::Blocked => return Ok(deadline),
                 FlushStep::Written(n) => {
                     add(&ctx.counters.dc_messages_sent, 1);
@@ -818,8 +840,26 @@ impl CallState {
             Event::ChannelData(d) => {
                 add(&ctx.counters.dc_messages_received, 1);
                 add(&ctx.counters.dc_bytes_received, d.data.len() as u64);
-                // Written by `Call::drive` after this drain, one message per mutation.
-                self.enqueue(d.id, d.binary, d.data, ctx);
+                let message = Message {
+                    binary: d.binary,
+                    data: d.data,
+                };
+                if Some(d.id) == self.events_channel {
+                    // Written by `Call::drive` after this drain, one message per mutation.
+                    self.enqueue(message, ctx);
+                } else {
+                    // The Realtime API speaks only on oai-events; anything else is echoed
+                    // if the send buffer has room at once, and counted as dropped if not.
+                    let written = rtc.channel(d.id).is_some_and(|mut ch| {
+                        matches!(ch.write(message.binary, &message.data), Ok(true))
+                    });
+                    if written {
+                        add(&ctx.counters.dc_messages_sent, 1);
+                        add(&ctx.counters.dc_bytes_sent, message.data.len() as u64);
+                    } else {
+                        add(&ctx.counters.dc_messages_dropped, 1);
+                    }
+                }
             }
             Event::ChannelClose(id) if Some(id) == self.events_channel => {
                 self.ended.get_or_insert(EndReason::PeerClosed);
@@ -832,8 +872,8 @@ impl CallState {
         }
     }
 
-    fn enqueue(&mut self, ch: ChannelId, binary: bool, data: Vec<u8>, ctx: &EventCtx<'_>) {
-        if let Err(e) = self.queue.push(ch, binary, data) {
+    fn enqueue(&mut self, message: Message, ctx: &EventCtx<'_>) {
+        if let Err(e) = self.queue.push(message) {
             add(&ctx.counters.dc_messages_dropped, 1);
             tracing::warn!(call_id = %ctx.call_id, error = %e, "ending call: data-channel echo cannot be queued");
             self.ended.get_or_insert(EndReason::QueueOverflow);
@@ -919,22 +959,23 @@ mod tests {
 
     #[test]
     fn body_forms_table() {
-        let (mp_ct, mp_body) = multipart::build(
+        let mp_ct = multipart::content_type("B");
+        let (bad_json_ct, no_sdp_ct) = (mp_ct.clone(), mp_ct.clone());
+        let mp_body = multipart::build(
             "B",
             &[
-                ("sdp", "application/sdp", b"v=0\r\n"),
-                ("session", "application/json", br#"{"model":"m"}"#),
+                ("sdp", Some("application/sdp"), b"v=0\r\n"),
+                ("session", Some("application/json"), br#"{"model":"m"}"#),
             ],
         );
-        let (bad_json_ct, bad_json_body) = multipart::build(
+        let bad_json_body = multipart::build(
             "B",
             &[
-                ("sdp", "application/sdp", b"v=0\r\n"),
-                ("session", "application/json", b"{nope"),
+                ("sdp", Some("application/sdp"), b"v=0\r\n"),
+                ("session", Some("application/json"), b"{nope"),
             ],
         );
-        let (no_sdp_ct, no_sdp_body) =
-            multipart::build("B", &[("session", "application/json", b"{}")]);
+        let no_sdp_body = multipart::build("B", &[("session", Some("application/json"), b"{}")]);
         let rows: Vec<(&str, &[u8], Result<(), &str>)> = vec![
             ("application/sdp", b"v=0\r\n", Ok(())),
             ("application/sdp; charset=utf-8", b"v=0\r\n", Ok(())),

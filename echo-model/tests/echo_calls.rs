@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use common::*;
 use echo_model::client::{ClientConfig, DcMessage, TestClient};
-use echo_model::multipart;
 use echo_model::provider::{CallLimits, MockProvider, ProviderConfig};
+use rtc_peer::multipart;
 
 async fn provider() -> MockProvider {
     MockProvider::start(ProviderConfig::local(Some(KEY)))
@@ -66,11 +66,13 @@ async fn multipart_offer_uses_the_session_model() {
         let p = provider().await;
         let (client, offer) = TestClient::new(ClientConfig::default()).unwrap();
         let session = br#"{"type":"realtime","model":" gpt-custom ","instructions":"be brief"}"#;
-        let (ct, body) = multipart::build(
-            "----echo-test-boundary",
+        let boundary = "----echo-test-boundary";
+        let ct = multipart::content_type(boundary);
+        let body = multipart::build(
+            boundary,
             &[
-                ("sdp", "application/sdp", offer.as_bytes()),
-                ("session", "application/json", session),
+                ("sdp", Some("application/sdp"), offer.as_bytes()),
+                ("session", Some("application/json"), session),
             ],
         );
         let answer = post(

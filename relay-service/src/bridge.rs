@@ -13,8 +13,9 @@
 
 use crate::call_state::{CallCounters, DirectionCounters, EndReason};
 use crate::metrics::DirectionMetrics;
-use crate::pending::{Message, PendingQueue};
 use crate::pt_map::PtMap;
+use rtc_peer::dc_queue::{DcQueue, Message};
+use rtc_peer::EVENTS_CHANNEL;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,9 +26,6 @@ use str0m::media::{MediaKind, Mid};
 use str0m::net::{DatagramRecv, Protocol, Receive, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
-
-/// The Realtime API's event channel.
-pub const EVENTS_CHANNEL: &str = "oai-events";
 
 /// Below this many buffered bytes, str0m tells us a channel can take more.
 const CHANNEL_LOW_WATER: usize = 64 * 1024;
@@ -119,7 +117,7 @@ struct LegState {
     last_receive: Instant,
     next_timeout: Instant,
     /// Messages waiting to be written on this leg.
-    outbox: PendingQueue,
+    outbox: DcQueue,
     /// RTP was written since the last timeout pass: it waits in str0m's queue.
     written: bool,
 }
@@ -174,7 +172,7 @@ impl Bridge {
             has_data_channel: s.has_data_channel,
             last_receive: now,
             next_timeout: now,
-            outbox: PendingQueue::new(limits.dc_buffer_bytes),
+            outbox: DcQueue::new(limits.dc_buffer_bytes),
             written: false,
         };
         let mut bridge = Bridge {

@@ -3,8 +3,9 @@
 
 use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
-use crate::media_socket::{ClientPort, Datagram, RouteGuard, MAX_DATAGRAM};
+use crate::media_socket::{ClientPort, Datagram, RouteGuard};
 use crate::registry::CallEntry;
+use rtc_peer::udp::{send_or_wait, MAX_DATAGRAM};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::net::Transmit;
@@ -14,6 +15,9 @@ use tokio::sync::mpsc;
 /// How many queued datagrams to feed before looking at timers and transmits again:
 /// batching cuts wake-ups under load without starving the timer.
 const BATCH: usize = 32;
+
+/// How long an upstream send waits for socket buffer room before the datagram is dropped.
+const UPSTREAM_SEND_WAIT: Duration = Duration::from_millis(50);
 
 pub struct CallDriver {
     pub bridge: Bridge,
@@ -100,18 +104,15 @@ impl CallDriver {
         for (leg, t) in out.drain(..) {
             match leg {
                 Leg::Client => self.client_port.send_to(&t.contents, t.destination).await,
-                Leg::Upstream => match self.upstream_socket.try_send_to(&t.contents, t.destination)
-                {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(50),
-                            self.upstream_socket.send_to(&t.contents, t.destination),
-                        )
-                        .await;
+                // A full upstream socket buffer waits briefly, never long enough to stall the call.
+                Leg::Upstream => {
+                    let wait = Some(UPSTREAM_SEND_WAIT);
+                    let sent =
+                        send_or_wait(&self.upstream_socket, &t.contents, t.destination, wait);
+                    if let Err(e) = sent.await {
+                        tracing::trace!(error = %e, "upstream send failed");
                     }
-                    Err(e) => tracing::trace!(error = %e, "upstream send failed"),
-                },
+                }
             }
         }
     }

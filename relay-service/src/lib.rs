@@ -1,6 +1,6 @@
 //! Relay service: gRPC call setup and a str0m WebRTC bridge for the OpenAI Realtime API.
 //!
-//! Pure logic (`pending`, `pt_map`, `stun`, `upstream_body`, `allowlist`, `ids`,
+//! Pure logic (`pt_map`, `stun`, `upstream_body`, `allowlist`, `ids`,
 //! `error`) is tested without sockets; `bridge` is sans-IO over str0m; `call` and
 //! `media_socket` own the sockets and timers; `relay` holds the domain operations that
 //! `grpc` adapts and `server` wires into a process.
@@ -16,7 +16,6 @@ pub mod ids;
 pub mod media_socket;
 pub mod metrics;
 pub mod peer;
-pub mod pending;
 pub mod pt_map;
 pub mod registry;
 pub mod relay;

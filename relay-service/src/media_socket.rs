@@ -9,16 +9,13 @@
 
 use crate::metrics::Metrics;
 use crate::stun;
+use rtc_peer::udp::{send_or_wait, MAX_DATAGRAM};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-
-/// Largest datagram we read. WebRTC keeps datagrams under the path MTU (~1200 bytes
-/// payload); anything larger than this is not ours.
-pub const MAX_DATAGRAM: usize = 2048;
 
 /// A client may reach us from a few addresses during ICE (host, srflx, IPv4/IPv6).
 /// Beyond this, STUN from more addresses is ignored: a stranger who learned a ufrag
@@ -128,15 +125,8 @@ impl ClientPort {
     /// Sends from the shared port. UDP sends rarely block; when the socket buffer is
     /// full we wait rather than drop, since DTLS handshakes must not lose messages.
     pub async fn send_to(&self, data: &[u8], to: SocketAddr) {
-        let sock = &self.sockets[0];
-        match sock.try_send_to(data, to) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Err(e) = sock.send_to(data, to).await {
-                    tracing::debug!(error = %e, %to, "client-leg send failed");
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, %to, "client-leg send failed"),
+        if let Err(e) = send_or_wait(&self.sockets[0], data, to, None).await {
+            tracing::debug!(error = %e, %to, "client-leg send failed");
         }
     }
 

@@ -8,34 +8,14 @@
 //! for many calls, so upstream legs must not share a port).
 //! Both legs run in RTP mode: packets are forwarded without depacketizing.
 
-use crate::bridge::EVENTS_CHANNEL;
 use crate::error::SetupError;
+use rtc_peer::EVENTS_CHANNEL;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
-use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
-
-/// One crypto provider and one DTLS certificate for every leg of every call.
-///
-/// Without them each `Rtc::build` sets up the provider and generates a fresh certificate,
-/// about 0.7 ms of CPU, twice per call (docs/benchmarks.md has the before/after). Reusing a
-/// certificate across peer connections is what browsers do with an `RTCCertificate`; each
-/// handshake still negotiates its own keys, and the fingerprint in each SDP still
-/// authenticates it. If generation fails, legs fall back to str0m's per-`Rtc` default.
-fn shared_crypto() -> Option<&'static (Arc<CryptoProvider>, DtlsCert)> {
-    static SHARED: OnceLock<Option<(Arc<CryptoProvider>, DtlsCert)>> = OnceLock::new();
-    SHARED
-        .get_or_init(|| {
-            let provider = str0m::crypto::from_feature_flags();
-            let cert = provider.dtls_provider.generate_certificate()?;
-            Some((Arc::new(provider), cert))
-        })
-        .as_ref()
-}
 
 /// A parser or negotiation error as one short line a client may see. str0m's parse
 /// errors carry the parser's debug state, including memory addresses
@@ -64,14 +44,12 @@ pub fn describe(e: &impl std::fmt::Display) -> String {
     line
 }
 
+/// Every leg shares the process's DTLS certificate (`rtc_peer::crypto`: two fewer
+/// certificate generations per call). If generation fails, legs fall back to str0m's
+/// per-`Rtc` default.
 fn base_config() -> RtcConfig {
-    let mut config = RtcConfig::new();
-    if let Some((provider, cert)) = shared_crypto() {
-        config = config
-            .set_crypto_provider(provider.clone())
-            .set_dtls_cert(cert.clone());
-    }
-    config
+    rtc_peer::crypto::rtc_config()
+        .unwrap_or_default()
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)

@@ -9,6 +9,7 @@
 
 use crate::error::SetupError;
 use rand::RngCore;
+use rtc_peer::multipart;
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,23 +67,15 @@ pub fn build(
     };
     let session_json = Value::Object(session).to_string();
     let boundary = new_boundary();
-    let mut bytes = Vec::with_capacity(sdp.len() + session_json.len() + 256);
-    for (name, content_type, value) in [
-        ("sdp", "application/sdp", sdp),
-        ("session", "application/json", session_json.as_str()),
-    ] {
-        bytes.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        bytes.extend_from_slice(value.as_bytes());
-        bytes.extend_from_slice(b"\r\n");
-    }
-    bytes.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let bytes = multipart::build(
+        &boundary,
+        &[
+            ("sdp", Some("application/sdp"), sdp.as_bytes()),
+            ("session", Some("application/json"), session_json.as_bytes()),
+        ],
+    );
     Ok(UpstreamBody {
-        content_type: format!("multipart/form-data; boundary={boundary}"),
+        content_type: multipart::content_type(&boundary),
         bytes,
     })
 }

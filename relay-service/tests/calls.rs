@@ -474,14 +474,14 @@ async fn an_optional_stun_server_adds_a_reflexive_candidate_upstream() {
 /// dropped and counted, and the call is not ended by the event buffer cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audio_only_client_gets_audio_and_events_are_dropped_not_queued() {
+    use rtc_peer::udp::{self, UdpPeer, MAX_DATAGRAM};
     use std::time::Instant;
     use str0m::media::{Direction, MediaKind};
-    use str0m::net::{Protocol, Receive};
     use str0m::rtp::RtpWrite;
-    use str0m::{Candidate, Event, Input, Output, Rtc};
+    use str0m::{Candidate, Event, Rtc};
 
     let mut h = Harness::start(&["--dc-buffer-bytes=65536"]).await;
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = udp::bind("127.0.0.1".parse().unwrap()).unwrap();
     let local = socket.local_addr().unwrap();
     let mut rtc = Rtc::builder()
         .set_rtp_mode(true)
@@ -509,25 +509,23 @@ async fn an_audio_only_client_gets_audio_and_events_are_dropped_not_queued() {
             str0m::change::SdpAnswer::from_sdp_string(&answer).unwrap(),
         )
         .unwrap();
+    let mut peer = UdpPeer::new(rtc, socket).unwrap();
 
     let (mut connected, mut received, mut sent) = (false, 0u32, 0u16);
     let mut next_frame = Instant::now();
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     let deadline = Instant::now() + T;
     while Instant::now() < deadline && received < 20 {
-        let timeout = loop {
-            match rtc.poll_output().unwrap() {
-                Output::Timeout(t) => break t,
-                Output::Transmit(t) => {
-                    socket.send_to(&t.contents, t.destination).await.unwrap();
-                }
-                Output::Event(Event::Connected) => connected = true,
-                Output::Event(Event::RtpPacket(_)) => received += 1,
-                Output::Event(_) => {}
-            }
-        };
+        let timeout = peer
+            .drain(|_, e| match e {
+                Event::Connected => connected = true,
+                Event::RtpPacket(_) => received += 1,
+                _ => {}
+            })
+            .unwrap();
         let now = Instant::now();
         if connected && now >= next_frame && sent < 200 {
+            let rtc = peer.rtc();
             let pt = rtc.codec_config().params()[0].pt();
             let mut direct = rtc.direct_api();
             let stream = direct.stream_tx_by_mid(mid, None).unwrap();
@@ -540,30 +538,19 @@ async fn an_audio_only_client_gets_audio_and_events_are_dropped_not_queued() {
             ));
             sent += 1;
             next_frame = now + Duration::from_millis(20);
-            rtc.handle_input(Input::Timeout(now)).unwrap();
+            peer.handle_timeout(now).unwrap();
             continue;
         }
         let wait = timeout
             .min(next_frame)
             .saturating_duration_since(now)
             .max(Duration::from_millis(1));
-        match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
-            Ok(Ok((n, source))) => {
-                let contents = buf[..n].try_into().unwrap();
-                rtc.handle_input(Input::Receive(
-                    Instant::now(),
-                    Receive {
-                        proto: Protocol::Udp,
-                        source,
-                        destination: local,
-                        contents,
-                    },
-                ))
-                .unwrap();
-            }
-            _ => rtc.handle_input(Input::Timeout(Instant::now())).unwrap(),
+        match tokio::time::timeout(wait, peer.socket.recv_from(&mut buf)).await {
+            Ok(Ok((n, source))) => peer.handle_datagram(&buf[..n], source, Instant::now()),
+            _ => peer.handle_timeout(Instant::now()).unwrap(),
         }
     }
+    assert_eq!(peer.counters.bad_datagrams, 0, "{:?}", peer.counters);
     assert!(
         received >= 20,
         "audio came back to an audio-only client ({received})"

@@ -1,0 +1,146 @@
+//! A [`Shell`] over one tokio UDP socket: what the echo model, its test client and the load
+//! generator run per peer. The relay's bridge drives its two legs itself and shares only
+//! [`send_or_wait`] and [`MAX_DATAGRAM`].
+
+use crate::shell::{Drained, Shell};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use str0m::{Event, Rtc, RtcError};
+use tokio::net::UdpSocket;
+
+/// Largest UDP datagram we read. WebRTC stays well under the path MTU (~1200 bytes of
+/// payload); 2 KiB leaves margin for peers that ignore MTU hints without wasting memory across
+/// hundreds of peers.
+pub const MAX_DATAGRAM: usize = 2048;
+
+/// Upper bound on how long a peer sleeps without feeding str0m a timeout. str0m returns a
+/// "distant future" instant when nothing is scheduled; clamping keeps our own deadlines
+/// (connect, idle) checked and avoids handing huge durations to the tokio timer.
+pub const MAX_SLEEP: Duration = Duration::from_millis(500);
+
+/// When to wake next: str0m's deadline, at most [`MAX_SLEEP`] from now.
+pub fn next_wake(deadline: Instant, now: Instant) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(deadline.min(now + MAX_SLEEP))
+}
+
+/// Binds a non-blocking std UDP socket on an ephemeral port (usable before a tokio runtime
+/// exists, e.g. to put its address in an offer).
+pub fn bind(ip: IpAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Sends one datagram; when the socket buffer is full, waits for room up to `wait` (`None`:
+/// as long as it takes) rather than drop it, since DTLS handshakes must not lose messages.
+pub async fn send_or_wait(
+    socket: &UdpSocket,
+    data: &[u8],
+    to: SocketAddr,
+    wait: Option<Duration>,
+) -> io::Result<()> {
+    match socket.try_send_to(data, to) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let send = socket.send_to(data, to);
+            match wait {
+                None => send.await.map(drop),
+                Some(wait) => match tokio::time::timeout(wait, send).await {
+                    Ok(sent) => sent.map(drop),
+                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
+                },
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// I/O trouble that must not be silently ignored.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Datagrams str0m wanted to send that the socket refused (buffer full, unreachable).
+    pub send_errors: u64,
+    /// Received datagrams that were not STUN/DTLS/RTP/RTCP, or that str0m rejected.
+    pub bad_datagrams: u64,
+}
+
+/// One `Rtc` and the socket it talks through.
+pub struct UdpPeer {
+    pub shell: Shell,
+    pub socket: UdpSocket,
+    pub counters: IoCounters,
+}
+
+impl UdpPeer {
+    /// Needs a tokio runtime. The socket's address is what str0m sees as destination.
+    pub fn new(rtc: Rtc, socket: std::net::UdpSocket) -> io::Result<Self> {
+        let local_addr = socket.local_addr()?;
+        Ok(UdpPeer {
+            shell: Shell::new(rtc, local_addr),
+            socket: UdpSocket::from_std(socket)?,
+            counters: IoCounters::default(),
+        })
+    }
+
+    pub fn rtc(&mut self) -> &mut Rtc {
+        self.shell.rtc_mut()
+    }
+
+    /// Drains str0m until its next timeout: transmits leave at once, events go to `on_event`
+    /// (which may mutate the `Rtc`). Returns the next deadline.
+    pub fn drain(
+        &mut self,
+        mut on_event: impl FnMut(&mut Rtc, Event),
+    ) -> Result<Instant, RtcError> {
+        let UdpPeer {
+            shell,
+            socket,
+            counters,
+        } = self;
+        shell.drain(|rtc, d| match d {
+            Drained::Transmit(t) => {
+                // Never wait: a full socket buffer drops the datagram, as the network would.
+                // Counted instead of stalling every other peer on this thread.
+                if let Err(e) = socket.try_send_to(&t.contents, t.destination) {
+                    counters.send_errors += 1;
+                    tracing::debug!(error = %e, destination = %t.destination, "UDP send failed");
+                }
+            }
+            Drained::Event(e) => on_event(rtc, e),
+        })
+    }
+
+    /// Feeds one received datagram; unusable ones are counted and dropped. Drain afterwards.
+    pub fn handle_datagram(&mut self, data: &[u8], source: SocketAddr, now: Instant) {
+        if let Err(e) = self.shell.handle_datagram(now, source, data) {
+            self.counters.bad_datagrams += 1;
+            tracing::debug!(error = %e, %source, "datagram dropped");
+        }
+    }
+
+    /// Advances str0m's clock. Drain afterwards.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), RtcError> {
+        self.shell.handle_timeout(now)
+    }
+
+    /// A timeout now and a drain: puts just-written RTP on the wire (see [`Shell::kick`]).
+    pub fn kick(&mut self, on_event: impl FnMut(&mut Rtc, Event)) -> Result<Instant, RtcError> {
+        self.handle_timeout(Instant::now())?;
+        self.drain(on_event)
+    }
+
+    /// Says goodbye (DTLS close_notify, SCTP shutdown) so the remote notices at once.
+    pub fn close_gracefully(&mut self) {
+        let UdpPeer {
+            shell,
+            socket,
+            counters,
+        } = self;
+        shell.close(Instant::now(), |t| {
+            if socket.try_send_to(&t.contents, t.destination).is_err() {
+                counters.send_errors += 1;
+            }
+        });
+    }
+}
