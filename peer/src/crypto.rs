@@ -35,13 +35,22 @@ fn shared() -> Result<&'static Shared, CryptoError> {
         .ok_or(CryptoError)
 }
 
-/// A default `RtcConfig` with the process's crypto provider and certificate: `build` is
-/// cheap and cannot fail on certificate generation.
+/// Bytes of data-channel data str0m may hold unacknowledged per peer. str0m's default is
+/// 128 KiB, and `Channel::write` *never* accepts a message larger than this limit, while
+/// every peer advertises str0m's default maximum message size of 256 KiB: a 200 KiB event
+/// would block its channel forever. 512 KiB takes any message a peer may send, with room for
+/// a second one in flight. It is a cap, not an allocation.
+pub const SCTP_MAX_BUFFERED: usize = 512 * 1024;
+
+/// The `RtcConfig` every peer of ours starts from: the process's crypto provider and
+/// certificate (`build` is cheap and cannot fail on certificate generation) and an SCTP send
+/// buffer that takes the largest message a peer may send.
 pub fn rtc_config() -> Result<RtcConfig, CryptoError> {
     let shared = shared()?;
     Ok(RtcConfig::new()
         .set_crypto_provider(shared.provider.clone())
-        .set_dtls_cert(shared.cert.clone()))
+        .set_dtls_cert(shared.cert.clone())
+        .set_sctp_max_buffered_amount(SCTP_MAX_BUFFERED))
 }
 
 #[cfg(test)]

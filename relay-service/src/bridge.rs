@@ -15,6 +15,7 @@ use crate::call_state::{CallCounters, DirectionCounters, EndReason};
 use crate::metrics::DirectionMetrics;
 use crate::pt_map::PtMap;
 use rtc_peer::dc_queue::{DcQueue, Message};
+use rtc_peer::shell::{self, Drained};
 use rtc_peer::EVENTS_CHANNEL;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -23,9 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, Mid};
-use str0m::net::{DatagramRecv, Protocol, Receive, Transmit};
+use str0m::net::Transmit;
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
-use str0m::{Event, IceConnectionState, Input, Output, Rtc};
+use str0m::{Event, IceConnectionState, Input, Rtc};
 
 /// Below this many buffered bytes, str0m tells us a channel can take more.
 const CHANNEL_LOW_WATER: usize = 64 * 1024;
@@ -248,22 +249,14 @@ impl Bridge {
 
     /// Feeds one datagram that arrived for `leg`.
     pub fn handle_datagram(&mut self, leg: Leg, now: Instant, source: SocketAddr, data: &[u8]) {
-        let Ok(contents) = DatagramRecv::try_from(data) else {
+        let local_addr = self.leg(leg).local_addr;
+        let Some(input) = shell::receive(now, source, local_addr, data) else {
             // Not STUN, DTLS, RTP or RTCP: nothing str0m could use.
             return;
         };
         self.now = self.now.max(now);
         let state = self.leg_mut(leg);
         state.last_receive = now;
-        let input = Input::Receive(
-            now,
-            Receive {
-                proto: Protocol::Udp,
-                source,
-                destination: state.local_addr,
-                contents,
-            },
-        );
         if let Err(e) = state.rtc.handle_input(input) {
             // A bad packet is the sender's problem, not a reason to end the call.
             tracing::debug!(?leg, error = %e, "datagram rejected");
@@ -355,24 +348,23 @@ impl Bridge {
     /// Drains one leg's output until its next timeout: transmits are collected,
     /// events queued for `process_events`.
     fn drain(&mut self, leg: Leg) {
-        loop {
-            let output = self.leg_mut(leg).rtc.poll_output();
-            match output {
-                Ok(Output::Timeout(t)) => {
-                    self.leg_mut(leg).next_timeout = t;
-                    break;
-                }
-                Ok(Output::Transmit(t)) => self.transmits.push((leg, t)),
-                Ok(Output::Event(e)) => self.events.push_back((leg, e)),
-                Err(e) => {
-                    tracing::warn!(?leg, error = %e, "peer connection failed");
-                    self.end(leg.closed());
-                    // Keep time moving so the driver doesn't spin on this leg. The time
-                    // comes from the driver's inputs, never the wall clock.
-                    let later = self.now + Duration::from_secs(3600);
-                    self.leg_mut(leg).next_timeout = later;
-                    break;
-                }
+        let state = match leg {
+            Leg::Client => &mut self.client,
+            Leg::Upstream => &mut self.upstream,
+        };
+        let (transmits, events) = (&mut self.transmits, &mut self.events);
+        let drained = shell::drain(&mut state.rtc, |_, out| match out {
+            Drained::Transmit(t) => transmits.push((leg, t)),
+            Drained::Event(e) => events.push_back((leg, e)),
+        });
+        match drained {
+            Ok(next) => state.next_timeout = next,
+            Err(e) => {
+                tracing::warn!(?leg, error = %e, "peer connection failed");
+                // Keep time moving so the driver doesn't spin on this leg. The time comes
+                // from the driver's inputs, never the wall clock.
+                state.next_timeout = self.now + Duration::from_secs(3600);
+                self.end(leg.closed());
             }
         }
     }

@@ -320,31 +320,8 @@ async fn hangup_ends_the_call_everywhere_and_frees_it() {
     assert!(text.contains("realtime_relay_calls_active 0"), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_vanishes_is_reaped_within_the_peer_timeout() {
-    let mut h = Harness::start(&["--peer-timeout-secs=2"]).await;
-    let (call_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
-    client
-        .wait_for_event_type("session.created", T)
-        .await
-        .unwrap();
-    let gone = tokio::time::Instant::now();
-    client.vanish();
-    let info = h
-        .wait_for_state(&call_id, v1::CallState::Ended, Duration::from_secs(6))
-        .await;
-    assert_eq!(info.end_reason, "client_timeout", "{info:?}");
-    assert!(
-        gone.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        gone.elapsed()
-    );
-    assert!(
-        h.provider.wait_for_active_calls(0, T).await,
-        "upstream side freed too"
-    );
-}
-
+/// Timeouts are proven in virtual time (`src/bridge/tests.rs`); this one checks, over real
+/// UDP and the real binary's flags, that a limit reaches the bridge and the call is freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_connects_is_ended_by_the_ice_timeout() {
     let mut h = Harness::start(&["--ice-timeout-secs=1"]).await;
@@ -379,29 +356,6 @@ async fn the_concurrent_call_limit_holds() {
         "the refused call never went upstream"
     );
     client.close().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exceeding_the_data_channel_byte_cap_ends_the_call() {
-    let mut h = Harness::start(&["--dc-buffer-bytes=65536"]).await;
-    let (call_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
-    client
-        .wait_for_event_type("session.created", T)
-        .await
-        .unwrap();
-    // A burst far beyond what one SCTP send buffer plus the cap can hold.
-    let chunk = vec![42u8; 60 * 1024];
-    for _ in 0..40 {
-        if client.send_binary(&chunk).await.is_err() {
-            break;
-        }
-    }
-    let info = h.wait_for_state(&call_id, v1::CallState::Ended, T).await;
-    assert_eq!(info.end_reason, "buffer_overflow", "{info:?}");
-    assert!(h
-        .metrics_text()
-        .await
-        .contains("realtime_relay_dc_buffer_overflows_total 1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,63 +18,10 @@ fn is_bchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&b)
 }
 
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// Splits `key=value; key="quoted value"` parameters. Quoted strings may contain `;`.
+/// `; key=value; key="quoted value"` parameters, by the parser the multipart part headers use
+/// too (`rtc_peer::header_params`), with the same client-visible reasons.
 pub(crate) fn params(s: &str) -> Result<Vec<(String, String)>, FilterError> {
-    let bad = FilterError::MalformedContentType;
-    let mut out = Vec::new();
-    let mut rest = s.trim_start();
-    while !rest.is_empty() {
-        rest = rest.trim_start_matches([';', ' ', '\t']);
-        if rest.is_empty() {
-            break;
-        }
-        let eq = rest.find('=').ok_or(bad("parameter without '='"))?;
-        let key = rest.get(..eq).unwrap_or("").trim().to_ascii_lowercase();
-        if !is_token(&key) {
-            return Err(bad("invalid parameter name"));
-        }
-        let after = rest.get(eq + 1..).unwrap_or("");
-        let (value, remaining) = if let Some(q) = after.strip_prefix('"') {
-            let mut value = String::new();
-            let mut chars = q.char_indices();
-            let mut end = None;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => match chars.next() {
-                        Some((_, e)) => value.push(e),
-                        None => return Err(bad("unterminated quoted parameter")),
-                    },
-                    '"' => {
-                        end = Some(i + 1);
-                        break;
-                    }
-                    c => value.push(c),
-                }
-            }
-            let end = end.ok_or(bad("unterminated quoted parameter"))?;
-            let remaining = q.get(end..).unwrap_or("").trim_start();
-            if !(remaining.is_empty() || remaining.starts_with(';')) {
-                return Err(bad("garbage after quoted parameter"));
-            }
-            (value, remaining)
-        } else {
-            let end = after.find(';').unwrap_or(after.len());
-            let value = after.get(..end).unwrap_or("").trim().to_string();
-            (value, after.get(end..).unwrap_or(""))
-        };
-        if out.iter().any(|(k, _)| *k == key) {
-            return Err(bad("duplicate parameter"));
-        }
-        out.push((key, value));
-        rest = remaining;
-    }
-    Ok(out)
+    rtc_peer::header_params::params(s).map_err(|e| FilterError::MalformedContentType(e.reason()))
 }
 
 /// Classifies the request body by its `Content-Type` header value.

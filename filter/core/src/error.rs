@@ -1,5 +1,6 @@
 //! Client-visible errors: one enum, stable codes, OpenAI-shaped JSON.
 
+use rtc_peer::multipart::MultipartError;
 use serde::Serialize;
 
 use crate::reply::HttpReply;
@@ -18,12 +19,10 @@ pub enum FilterError {
     UnsupportedContentType,
     #[error("malformed Content-Type: {0}")]
     MalformedContentType(&'static str),
-    #[error("malformed multipart body: {0}")]
-    MalformedMultipart(&'static str),
-    #[error("multipart part '{0}' appears more than once")]
-    DuplicatePart(&'static str),
-    #[error("multipart part '{name}' exceeds {limit} bytes")]
-    PartTooLarge { name: &'static str, limit: usize },
+    /// The multipart body (or an offer over its size limit): the shared parser's error, with
+    /// its own stable code (`malformed_multipart`, `duplicate_part`, `part_too_large`).
+    #[error(transparent)]
+    Multipart(MultipartError),
     #[error("missing SDP offer")]
     MissingSdp,
     #[error("invalid SDP offer: {0}")]
@@ -81,9 +80,7 @@ impl FilterError {
             UnsupportedContentType => 415,
             MissingContentType
             | MalformedContentType(_)
-            | MalformedMultipart(_)
-            | DuplicatePart(_)
-            | PartTooLarge { .. }
+            | Multipart(_)
             | MissingSdp
             | InvalidSdp(_)
             | InvalidSessionJson(_)
@@ -110,9 +107,7 @@ impl FilterError {
             MissingContentType | UnsupportedContentType | MalformedContentType(_) => {
                 "invalid_content_type"
             }
-            MalformedMultipart(_) => "malformed_multipart",
-            DuplicatePart(_) => "duplicate_part",
-            PartTooLarge { .. } => "part_too_large",
+            Multipart(e) => e.code(),
             MissingSdp => "missing_sdp",
             InvalidSdp(_) => "invalid_sdp",
             InvalidSessionJson(_) => "invalid_session_json",
@@ -150,7 +145,8 @@ impl FilterError {
             MissingSdp | InvalidSdp(_) => Some("sdp"),
             InvalidSessionJson(_) => Some("session"),
             MissingModel | InvalidModel(_) | ModelNotFound(_) => Some("model"),
-            DuplicatePart(name) | PartTooLarge { name, .. } => Some(name),
+            Multipart(MultipartError::DuplicatePart(name))
+            | Multipart(MultipartError::PartTooLarge { name, .. }) => Some(name),
             _ => None,
         }
     }

@@ -19,12 +19,8 @@ pub struct FormParts<'a> {
 impl From<MultipartError> for FilterError {
     fn from(e: MultipartError) -> Self {
         match e {
-            MultipartError::Malformed(why) => FilterError::MalformedMultipart(why.reason()),
-            MultipartError::DuplicatePart(name) => FilterError::DuplicatePart(name),
-            MultipartError::PartTooLarge { name, limit } => {
-                FilterError::PartTooLarge { name, limit }
-            }
             MultipartError::MissingSdp => FilterError::MissingSdp,
+            e => FilterError::Multipart(e),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! offer fully; this refuses what is obviously not an offer, cheaply and with a clear code.
 
 use crate::error::FilterError;
+use rtc_peer::multipart::MultipartError;
 
 pub const MAX_LINE_LEN: usize = 4096;
 pub const MAX_LINES: usize = 2000;
@@ -12,10 +13,10 @@ pub fn validate_offer(bytes: &[u8], max_bytes: usize) -> Result<&str, FilterErro
         return Err(FilterError::MissingSdp);
     }
     if bytes.len() > max_bytes {
-        return Err(FilterError::PartTooLarge {
+        return Err(FilterError::Multipart(MultipartError::PartTooLarge {
             name: "sdp",
             limit: max_bytes,
-        });
+        }));
     }
     let text = std::str::from_utf8(bytes).map_err(|_| FilterError::InvalidSdp("not UTF-8"))?;
     if !text.starts_with("v=0\r\n") && !text.starts_with("v=0\n") {

@@ -433,11 +433,9 @@ fn a_burst_the_slow_side_cannot_take_within_the_cap_ends_the_call_with_buffer_ov
         .contains("realtime_relay_dc_buffer_overflows_total 1"));
 }
 
+/// The legs kept str0m's 128 KiB SCTP send buffer while advertising 256 KiB messages, so an
+/// event between the two blocked its channel for good; the shared `RtcConfig` now takes it.
 #[test]
-#[ignore = "defect: the legs keep str0m's 128 KiB SCTP send buffer, so a message between \
-            128 KiB and the 256 KiB both legs advertise never fits; the fix is \
-            `set_sctp_max_buffered_amount` in the legs' shared RtcConfig (peer.rs), as \
-            echo-model does"]
 fn an_event_larger_than_str0ms_default_send_buffer_is_forwarded() {
     let mut call = VirtualCall::connected(Options::default());
     call.send_messages(Side::Client, [binary(150 * 1024, 7), binary(10, 8)]);
