@@ -39,13 +39,33 @@ struct Root {
     refresh: LoadRefresh,
 }
 
+/// Why the plugin configuration was refused (Envoy then rejects the filter).
+#[derive(Debug)]
+enum ConfigureError {
+    Empty,
+    Invalid(realtime_filter_core::ConfigError),
+    Tick(proxy_wasm::types::Status),
+}
+
+impl std::fmt::Display for ConfigureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigureError::Empty => {
+                f.write_str("plugin configuration is empty (set the Wasm filter's configuration)")
+            }
+            ConfigureError::Invalid(e) => write!(f, "{e}"),
+            ConfigureError::Tick(s) => write!(f, "set_tick_period: {s:?}"),
+        }
+    }
+}
+
 impl Root {
-    fn configure(&mut self) -> Result<(), String> {
+    fn configure(&mut self) -> Result<(), ConfigureError> {
         let text = host::buffer(BufferType::PluginConfiguration, usize::MAX)
-            .ok_or("plugin configuration is empty (set the Wasm filter's configuration)")?;
+            .ok_or(ConfigureError::Empty)?;
         // Keys come from the VM environment (vm_config.environment_variables); never logged.
         let env = |name: &str| std::env::var(name).ok();
-        let config = Config::from_json(&text, &env).map_err(|e| e.to_string())?;
+        let config = Config::from_json(&text, &env).map_err(ConfigureError::Invalid)?;
         let metrics = Metrics::default();
         for (kind, name) in realtime_filter_core::metrics::definitions(&config) {
             metrics.define(kind, &name);
@@ -53,7 +73,7 @@ impl Root {
         routing::create_counters(&ProxyStore, &config);
         if config.load_refresh_ms > 0 {
             hostcalls::set_tick_period(Duration::from_millis(config.load_refresh_ms))
-                .map_err(|e| format!("set_tick_period: {e:?}"))?;
+                .map_err(ConfigureError::Tick)?;
         }
         log(
             CoreLevel::Info,

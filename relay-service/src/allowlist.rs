@@ -17,14 +17,27 @@ pub struct Allowlist {
     allow_private: bool,
 }
 
+/// An `--allow-upstream` entry that is not an absolute http(s) URL without credentials,
+/// query or fragment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("allowlist entry {entry:?}: {reason}")]
+pub struct AllowlistEntryError {
+    pub entry: String,
+    pub reason: String,
+}
+
 impl Allowlist {
     /// Parses the configured entries; each is an absolute http(s) URL with no
     /// credentials, query or fragment.
-    pub fn new(entries: &[String], allow_private: bool) -> Result<Self, String> {
+    pub fn new(entries: &[String], allow_private: bool) -> Result<Self, AllowlistEntryError> {
         let mut parsed = Vec::new();
         for e in entries {
-            let url = Url::parse(e).map_err(|err| format!("allowlist entry {e:?}: {err}"))?;
-            check_shape(&url).map_err(|why| format!("allowlist entry {e:?}: {why}"))?;
+            let refuse = |reason: String| AllowlistEntryError {
+                entry: e.clone(),
+                reason,
+            };
+            let url = Url::parse(e).map_err(|err| refuse(err.to_string()))?;
+            check_shape(&url).map_err(|why| refuse(why.to_string()))?;
             parsed.push(url);
         }
         Ok(Allowlist {

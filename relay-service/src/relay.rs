@@ -12,7 +12,7 @@ use crate::media_socket::ClientPort;
 use crate::metrics::Metrics;
 use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
-use crate::signaling::{ExchangeOutcome, UpstreamClient};
+use crate::signaling::{ExchangeOutcome, UpstreamClient, UpstreamClientError};
 use crate::upstream_body;
 use futures::FutureExt;
 use realtime_relay_proto::v1;
@@ -59,7 +59,7 @@ impl Relay {
         allowlist: Allowlist,
         client_port: Arc<ClientPort>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, UpstreamClientError> {
         let allowlist = Arc::new(allowlist);
         let upstream = UpstreamClient::new(
             allowlist.clone(),

@@ -2,12 +2,13 @@
 //! the metrics endpoint, and graceful drain. Tests start it in-process on ephemeral
 //! loopback ports through [`start`].
 
-use crate::allowlist::Allowlist;
+use crate::allowlist::{Allowlist, AllowlistEntryError};
 use crate::config::{Args, ConfigError};
 use crate::grpc::RelayGrpc;
 use crate::media_socket::ClientPort;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelaySettings};
+use crate::signaling::UpstreamClientError;
 use realtime_relay_proto::v1::relay_service_server::RelayServiceServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,11 +40,11 @@ pub enum StartError {
     #[error("--upstream-stun-server {0}: no address")]
     StunNoAddress(String),
     /// An `--allow-upstream` entry that is not an absolute http(s) URL.
-    #[error("{0}")]
-    Allowlist(String),
+    #[error(transparent)]
+    Allowlist(#[from] AllowlistEntryError),
     /// The relay's own set-up (its upstream HTTP client).
-    #[error("{0}")]
-    Relay(String),
+    #[error(transparent)]
+    Relay(#[from] UpstreamClientError),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("reading the bound address: {0}")]
@@ -86,8 +87,7 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
     }
     let port = Arc::new(port);
     port.spawn_receivers(metrics.clone());
-    let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)
-        .map_err(StartError::Allowlist)?;
+    let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)?;
     let upstream_stun = match &args.upstream_stun_server {
         Some(server) => {
             let addr = tokio::net::lookup_host(server.as_str())
@@ -102,20 +102,17 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         }
         None => None,
     };
-    let relay = Arc::new(
-        Relay::new(
-            RelaySettings {
-                limits,
-                advertised_media_addr: advertised,
-                upstream_media_ip: args.upstream_media_ip,
-                upstream_stun,
-            },
-            allowlist,
-            port,
-            metrics.clone(),
-        )
-        .map_err(StartError::Relay)?,
-    );
+    let relay = Arc::new(Relay::new(
+        RelaySettings {
+            limits,
+            advertised_media_addr: advertised,
+            upstream_media_ip: args.upstream_media_ip,
+            upstream_stun,
+        },
+        allowlist,
+        port,
+        metrics.clone(),
+    )?);
 
     // gRPC with health and reflection.
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -27,6 +27,11 @@ pub enum ExchangeOutcome {
     },
 }
 
+/// The HTTP client for the upstream exchange could not be built (TLS roots, resolver).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the upstream HTTP client: {0}")]
+pub struct UpstreamClientError(#[source] reqwest::Error);
+
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
@@ -39,7 +44,7 @@ impl UpstreamClient {
         connect_timeout: Duration,
         exchange_timeout: Duration,
         max_body_bytes: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, UpstreamClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .timeout(exchange_timeout)
@@ -48,7 +53,7 @@ impl UpstreamClient {
             .dns_resolver(Arc::new(PolicyResolver { allowlist }))
             .user_agent(concat!("realtime-relay/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
+            .map_err(UpstreamClientError)?;
         Ok(Self {
             http,
             max_body_bytes,
