@@ -135,6 +135,13 @@ impl Metrics {
             "Call tasks that panicked (the call ended, the relay did not)",
             m.call_panics.clone(),
         );
+        // Every setup-failure code the contract defines starts at 0, so the family is in the
+        // scrape from the start and `rate()` sees the first failure.
+        for code in realtime_relay_proto::ErrorCode::ALL {
+            let _ = m.setup_failures.get_or_create(&ReasonLabel {
+                reason: code.as_str().to_string(),
+            });
+        }
         let families = DirectionFamilies::default();
         registry.register(
             "rtp_packets",
@@ -280,5 +287,14 @@ mod tests {
             text.contains(r#"realtime_relay_setup_failures_total{reason="upstream_status_503"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_contract_failure_code_is_exported_from_the_start() {
+        let text = Metrics::new().encode();
+        for code in realtime_relay_proto::ErrorCode::ALL {
+            let line = format!("realtime_relay_setup_failures_total{{reason=\"{code}\"}} 0");
+            assert!(text.contains(&line), "{line} missing: {text}");
+        }
     }
 }
