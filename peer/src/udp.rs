@@ -34,25 +34,48 @@ pub fn bind(ip: IpAddr) -> io::Result<std::net::UdpSocket> {
 
 /// Sends one datagram; when the socket buffer is full, waits for room up to `wait` (`None`:
 /// as long as it takes) rather than drop it, since DTLS handshakes must not lose messages.
-pub async fn send_or_wait(
+///
+/// The first attempt is a plain non-blocking send, returned as `Sent` or an error; only a
+/// full buffer gives `Full`, whose future waits. A per-packet caller thus pays for the
+/// waiting future (a timer, a readiness registration) only when it needs it:
+/// `if let Send::Full(wait) = send_or_wait(..) { wait.await }`.
+#[inline]
+pub fn send_or_wait<'a>(
+    socket: &'a UdpSocket,
+    data: &'a [u8],
+    to: SocketAddr,
+    wait: Option<Duration>,
+) -> Send<impl std::future::Future<Output = io::Result<()>> + 'a> {
+    match socket.try_send_to(data, to) {
+        Ok(_) => Send::Sent,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Send::Full(send_when_writable(socket, data, to, wait))
+        }
+        Err(e) => Send::Failed(e),
+    }
+}
+
+/// The outcome of a first, non-blocking send.
+pub enum Send<F> {
+    Sent,
+    Failed(io::Error),
+    /// The socket buffer is full: this future sends once there is room (or gives up).
+    Full(F),
+}
+
+async fn send_when_writable(
     socket: &UdpSocket,
     data: &[u8],
     to: SocketAddr,
     wait: Option<Duration>,
 ) -> io::Result<()> {
-    match socket.try_send_to(data, to) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            let send = socket.send_to(data, to);
-            match wait {
-                None => send.await.map(drop),
-                Some(wait) => match tokio::time::timeout(wait, send).await {
-                    Ok(sent) => sent.map(drop),
-                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
-                },
-            }
-        }
-        Err(e) => Err(e),
+    let send = socket.send_to(data, to);
+    match wait {
+        None => send.await.map(drop),
+        Some(wait) => match tokio::time::timeout(wait, send).await {
+            Ok(sent) => sent.map(drop),
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        },
     }
 }
 

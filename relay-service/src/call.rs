@@ -5,7 +5,7 @@ use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
 use crate::media_socket::{ClientPort, Datagram, RouteGuard};
 use crate::registry::CallEntry;
-use rtc_peer::udp::{send_or_wait, MAX_DATAGRAM};
+use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::net::Transmit;
@@ -107,9 +107,14 @@ impl CallDriver {
                 // A full upstream socket buffer waits briefly, never long enough to stall the call.
                 Leg::Upstream => {
                     let wait = Some(UPSTREAM_SEND_WAIT);
-                    let sent =
-                        send_or_wait(&self.upstream_socket, &t.contents, t.destination, wait);
-                    if let Err(e) = sent.await {
+                    let failed =
+                        match send_or_wait(&self.upstream_socket, &t.contents, t.destination, wait)
+                        {
+                            Send::Sent => None,
+                            Send::Failed(e) => Some(e),
+                            Send::Full(wait) => wait.await.err(),
+                        };
+                    if let Some(e) = failed {
                         tracing::trace!(error = %e, "upstream send failed");
                     }
                 }

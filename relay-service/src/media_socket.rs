@@ -9,7 +9,7 @@
 
 use crate::metrics::Metrics;
 use crate::stun;
-use rtc_peer::udp::{send_or_wait, MAX_DATAGRAM};
+use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -125,9 +125,15 @@ impl ClientPort {
     /// Sends from the shared port. UDP sends rarely block; when the socket buffer is
     /// full we wait rather than drop, since DTLS handshakes must not lose messages.
     pub async fn send_to(&self, data: &[u8], to: SocketAddr) {
-        if let Err(e) = send_or_wait(&self.sockets[0], data, to, None).await {
-            tracing::debug!(error = %e, %to, "client-leg send failed");
-        }
+        let failed = match send_or_wait(&self.sockets[0], data, to, None) {
+            Send::Sent => return,
+            Send::Failed(e) => e,
+            Send::Full(wait) => match wait.await {
+                Ok(()) => return,
+                Err(e) => e,
+            },
+        };
+        tracing::debug!(error = %failed, %to, "client-leg send failed");
     }
 
     /// Starts one receive task per shard.
