@@ -20,6 +20,10 @@ pub enum ConfigError {
     NoUpstreamAllowed,
     #[error("--media-addr {0} is unspecified: set --public-ip to the address clients reach")]
     UnspecifiedMediaAddr(SocketAddr),
+    #[error("the advertised media address {0} is {1}: set --public-ip to a unicast address clients reach")]
+    NotUnicastMediaAddr(IpAddr, &'static str),
+    #[error("--public-port 0 cannot be advertised: give the port clients reach")]
+    ZeroPublicPort,
 }
 
 /// gRPC relay for OpenAI Realtime WebRTC calls: validates a client's SDP offer,
@@ -203,7 +207,22 @@ impl Args {
     pub fn advertised_media_addr(&self) -> Result<SocketAddr, ConfigError> {
         let ip = self.public_ip.unwrap_or(self.media_addr.ip());
         if ip.is_unspecified() {
-            return Err(ConfigError::UnspecifiedMediaAddr(self.media_addr));
+            return Err(match self.public_ip {
+                Some(ip) => ConfigError::NotUnicastMediaAddr(ip, "unspecified"),
+                None => ConfigError::UnspecifiedMediaAddr(self.media_addr),
+            });
+        }
+        if ip.is_multicast() {
+            return Err(ConfigError::NotUnicastMediaAddr(ip, "multicast"));
+        }
+        if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+            return Err(ConfigError::NotUnicastMediaAddr(
+                ip,
+                "the broadcast address",
+            ));
+        }
+        if self.public_port == Some(0) {
+            return Err(ConfigError::ZeroPublicPort);
         }
         Ok(SocketAddr::new(
             ip,
@@ -327,5 +346,31 @@ mod tests {
             args.advertised_media_addr().unwrap(),
             "203.0.113.7:31000".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn an_address_clients_cannot_reach_is_refused_naming_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--public-ip", "0.0.0.0"], "--public-ip to a unicast"),
+            (&["--public-ip", "::"], "unspecified"),
+            (&["--public-ip", "224.0.0.1"], "multicast"),
+            (&["--public-ip", "ff02::1"], "multicast"),
+            (&["--public-ip", "255.255.255.255"], "broadcast"),
+            (&["--media-addr", "239.1.2.3:40000"], "multicast"),
+            (
+                &["--public-ip", "203.0.113.7", "--public-port", "0"],
+                "--public-port 0",
+            ),
+        ];
+        for (flags, want) in cases {
+            let mut argv = vec![
+                "realtime-relay",
+                "--allow-upstream",
+                "https://api.openai.com",
+            ];
+            argv.extend_from_slice(flags);
+            let err = Args::parse_from(argv).advertised_media_addr().unwrap_err();
+            assert!(err.to_string().contains(want), "{flags:?}: {err}");
+        }
     }
 }

@@ -258,7 +258,11 @@ impl Relay {
             answer_sdp: client.answer.to_sdp_string(),
             leg: LegSetup {
                 rtc: client.rtc,
-                local_addr: self.client_port.local_addr(),
+                // Every datagram on the shared port is addressed, as far as ICE knows, to the
+                // one host candidate we advertised: str0m drops STUN whose destination is not
+                // a local candidate, and the bound address (0.0.0.0, a pod IP behind a
+                // NodePort, a NATed port) is not one.
+                local_addr: self.settings.advertised_media_addr,
                 audio_mid: client.audio_mid,
                 has_data_channel: offer.contains("\nm=application "),
             },

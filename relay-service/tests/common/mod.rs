@@ -30,6 +30,11 @@ pub fn relay_args(provider_url: &str, extra: &[&str]) -> Args {
         "--allow-private-upstreams".into(),
         "--drain-secs=1".into(),
     ];
+    // A flag the test gives replaces the default above (clap refuses a flag given twice).
+    argv.retain(|default| {
+        let flag = default.split('=').next().unwrap_or_default();
+        !extra.iter().any(|e| e.split('=').next() == Some(flag))
+    });
     argv.extend(extra.iter().map(|s| s.to_string()));
     Args::parse_from(argv)
 }

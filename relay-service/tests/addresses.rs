@@ -1,0 +1,134 @@
+//! Calls whose client leg is reached at an address the relay did not bind: bound on the
+//! unspecified address and advertising one of the host's addresses (a Kubernetes pod on
+//! `0.0.0.0` with `--public-ip=$(NODE_IP)`), on IPv6, and behind a NAT that changes the port
+//! (`--public-port`, a NodePort). ICE only answers checks addressed to a candidate it
+//! advertised, so each of these used to end as `ice_timeout` with the answer already sent.
+
+mod common;
+
+use common::Harness;
+use echo_model::{ClientConfig, ConnectedClient};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+const T: Duration = Duration::from_secs(10);
+
+/// An event and audio make the round trip client → relay → echo provider → relay → client.
+async fn media_flows(client: &mut ConnectedClient) {
+    client
+        .wait_for_event_type("session.created", T)
+        .await
+        .expect("session.created");
+    client
+        .send_text(r#"{"type":"response.create","event_id":"e1"}"#)
+        .await
+        .unwrap();
+    client
+        .wait_for_event_type("response.create", T)
+        .await
+        .expect("the event comes back");
+    client
+        .send_audio(25, Duration::from_millis(20))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while client.audio_stats().packets_received < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "audio did not come back: {:?}",
+            client.audio_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_bound_on_the_unspecified_address_connects_calls_at_its_public_ip() {
+    let mut h = Harness::start(&["--media-addr=0.0.0.0:0", "--public-ip=127.0.0.1"]).await;
+    assert!(h.relay.media_addr.ip().is_unspecified());
+    let (_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
+    media_flows(&mut client).await;
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_bound_on_the_ipv6_unspecified_address_connects_ipv6_clients() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this host has no IPv6 loopback");
+        return;
+    }
+    let mut h = Harness::start(&["--media-addr=[::]:0", "--public-ip=::1"]).await;
+    let client_config = ClientConfig {
+        bind_ip: IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ..ClientConfig::default()
+    };
+    let (_id, mut client) = h.call(client_config, "m", "").await;
+    media_flows(&mut client).await;
+    client.close().await;
+}
+
+/// A port-translating NAT in front of the relay's media port, as a NodePort or a firewall's
+/// port forward is: clients send to `public`; each client gets its own inside socket towards
+/// the relay, and what the relay sends to that socket goes back to the client from `public`.
+struct PortNat {
+    public: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PortNat {
+    async fn start(inside_target: SocketAddr, public: UdpSocket) -> PortNat {
+        let public = Arc::new(public);
+        let addr = public.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut inside: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 2048];
+            // Bounded: a test's call needs far fewer datagrams than this.
+            for _ in 0..200_000 {
+                let Ok((n, client)) = public.recv_from(&mut buf).await else {
+                    return;
+                };
+                let socket = match inside.get(&client) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        let (back, out) = (s.clone(), public.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 2048];
+                            while let Ok(n) = back.recv(&mut buf).await {
+                                let _ = out.send_to(&buf[..n], client).await;
+                            }
+                        });
+                        s.connect(inside_target).await.unwrap();
+                        inside.insert(client, s.clone());
+                        s
+                    }
+                };
+                let _ = socket.send(&buf[..n]).await;
+            }
+        });
+        PortNat { public: addr, task }
+    }
+}
+
+impl Drop for PortNat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_behind_a_port_translating_nat_connects_calls_at_its_public_port() {
+    // The public side exists first: its port is what the relay advertises.
+    let public = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let public_port = public.local_addr().unwrap().port();
+    let mut h = Harness::start(&[&format!("--public-port={public_port}")]).await;
+    assert_ne!(h.relay.media_addr.port(), public_port);
+    let nat = PortNat::start(h.relay.media_addr, public).await;
+    let (_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
+    media_flows(&mut client).await;
+    assert_eq!(nat.public.port(), public_port);
+    client.close().await;
+}
