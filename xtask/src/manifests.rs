@@ -155,7 +155,10 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
         let at = format!("{} {} ({})", m.kind, m.name, m.file.display());
         match m.kind.as_str() {
             "WasmPlugin" => check_wasm_plugin(&m.doc, &at, &mut problems),
-            "Deployment" => check_deployment(&m.doc, &at, &mut problems),
+            "Deployment" => {
+                check_deployment(&m.doc, &at, &mut problems);
+                check_single_relay(&m.doc, &at, &mut problems);
+            }
             "StatefulSet" => {
                 if str_at(&m.doc, &["spec", "serviceName"]).is_none() {
                     problems.push(format!(
@@ -314,6 +317,22 @@ fn containers(doc: &Yaml) -> &[Yaml] {
         .as_vec()
         .map(Vec::as_slice)
         .unwrap_or(&[])
+}
+
+/// The relay Deployment sits behind ONE Envoy cluster: more than one replica there spreads
+/// creates but sends hangups to the wrong replica (e2e/tests/scale_out.rs). Several relays
+/// are the StatefulSet variant's job (deploy/replicas/).
+fn check_single_relay(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
+    let is_relay = containers(doc)
+        .iter()
+        .any(|c| str_at(c, &["name"]) == Some("relay"));
+    let replicas = doc["spec"]["replicas"].as_i64().unwrap_or(1);
+    if is_relay && replicas != 1 {
+        problems.push(format!(
+            "{at}: spec.replicas is {replicas}; behind one relay cluster only 1 keeps hangups on the \
+             replica that holds the call (use deploy/replicas/ for several)"
+        ));
+    }
 }
 
 fn check_deployment(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
@@ -719,6 +738,24 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("FAIL_CLOSE"), "{err}");
+    }
+
+    #[test]
+    fn a_relay_deployment_of_several_replicas_is_refused() {
+        let doc = |replicas: u32| {
+            let text = format!(
+                "kind: Deployment\nspec:\n  replicas: {replicas}\n  template:\n    spec:\n      containers: [{{name: relay}}]\n"
+            );
+            YamlLoader::load_from_str(&text).unwrap().remove(0)
+        };
+        let mut problems = Vec::new();
+        check_single_relay(&doc(1), "d", &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        check_single_relay(&doc(2), "d", &mut problems);
+        assert!(
+            problems.iter().any(|p| p.contains("deploy/replicas/")),
+            "{problems:?}"
+        );
     }
 
     #[test]
