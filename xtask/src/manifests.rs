@@ -373,6 +373,7 @@ fn check_deployment(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
                     "{at}: container relay needs resource requests and limits"
                 ));
             }
+            check_drain_order(doc, c, at, problems);
             if c["securityContext"]["runAsNonRoot"].as_bool() != Some(true)
                 || c["securityContext"]["allowPrivilegeEscalation"].as_bool() != Some(false)
             {
@@ -381,6 +382,40 @@ fn check_deployment(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
                 ));
             }
         }
+    }
+}
+
+/// A draining relay must still be reachable: its drain (`RELAY_DRAIN_SECS`) ends before the
+/// Istio sidecar stops taking connections (`terminationDrainDuration` in the
+/// `proxy.istio.io/config` annotation), which ends before Kubernetes kills the pod
+/// (`terminationGracePeriodSeconds`). Otherwise hangups and ListCalls for calls still on the
+/// relay fail while it drains.
+fn check_drain_order(doc: &Yaml, relay: &Yaml, at: &str, problems: &mut Vec<String>) {
+    let drain = relay["env"].as_vec().and_then(|env| {
+        env.iter()
+            .find(|e| str_at(e, &["name"]) == Some("RELAY_DRAIN_SECS"))
+            .and_then(|e| str_at(e, &["value"]))
+            .and_then(|v| v.parse::<f64>().ok())
+    });
+    let template = &doc["spec"]["template"];
+    let grace = template["spec"]["terminationGracePeriodSeconds"]
+        .as_i64()
+        .map(|g| g as f64);
+    let sidecar = template["metadata"]["annotations"]["proxy.istio.io/config"]
+        .as_str()
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+        .and_then(|c| c["terminationDrainDuration"].as_str().map(str::to_string))
+        .and_then(|d| d.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()));
+    match (drain, sidecar, grace) {
+        (Some(drain), Some(sidecar), Some(grace)) if drain < sidecar && sidecar < grace => {}
+        (Some(drain), Some(sidecar), Some(grace)) => problems.push(format!(
+            "{at}: want RELAY_DRAIN_SECS ({drain}) < the sidecar's terminationDrainDuration \
+             ({sidecar}s) < terminationGracePeriodSeconds ({grace})"
+        )),
+        _ => problems.push(format!(
+            "{at}: needs RELAY_DRAIN_SECS, a proxy.istio.io/config terminationDrainDuration and \
+             terminationGracePeriodSeconds (a draining relay must stay reachable)"
+        )),
     }
 }
 
@@ -755,6 +790,34 @@ mod tests {
         assert!(
             problems.iter().any(|p| p.contains("deploy/replicas/")),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_sidecar_that_stops_before_the_relay_drains_is_refused() {
+        let doc = |drain: &str, sidecar: &str, grace: u32| {
+            let text = format!(
+                "spec:\n  template:\n    metadata:\n      annotations:\n        proxy.istio.io/config: '{{\"terminationDrainDuration\": \"{sidecar}\"}}'\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: relay, env: [{{name: RELAY_DRAIN_SECS, value: \"{drain}\"}}]}}]\n"
+            );
+            YamlLoader::load_from_str(&text).unwrap().remove(0)
+        };
+        let check = |d: &Yaml| {
+            let mut problems = Vec::new();
+            check_drain_order(d, &containers(d)[0], "d", &mut problems);
+            problems
+        };
+        assert!(check(&doc("30", "40s", 45)).is_empty());
+        assert!(
+            !check(&doc("30", "20s", 45)).is_empty(),
+            "sidecar stops first"
+        );
+        assert!(
+            !check(&doc("30", "40s", 35)).is_empty(),
+            "killed before the sidecar"
+        );
+        assert!(
+            !check(&doc("30", "soon", 45)).is_empty(),
+            "unreadable duration"
         );
     }
 
