@@ -86,6 +86,16 @@ pub struct Gateway {
 /// A relay allowing `upstreams` and Envoy (with `plugin_config`, the key in its VM
 /// environment) in front of it.
 pub fn gateway(name: &str, upstreams: &[String], plugin_config: String) -> Gateway {
+    gateway_with(name, upstreams, plugin_config, Vec::new())
+}
+
+/// [`gateway`] with literal replacements in the rendered Envoy config.
+pub fn gateway_with(
+    name: &str,
+    upstreams: &[String],
+    plugin_config: String,
+    patches: Vec<(String, String)>,
+) -> Gateway {
     let paths = Paths::discover();
     let dir = RunDir::new(name).expect("run dir");
     let relay = e2e::start_relay(&paths, &dir, "relay", upstreams).expect("relay starts");
@@ -93,6 +103,7 @@ pub fn gateway(name: &str, upstreams: &[String], plugin_config: String) -> Gatew
         relay_port: Some(relay.grpc.port()),
         plugin_config: Some(plugin_config),
         env: vec![("OPENAI_API_KEY".into(), KEY.into())],
+        patches,
         ..Default::default()
     };
     let envoy = opts.start(&paths, &dir).expect("envoy starts");

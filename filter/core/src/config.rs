@@ -59,6 +59,14 @@ pub struct RawConfig {
     /// Period of the ListCalls refresh of live-call counts; 0 disables it.
     #[serde(default = "default_refresh_ms")]
     pub load_refresh_ms: u64,
+    /// How a create waits for its body. `false`: pause in the headers callback, which needs
+    /// `allow_on_headers_stop_iteration: true` in the Wasm PluginConfig (Envoy 1.35+; without
+    /// it the pause becomes stop-all and the body never arrives). `true`: let the headers go on
+    /// and hold the body instead, which works in every Envoy, Istio's WasmPlugin included;
+    /// the route of creates must then lead somewhere that never answers before the body
+    /// (envoy/envoy.yaml's `realtime_hold`), since the router starts its upstream request.
+    #[serde(default)]
+    pub continue_headers: bool,
     pub models: Vec<RawModel>,
     pub pools: Vec<RawPool>,
 }
@@ -238,6 +246,8 @@ pub struct Config {
     pub eject_after_failures: u32,
     pub eject_ms: u64,
     pub load_refresh_ms: u64,
+    /// Creates continue their headers and hold the body (see `RawConfig::continue_headers`).
+    pub continue_headers: bool,
     pub models: Vec<Model>,
     pub pools: Vec<Pool>,
     /// Canonical names and aliases → index into `models`.
@@ -585,6 +595,7 @@ impl RawConfig {
             eject_after_failures: self.ejection.consecutive_failures,
             eject_ms: self.ejection.duration_ms,
             load_refresh_ms: self.load_refresh_ms,
+            continue_headers: self.continue_headers,
             models,
             pools,
             model_index,

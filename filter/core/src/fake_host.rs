@@ -23,6 +23,10 @@ pub struct Dispatched {
 #[derive(Debug, Default)]
 pub struct FakeHost {
     pub headers: HashMap<String, String>,
+    /// The headers went on (the filter returned `Continue`): Envoy no longer lets the filter
+    /// read them, and proxy-wasm 0.2 panics on the host's answer. Tests set this after such
+    /// an `on_headers` so a late read fails them.
+    pub headers_gone: bool,
     pub body: Vec<u8>,
     /// `request_body` fails (the host cannot read the buffer).
     pub body_unreadable: bool,
@@ -160,6 +164,10 @@ impl Host for FakeHost {
 
 impl HttpHost for FakeHost {
     fn request_header(&self, name: &str) -> Option<String> {
+        assert!(
+            !self.headers_gone,
+            "request header {name} read after the headers went on"
+        );
         self.headers.get(name).cloned()
     }
 

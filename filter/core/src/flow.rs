@@ -20,6 +20,33 @@ use crate::replica::{self, Failover};
 use crate::reply::HttpReply;
 use crate::{metrics, routing};
 
+/// What a create's headers said, kept for when its body is complete. Read in the headers
+/// callback: once the headers went on (`continue_headers`), Envoy no longer lets the filter
+/// read them (proxy-wasm 0.2 then panics on the host's BadArgument).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PendingCreate {
+    pub kind: BodyKind,
+    pub query: Option<String>,
+    /// The client's `Authorization` header (a credential: never log it).
+    pub authorization: Option<String>,
+    /// The routing header's value, when the configuration names one.
+    pub routing_value: Option<String>,
+}
+
+impl std::fmt::Debug for PendingCreate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCreate")
+            .field("kind", &self.kind)
+            .field("query", &self.query)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("routing_value", &self.routing_value)
+            .finish()
+    }
+}
+
 /// A create whose `CreateCall` is in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Creating {
@@ -41,10 +68,7 @@ pub enum State {
     /// Not ours: untouched.
     PassThrough,
     /// A create request whose body is being buffered.
-    Body {
-        kind: BodyKind,
-        query: Option<String>,
-    },
+    Body(PendingCreate),
     /// `CreateCall` dispatched.
     Creating(Creating),
     /// `HangupCall` dispatched.
@@ -102,13 +126,28 @@ impl Flow {
                     Ok(k) => k,
                     Err(e) => return self.fail(host, &e),
                 };
-                let query = split_path(&path).1.map(str::to_string);
+                let pending = PendingCreate {
+                    kind,
+                    query: split_path(&path).1.map(str::to_string),
+                    authorization: host.request_header("authorization"),
+                    routing_value: self
+                        .config
+                        .routing_header
+                        .as_deref()
+                        .and_then(|h| host.request_header(h)),
+                };
                 if end_of_stream {
-                    return self.create(host, &kind, query.as_deref(), Vec::new());
+                    return self.create(host, &pending, Vec::new());
                 }
-                self.state = State::Body { kind, query };
-                // With allow_on_headers_stop_iteration the body still reaches on_body.
-                Action::Pause
+                self.state = State::Body(pending);
+                if self.config.continue_headers {
+                    // Headers go on to the router (the route must hold them, never answer);
+                    // the body is held in on_body, and the reply sent from there.
+                    Action::Continue
+                } else {
+                    // With allow_on_headers_stop_iteration the body still reaches on_body.
+                    Action::Pause
+                }
             }
         }
     }
@@ -120,8 +159,8 @@ impl Flow {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
-        let (kind, query) = match self.take_body() {
-            Ok(body) => body,
+        let pending = match self.take_body() {
+            Ok(p) => p,
             Err(action) => return action,
         };
         if body_size > self.config.max_body_bytes {
@@ -133,7 +172,7 @@ impl Flow {
             );
         }
         if !end_of_stream {
-            self.state = State::Body { kind, query };
+            self.state = State::Body(pending);
             return Action::Pause;
         }
         let body = if body_size == 0 {
@@ -142,22 +181,22 @@ impl Flow {
             host.request_body(body_size)
         };
         match body {
-            Some(b) => self.create(host, &kind, query.as_deref(), b),
+            Some(b) => self.create(host, &pending, b),
             None => self.fail(host, &FilterError::Internal),
         }
     }
 
     /// The body ended with trailers: it is complete now.
     pub fn on_trailers(&mut self, host: &mut dyn HttpHost) -> Action {
-        let (kind, query) = match self.take_body() {
-            Ok(body) => body,
+        let pending = match self.take_body() {
+            Ok(p) => p,
             Err(action) => return action,
         };
         // One byte over the limit is enough to refuse; never read more than that.
         let body = host
             .request_body(self.config.max_body_bytes.saturating_add(1))
             .unwrap_or_default();
-        self.create(host, &kind, query.as_deref(), body)
+        self.create(host, &pending, body)
     }
 
     /// The answer to a gRPC call this request dispatched. `message` is the gRPC status
@@ -201,9 +240,9 @@ impl Flow {
     /// Takes the buffered-body state out of a create request. Any other state answers the
     /// body or trailer callback itself: pass-through continues untouched, and a request
     /// whose reply is already on its way stays paused.
-    fn take_body(&mut self) -> Result<(BodyKind, Option<String>), Action> {
+    fn take_body(&mut self) -> Result<PendingCreate, Action> {
         match std::mem::replace(&mut self.state, State::Done) {
-            State::Body { kind, query } => Ok((kind, query)),
+            State::Body(pending) => Ok(pending),
             other => {
                 let action = if other == State::PassThrough {
                     Action::Continue
@@ -249,12 +288,12 @@ impl Flow {
     fn create(
         &mut self,
         host: &mut dyn HttpHost,
-        kind: &BodyKind,
-        query: Option<&str>,
+        pending: &PendingCreate,
         body: Vec<u8>,
     ) -> Action {
         let config = Rc::clone(&self.config);
-        let offer = match validate_create_body(&config, kind, query, &body) {
+        let query = pending.query.as_deref();
+        let offer = match validate_create_body(&config, &pending.kind, query, &body) {
             Ok(o) => o,
             Err(e) => return self.fail(host, &e),
         };
@@ -262,16 +301,11 @@ impl Flow {
             host.log(LogLevel::Error, "random_get failed: cannot make a call id");
             return self.fail(host, &FilterError::Internal);
         };
-        let authorization = host.request_header("authorization");
-        let routing_value = config
-            .routing_header
-            .as_deref()
-            .and_then(|h| host.request_header(h));
         let now = host.now_ms();
         let request = CreateRequest {
             offer: &offer,
-            authorization: authorization.as_deref(),
-            routing_value: routing_value.as_deref(),
+            authorization: pending.authorization.as_deref(),
+            routing_value: pending.routing_value.as_deref(),
             call_random: &random,
             request_id: &self.request_id,
         };

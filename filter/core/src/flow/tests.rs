@@ -584,3 +584,48 @@ fn the_load_refresh_sums_live_calls_over_the_relays_that_answer() {
     assert_eq!(host.stored(&outstanding_key("a")), 3);
     assert_eq!(host.counter(metrics::LOAD_REFRESH_FAILED), 1);
 }
+
+#[test]
+fn with_continue_headers_a_create_lets_headers_go_and_holds_its_body() {
+    let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    v["continue_headers"] = true.into();
+    let config = Rc::new(Config::from_json(v.to_string().as_bytes(), &env).unwrap());
+    let mut host = create_host(None);
+    let mut flow = Flow::new(Rc::clone(&config));
+    // The headers continue (Envoy without allow_on_headers_stop_iteration); the body is held.
+    assert_eq!(flow.on_headers(&mut host, false), Action::Continue);
+    host.headers_gone = true;
+    assert_eq!(flow.on_body(&mut host, 10, false), Action::Pause);
+    let size = host.body.len();
+    assert_eq!(flow.on_body(&mut host, size, true), Action::Pause);
+    assert_eq!(host.dispatched.len(), 1);
+    let id = sent_call_id(&host);
+    respond(&mut flow, &mut host, OK, None, &answer_sdp(&id));
+    assert_eq!(host.last_reply().status, 201);
+    // Refusals and hangups are answered in the headers callback as before.
+    let mut host = FakeHost::request(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/realtime/calls"),
+            ("content-type", "text/plain"),
+        ],
+        b"x",
+    );
+    assert_eq!(
+        Flow::new(Rc::clone(&config)).on_headers(&mut host, false),
+        Action::Pause
+    );
+    assert_eq!(host.last_reply().status, 415);
+    let mut host = FakeHost::request(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/realtime/calls/rtc_0123456789abcdef/hangup"),
+        ],
+        b"",
+    );
+    assert_eq!(
+        Flow::new(Rc::clone(&config)).on_headers(&mut host, false),
+        Action::Pause
+    );
+    assert_eq!(host.last_dispatch().method, "HangupCall");
+}
