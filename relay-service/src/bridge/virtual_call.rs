@@ -17,6 +17,7 @@ use super::{Bridge, BridgeLimits, BridgeTelemetry, LegSetup};
 use crate::call_state::{CallCounters, EndReason};
 use crate::metrics::Metrics;
 use crate::peer;
+use rtc_peer::shell::{self, Drained};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,9 +25,8 @@ use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Rtc, RtcConfig};
 
 /// The client's socket.
 pub const CLIENT: SocketAddr = addr([10, 0, 0, 1], 50_000);
@@ -570,18 +570,9 @@ impl VirtualCall {
         if peer.failed {
             return;
         }
-        let Ok(contents) = d.data.as_slice().try_into() else {
+        let Some(input) = shell::receive(now, d.source, d.destination, &d.data) else {
             return;
         };
-        let input = Input::Receive(
-            now,
-            Receive {
-                proto: Protocol::Udp,
-                source: d.source,
-                destination: d.destination,
-                contents,
-            },
-        );
         if peer.rtc.handle_input(input).is_err() {
             peer.failed = true;
         }
@@ -647,26 +638,24 @@ impl VirtualCall {
             peer.next_timeout = now + Duration::from_secs(3_600);
             return;
         }
-        loop {
-            match peer.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => {
-                    // str0m may ask to be woken now again when it has nothing to do;
-                    // like str0m's own harness, move on a little.
-                    peer.next_timeout = if t <= now {
-                        now + Duration::from_millis(1)
-                    } else {
-                        t
-                    };
-                    break;
-                }
-                Ok(Output::Transmit(t)) => net.send(now, peer.addr, t.destination, &t.contents),
-                Ok(Output::Event(e)) => record(peer, now, e),
-                Err(_) => {
-                    peer.failed = true;
-                    peer.events.push((now, PeerEvent::Closed));
-                    peer.next_timeout = now + Duration::from_secs(3_600);
-                    break;
-                }
+        let addr = peer.addr;
+        let mut events = Vec::new();
+        let drained = shell::drain(&mut peer.rtc, |_, out| match out {
+            Drained::Transmit(t) => net.send(now, addr, t.destination, &t.contents),
+            Drained::Event(e) => events.push(e),
+        });
+        for e in events {
+            record(peer, now, e);
+        }
+        match drained {
+            // str0m may ask to be woken now again when it has nothing to do; like str0m's
+            // own harness, move on a little.
+            Ok(t) if t <= now => peer.next_timeout = now + Duration::from_millis(1),
+            Ok(t) => peer.next_timeout = t,
+            Err(_) => {
+                peer.failed = true;
+                peer.events.push((now, PeerEvent::Closed));
+                peer.next_timeout = now + Duration::from_secs(3_600);
             }
         }
     }
