@@ -226,8 +226,9 @@ impl Relay {
             req.upstream_model.trim()
         };
         let session = (!req.session_json.trim().is_empty()).then_some(req.session_json.as_str());
-        // Validates the session JSON now; the body itself is built once our offer exists.
-        upstream_body::session_for_upstream(session, Some(upstream_model))?;
+        // The session JSON is checked (and merged with the model) now, once; the body is
+        // built from it once our offer exists.
+        let session = upstream_body::session_for_upstream(session, Some(upstream_model))?;
         let upstream = req.upstream.as_ref().ok_or(SetupError::MissingUpstream)?;
         if upstream.base_url.trim().is_empty() {
             return Err(SetupError::MissingUpstream);
@@ -303,7 +304,7 @@ impl Relay {
         authorization: Option<&str>,
         offer_sdp: &str,
     ) -> Result<Negotiated, SetupError> {
-        let body = upstream_body::build(offer_sdp, checked.session, Some(checked.upstream_model))?;
+        let body = upstream_body::encode(offer_sdp, checked.session.as_ref());
         let outcome = self
             .upstream
             .exchange(&checked.base, authorization, body)
@@ -513,7 +514,8 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
 /// A CreateCall request that passed every check needing no network.
 struct CheckedRequest<'r> {
     upstream_model: &'r str,
-    session: Option<&'r str>,
+    /// The session for the upstream: the client's, with the upstream model set.
+    session: Option<serde_json::Map<String, serde_json::Value>>,
     upstream: &'r v1::Upstream,
     /// The upstream's base URL, on the allowlist.
     base: Url,

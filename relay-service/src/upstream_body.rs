@@ -54,18 +54,26 @@ pub fn session_for_upstream(
     Ok(session)
 }
 
+/// [`session_for_upstream`], then [`encode`].
 pub fn build(
     sdp: &str,
     client_session: Option<&str>,
     upstream_model: Option<&str>,
 ) -> Result<UpstreamBody, SetupError> {
-    let Some(session) = session_for_upstream(client_session, upstream_model)? else {
-        return Ok(UpstreamBody {
+    let session = session_for_upstream(client_session, upstream_model)?;
+    Ok(encode(sdp, session.as_ref()))
+}
+
+/// The body for an offer and an already checked session: multipart with both, or the raw
+/// SDP when there is no session.
+pub fn encode(sdp: &str, session: Option<&Map<String, Value>>) -> UpstreamBody {
+    let Some(session) = session else {
+        return UpstreamBody {
             content_type: "application/sdp".into(),
             bytes: sdp.as_bytes().to_vec(),
-        });
+        };
     };
-    let session_json = Value::Object(session).to_string();
+    let session_json = serde_json::to_string(session).unwrap_or_else(|_| "{}".into());
     let boundary = new_boundary();
     let bytes = multipart::build(
         &boundary,
@@ -74,10 +82,10 @@ pub fn build(
             ("session", Some("application/json"), session_json.as_bytes()),
         ],
     );
-    Ok(UpstreamBody {
+    UpstreamBody {
         content_type: multipart::content_type(&boundary),
         bytes,
-    })
+    }
 }
 
 /// A boundary that cannot occur in the parts: random, and SDP/JSON never contain "--rtcgw".
