@@ -19,6 +19,14 @@ impl Http {
         let flow = Flow::new(Rc::clone(&rt.config));
         Http { rt, flow }
     }
+
+    /// The request's flow and the host it acts through.
+    fn parts(&mut self) -> (&mut Flow, Envoy<'_>) {
+        let envoy = Envoy {
+            metrics: &self.rt.metrics,
+        };
+        (&mut self.flow, envoy)
+    }
 }
 
 fn action(a: Action) -> WasmAction {
@@ -37,10 +45,8 @@ impl Context for Http {
         } else {
             None
         };
-        let mut envoy = Envoy {
-            metrics: &self.rt.metrics,
-        };
-        self.flow.on_grpc_response(
+        let (flow, mut envoy) = self.parts();
+        flow.on_grpc_response(
             &mut envoy,
             token_id,
             status_code,
@@ -52,30 +58,22 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> WasmAction {
-        let mut envoy = Envoy {
-            metrics: &self.rt.metrics,
-        };
-        action(self.flow.on_headers(&mut envoy, end_of_stream))
+        let (flow, mut envoy) = self.parts();
+        action(flow.on_headers(&mut envoy, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
-        let mut envoy = Envoy {
-            metrics: &self.rt.metrics,
-        };
-        action(self.flow.on_body(&mut envoy, body_size, end_of_stream))
+        let (flow, mut envoy) = self.parts();
+        action(flow.on_body(&mut envoy, body_size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> WasmAction {
-        let mut envoy = Envoy {
-            metrics: &self.rt.metrics,
-        };
-        action(self.flow.on_trailers(&mut envoy))
+        let (flow, mut envoy) = self.parts();
+        action(flow.on_trailers(&mut envoy))
     }
 
     fn on_log(&mut self) {
-        let mut envoy = Envoy {
-            metrics: &self.rt.metrics,
-        };
-        self.flow.on_done(&mut envoy);
+        let (flow, mut envoy) = self.parts();
+        flow.on_done(&mut envoy);
     }
 }
