@@ -4,15 +4,21 @@
 //! (`Location: /v1/realtime/calls/{id}`), logs and metrics, so nothing else is accepted;
 //! one widely used client takes the last path segment of `Location` and requires the
 //! `rtc_` prefix. Ids the gateway makes are `rtc_<32 hex>` (128 random bits), or
-//! `rtc_<replica>_<32 hex>` when the filter addresses relay replicas (a replica id is at
-//! most [`MAX_REPLICA_ID`] characters, so every such id fits the grammar).
+//! `rtc_<replica>_<32 hex>` when the filter addresses relay replicas: `<replica>` is a
+//! configured replica id (at most [`MAX_REPLICA_ID`] characters) or a replica token
+//! ([`crate::replica_token`], at most [`crate::replica_token::MAX_TOKEN_LEN`]), so every
+//! such id fits the grammar. Tokens may contain `_`; the random part never does, so the
+//! replica is everything between the prefix and the LAST `_`.
 
 /// Prefix of every call id.
 pub const PREFIX: &str = "rtc_";
 /// Fewest characters after the prefix.
 pub const MIN_SUFFIX: usize = 8;
-/// Most characters after the prefix.
-pub const MAX_SUFFIX: usize = 64;
+/// Most characters after the prefix: room for an IPv6 replica token (35), `_` and the
+/// random part (32).
+pub const MAX_SUFFIX: usize = 96;
+/// Hex characters of the random part of the ids the gateway makes.
+pub const RANDOM_HEX_LEN: usize = 32;
 /// Longest relay replica id (`[A-Za-z0-9-]`, no `_`: it is the id's first segment).
 pub const MAX_REPLICA_ID: usize = 16;
 
@@ -38,7 +44,7 @@ pub fn is_valid_replica_id(id: &str) -> bool {
 /// A new call id from 128 random bits: `rtc_<32 hex>`, or `rtc_<replica>_<32 hex>`.
 pub fn new(random: &[u8; 16], replica: Option<&str>) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(PREFIX.len() + MAX_REPLICA_ID + 1 + 32);
+    let mut s = String::with_capacity(PREFIX.len() + MAX_SUFFIX);
     s.push_str(PREFIX);
     if let Some(r) = replica {
         s.push_str(r);
@@ -53,8 +59,20 @@ pub fn new(random: &[u8; 16], replica: Option<&str>) -> String {
 
 /// The replica segment of `rtc_<replica>_<random>`, if the id has one.
 pub fn replica_segment(id: &str) -> Option<&str> {
-    let (replica, _) = id.strip_prefix(PREFIX)?.split_once('_')?;
+    let (replica, _) = id.strip_prefix(PREFIX)?.rsplit_once('_')?;
     Some(replica)
+}
+
+/// The random part of an id the gateway made without a replica (`rtc_<32 hex>`).
+pub fn plain_random_part(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix(PREFIX)?;
+    (rest.len() == RANDOM_HEX_LEN && rest.bytes().all(|b| b.is_ascii_hexdigit())).then_some(rest)
+}
+
+/// `rtc_<replica>_<random>` from a plain id `rtc_<random>` (see [`plain_random_part`]).
+pub fn with_replica(plain_id: &str, replica: &str) -> Option<String> {
+    let random = plain_random_part(plain_id)?;
+    Some(format!("{PREFIX}{replica}_{random}"))
 }
 
 #[cfg(test)]
@@ -73,6 +91,26 @@ mod tests {
         assert!(is_valid(&named), "{named}");
         assert_eq!(replica_segment(&named), Some(longest.as_str()));
         assert_eq!(replica_segment(&plain), None);
+        assert_eq!(plain_random_part(&plain), Some(&plain[4..]));
+        assert_eq!(plain_random_part(&named), None);
+    }
+
+    #[test]
+    fn ids_with_the_longest_replica_token_fit_the_grammar() {
+        use crate::replica_token::{ReplicaKey, MAX_TOKEN_LEN};
+        let key = ReplicaKey::new(&[b'k'; 32]).unwrap();
+        let token = key.mint("[fd00:1:2:3:4:5:6:7]:65535".parse().unwrap());
+        assert_eq!(token.len(), MAX_TOKEN_LEN);
+        let plain = new(&[0xcd; 16], None);
+        let id = with_replica(&plain, &token).unwrap();
+        assert!(is_valid(&id), "{id}");
+        assert_eq!(replica_segment(&id), Some(token.as_str()));
+        assert_eq!(
+            with_replica(&id, &token),
+            None,
+            "only plain ids take a replica"
+        );
+        assert_eq!(with_replica("rtc_custom-id", &token), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod v1 {
 pub mod call_id;
 pub mod error_code;
 pub mod metadata;
+pub mod replica_token;
 
 pub use error_code::{ErrorClass, ErrorCode};
 

@@ -1,6 +1,7 @@
 //! Command-line configuration, validated once at start-up into [`RelayConfig`].
 
 use clap::{Parser, ValueEnum};
+use realtime_relay_proto::replica_token::{KeyError, ReplicaKey};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -24,7 +25,23 @@ pub enum ConfigError {
     NotUnicastMediaAddr(IpAddr, &'static str),
     #[error("--public-port 0 cannot be advertised: give the port clients reach")]
     ZeroPublicPort,
+    #[error("--replica-addr {0} must be a unicast address and a port gateways reach this relay's gRPC at (in Kubernetes: $(POD_IP):<grpc port>)")]
+    ReplicaAddrNotReachable(SocketAddr),
+    #[error("--replica-addr needs the replica key in the environment variable {REPLICA_KEY_ENV} (the secret the gateway's filter shares)")]
+    ReplicaKeyMissing,
+    #[error("{REPLICA_KEY_ENV} {0}")]
+    ReplicaKeyInvalid(#[from] KeyError),
+    #[error(
+        "--peers needs --replica-addr: peers are the other replicas of a relay that runs as one"
+    )]
+    PeersWithoutReplicaAddr,
+    #[error("--peers entry '{0}' must be host:port (a name that resolves to every replica, e.g. a headless Service)")]
+    BadPeer(String),
 }
+
+/// Environment variable holding the replica key. Only the environment: a flag would show
+/// the secret in `ps` and in the pod spec.
+pub const REPLICA_KEY_ENV: &str = "RELAY_REPLICA_KEY";
 
 /// gRPC relay for OpenAI Realtime WebRTC calls: validates a client's SDP offer,
 /// exchanges SDP with the upstream model provider, and bridges audio and the
@@ -152,6 +169,24 @@ pub struct Args {
     pub ended_calls_kept: usize,
 
     /// Log format.
+    /// The address ("ip:port") gateways reach this relay's gRPC at, when it runs as one of
+    /// several replicas (Kubernetes: `$(POD_IP):50051`). The ids of its calls then name it,
+    /// authenticated with the key in RELAY_REPLICA_KEY, so that a call's hangup reaches
+    /// this replica whichever gateway receives it. Unset: one relay (or replicas the
+    /// gateway lists one cluster each).
+    #[arg(long, env = "RELAY_REPLICA_ADDR")]
+    pub replica_addr: Option<SocketAddr>,
+
+    /// Names ("host:port", comma-separated) that resolve to every replica, e.g. a headless
+    /// Service; resolved again every --peers-refresh-secs. ListCalls reports them so a
+    /// gateway sums the load of all replicas. Needs --replica-addr.
+    #[arg(long = "peers", env = "RELAY_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// Seconds between resolutions of the --peers names.
+    #[arg(long, env = "RELAY_PEERS_REFRESH_SECS", default_value_t = 5)]
+    pub peers_refresh_secs: u64,
+
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -230,6 +265,41 @@ impl Args {
         ))
     }
 
+    /// This relay's replica address and key, from the flags and `key` (the value of
+    /// [`REPLICA_KEY_ENV`], passed in so tests need no process environment).
+    pub fn replica_with_key(
+        &self,
+        key: Option<&[u8]>,
+    ) -> Result<Option<(SocketAddr, ReplicaKey)>, ConfigError> {
+        for peer in &self.peers {
+            let port_ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok {
+                return Err(ConfigError::BadPeer(peer.clone()));
+            }
+        }
+        let Some(addr) = self.replica_addr else {
+            return if self.peers.is_empty() {
+                Ok(None)
+            } else {
+                Err(ConfigError::PeersWithoutReplicaAddr)
+            };
+        };
+        let ip = addr.ip();
+        if ip.is_unspecified() || ip.is_multicast() || addr.port() == 0 {
+            return Err(ConfigError::ReplicaAddrNotReachable(addr));
+        }
+        let key = ReplicaKey::new(key.ok_or(ConfigError::ReplicaKeyMissing)?)?;
+        Ok(Some((addr, key)))
+    }
+
+    /// [`Args::replica_with_key`] with the key from the process environment.
+    pub fn replica(&self) -> Result<Option<(SocketAddr, ReplicaKey)>, ConfigError> {
+        let key = std::env::var_os(REPLICA_KEY_ENV);
+        self.replica_with_key(key.as_ref().map(|k| k.as_encoded_bytes()))
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let too_small = |flag, min, why| Err(ConfigError::TooSmall { flag, min, why });
@@ -255,6 +325,7 @@ impl Args {
             ("--peer-timeout-secs", self.peer_timeout_secs),
             ("--idle-timeout-secs", self.idle_timeout_secs),
             ("--max-call-secs", self.max_call_secs),
+            ("--peers-refresh-secs", self.peers_refresh_secs),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -264,6 +335,7 @@ impl Args {
             return Err(ConfigError::NoUpstreamAllowed);
         }
         self.advertised_media_addr()?;
+        self.replica()?;
         Ok(())
     }
 }
@@ -315,6 +387,67 @@ mod tests {
             Args::parse_from(["realtime-relay"]).validate(),
             Err(ConfigError::NoUpstreamAllowed)
         );
+    }
+
+    #[test]
+    fn replica_settings_that_cannot_work_are_refused_naming_the_setting() {
+        let with = |extra: &[&str]| {
+            let mut argv = vec![
+                "realtime-relay",
+                "--allow-upstream",
+                "https://api.openai.com",
+            ];
+            argv.extend_from_slice(extra);
+            Args::parse_from(argv)
+        };
+        let key = [b'k'; 40];
+        assert!(with(&[]).replica_with_key(None).unwrap().is_none());
+        let (addr, _) = with(&[
+            "--replica-addr",
+            "10.0.0.5:50051",
+            "--peers",
+            "pods.ns:50051",
+        ])
+        .replica_with_key(Some(&key))
+        .unwrap()
+        .unwrap();
+        assert_eq!(addr, "10.0.0.5:50051".parse().unwrap());
+        for (extra, key, expect) in [
+            (
+                &["--replica-addr", "10.0.0.5:50051"][..],
+                None,
+                "RELAY_REPLICA_KEY",
+            ),
+            (
+                &["--replica-addr", "10.0.0.5:50051"],
+                Some(&b"short"[..]),
+                "at least 32",
+            ),
+            (
+                &["--replica-addr", "0.0.0.0:50051"],
+                Some(&key[..]),
+                "--replica-addr 0.0.0.0",
+            ),
+            (
+                &["--replica-addr", "10.0.0.5:0"],
+                Some(&key[..]),
+                "--replica-addr",
+            ),
+            (
+                &["--peers", "pods:50051"],
+                Some(&key[..]),
+                "--peers needs --replica-addr",
+            ),
+            (
+                &["--replica-addr", "10.0.0.5:50051", "--peers", "pods"],
+                Some(&key[..]),
+                "--peers entry 'pods'",
+            ),
+        ] {
+            let msg = with(extra).replica_with_key(key).unwrap_err().to_string();
+            assert!(msg.contains(expect), "{extra:?}: {msg}");
+            assert!(!msg.contains("kkkk") && !msg.contains("short"), "{msg}");
+        }
     }
 
     #[test]

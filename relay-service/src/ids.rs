@@ -56,6 +56,9 @@ mod tests {
         }
         assert!(!is_valid_call_id("rtc_short"));
         assert!(is_valid_call_id("rtc_abcdefgh"));
-        assert!(!is_valid_call_id(&format!("rtc_{}", "a".repeat(65))));
+        assert!(!is_valid_call_id(&format!(
+            "rtc_{}",
+            "a".repeat(realtime_relay_proto::call_id::MAX_SUFFIX + 1)
+        )));
     }
 }

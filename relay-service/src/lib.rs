@@ -19,6 +19,7 @@ pub mod peer;
 pub mod pt_map;
 pub mod registry;
 pub mod relay;
+pub mod replica;
 pub mod server;
 pub mod signaling;
 pub mod stun;

@@ -224,6 +224,7 @@ impl Registry {
         v1::ListCallsResponse {
             calls,
             live_calls_by_worker: by_worker,
+            ..Default::default()
         }
     }
 

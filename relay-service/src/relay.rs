@@ -12,6 +12,7 @@ use crate::media_socket::ClientPort;
 use crate::metrics::Metrics;
 use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
+use crate::replica::{Peers, ReplicaIdentity};
 use crate::signaling::{ExchangeOutcome, UpstreamClient, UpstreamClientError};
 use crate::upstream_body;
 use futures::FutureExt;
@@ -36,6 +37,9 @@ pub struct RelaySettings {
     /// STUN server for the upstream leg's server-reflexive candidate, and how long to
     /// wait for it.
     pub upstream_stun: Option<(SocketAddr, Duration)>,
+    /// This relay's name in call ids and the replicas it knows of, when it runs as one of
+    /// several (`--replica-addr`).
+    pub replica: Option<(ReplicaIdentity, Arc<Peers>)>,
 }
 
 pub struct Relay {
@@ -96,12 +100,11 @@ impl Relay {
         req: v1::CreateCallRequest,
     ) -> Result<v1::CreateCallResponse, SetupError> {
         let started = Instant::now();
-        let call_id = if req.call_id.is_empty() {
-            ids::new_call_id()
-        } else if ids::is_valid_call_id(&req.call_id) {
-            req.call_id.clone()
-        } else {
-            return Err(self.failed(SetupError::InvalidCallId, ""));
+        let call_id = match &self.settings.replica {
+            Some((me, _)) => me.name_call(&req.call_id).map_err(|e| self.failed(e, ""))?,
+            None if req.call_id.is_empty() => ids::new_call_id(),
+            None if ids::is_valid_call_id(&req.call_id) => req.call_id.clone(),
+            None => return Err(self.failed(SetupError::InvalidCallId, "")),
         };
         let span = tracing::info_span!("call", call_id = %call_id, request_id = %req.request_id);
         let worker_id = req
@@ -468,7 +471,12 @@ impl Relay {
     }
 
     pub fn list_calls(&self, include_ended: bool) -> v1::ListCallsResponse {
-        self.registry.list(include_ended)
+        let mut list = self.registry.list(include_ended);
+        if let Some((me, peers)) = &self.settings.replica {
+            list.replica_addr = me.addr().to_string();
+            list.replicas = peers.snapshot();
+        }
+        list
     }
 
     /// Refuses new calls, lets live ones run until `deadline`, then ends the rest and

@@ -8,6 +8,7 @@ use crate::grpc::RelayGrpc;
 use crate::media_socket::ClientPort;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelaySettings};
+use crate::replica::{Peers, ReplicaIdentity};
 use crate::signaling::UpstreamClientError;
 use realtime_relay_proto::v1::relay_service_server::RelayServiceServer;
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct RunningRelay {
     grpc_stop: Option<oneshot::Sender<()>>,
     grpc_task: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
+    /// Resolves the --peers names; None without them.
+    peers_task: Option<JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
@@ -88,6 +91,7 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
     let port = Arc::new(port);
     port.spawn_receivers(metrics.clone());
     let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)?;
+    let mut peers_task = None;
     let upstream_stun = match &args.upstream_stun_server {
         Some(server) => {
             let addr = tokio::net::lookup_host(server.as_str())
@@ -102,12 +106,24 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         }
         None => None,
     };
+    let replica = args.replica()?.map(|(addr, key)| {
+        let peers = Arc::new(Peers::new(addr));
+        if !args.peers.is_empty() {
+            peers_task = Some(peers.clone().spawn_refresh(
+                args.peers.clone(),
+                Duration::from_secs(args.peers_refresh_secs),
+            ));
+        }
+        tracing::info!(replica_addr = %addr, peers = ?args.peers, "running as one of several replicas");
+        (ReplicaIdentity::new(addr, &key), peers)
+    });
     let relay = Arc::new(Relay::new(
         RelaySettings {
             limits,
             advertised_media_addr: advertised,
             upstream_media_ip: args.upstream_media_ip,
             upstream_stun,
+            replica,
         },
         allowlist,
         port,
@@ -202,6 +218,7 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         grpc_stop: Some(grpc_stop),
         grpc_task,
         metrics_task,
+        peers_task,
         drain_timeout: Duration::from_secs(args.drain_secs),
     })
 }
@@ -219,6 +236,9 @@ impl RunningRelay {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.grpc_task).await;
         self.metrics_task.abort();
+        if let Some(task) = &self.peers_task {
+            task.abort();
+        }
         tracing::info!("relay stopped");
     }
 }
