@@ -69,6 +69,14 @@ pub fn plain_random_part(id: &str) -> Option<&str> {
     (rest.len() == RANDOM_HEX_LEN && rest.bytes().all(|b| b.is_ascii_hexdigit())).then_some(rest)
 }
 
+/// The random part of an id the gateway made, with or without a replica segment.
+pub fn random_part(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix(PREFIX)?;
+    let random = rest.rsplit_once('_').map_or(rest, |(_, r)| r);
+    (random.len() == RANDOM_HEX_LEN && random.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(random)
+}
+
 /// `rtc_<replica>_<random>` from a plain id `rtc_<random>` (see [`plain_random_part`]).
 pub fn with_replica(plain_id: &str, replica: &str) -> Option<String> {
     let random = plain_random_part(plain_id)?;
@@ -93,6 +101,9 @@ mod tests {
         assert_eq!(replica_segment(&plain), None);
         assert_eq!(plain_random_part(&plain), Some(&plain[4..]));
         assert_eq!(plain_random_part(&named), None);
+        assert_eq!(random_part(&named), random_part(&plain));
+        assert_eq!(random_part(&plain), Some(&plain[4..]));
+        assert_eq!(random_part("rtc_x_abc"), None);
     }
 
     #[test]

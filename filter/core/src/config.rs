@@ -8,7 +8,10 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use realtime_relay_proto::replica_token::ReplicaKey;
+
 use crate::keys::{KeyPolicy, Secret};
+use crate::pods::Pods;
 use crate::routing::Policy;
 
 pub const DEFAULT_CALLS_PATH: &str = "/v1/realtime/calls";
@@ -21,6 +24,15 @@ pub const DEFAULT_HANGUP_TIMEOUT_MS: u64 = 3_000;
 pub const MAX_POOL_WEIGHT: u32 = 10_000;
 
 /// The plugin configuration as written by the operator (JSON).
+/// `relay_pods`: the cluster that reaches one pod by address, and the variable of the VM
+/// environment holding the key the relays sign their names with (`RELAY_REPLICA_KEY`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPods {
+    pub cluster: String,
+    pub key_env: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -31,6 +43,11 @@ pub struct RawConfig {
     /// its call id (`rtc_<replica>_<random>`), so its hangup reaches the same replica.
     #[serde(default)]
     pub relay_replicas: Vec<RawReplica>,
+    /// Relay replicas that scale without configuration (pods behind `relay_cluster`): each
+    /// names itself in its call ids, and hangups reach it through this `ORIGINAL_DST`
+    /// cluster (see `crate::pods`). Needs `relay_cluster`; not with `relay_replicas`.
+    #[serde(default)]
+    pub relay_pods: Option<RawPods>,
     #[serde(default = "default_create_timeout_ms")]
     pub create_timeout_ms: u64,
     #[serde(default = "default_hangup_timeout_ms")]
@@ -233,6 +250,8 @@ pub struct Config {
     pub relay_cluster: String,
     /// Relay replicas addressed one cluster each; empty with `relay_cluster`.
     pub replicas: Vec<Replica>,
+    /// Relay pods that name themselves in call ids (with `relay_cluster`).
+    pub pods: Option<Pods>,
     pub create_timeout_ms: u64,
     pub hangup_timeout_ms: u64,
     pub calls_path: String,
@@ -284,7 +303,12 @@ impl Config {
     pub fn summary(&self) -> String {
         let workers = self.workers().count();
         let keyed = self.workers().filter(|(_, w)| w.key.is_some()).count();
-        let relay = if self.replicas.is_empty() {
+        let relay = if let Some(p) = &self.pods {
+            format!(
+                "relay cluster '{}' with pods reached through '{}' (key from {})",
+                self.relay_cluster, p.cluster, p.key_env
+            )
+        } else if self.replicas.is_empty() {
             format!("relay cluster '{}'", self.relay_cluster)
         } else {
             let names: Vec<String> = self
@@ -383,8 +407,49 @@ fn validate_replicas(cluster: &str, raw: Vec<RawReplica>) -> Result<Vec<Replica>
     Ok(out)
 }
 
+fn validate_pods(
+    relay_cluster: &str,
+    raw: Option<RawPods>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Pods>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if relay_cluster.trim().is_empty() {
+        return err("relay_pods needs relay_cluster (the relay Service that takes new calls)");
+    }
+    if raw.cluster.trim().is_empty() {
+        return err("relay_pods.cluster must not be empty (an ORIGINAL_DST cluster)");
+    }
+    if raw.cluster == relay_cluster {
+        return err(
+            "relay_pods.cluster must differ from relay_cluster (an ORIGINAL_DST cluster with use_http_header)",
+        );
+    }
+    if raw.key_env.is_empty() || raw.key_env.contains(['=', '\0']) {
+        return err("relay_pods.key_env must be a variable name");
+    }
+    let Some(secret) = env(&raw.key_env) else {
+        return err(format!(
+            "relay_pods.key_env: environment variable '{}' is not set in the Wasm VM (vm_config.environment_variables)",
+            raw.key_env
+        ));
+    };
+    let key = ReplicaKey::new(secret.as_bytes()).map_err(|e| {
+        ConfigError(format!(
+            "relay_pods.key_env: environment variable '{}' {e}",
+            raw.key_env
+        ))
+    })?;
+    Ok(Some(Pods::new(raw.cluster, raw.key_env, key)))
+}
+
 impl RawConfig {
     pub fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        if self.relay_pods.is_some() && !self.relay_replicas.is_empty() {
+            return err("give relay_pods or relay_replicas, not both");
+        }
+        let pods = validate_pods(&self.relay_cluster, self.relay_pods, env)?;
         let replicas = validate_replicas(&self.relay_cluster, self.relay_replicas)?;
         if !(1..=300_000).contains(&self.create_timeout_ms) {
             return err("create_timeout_ms must be between 1 and 300000");
@@ -582,6 +647,7 @@ impl RawConfig {
         Ok(Config {
             relay_cluster: self.relay_cluster,
             replicas,
+            pods,
             create_timeout_ms: self.create_timeout_ms,
             hangup_timeout_ms: self.hangup_timeout_ms,
             calls_path: self.calls_path,
@@ -607,11 +673,62 @@ impl RawConfig {
 pub(crate) mod tests {
     use super::*;
 
+    /// The relays' shared secret in tests (`RELAY_REPLICA_KEY`).
+    pub const REPLICA_SECRET: &str = "test-replica-key-0123456789abcdef-xyz";
+
+    /// The sample with `relay_pods` (pods cluster `relay_pods`, key from RELAY_REPLICA_KEY).
+    pub fn pods_sample() -> serde_json::Value {
+        let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+        v["relay_pods"] =
+            serde_json::json!({"cluster": "relay_pods", "key_env": "RELAY_REPLICA_KEY"});
+        v
+    }
+
+    #[test]
+    fn relay_pods_settings_that_cannot_work_are_refused_naming_the_setting() {
+        let ok = Config::from_json(pods_sample().to_string().as_bytes(), &env).unwrap();
+        assert_eq!(ok.pods.as_ref().unwrap().cluster, "relay_pods");
+        assert!(ok.summary().contains("pods reached through 'relay_pods'"));
+        assert!(!format!("{ok:?} {}", ok.summary()).contains(REPLICA_SECRET));
+        let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = pods_sample();
+            edit(&mut v);
+            Config::from_json(v.to_string().as_bytes(), &env)
+                .unwrap_err()
+                .0
+        };
+        let e = refused(&|v| v["relay_pods"]["key_env"] = "MISSING".into());
+        assert!(
+            e.contains("relay_pods.key_env") && e.contains("'MISSING' is not set"),
+            "{e}"
+        );
+        let e = refused(&|v| v["relay_pods"]["key_env"] = "SHORT_REPLICA_KEY".into());
+        assert!(
+            e.contains("relay_pods.key_env") && e.contains("at least 32"),
+            "{e}"
+        );
+        assert!(!e.contains("only-twenty"), "{e}");
+        let e = refused(&|v| v["relay_pods"]["cluster"] = "relay".into());
+        assert!(e.contains("relay_pods.cluster must differ"), "{e}");
+        let e = refused(&|v| v["relay_pods"]["cluster"] = "".into());
+        assert!(e.contains("relay_pods.cluster must not be empty"), "{e}");
+        let e = refused(&|v| v["relay_cluster"] = "".into());
+        assert!(e.contains("relay_pods needs relay_cluster"), "{e}");
+        let e = refused(&|v| {
+            v["relay_replicas"] = serde_json::json!([{"id": "r0", "cluster": "relay_r0"}]);
+        });
+        assert!(e.contains("relay_pods or relay_replicas"), "{e}");
+        let e = refused(&|v| v["relay_pods"]["extra"] = 1.into());
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
     pub fn env(name: &str) -> Option<String> {
         match name {
             "KEY_A" => Some("sk-aaa".into()),
             "KEY_B" => Some("sk-bbb".into()),
             "BAD_KEY" => Some("sk-a\nb".into()),
+            "RELAY_REPLICA_KEY" => Some(REPLICA_SECRET.into()),
+            "SHORT_REPLICA_KEY" => Some("only-twenty-bytes-.".into()),
             _ => None,
         }
     }

@@ -377,6 +377,7 @@ impl Flow {
             request_id: &self.request_id,
             message,
             timeout_ms: self.config.create_timeout_ms,
+            original_dst: "",
         })
     }
 
@@ -450,6 +451,16 @@ impl Flow {
             &self.request_id,
         );
         self.apply_verdict(host, &c.worker_id, r.verdict, c.started_ms);
+        if r.error_code.as_deref() == Some(relay::UNNAMED_POD_CALL) {
+            host.log(
+                LogLevel::Error,
+                &format!(
+                    "request_id={} relay_pods is set but the relay did not name the call under the key in {}: start every relay with --replica-addr and the same RELAY_REPLICA_KEY",
+                    self.request_id,
+                    config.pods.as_ref().map_or("", |p| p.key_env.as_str())
+                ),
+            );
+        }
         match (&r.error_code, r.upstream_status) {
             (Some(code), _) => {
                 host.increment(metrics::REQ_FAILED);
@@ -515,9 +526,17 @@ impl Flow {
             return self.fail(host, &e);
         }
         let config = Rc::clone(&self.config);
-        // With replicas the id names the one that holds the call.
-        let cluster = match replica::cluster_for_call(&config, call_id) {
-            Ok(c) => c,
+        // The relay that holds the call: the pod its id names (verified), the replica its
+        // id names, or the one relay cluster.
+        let target = match &config.pods {
+            Some(pods) => match pods.owner(call_id) {
+                Some(addr) => Ok((pods.cluster.as_str(), addr.to_string())),
+                None => Err(FilterError::CallNotFound),
+            },
+            None => replica::cluster_for_call(&config, call_id).map(|c| (c, String::new())),
+        };
+        let (cluster, original_dst) = match target {
+            Ok(t) => t,
             Err(e) => return self.fail(host, &e),
         };
         let message = relay::encode_hangup(call_id);
@@ -528,6 +547,7 @@ impl Flow {
             request_id: &self.request_id,
             message: &message,
             timeout_ms: config.hangup_timeout_ms,
+            original_dst: &original_dst,
         });
         match dispatched {
             Ok(token) => {
@@ -565,3 +585,5 @@ impl Flow {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_pods;

@@ -34,15 +34,20 @@ pub struct GrpcCall<'a> {
     pub request_id: &'a str,
     pub message: &'a [u8],
     pub timeout_ms: u64,
+    /// The one endpoint of an `ORIGINAL_DST` cluster to reach ("ip:port"), sent as
+    /// `x-envoy-original-dst-host`; empty for a balanced cluster. Only ever an address
+    /// the filter verified (see `crate::pods`): never client input.
+    pub original_dst: &'a str,
 }
 
 impl GrpcCall<'_> {
-    /// The call's gRPC metadata: the contract's `x-call-id` and `x-request-id`, each only
-    /// when it has a value.
+    /// The call's gRPC metadata: the contract's `x-call-id` and `x-request-id`, and the
+    /// pod to reach, each only when it has a value.
     pub fn metadata(&self) -> Vec<(&'static str, &[u8])> {
         [
             (metadata::CALL_ID, self.call_id),
             (metadata::REQUEST_ID, self.request_id),
+            (crate::pods::ORIGINAL_DST_HEADER, self.original_dst),
         ]
         .into_iter()
         .filter(|(_, v)| !v.is_empty())

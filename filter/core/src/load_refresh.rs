@@ -1,11 +1,14 @@
 //! The periodic load refresh: on a tick, one `ListCalls` per relay cluster; when every one
 //! has answered (or failed), the workers' outstanding counts become the live-call counts
-//! summed over the relays that answered.
+//! summed over the relays that answered. With relay pods (`relay_pods`), the first answer
+//! (from any pod, through `relay_cluster`) lists every pod, and each other pod is then asked
+//! through the pods cluster, so the sum covers pods that no configuration names.
 //!
 //! Every Envoy worker thread ticks; one refresh per period across all of them is claimed
 //! with a compare-and-swap on a shared timestamp.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use crate::config::Config;
 use crate::host::{GrpcCall, Host, LogLevel};
@@ -20,12 +23,17 @@ struct Round {
     pending: Vec<u32>,
     live: HashMap<String, u32>,
     answered: usize,
+    /// With relay pods: whether the other pods have been asked (once per round).
+    fanned_out: bool,
 }
 
 /// The refresh state of one root context.
 #[derive(Debug, Default)]
 pub struct LoadRefresh {
     round: Option<Round>,
+    /// A relay without a pod name was reported once (the setting stays wrong until a
+    /// restart; once per VM is enough).
+    warned_unnamed: bool,
 }
 
 impl LoadRefresh {
@@ -59,20 +67,8 @@ impl LoadRefresh {
         };
         let mut round = Round::default();
         for cluster in clusters {
-            let call = GrpcCall {
-                cluster,
-                method: relay::METHOD_LIST,
-                call_id: "",
-                request_id: "",
-                message: &message,
-                timeout_ms: config.hangup_timeout_ms,
-            };
-            match host.dispatch_grpc(&call) {
-                Ok(token) => round.pending.push(token),
-                Err(e) => host.log(
-                    LogLevel::Debug,
-                    &format!("ListCalls dispatch to '{cluster}' failed: {}", e.0),
-                ),
+            if let Some(token) = dispatch_list(config, host, cluster, "", &message) {
+                round.pending.push(token);
             }
         }
         if round.pending.is_empty() {
@@ -98,17 +94,31 @@ impl LoadRefresh {
             return;
         };
         round.pending.swap_remove(pos);
-        let counts = if status == relay::grpc::OK {
-            relay::decode_live_counts(body.unwrap_or(&[]))
+        let listed = if status == relay::grpc::OK {
+            relay::decode_list(body.unwrap_or(&[]))
         } else {
             None
         };
-        match counts {
-            Some(c) => {
+        match listed {
+            Some(l) => {
                 round.answered += 1;
-                for (w, n) in c {
-                    let e = round.live.entry(w).or_insert(0);
-                    *e = e.saturating_add(n);
+                for (w, n) in &l.live {
+                    let e = round.live.entry(w.clone()).or_insert(0);
+                    *e = e.saturating_add(*n);
+                }
+                if config.pods.is_some() && !round.fanned_out {
+                    round.fanned_out = true;
+                    if l.replica_addr.is_empty() {
+                        if !self.warned_unnamed {
+                            self.warned_unnamed = true;
+                            host.log(
+                                LogLevel::Warn,
+                                "relay_pods is set but the relay's ListCalls names no replica: start relays with --replica-addr and --peers, or load counts cover one pod only",
+                            );
+                        }
+                    } else {
+                        ask_other_pods(config, host, round, &l);
+                    }
                 }
             }
             None => host.log(
@@ -128,6 +138,61 @@ impl LoadRefresh {
             host.increment(metrics::LOAD_REFRESH);
         } else {
             host.increment(metrics::LOAD_REFRESH_FAILED);
+        }
+    }
+}
+
+/// One `ListCalls`, to `cluster` (and the pod `original_dst`, if any); its token.
+fn dispatch_list(
+    config: &Config,
+    host: &mut dyn Host,
+    cluster: &str,
+    original_dst: &str,
+    message: &[u8],
+) -> Option<u32> {
+    let call = GrpcCall {
+        cluster,
+        method: relay::METHOD_LIST,
+        call_id: "",
+        request_id: "",
+        message,
+        timeout_ms: config.hangup_timeout_ms,
+        original_dst,
+    };
+    match host.dispatch_grpc(&call) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            host.log(
+                LogLevel::Debug,
+                &format!(
+                    "ListCalls dispatch to '{cluster}' {original_dst} failed: {}",
+                    e.0
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Asks every pod the first answer lists, but the one that gave it, through the pods
+/// cluster. Entries that are not socket addresses are skipped (a relay's list, but an
+/// address is all the pods cluster may be given).
+fn ask_other_pods(config: &Config, host: &mut dyn Host, round: &mut Round, first: &relay::Listed) {
+    let Some(pods) = &config.pods else {
+        return;
+    };
+    let answered: Option<SocketAddr> = first.replica_addr.parse().ok();
+    let message = relay::encode_list();
+    let others = first
+        .replicas
+        .iter()
+        .filter_map(|r| r.parse::<SocketAddr>().ok())
+        .filter(|a| Some(*a) != answered)
+        .take(crate::pods::MAX_PODS);
+    for addr in others {
+        if let Some(token) = dispatch_list(config, host, &pods.cluster, &addr.to_string(), &message)
+        {
+            round.pending.push(token);
         }
     }
 }

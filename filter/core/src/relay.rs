@@ -220,6 +220,11 @@ fn failed(e: FilterError, verdict: Verdict, request_id: &str) -> CreateResult {
 
 /// Maps the answer to `CreateCall`: `status` from the host, `body` the response message when
 /// the status is OK.
+/// Error code of a create that a relay set up without naming itself under the shared key
+/// (relay without `--replica-addr`, or another `RELAY_REPLICA_KEY`): its hangup could not
+/// find it, so the call is refused.
+pub const UNNAMED_POD_CALL: &str = "relay_unnamed_call";
+
 pub fn map_create_response(
     config: &Config,
     status: u32,
@@ -253,6 +258,18 @@ pub fn map_create_response(
         Some(Outcome::SdpAnswer(sdp)) if !sdp.is_empty() => {
             if !crate::classify::is_valid_call_id(&call_id) {
                 return bad();
+            }
+            // With relay pods, a call's hangup finds it only through the pod name in its id.
+            if let Some(pods) = &config.pods {
+                if !pods.accepts(&call_id, fallback_call_id) {
+                    return failed(
+                        FilterError::RelayError {
+                            code: Some(UNNAMED_POD_CALL.to_string()),
+                        },
+                        Verdict::Neutral,
+                        request_id,
+                    );
+                }
             }
             CreateResult {
                 reply: HttpReply {
@@ -354,11 +371,22 @@ pub fn map_hangup_response(
     }
 }
 
-/// Live calls per worker from a `ListCalls` answer.
-pub fn decode_live_counts(body: &[u8]) -> Option<HashMap<String, u32>> {
-    ListCallsResponse::decode(body)
-        .ok()
-        .map(|r| r.live_calls_by_worker)
+/// What a `ListCalls` answer says about load: live calls per worker on the relay that
+/// answered, its own address and the replicas it knows of (both empty unless the relays run
+/// as named pods).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listed {
+    pub live: HashMap<String, u32>,
+    pub replica_addr: String,
+    pub replicas: Vec<String>,
+}
+
+pub fn decode_list(body: &[u8]) -> Option<Listed> {
+    ListCallsResponse::decode(body).ok().map(|r| Listed {
+        live: r.live_calls_by_worker,
+        replica_addr: r.replica_addr,
+        replicas: r.replicas,
+    })
 }
 
 #[cfg(test)]
