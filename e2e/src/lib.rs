@@ -26,8 +26,9 @@ use anyhow::{Context, Result};
 pub use xtask::envoy::Vars;
 use xtask::envoy::{patch, render, replace_plugin_config, DEFAULT_MODEL};
 pub use xtask::http;
+use xtask::launch::EnvoySpec;
+pub use xtask::launch::RelaySpec;
 pub use xtask::launch::{Envoy, Relay, Validation};
-use xtask::launch::{EnvoySpec, RelaySpec};
 pub use xtask::metrics;
 pub use xtask::paths::Paths;
 use xtask::paths::Profile;
@@ -142,6 +143,17 @@ impl EnvoyOptions {
 /// The relay binary (`realtime-relay`) on ephemeral loopback ports allowing `upstreams`
 /// (loopback allowed), one media shard, a one-second drain; killed at once when dropped.
 pub fn start_relay(paths: &Paths, dir: &RunDir, name: &str, upstreams: &[String]) -> Result<Relay> {
+    start_relay_with(paths, dir, name, upstreams, |_| {})
+}
+
+/// [`start_relay`] with changes to its launch (addresses, flags, environment).
+pub fn start_relay_with(
+    paths: &Paths,
+    dir: &RunDir,
+    name: &str,
+    upstreams: &[String],
+    edit: impl FnOnce(&mut RelaySpec),
+) -> Result<Relay> {
     let mut spec = RelaySpec::ephemeral(
         name,
         paths.relay_bin(Profile::Dev),
@@ -150,6 +162,7 @@ pub fn start_relay(paths: &Paths, dir: &RunDir, name: &str, upstreams: &[String]
     spec.allow_upstreams = upstreams.to_vec();
     spec.allow_private_upstreams = true;
     spec.args = vec!["--media-shards=1".into(), "--drain-secs=1".into()];
+    edit(&mut spec);
     let mut relay = Relay::start(&spec)?;
     relay.process.set_drop_grace(Duration::ZERO);
     Ok(relay)

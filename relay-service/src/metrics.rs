@@ -49,6 +49,8 @@ pub struct Metrics {
     pub unmatched_datagrams: Counter,
     pub queue_full_drops: Counter,
     pub call_panics: Counter,
+    /// ListCalls answered (gateways' load refresh: each gateway asks every replica).
+    pub list_calls: Counter,
     pub client_to_upstream: DirectionMetrics,
     pub upstream_to_client: DirectionMetrics,
 }
@@ -71,10 +73,16 @@ impl Metrics {
             unmatched_datagrams: Counter::default(),
             queue_full_drops: Counter::default(),
             call_panics: Counter::default(),
+            list_calls: Counter::default(),
             client_to_upstream: DirectionMetrics::default(),
             upstream_to_client: DirectionMetrics::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "list_calls",
+            "ListCalls requests answered (gateways' load refresh)",
+            m.list_calls.clone(),
+        );
         registry.register(
             "calls_created",
             "Calls set up successfully",

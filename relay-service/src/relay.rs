@@ -471,6 +471,7 @@ impl Relay {
     }
 
     pub fn list_calls(&self, include_ended: bool) -> v1::ListCallsResponse {
+        self.metrics.list_calls.inc();
         let mut list = self.registry.list(include_ended);
         if let Some((me, peers)) = &self.settings.replica {
             list.replica_addr = me.addr().to_string();
