@@ -1,8 +1,9 @@
 //! Relay pods in real Envoy: replicas that scale with no gateway configuration per replica.
 //!
-//! Three relays on three addresses (127.0.0.2-4: pods), one `relay` cluster listing them all
-//! with gRPC health checks (the Kubernetes Service: Envoy learns its endpoints), and one
-//! `ORIGINAL_DST` cluster `relay_pods` with `use_http_header`. Each relay names itself in
+//! `envoy/envoy-relay-pods.yaml` in front of three relays on three addresses (127.0.0.2-4:
+//! pods): one `relay` cluster listing them all with gRPC health checks (the Kubernetes
+//! Service: Envoy learns its endpoints), and one `ORIGINAL_DST` cluster `relay_pods` with
+//! `use_http_header`. Each relay names itself in
 //! its call ids (`--replica-addr`, HMAC under RELAY_REPLICA_KEY); the filter sends a hangup
 //! to the pod its id names with `x-envoy-original-dst-host` as gRPC initial metadata.
 //!
@@ -24,21 +25,6 @@ use serde_json::json;
 
 /// The relays' and the gateway's shared secret in this test.
 const REPLICA_KEY: &str = "e2e-relay-pods-shared-secret-5f0c2b9d41a7";
-
-const PODS_CLUSTER: &str = r#"    # Any relay pod by address (hangups, the load refresh's fan-out).
-    - name: relay_pods
-      type: ORIGINAL_DST
-      lb_policy: CLUSTER_PROVIDED
-      connect_timeout: 0.25s
-      original_dst_lb_config:
-        use_http_header: true
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config:
-            http2_protocol_options: {}
-
-    # The model provider, for /v1/* requests the filter does not handle."#;
 
 /// A free TCP port on `ip`.
 fn free_port_on(ip: Ipv4Addr) -> u16 {
@@ -185,6 +171,8 @@ fn pods_that_appear_get_calls_and_every_hangup_reaches_the_pod_named_in_its_id()
             "load_refresh_ms": 500,
         }),
     );
+    // The shipped example, with three addresses where a headless Service name would resolve
+    // to three pods.
     let opts = EnvoyOptions {
         relay_port: Some(addrs[0].port()),
         provider_port: Some(p.local_addr().port()),
@@ -194,17 +182,8 @@ fn pods_that_appear_get_calls_and_every_hangup_reaches_the_pod_named_in_its_id()
             ("RELAY_REPLICA_KEY".into(), REPLICA_KEY.into()),
         ],
         vars,
-        patches: vec![
-            (rendered_endpoint, all_endpoints),
-            (
-                "    # The model provider, for /v1/* requests the filter does not handle.".into(),
-                PODS_CLUSTER.into(),
-            ),
-            (
-                r#"host_env_keys: ["OPENAI_API_KEY"]"#.into(),
-                r#"host_env_keys: ["OPENAI_API_KEY", "RELAY_REPLICA_KEY"]"#.into(),
-            ),
-        ],
+        template: Some(paths.root.join("envoy/envoy-relay-pods.yaml")),
+        patches: vec![(rendered_endpoint, all_endpoints)],
         ..Default::default()
     };
     let envoy = opts.start(&paths, &dir).expect("envoy");

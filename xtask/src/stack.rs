@@ -26,6 +26,9 @@ use crate::process::ChildGuard;
 /// ECHO_MODEL_API_KEY`), and Envoy gets it as `OPENAI_API_KEY` for its VM environment, so the
 /// local stack exercises the same key injection as production.
 pub const LOCAL_ECHO_API_KEY: &str = "sk-local-echo-model";
+/// The relay-pods key of local runs and `envoy --mode validate` (envoy/envoy-relay-pods.yaml):
+/// not a secret, never used by a deployment.
+pub const LOCAL_REPLICA_KEY: &str = "local-relay-pods-key-not-a-secret-0000";
 
 /// Where calls go.
 #[derive(Clone, Debug, PartialEq, Eq)]
