@@ -23,6 +23,8 @@ pub enum ConfigError {
     UnspecifiedMediaAddr(SocketAddr),
     #[error("the advertised media address {0} is {1}: set --public-ip to a unicast address clients reach")]
     NotUnicastMediaAddr(IpAddr, &'static str),
+    #[error("--upstream-media-ip {0} is {1}: give an address of this host the provider can reach (it is the upstream leg's ICE candidate), or leave it unset to use the route's source address")]
+    NotUnicastUpstreamIp(IpAddr, &'static str),
     #[error("--public-port 0 cannot be advertised: give the port clients reach")]
     ZeroPublicPort,
     #[error("--replica-addr {0} must be a unicast address and a port gateways reach this relay's gRPC at (in Kubernetes: $(POD_IP):<grpc port>)")]
@@ -265,6 +267,25 @@ impl Args {
         ))
     }
 
+    /// The upstream leg binds its socket on `--upstream-media-ip` and offers that address as
+    /// its host candidate, so it must be one unicast address (an unspecified one would be
+    /// offered as 0.0.0.0 and ICE would never connect).
+    pub fn check_upstream_media_ip(&self) -> Result<(), ConfigError> {
+        let Some(ip) = self.upstream_media_ip else {
+            return Ok(());
+        };
+        let why = if ip.is_unspecified() {
+            "unspecified"
+        } else if ip.is_multicast() {
+            "multicast"
+        } else if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+            "the broadcast address"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::NotUnicastUpstreamIp(ip, why))
+    }
+
     /// This relay's replica address and key, from the flags and `key` (the value of
     /// [`REPLICA_KEY_ENV`], passed in so tests need no process environment).
     pub fn replica_with_key(
@@ -335,6 +356,7 @@ impl Args {
             return Err(ConfigError::NoUpstreamAllowed);
         }
         self.advertised_media_addr()?;
+        self.check_upstream_media_ip()?;
         self.replica()?;
         Ok(())
     }
@@ -387,6 +409,34 @@ mod tests {
             Args::parse_from(["realtime-relay"]).validate(),
             Err(ConfigError::NoUpstreamAllowed)
         );
+    }
+
+    #[test]
+    fn an_upstream_media_ip_that_cannot_be_a_candidate_is_refused() {
+        let with = |ip: &str| {
+            Args::parse_from([
+                "realtime-relay",
+                "--allow-upstream",
+                "https://api.openai.com",
+                "--upstream-media-ip",
+                ip,
+            ])
+            .validate()
+        };
+        assert!(with("10.0.0.9").is_ok());
+        assert!(with("fd00::9").is_ok());
+        for (ip, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("239.1.1.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let e = with(ip).unwrap_err().to_string();
+            assert!(
+                e.starts_with("--upstream-media-ip") && e.contains(why),
+                "{ip}: {e}"
+            );
+        }
     }
 
     #[test]
