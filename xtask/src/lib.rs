@@ -19,6 +19,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod ports;
 pub mod process;
+pub mod schemas;
 pub mod setup;
 pub mod stack;
 pub mod ui;

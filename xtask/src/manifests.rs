@@ -82,21 +82,28 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Parses every manifest under `dir`.
-pub fn load(dir: &Path) -> Result<Vec<Manifest>> {
+/// Every YAML file under `dir`, sorted.
+pub fn yaml_files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     yaml_files(dir, &mut files)?;
     files.sort();
+    Ok(files)
+}
+
+/// The non-empty YAML documents of one file.
+pub fn docs_of(file: &Path) -> Result<Vec<Yaml>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let docs = YamlLoader::load_from_str(&text)
+        .map_err(|e| anyhow!("{} does not parse as YAML: {e}", file.display()))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Parses every manifest under `dir`.
+pub fn load(dir: &Path) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?;
-        let docs = YamlLoader::load_from_str(&text)
-            .map_err(|e| anyhow!("{} does not parse as YAML: {e}", file.display()))?;
-        for (i, doc) in docs.into_iter().enumerate() {
-            if doc.is_null() {
-                continue;
-            }
+    for file in yaml_files_under(dir)? {
+        for (i, doc) in docs_of(&file)?.into_iter().enumerate() {
             let at = format!("{} (document {})", file.display(), i + 1);
             let kind = str_at(&doc, &["kind"])
                 .ok_or_else(|| anyhow!("{at}: no `kind`"))?
@@ -129,6 +136,68 @@ pub fn load(dir: &Path) -> Result<Vec<Manifest>> {
         }
     }
     Ok(out)
+}
+
+/// A YAML node as JSON (what Kubernetes and the schema validators see). Keys that are not
+/// strings are written as their YAML text; aliases and bad values become null.
+pub fn to_json(y: &Yaml) -> serde_json::Value {
+    use serde_json::Value;
+    match y {
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Real(r) => r.clone(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        _ => String::from("?"),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Integer(i) => Value::from(*i),
+        Yaml::Real(r) => r
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(r.clone())),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        _ => Value::Null,
+    }
+}
+
+/// The variants under `deploy/`: kustomizations that no other kustomization lists
+/// (`deploy/`, `deploy/inline/`, `deploy/replicas/`, ...), as their `kustomization.yaml`.
+pub fn variants(all: &[Manifest]) -> Vec<&Manifest> {
+    let kustomizations: Vec<&Manifest> = all.iter().filter(|m| m.kind == "Kustomization").collect();
+    let mut listed_dirs = BTreeSet::new();
+    for k in &kustomizations {
+        let base = k.file.parent().unwrap_or(Path::new("."));
+        for s in k.doc["resources"].as_vec().into_iter().flatten() {
+            if let Some(Ok(p)) = s.as_str().map(|s| base.join(s).canonicalize()) {
+                listed_dirs.insert(p);
+            }
+        }
+    }
+    kustomizations
+        .into_iter()
+        .filter(|k| {
+            let dir = k.file.parent().and_then(|d| d.canonicalize().ok());
+            !dir.as_ref().is_some_and(|d| listed_dirs.contains(d))
+        })
+        .collect()
+}
+
+/// The manifest files (canonical paths) a variant's kustomization pulls in.
+pub fn variant_files(kustomization: &Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::new();
+    kustomization_files(kustomization, &mut files);
+    files
 }
 
 /// Loads and checks `dir`; the error lists every problem found.
@@ -212,23 +281,8 @@ fn kustomization_files(file: &Path, out: &mut BTreeSet<PathBuf>) {
 /// by Envoy, so only this check would notice it. Variants are the kustomizations no other
 /// kustomization lists (`deploy/`, `deploy/inline/`, …).
 fn check_route_filter_names(all: &[Manifest], problems: &mut Vec<String>) {
-    let kustomizations: Vec<&Manifest> = all.iter().filter(|m| m.kind == "Kustomization").collect();
-    let mut listed_dirs = BTreeSet::new();
-    for k in &kustomizations {
-        let base = k.file.parent().unwrap_or(Path::new("."));
-        for s in k.doc["resources"].as_vec().into_iter().flatten() {
-            if let Some(Ok(p)) = s.as_str().map(|s| base.join(s).canonicalize()) {
-                listed_dirs.insert(p);
-            }
-        }
-    }
-    for k in kustomizations {
-        let dir = k.file.parent().and_then(|d| d.canonicalize().ok());
-        if dir.as_ref().is_some_and(|d| listed_dirs.contains(d)) {
-            continue;
-        }
-        let mut files = BTreeSet::new();
-        kustomization_files(&k.file, &mut files);
+    for k in variants(all) {
+        let files = variant_files(&k.file);
         let in_variant: Vec<&Manifest> = all
             .iter()
             .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
@@ -624,23 +678,6 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn to_json(y: &Yaml) -> serde_json::Value {
-        use serde_json::Value;
-        match y {
-            Yaml::Hash(h) => Value::Object(
-                h.iter()
-                    .map(|(k, v)| (k.as_str().unwrap().to_string(), to_json(v)))
-                    .collect(),
-            ),
-            Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-            Yaml::String(s) => Value::String(s.clone()),
-            Yaml::Integer(i) => Value::from(*i),
-            Yaml::Real(r) => Value::from(r.parse::<f64>().unwrap()),
-            Yaml::Boolean(b) => Value::Bool(*b),
-            _ => Value::Null,
-        }
-    }
 
     /// The plugin configurations shipped in deploy/ are accepted by the filter's own parser
     /// (so Envoy/Istio would not reject them at load).

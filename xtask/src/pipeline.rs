@@ -348,6 +348,9 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     p.step("deploy/ manifests (YAML, kinds)", || {
         manifests::check_dir(&paths.deploy_dir()).map(|r| r.to_string())
     });
+    p.step("deploy/ schemas (Kubernetes, Istio CRDs)", || {
+        crate::schemas::validate_dir(paths, &paths.deploy_dir())
+    });
     p.step("envoy --mode validate (deploy/ EnvoyFilters)", || {
         validate_envoy_filter_fragments(paths)
     });
