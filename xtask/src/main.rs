@@ -14,7 +14,7 @@ use xtask::paths::{Paths, Profile};
 use xtask::pipeline::{self, TestOptions};
 use xtask::setup::{self, SetupOptions};
 use xtask::stack::{Stack, StackConfig, Upstream};
-use xtask::{manifests, schemas, ui};
+use xtask::{istio_checks, manifests, schemas, ui};
 
 #[derive(Parser)]
 #[command(
@@ -170,6 +170,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             setup::manifest_validators(&paths)?;
             let report = manifests::check_dir(&paths.deploy_dir())?;
             ui::line(format!("deploy/ manifests OK: {report}"));
+            let cors = istio_checks::check_cors(
+                &manifests::load(&paths.deploy_dir())?,
+                &paths.envoy_dir().join("envoy.yaml"),
+            )?;
+            ui::line(format!("deploy/ CORS: {cors}"));
             let verdict = schemas::validate_dir(&paths, &paths.deploy_dir())?;
             ui::line(format!("deploy/ schemas: {verdict}"));
             let verdict = pipeline::validate_envoy_filter_fragments(&paths)?;

@@ -348,6 +348,12 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     p.step("deploy/ manifests (YAML, kinds)", || {
         manifests::check_dir(&paths.deploy_dir()).map(|r| r.to_string())
     });
+    p.step("deploy/ CORS policy = envoy/envoy.yaml's", || {
+        crate::istio_checks::check_cors(
+            &manifests::load(&paths.deploy_dir())?,
+            &paths.envoy_dir().join("envoy.yaml"),
+        )
+    });
     p.step("deploy/ schemas (Kubernetes, Istio CRDs)", || {
         crate::schemas::validate_dir(paths, &paths.deploy_dir())
     });
