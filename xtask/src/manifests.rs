@@ -454,36 +454,108 @@ fn check_deployment(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// A draining relay must still be reachable: its drain (`RELAY_DRAIN_SECS`) ends before the
-/// Istio sidecar stops taking connections (`terminationDrainDuration` in the
-/// `proxy.istio.io/config` annotation), which ends before Kubernetes kills the pod
-/// (`terminationGracePeriodSeconds`). Otherwise hangups and ListCalls for calls still on the
-/// relay fail while it drains.
-fn check_drain_order(doc: &Yaml, relay: &Yaml, at: &str, problems: &mut Vec<String>) {
-    let drain = relay["env"].as_vec().and_then(|env| {
+/// Seconds between the relay's drain and the next stage of the pod's shutdown.
+pub const DRAIN_MARGIN_SECS: f64 = 5.0;
+
+/// Seconds of a protobuf duration as Istio's ProxyConfig takes it (`40s`, `1m`, `1m30s`).
+fn proxy_duration_secs(d: &str) -> Option<f64> {
+    let mut total = 0.0;
+    let mut num = String::new();
+    for ch in d.trim().chars() {
+        if ch.is_ascii_digit() || ch == '.' {
+            num.push(ch);
+            continue;
+        }
+        let n: f64 = num.parse().ok()?;
+        num.clear();
+        total += n * match ch {
+            's' => 1.0,
+            'm' => 60.0,
+            'h' => 3600.0,
+            _ => return None,
+        };
+    }
+    num.is_empty().then_some(total)
+}
+
+/// The relay's `--drain-secs`: from its arguments, else RELAY_DRAIN_SECS, else the relay's
+/// default (30).
+fn relay_drain_secs(relay: &Yaml) -> Option<f64> {
+    let args: Vec<&str> = relay["args"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(Yaml::as_str)
+        .collect();
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--drain-secs=") {
+            return v.parse().ok();
+        }
+        if *a == "--drain-secs" {
+            return args.get(i + 1).and_then(|v| v.parse().ok());
+        }
+    }
+    match relay["env"].as_vec().and_then(|env| {
         env.iter()
             .find(|e| str_at(e, &["name"]) == Some("RELAY_DRAIN_SECS"))
-            .and_then(|e| str_at(e, &["value"]))
-            .and_then(|v| v.parse::<f64>().ok())
-    });
+    }) {
+        Some(e) => str_at(e, &["value"]).and_then(|v| v.parse().ok()),
+        None => Some(30.0),
+    }
+}
+
+/// A draining relay must stay reachable for hangups of its live calls until its drain ends:
+///
+/// - Istio's agent, on SIGTERM, drains the sidecar's inbound listeners gracefully (Envoy keeps
+///   accepting for `drainDuration`, answering with GOAWAY / `Connection: close`) and kills
+///   Envoy after `terminationDrainDuration` (default 5 s) (pkg/envoy/agent.go, Istio 1.30).
+///   So: drain + margin <= terminationDrainDuration <= drainDuration (both set explicitly in
+///   the `proxy.istio.io/config` annotation: mesh defaults differ between installations).
+/// - Kubernetes kills whatever still runs after `terminationGracePeriodSeconds`:
+///   terminationDrainDuration + margin <= terminationGracePeriodSeconds.
+/// - `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` is refused: the agent would stop the sidecar as soon as
+///   no connection is open, which may be long before the relay's drain ends, and the next
+///   hangup would then find no sidecar.
+fn check_drain_order(doc: &Yaml, relay: &Yaml, at: &str, problems: &mut Vec<String>) {
+    let drain = relay_drain_secs(relay);
     let template = &doc["spec"]["template"];
     let grace = template["spec"]["terminationGracePeriodSeconds"]
         .as_i64()
         .map(|g| g as f64);
-    let sidecar = template["metadata"]["annotations"]["proxy.istio.io/config"]
+    let config = template["metadata"]["annotations"]["proxy.istio.io/config"]
         .as_str()
-        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
-        .and_then(|c| c["terminationDrainDuration"].as_str().map(str::to_string))
-        .and_then(|d| d.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()));
-    match (drain, sidecar, grace) {
-        (Some(drain), Some(sidecar), Some(grace)) if drain < sidecar && sidecar < grace => {}
-        (Some(drain), Some(sidecar), Some(grace)) => problems.push(format!(
-            "{at}: want RELAY_DRAIN_SECS ({drain}) < the sidecar's terminationDrainDuration \
-             ({sidecar}s) < terminationGracePeriodSeconds ({grace})"
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok());
+    let duration = |field: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c[field].as_str().and_then(proxy_duration_secs))
+    };
+    let sidecar = duration("terminationDrainDuration");
+    let listeners = duration("drainDuration");
+    let exit_on_zero = config.as_ref().is_some_and(|c| {
+        c["proxyMetadata"]["EXIT_ON_ZERO_ACTIVE_CONNECTIONS"].as_str() == Some("true")
+    });
+    if exit_on_zero {
+        problems.push(format!(
+            "{at}: proxyMetadata EXIT_ON_ZERO_ACTIVE_CONNECTIONS stops the sidecar when no \
+             connection is open, possibly before the relay's drain ends; use \
+             terminationDrainDuration"
+        ));
+    }
+    let m = DRAIN_MARGIN_SECS;
+    match (drain, sidecar, listeners, grace) {
+        (Some(drain), Some(sidecar), Some(listeners), Some(grace))
+            if drain + m <= sidecar && sidecar <= listeners && sidecar + m <= grace => {}
+        (Some(drain), Some(sidecar), Some(listeners), Some(grace)) => problems.push(format!(
+            "{at}: want the relay's drain ({drain} s) + {m} s <= the sidecar's \
+             terminationDrainDuration ({sidecar} s) <= its drainDuration ({listeners} s), and \
+             terminationDrainDuration + {m} s <= terminationGracePeriodSeconds ({grace} s): \
+             hangups must reach a draining relay"
         )),
         _ => problems.push(format!(
-            "{at}: needs RELAY_DRAIN_SECS, a proxy.istio.io/config terminationDrainDuration and \
-             terminationGracePeriodSeconds (a draining relay must stay reachable)"
+            "{at}: needs a readable relay drain (--drain-secs / RELAY_DRAIN_SECS), \
+             terminationDrainDuration and drainDuration in the proxy.istio.io/config annotation, \
+             and terminationGracePeriodSeconds (a draining relay must stay reachable)"
         )),
     }
 }
@@ -880,9 +952,9 @@ mod tests {
 
     #[test]
     fn a_sidecar_that_stops_before_the_relay_drains_is_refused() {
-        let doc = |drain: &str, sidecar: &str, grace: u32| {
+        let doc = |drain: &str, sidecar: &str, listeners: &str, grace: u32, extra: &str| {
             let text = format!(
-                "spec:\n  template:\n    metadata:\n      annotations:\n        proxy.istio.io/config: '{{\"terminationDrainDuration\": \"{sidecar}\"}}'\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: relay, env: [{{name: RELAY_DRAIN_SECS, value: \"{drain}\"}}]}}]\n"
+                "spec:\n  template:\n    metadata:\n      annotations:\n        proxy.istio.io/config: '{{\"terminationDrainDuration\": \"{sidecar}\", \"drainDuration\": \"{listeners}\"{extra}}}'\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: relay, env: [{{name: RELAY_DRAIN_SECS, value: \"{drain}\"}}]}}]\n"
             );
             YamlLoader::load_from_str(&text).unwrap().remove(0)
         };
@@ -891,19 +963,47 @@ mod tests {
             check_drain_order(d, &containers(d)[0], "d", &mut problems);
             problems
         };
-        assert!(check(&doc("30", "40s", 45)).is_empty());
-        assert!(
-            !check(&doc("30", "20s", 45)).is_empty(),
-            "sidecar stops first"
+        assert!(check(&doc("30", "40s", "45s", 45, "")).is_empty());
+        assert!(check(&doc("30", "35s", "1m", 40, "")).is_empty());
+        for (d, why) in [
+            (doc("30", "20s", "45s", 45, ""), "sidecar stops first"),
+            (doc("30", "32s", "45s", 45, ""), "no margin after the drain"),
+            (doc("30", "40s", "35s", 45, ""), "listeners close first"),
+            (doc("30", "40s", "45s", 42, ""), "killed before the sidecar"),
+            (doc("30", "soon", "45s", 45, ""), "unreadable duration"),
+            (
+                doc(
+                    "30",
+                    "40s",
+                    "45s",
+                    45,
+                    ", \"proxyMetadata\": {\"EXIT_ON_ZERO_ACTIVE_CONNECTIONS\": \"true\"}",
+                ),
+                "exits on zero connections",
+            ),
+        ] {
+            assert!(!check(&d).is_empty(), "{why}");
+        }
+    }
+
+    #[test]
+    fn drain_secs_come_from_args_env_or_the_default() {
+        let relay = |c: &str| YamlLoader::load_from_str(c).unwrap().remove(0);
+        assert_eq!(
+            relay_drain_secs(&relay("{args: ['--drain-secs=12']}")),
+            Some(12.0)
         );
-        assert!(
-            !check(&doc("30", "40s", 35)).is_empty(),
-            "killed before the sidecar"
+        assert_eq!(
+            relay_drain_secs(&relay("{args: ['--drain-secs', '7']}")),
+            Some(7.0)
         );
-        assert!(
-            !check(&doc("30", "soon", 45)).is_empty(),
-            "unreadable duration"
+        assert_eq!(
+            relay_drain_secs(&relay("{env: [{name: RELAY_DRAIN_SECS, value: '20'}]}")),
+            Some(20.0)
         );
+        assert_eq!(relay_drain_secs(&relay("{name: relay}")), Some(30.0));
+        assert_eq!(proxy_duration_secs("1m30s"), Some(90.0));
+        assert_eq!(proxy_duration_secs("40"), None);
     }
 
     #[test]
