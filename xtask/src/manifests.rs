@@ -693,7 +693,12 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
                     }
                     filters.push(value);
                 }
-                _ => {}
+                other => bail!(
+                    "EnvoyFilter {} ({}): a patch with applyTo {other:?} is not run through \
+                     `envoy --mode validate`; teach manifests::envoy_filter_bootstrap where it goes",
+                    m.name,
+                    m.file.display()
+                ),
             }
         }
     }

@@ -281,7 +281,8 @@ mod tests {
         std::fs::write(
             dir.join("kustomization.yaml"),
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: \
-             [deployment.yaml, wasmplugin.yaml, service.yaml, envoyfilter.yaml]\n",
+             [deployment.yaml, wasmplugin.yaml, service.yaml, envoyfilter.yaml, \
+             networkpolicy.yaml]\n",
         )
         .unwrap();
         std::fs::write(
@@ -310,6 +311,13 @@ mod tests {
              namespace: istio-system}\nspec: {configPatches: []}\n",
         )
         .unwrap();
+        std::fs::write(
+            dir.join("networkpolicy.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, \
+             namespace: rt}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 1, \
+             protocl: TCP}]}]\n",
+        )
+        .unwrap();
         let err = validate_dir(&paths, &dir).unwrap_err().to_string();
         eprintln!("{err}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -335,5 +343,6 @@ mod tests {
             );
         }
         assert!(err.contains("fromSecret"), "{err}");
+        assert!(err.contains("protocl"), "{err}");
     }
 }
