@@ -255,15 +255,68 @@ fn without_placeholders(text: &str) -> String {
     out
 }
 
-/// The CORS policies on the `/v1/realtime/calls` routes of an Envoy bootstrap.
-pub fn envoy_calls_cors(envoy_yaml: &Path) -> Result<Vec<Cors>> {
+fn load_envoy(envoy_yaml: &Path) -> Result<Yaml> {
     let text = std::fs::read_to_string(envoy_yaml)
         .map_err(|e| anyhow!("reading {}: {e}", envoy_yaml.display()))?;
-    let doc = YamlLoader::load_from_str(&without_placeholders(&text))
+    YamlLoader::load_from_str(&without_placeholders(&text))
         .map_err(|e| anyhow!("{} does not parse: {e}", envoy_yaml.display()))?
         .into_iter()
         .next()
-        .ok_or_else(|| anyhow!("{} is empty", envoy_yaml.display()))?;
+        .ok_or_else(|| anyhow!("{} is empty", envoy_yaml.display()))
+}
+
+/// Every internal-listener LISTENER patch under `deploy/` is the listener of the same name in
+/// `envoy/envoy.yaml` (the hold proven by e2e/tests/headers_mode.rs), field for field.
+pub fn check_hold_matches_envoy(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
+    let doc = load_envoy(envoy_yaml)?;
+    let listeners = doc["static_resources"]["listeners"]
+        .as_vec()
+        .cloned()
+        .unwrap_or_default();
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for m in all.iter().filter(|m| m.kind == "EnvoyFilter") {
+        for p in m.doc["spec"]["configPatches"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+        {
+            let value = &p["patch"]["value"];
+            if p["applyTo"].as_str() != Some("LISTENER") || value["internal_listener"].is_badvalue()
+            {
+                continue;
+            }
+            let name = value["name"].as_str().unwrap_or("");
+            match listeners.iter().find(|l| l["name"].as_str() == Some(name)) {
+                Some(l) if l == value => checked += 1,
+                Some(_) => problems.push(format!(
+                    "EnvoyFilter {} ({}): internal listener {name} differs from the one in {} \
+                     (keep the two holds identical)",
+                    m.name,
+                    m.file.display(),
+                    envoy_yaml.display()
+                )),
+                None => problems.push(format!(
+                    "EnvoyFilter {} ({}): internal listener {name} has no counterpart in {}",
+                    m.name,
+                    m.file.display(),
+                    envoy_yaml.display()
+                )),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "{checked} hold listener(s) identical to envoy.yaml's"
+        ))
+    } else {
+        Err(anyhow!("{}", problems.join("\n")))
+    }
+}
+
+/// The CORS policies on the `/v1/realtime/calls` routes of an Envoy bootstrap.
+pub fn envoy_calls_cors(envoy_yaml: &Path) -> Result<Vec<Cors>> {
+    let doc = load_envoy(envoy_yaml)?;
     let mut out = Vec::new();
     for l in doc["static_resources"]["listeners"]
         .as_vec()
@@ -400,6 +453,24 @@ mod tests {
             let err = check_cors(&drifted, &envoy_yaml).unwrap_err().to_string();
             assert!(err.contains("corsPolicy differs"), "{from}: {err}");
         }
+    }
+
+    #[test]
+    fn the_istio_hold_is_envoy_yamls_and_a_drift_is_refused() {
+        let paths = crate::paths::Paths::discover();
+        let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
+        let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
+        let ok = check_hold_matches_envoy(&all, &envoy_yaml).unwrap();
+        assert!(ok.starts_with('1'), "{ok}");
+        let mut drifted = all.clone();
+        for m in drifted.iter_mut().filter(|m| m.name == "realtime-hold") {
+            let text = std::fs::read_to_string(&m.file)
+                .unwrap()
+                .replace("max_request_bytes: 131072", "max_request_bytes: 65536");
+            m.doc = yaml(&text);
+        }
+        let err = check_hold_matches_envoy(&drifted, &envoy_yaml).unwrap_err();
+        assert!(err.to_string().contains("differs"), "{err}");
     }
 
     /// The shipped variants that continue the headers lead creates to the hold, and a

@@ -170,11 +170,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             setup::manifest_validators(&paths)?;
             let report = manifests::check_dir(&paths.deploy_dir())?;
             ui::line(format!("deploy/ manifests OK: {report}"));
-            let cors = istio_checks::check_cors(
-                &manifests::load(&paths.deploy_dir())?,
-                &paths.envoy_dir().join("envoy.yaml"),
-            )?;
+            let all = manifests::load(&paths.deploy_dir())?;
+            let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
+            let cors = istio_checks::check_cors(&all, &envoy_yaml)?;
             ui::line(format!("deploy/ CORS: {cors}"));
+            let hold = istio_checks::check_hold_matches_envoy(&all, &envoy_yaml)?;
+            ui::line(format!("deploy/ hold: {hold}"));
             let verdict = schemas::validate_dir(&paths, &paths.deploy_dir())?;
             ui::line(format!("deploy/ schemas: {verdict}"));
             let verdict = pipeline::validate_envoy_filter_fragments(&paths)?;

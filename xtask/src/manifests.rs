@@ -258,6 +258,7 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
         }
     }
     check_route_filter_names(&manifests, &mut problems);
+    crate::scaling::check_plugins_in_step(&manifests, &mut problems);
     for k in variants(&manifests) {
         let files = variant_files(&k.file);
         let in_variant: Vec<&Manifest> = manifests

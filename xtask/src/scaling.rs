@@ -276,6 +276,53 @@ pub fn check_variant(variant: &Path, in_variant: &[&Manifest], problems: &mut Ve
     }
 }
 
+/// WasmPlugins of the same name (the default's and the replicas variant's, which replace each
+/// other) carry the same pluginConfig apart from how the relay is addressed (`relay_*`), and
+/// the replicas one passes at least the default's variables into the VM.
+pub fn check_plugins_in_step(all: &[Manifest], problems: &mut Vec<String>) {
+    let plugins: Vec<&Manifest> = all.iter().filter(|m| m.kind == "WasmPlugin").collect();
+    let strip = |m: &Manifest| {
+        let mut c = crate::manifests::to_json(&m.doc["spec"]["pluginConfig"]);
+        if let Some(o) = c.as_object_mut() {
+            o.retain(|k, _| !k.starts_with("relay_"));
+        }
+        c
+    };
+    let env = |m: &Manifest| -> BTreeSet<String> {
+        m.doc["spec"]["vmConfig"]["env"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    for (i, a) in plugins.iter().enumerate() {
+        for b in &plugins[i + 1..] {
+            if a.name != b.name {
+                continue;
+            }
+            if strip(a) != strip(b) {
+                problems.push(format!(
+                    "WasmPlugin {}: pluginConfig of {} and {} differ beyond relay_* (keep them in \
+                     step)",
+                    a.name,
+                    a.file.display(),
+                    b.file.display()
+                ));
+            }
+            let (ea, eb) = (env(a), env(b));
+            if !ea.is_subset(&eb) && !eb.is_subset(&ea) {
+                problems.push(format!(
+                    "WasmPlugin {}: vmConfig.env of {} and {} diverge ({ea:?} vs {eb:?})",
+                    a.name,
+                    a.file.display(),
+                    b.file.display()
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +369,30 @@ mod tests {
         let node_ip = REPLICA_ENV.replace("status.podIP", "status.hostIP");
         let p = check(&deployment("", &node_ip, ""));
         assert!(p.iter().any(|p| p.contains("RELAY_REPLICA_ADDR")), "{p:?}");
+    }
+
+    #[test]
+    fn same_named_plugins_stay_in_step() {
+        let paths = crate::paths::Paths::discover();
+        let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
+        let mut problems = Vec::new();
+        check_plugins_in_step(&all, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut drifted = all.clone();
+        if let Some(m) = drifted
+            .iter_mut()
+            .find(|m| m.kind == "WasmPlugin" && m.file.ends_with("replicas/wasmplugin.yaml"))
+        {
+            let text = std::fs::read_to_string(&m.file)
+                .unwrap()
+                .replace("max_body_bytes: 65536", "max_body_bytes: 131072");
+            m.doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
+        }
+        check_plugins_in_step(&drifted, &mut problems);
+        assert!(
+            problems.iter().any(|p| p.contains("differ beyond relay_")),
+            "{problems:?}"
+        );
     }
 
     /// The shipped replicas variant passes; without its ORIGINAL_DST cluster, or with an HPA
