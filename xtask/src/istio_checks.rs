@@ -265,14 +265,18 @@ fn load_envoy(envoy_yaml: &Path) -> Result<Yaml> {
         .ok_or_else(|| anyhow!("{} is empty", envoy_yaml.display()))
 }
 
-/// Every internal-listener LISTENER patch under `deploy/` is the listener of the same name in
-/// `envoy/envoy.yaml` (the hold proven by e2e/tests/headers_mode.rs), field for field.
+/// Every internal-listener LISTENER patch under `deploy/`, and every CLUSTER patch leading to
+/// an internal listener, is the listener / cluster of the same name in `envoy/envoy.yaml` (the
+/// hold proven by e2e/tests/headers_mode.rs), field for field.
 pub fn check_hold_matches_envoy(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
     let doc = load_envoy(envoy_yaml)?;
-    let listeners = doc["static_resources"]["listeners"]
-        .as_vec()
-        .cloned()
-        .unwrap_or_default();
+    let of = |key: &str| {
+        doc["static_resources"][key]
+            .as_vec()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (listeners, clusters) = (of("listeners"), of("clusters"));
     let mut checked = 0;
     let mut problems = Vec::new();
     for m in all.iter().filter(|m| m.kind == "EnvoyFilter") {
@@ -282,22 +286,29 @@ pub fn check_hold_matches_envoy(all: &[Manifest], envoy_yaml: &Path) -> Result<S
             .flatten()
         {
             let value = &p["patch"]["value"];
-            if p["applyTo"].as_str() != Some("LISTENER") || value["internal_listener"].is_badvalue()
-            {
-                continue;
-            }
+            let internal_cluster = value["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+                ["endpoint"]["address"]["envoy_internal_address"]
+                .as_hash()
+                .is_some();
+            let (what, pool) = match p["applyTo"].as_str() {
+                Some("LISTENER") if !value["internal_listener"].is_badvalue() => {
+                    ("internal listener", &listeners)
+                }
+                Some("CLUSTER") if internal_cluster => ("internal-listener cluster", &clusters),
+                _ => continue,
+            };
             let name = value["name"].as_str().unwrap_or("");
-            match listeners.iter().find(|l| l["name"].as_str() == Some(name)) {
+            match pool.iter().find(|l| l["name"].as_str() == Some(name)) {
                 Some(l) if l == value => checked += 1,
                 Some(_) => problems.push(format!(
-                    "EnvoyFilter {} ({}): internal listener {name} differs from the one in {} \
-                     (keep the two holds identical)",
+                    "EnvoyFilter {} ({}): {what} {name} differs from the one in {} (keep the \
+                     two holds identical)",
                     m.name,
                     m.file.display(),
                     envoy_yaml.display()
                 )),
                 None => problems.push(format!(
-                    "EnvoyFilter {} ({}): internal listener {name} has no counterpart in {}",
+                    "EnvoyFilter {} ({}): {what} {name} has no counterpart in {}",
                     m.name,
                     m.file.display(),
                     envoy_yaml.display()
@@ -307,7 +318,7 @@ pub fn check_hold_matches_envoy(all: &[Manifest], envoy_yaml: &Path) -> Result<S
     }
     if problems.is_empty() {
         Ok(format!(
-            "{checked} hold listener(s) identical to envoy.yaml's"
+            "{checked} hold listener/cluster patches identical to envoy.yaml's"
         ))
     } else {
         Err(anyhow!("{}", problems.join("\n")))
@@ -461,7 +472,7 @@ mod tests {
         let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
         let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
         let ok = check_hold_matches_envoy(&all, &envoy_yaml).unwrap();
-        assert!(ok.starts_with('1'), "{ok}");
+        assert!(ok.starts_with('2'), "{ok}");
         let mut drifted = all.clone();
         for m in drifted.iter_mut().filter(|m| m.name == "realtime-hold") {
             let text = std::fs::read_to_string(&m.file)
