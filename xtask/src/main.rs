@@ -14,7 +14,7 @@ use xtask::paths::{Paths, Profile};
 use xtask::pipeline::{self, TestOptions};
 use xtask::setup::{self, SetupOptions};
 use xtask::stack::{Stack, StackConfig, Upstream};
-use xtask::{manifests, ui};
+use xtask::{istio_checks, manifests, schemas, ui};
 
 #[derive(Parser)]
 #[command(
@@ -72,8 +72,9 @@ enum Cmd {
         #[arg(long, requires = "url")]
         relay_metrics: Option<std::net::SocketAddr>,
     },
-    /// Check the Kubernetes and Istio manifests under deploy/ (YAML, kinds, key settings) and
-    /// run the EnvoyFilter fragments through `envoy --mode validate`.
+    /// Check the Kubernetes and Istio manifests under deploy/: YAML, kinds, key settings, every
+    /// variant rendered and validated against the Kubernetes schemas (kubernetes-validate) and
+    /// Istio's CRD schemas, and the EnvoyFilter fragments through `envoy --mode validate`.
     CheckDeploy,
 }
 
@@ -165,8 +166,18 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             ui::line(format!("browser test passed: {report:?}"));
         }
         Cmd::CheckDeploy => {
+            setup::envoy(&paths)?;
+            setup::manifest_validators(&paths)?;
             let report = manifests::check_dir(&paths.deploy_dir())?;
             ui::line(format!("deploy/ manifests OK: {report}"));
+            let all = manifests::load(&paths.deploy_dir())?;
+            let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
+            let cors = istio_checks::check_cors(&all, &envoy_yaml)?;
+            ui::line(format!("deploy/ CORS: {cors}"));
+            let hold = istio_checks::check_hold_matches_envoy(&all, &envoy_yaml)?;
+            ui::line(format!("deploy/ hold: {hold}"));
+            let verdict = schemas::validate_dir(&paths, &paths.deploy_dir())?;
+            ui::line(format!("deploy/ schemas: {verdict}"));
             let verdict = pipeline::validate_envoy_filter_fragments(&paths)?;
             ui::line(format!(
                 "EnvoyFilter fragments (envoy --mode validate): {verdict}"

