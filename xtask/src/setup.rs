@@ -155,7 +155,7 @@ pub fn netns_tools() -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        step.skip(&format!(
+        step.skip(format!(
             "not root: the topology test will skip; install with `sudo apt-get install {}`",
             missing.join(" ")
         ));
