@@ -96,7 +96,10 @@ pub fn available_or_skip(test: &str) -> bool {
             if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
                 panic!("{test}: network namespaces are required ({REQUIRE_ENV}=1) but {why}");
             }
-            eprintln!(
+            // Straight to the stderr handle, not `eprintln!`: the test harness captures the
+            // macros' output of passing tests, and a skip must be seen, not read as a pass.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIP {test}: {why}. This test did not run; set {REQUIRE_ENV}=1 to make that a \
                  failure."
             );
