@@ -38,7 +38,7 @@ use echo_model::{ClientConfig, ConnectedClient, TestClient};
 use tokio::runtime::Runtime;
 use xtask::envoy::{render, DEFAULT_MODEL};
 use xtask::launch::{Echo, EchoSpec, EnvoySpec, RelaySpec};
-use xtask::netns::{available_or_skip, Cidr, Lab, Netns, NodePort, Proto};
+use xtask::netns::{available_or_skip, node_port_packets, Cidr, Lab, Netns, NodePort, Proto};
 use xtask::paths::Profile;
 use xtask::stack::LOCAL_ECHO_API_KEY;
 
@@ -76,6 +76,8 @@ struct Topology {
     relays: Vec<Option<Relay>>,
     _echo: Echo,
     client: Netns,
+    /// The relay nodes (where the NodePort DNAT is).
+    nodes: Vec<Netns>,
     dir: RunDir,
     _lab: Lab,
 }
@@ -105,8 +107,10 @@ impl Topology {
         let upstream = echo.base_url();
 
         let mut relays = Vec::new();
+        let mut nodes = Vec::new();
         for k in [1u8, 2] {
             let node = lab.host(&format!("node-{k}")).unwrap();
+            nodes.push(node.clone());
             let pod = lab.host(&format!("pod-{k}")).unwrap();
             lab.attach(&node, "lan", cidr(node_addr(k), 24)).unwrap();
             let gw = Ipv4Addr::new(198, 19, k, 1);
@@ -179,6 +183,7 @@ impl Topology {
             relays,
             _echo: echo,
             client,
+            nodes,
             dir,
             _lab: lab,
         }
@@ -390,7 +395,13 @@ fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_
         "{:?}",
         calls.iter().map(|c| &c.0).collect::<Vec<_>>()
     );
-    for k in 0..2 {
+    for (k, node) in topo.nodes.iter().enumerate() {
+        // The client's media and Envoy's gRPC reached each pod through its node's DNAT (the
+        // client and the gateway have no route to the pod subnets at all).
+        for (proto, port) in [(Proto::Udp, NODE_MEDIA_PORT), (Proto::Tcp, NODE_GRPC_PORT)] {
+            let n = node_port_packets(node, proto, port).unwrap();
+            assert!(n >= 1, "node-{}: nothing through {proto:?} {port}", k + 1);
+        }
         let r = topo.relay(k);
         assert_eq!(metric(r, "realtime_relay_calls_created_total"), 2.0);
         assert_eq!(metric(r, "realtime_relay_calls_active"), 2.0);

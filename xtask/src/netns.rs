@@ -285,7 +285,8 @@ pub struct NodePort {
     pub to_port: u16,
 }
 
-/// The nftables ruleset of [`Lab::node_port`]: DNAT from the node address to the pod, and
+/// The nftables ruleset of [`Lab::node_port`]: DNAT from the node address to the pod (each
+/// rule counts what it translated: [`node_port_packets`]), and
 /// masquerade of the pod subnet's traffic leaving through `uplink` (pod egress appears with the
 /// node's address, as kube-proxy and most CNIs do for destinations outside the cluster).
 pub fn node_port_ruleset(
@@ -297,7 +298,7 @@ pub fn node_port_ruleset(
     let mut dnat = String::new();
     for p in ports {
         dnat.push_str(&format!(
-            "    ip daddr {node_addr} {proto} dport {port} dnat to {ip}:{to}\n",
+            "    ip daddr {node_addr} {proto} dport {port} counter dnat to {ip}:{to}\n",
             proto = p.proto.nft(),
             port = p.port,
             ip = p.to_ip,
@@ -316,6 +317,18 @@ pub fn node_port_ruleset(
          \x20 }}\n\
          }}\n"
     )
+}
+
+/// Packets the [`Lab::node_port`] DNAT rule for `proto`/`port` on `node` has translated (new
+/// connections: nftables' NAT chains see the first packet of each flow).
+pub fn node_port_packets(node: &Netns, proto: Proto, port: u16) -> Result<u64> {
+    let table = node.run(NFT, &["list", "table", "ip", "rtgw_nodeport"])?;
+    let rule = format!("{} dport {port} counter packets ", proto.nft());
+    table
+        .lines()
+        .find_map(|l| l.split_once(&rule))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no DNAT rule for {}/{port} in:\n{table}", proto.nft()))
 }
 
 /// Namespaces, links and NAT of one test; all removed on drop.
@@ -566,7 +579,7 @@ mod tests {
             }],
         );
         assert!(
-            rules.contains("ip daddr 198.18.0.31 udp dport 30478 dnat to 198.19.1.2:40000"),
+            rules.contains("ip daddr 198.18.0.31 udp dport 30478 counter dnat to 198.19.1.2:40000"),
             "{rules}"
         );
         assert!(
