@@ -1,8 +1,9 @@
 //! Starting one component of the gateway as a child process and waiting until it answers:
 //! the echo model, the relay binary and Envoy, each optionally inside a network namespace
-//! ([`crate::netns`]; readiness probes and metric reads then run inside it too). [`crate::stack::Stack`] composes them into the local stack;
-//! the end-to-end tests and the benchmarks compose them their own way (several relays, a
-//! patched Envoy config, a pinned CPU) with the same code. Every process is owned by a
+//! ([`crate::netns`]; readiness probes and metric reads then run inside it too).
+//! [`crate::stack::Stack`] composes them into the local stack; the end-to-end tests and the
+//! benchmarks compose them their own way (several relays, a patched Envoy config, a pinned
+//! CPU, hosts in namespaces) with the same code. Every process is owned by a
 //! [`ChildGuard`], so it is stopped by PID when the component is dropped.
 
 use std::net::{IpAddr, SocketAddr};

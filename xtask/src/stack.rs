@@ -237,7 +237,7 @@ impl Stack {
                 http: sockaddr(h, cfg.echo_port)?,
                 media_ip: h
                     .parse()
-                    .with_context(|| format!("--media-ip {h} is not an IP address"))?,
+                    .with_context(|| format!("the stack's host {h} is not an IP address"))?,
                 api_key: Some(LOCAL_ECHO_API_KEY.into()),
                 netns: None,
                 log: log("echo-model"),
