@@ -352,7 +352,8 @@ fn still_flowing(rt: &Runtime, c: &mut ConnectedClient, tag: &str) {
     });
 }
 
-/// Sends audio for `for_how_long` and returns how many packets came back.
+/// Sends `frames` audio frames (20 ms apart) and returns how many packets came back within
+/// half a second after the last.
 fn audio_back(rt: &Runtime, c: &ConnectedClient, frames: usize) -> u64 {
     rt.block_on(async {
         let before = c.audio_stats().packets_received;
@@ -410,7 +411,7 @@ fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_
                 r,
                 &format!("realtime_relay_rtp_packets_total{{direction=\"{dir}\"}}"),
             );
-            assert!(n >= 50.0, "relay {k}: {n} RTP packets {dir}");
+            assert!(n >= 50.0, "relay-{}: {n} RTP packets {dir}", k + 1);
         }
     }
 
@@ -434,7 +435,8 @@ fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_
         assert!(
             log.lines()
                 .any(|l| l.contains(&id) && l.contains("call ended") && l.contains("hangup")),
-            "relay {k} log has no hangup of {id}:\n{log}"
+            "relay-{} log has no hangup of {id}:\n{log}",
+            k + 1
         );
         let other = topo.relay(1 - k);
         assert_eq!(
