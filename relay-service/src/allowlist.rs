@@ -101,8 +101,13 @@ fn check_shape(url: &Url) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// True for addresses that are globally routable (not loopback, private, link-local,
-/// unspecified, multicast, CGNAT, documentation or unique-local).
+/// True for addresses that are globally routable: not loopback, private, link-local,
+/// unspecified, multicast, broadcast, CGNAT (100.64.0.0/10), documentation, benchmarking
+/// (198.18.0.0/15), IETF protocol assignments (192.0.0.0/24), reserved (240.0.0.0/4),
+/// unique-local, or IPv6 documentation (2001:db8::/32); all special-purpose and not globally
+/// reachable in IANA's registries. An IPv4-mapped address or a NAT64 address
+/// (64:ff9b::/96, RFC 6052) is judged by the IPv4 address it carries, since a NAT64 gateway
+/// forwards it there; the local-use NAT64 prefix 64:ff9b:1::/48 (RFC 8215) is not global.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -115,6 +120,9 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_broadcast()
                 || v4.is_documentation()
                 || (o[0] == 100 && (o[1] & 0xC0) == 64)
+                || (o[0] == 198 && (o[1] & 0xFE) == 18)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] & 0xF0) == 240
                 || o[0] == 0)
         }
         IpAddr::V6(v6) => {
@@ -122,11 +130,17 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let o = v6.octets();
+                return is_public(IpAddr::V4([o[12], o[13], o[14], o[15]].into()));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80)
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1))
         }
     }
 }
@@ -240,10 +254,38 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            // benchmarking (RFC 2544), both halves of the /15
+            "198.18.0.1",
+            "198.19.255.254",
+            // IETF protocol assignments, reserved (240/4), documentation
+            "192.0.0.8",
+            "240.0.0.1",
+            "255.255.255.254",
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.7",
+            "2001:db8::1",
+            "2001:db8:ffff::1",
+            // NAT64 carrying a non-public IPv4, and the local-use NAT64 prefix
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::198.18.0.1",
+            "64:ff9b:1::8.8.8.8",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["162.159.140.245", "2606:4700::6810:1"] {
+        for ip in [
+            "162.159.140.245",
+            "2606:4700::6810:1",
+            // the neighbours of the special ranges stay public
+            "198.17.255.255",
+            "198.20.0.1",
+            "192.0.1.1",
+            "223.1.1.1",
+            "2001:db9::1",
+            // NAT64 reaching a public IPv4
+            "64:ff9b::162.159.140.245",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }

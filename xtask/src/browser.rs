@@ -9,13 +9,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::process::ChildGuard;
+use crate::netns::{maybe_within, Netns};
+use crate::process::{command_in, ChildGuard};
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -30,23 +30,32 @@ pub struct DemoReport {
     pub screenshot: PathBuf,
 }
 
-/// One WebDriver request (JSON body); returns status and body. Page loads can take a while,
-/// hence the long read limit.
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
+/// One WebDriver request (JSON body) to a chromedriver in `netns` (or here); returns status
+/// and body. Page loads can take a while, hence the long read limit.
+fn http(
+    netns: Option<&Netns>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String)> {
     let payload = body.map(Value::to_string).unwrap_or_default();
-    let r = crate::http::request_within(
-        Duration::from_secs(60),
-        addr,
-        method,
-        path,
-        &[("content-type", "application/json")],
-        payload.as_bytes(),
-    )?;
+    let r = maybe_within(netns, || {
+        crate::http::request_within(
+            Duration::from_secs(60),
+            addr,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            payload.as_bytes(),
+        )
+    })??;
     Ok((r.status, r.text()))
 }
 
 /// A WebDriver session on a chromedriver we started.
 struct Session {
+    netns: Option<Netns>,
     addr: SocketAddr,
     id: String,
 }
@@ -54,7 +63,7 @@ struct Session {
 impl Session {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let path = format!("/session/{}{path}", self.id);
-        let (status, text) = http(self.addr, method, &path, body.as_ref())?;
+        let (status, text) = http(self.netns.as_ref(), self.addr, method, &path, body.as_ref())?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("WebDriver {method} {path}: not JSON: {text}"))?;
         if status != 200 {
@@ -130,7 +139,9 @@ fn decode_base64(s: &str) -> Result<Vec<u8>> {
 
 /// Chromium flags: headless, fake media devices, no background networking (this machine has no
 /// network beyond loopback), loopback allowed in WebRTC, real local IPs instead of mDNS names.
-fn chrome_args(profile_dir: &Path) -> Vec<String> {
+/// A page served from an address other than loopback (a host in a network namespace) is not
+/// a secure context, where `getUserMedia` does not exist: its origin is declared secure.
+fn chrome_args(profile_dir: &Path, page_url: &str) -> Vec<String> {
     [
         "--headless=new",
         "--no-sandbox",
@@ -150,12 +161,37 @@ fn chrome_args(profile_dir: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .chain([format!("--user-data-dir={}", profile_dir.display())])
+    .chain(
+        insecure_origin(page_url)
+            .map(|o| format!("--unsafely-treat-insecure-origin-as-secure={o}")),
+    )
     .collect()
+}
+
+/// The origin of an `http://` page that is not on loopback (`None` otherwise).
+fn insecure_origin(page_url: &str) -> Option<String> {
+    let rest = page_url.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
+    (!loopback).then(|| format!("http://{authority}"))
 }
 
 /// Runs the demo scenario against `page_url`. `relay_metrics` (an address) lets it check that
 /// hang-up ended the call on the relay. Artifacts (screenshot, chromedriver log) go to `out`.
 pub fn demo_call(
+    page_url: &str,
+    relay_metrics: Option<SocketAddr>,
+    out: &Path,
+) -> Result<DemoReport> {
+    demo_call_in(None, page_url, relay_metrics, out)
+}
+
+/// [`demo_call`] with chromedriver (and so Chromium) started inside network namespace `netns`
+/// (a client host), where the WebDriver requests are made too. `relay_metrics` is read from
+/// here, not from `netns`.
+pub fn demo_call_in(
+    netns: Option<&Netns>,
     page_url: &str,
     relay_metrics: Option<SocketAddr>,
     out: &Path,
@@ -166,8 +202,8 @@ pub fn demo_call(
         }
     }
     std::fs::create_dir_all(out)?;
-    let addr = crate::ports::free_tcp_addr()?;
-    let mut cmd = Command::new(CHROMEDRIVER);
+    let addr = maybe_within(netns, crate::ports::free_tcp_addr)??;
+    let mut cmd = command_in(netns, Path::new(CHROMEDRIVER), None);
     cmd.arg(format!("--port={}", addr.port()));
     let mut driver = ChildGuard::spawn(
         "chromedriver",
@@ -178,21 +214,25 @@ pub fn demo_call(
     driver.wait_ready(
         &format!("chromedriver on {addr}"),
         Duration::from_secs(15),
-        || matches!(http(addr, "GET", "/status", None), Ok((200, _))),
+        || matches!(http(netns, addr, "GET", "/status", None), Ok((200, _))),
     )?;
     let profile = out.join("chromium-profile");
     let _ = std::fs::remove_dir_all(&profile);
     let caps = json!({"capabilities": {"alwaysMatch": {
         "browserName": "chrome",
-        "goog:chromeOptions": {"binary": CHROMIUM, "args": chrome_args(&profile)}
+        "goog:chromeOptions": {"binary": CHROMIUM, "args": chrome_args(&profile, page_url)}
     }}});
-    let (status, text) = http(addr, "POST", "/session", Some(&caps))?;
+    let (status, text) = http(netns, addr, "POST", "/session", Some(&caps))?;
     let v: Value = serde_json::from_str(&text)?;
     let id = v["value"]["sessionId"]
         .as_str()
         .ok_or_else(|| anyhow!("chromedriver refused the session ({status}): {text}"))?
         .to_string();
-    let session = Session { addr, id };
+    let session = Session {
+        netns: netns.cloned(),
+        addr,
+        id,
+    };
     let result = scenario(&session, page_url, relay_metrics, out);
     if result.is_err() {
         let _ = session.screenshot(&out.join("demo-failure.png"));
@@ -299,6 +339,17 @@ pub fn demo_call_on_stack(paths: &crate::paths::Paths) -> Result<DemoReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_origins_off_loopback_are_declared_secure() {
+        assert_eq!(insecure_origin("http://127.0.0.1:8080/"), None);
+        assert_eq!(insecure_origin("http://localhost:8080/"), None);
+        assert_eq!(insecure_origin("https://198.18.0.20/"), None);
+        assert_eq!(
+            insecure_origin("http://198.18.0.20:8080/"),
+            Some("http://198.18.0.20:8080".into())
+        );
+    }
 
     #[test]
     fn base64_and_chunked_bodies_decode() {

@@ -1,10 +1,12 @@
 //! Starting one component of the gateway as a child process and waiting until it answers:
-//! the relay binary and Envoy. [`crate::stack::Stack`] composes them into the local stack;
-//! the end-to-end tests and the benchmarks compose them their own way (several relays, a
-//! patched Envoy config, a pinned CPU) with the same code. Every process is owned by a
+//! the echo model, the relay binary and Envoy, each optionally inside a network namespace
+//! ([`crate::netns`]; readiness probes and metric reads then run inside it too).
+//! [`crate::stack::Stack`] composes them into the local stack; the end-to-end tests and the
+//! benchmarks compose them their own way (several relays, a patched Envoy config, a pinned
+//! CPU, hosts in namespaces) with the same code. Every process is owned by a
 //! [`ChildGuard`], so it is stopped by PID when the component is dropped.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,9 +15,85 @@ use anyhow::{bail, Result};
 
 use crate::http;
 use crate::metrics;
+use crate::netns::{maybe_within, Netns};
 use crate::paths::Paths;
 use crate::ports::{accepts_tcp, free_tcp_addr, free_udp_addr};
-use crate::process::{on_cpu, ChildGuard};
+use crate::process::{command_in, ChildGuard};
+
+/// Whether `addr` accepts TCP connections, seen from `netns` (or from here).
+fn accepts_tcp_in(netns: Option<&Netns>, addr: SocketAddr) -> bool {
+    maybe_within(netns, || accepts_tcp(addr)).unwrap_or(false)
+}
+
+/// GET `path` on `addr`, from inside `netns` when given.
+fn get_in(netns: Option<&Netns>, addr: SocketAddr, path: &str) -> Result<http::Response> {
+    maybe_within(netns, || http::get(addr, path))?
+}
+
+/// How to run the echo model (the local provider speaking the Realtime WebRTC protocol).
+#[derive(Clone, Debug)]
+pub struct EchoSpec {
+    pub name: String,
+    pub program: PathBuf,
+    /// `POST /v1/realtime/calls` listens here.
+    pub http: SocketAddr,
+    /// Per-call UDP sockets bind this IP and advertise it in host candidates.
+    pub media_ip: IpAddr,
+    /// The key clients must present (`Authorization: Bearer`); `None` accepts any.
+    pub api_key: Option<String>,
+    /// Run inside this network namespace.
+    pub netns: Option<Netns>,
+    pub log: PathBuf,
+    pub ready_timeout: Duration,
+}
+
+impl EchoSpec {
+    fn command(&self) -> Command {
+        let mut cmd = command_in(self.netns.as_ref(), &self.program, None);
+        cmd.arg("--http-addr")
+            .arg(self.http.to_string())
+            .arg("--media-ip")
+            .arg(self.media_ip.to_string())
+            .env_remove("OPENAI_API_KEY");
+        if let Some(key) = &self.api_key {
+            cmd.args(["--api-key-env", "ECHO_MODEL_API_KEY"])
+                .env("ECHO_MODEL_API_KEY", key);
+        }
+        cmd
+    }
+}
+
+/// A running echo model, ready once its HTTP port accepts connections.
+pub struct Echo {
+    pub process: ChildGuard,
+    pub http: SocketAddr,
+}
+
+impl Echo {
+    pub fn start(spec: &EchoSpec) -> Result<Echo> {
+        let mut process = ChildGuard::spawn(
+            &spec.name,
+            spec.command(),
+            &spec.log,
+            "Run `cargo xtask build`.",
+        )?;
+        let addr = spec.http;
+        process.wait_ready(
+            &format!("{} on {addr}", spec.name),
+            spec.ready_timeout,
+            || accepts_tcp_in(spec.netns.as_ref(), addr),
+        )?;
+        Ok(Echo {
+            process,
+            http: spec.http,
+        })
+    }
+
+    /// The base URL workers use (`http://<http addr>`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+}
 
 /// How to run the relay binary.
 #[derive(Clone, Debug)]
@@ -35,6 +113,8 @@ pub struct RelaySpec {
     pub env: Vec<(String, String)>,
     /// Pin to this CPU (`taskset`).
     pub cpu: Option<usize>,
+    /// Run inside this network namespace.
+    pub netns: Option<Netns>,
     pub log: PathBuf,
     pub ready_timeout: Duration,
 }
@@ -53,13 +133,14 @@ impl RelaySpec {
             args: Vec::new(),
             env: Vec::new(),
             cpu: None,
+            netns: None,
             log,
             ready_timeout: Duration::from_secs(20),
         })
     }
 
     fn command(&self) -> Command {
-        let mut cmd = on_cpu(&self.program, self.cpu);
+        let mut cmd = command_in(self.netns.as_ref(), &self.program, self.cpu);
         cmd.arg("--grpc-addr")
             .arg(self.grpc.to_string())
             .arg("--metrics-addr")
@@ -86,6 +167,8 @@ pub struct Relay {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     pub media: SocketAddr,
+    /// The namespace it runs in (metrics are read from there).
+    pub netns: Option<Netns>,
 }
 
 impl Relay {
@@ -100,7 +183,7 @@ impl Relay {
             process.wait_ready(
                 &format!("{} on {addr}", spec.name),
                 spec.ready_timeout,
-                || accepts_tcp(addr),
+                || accepts_tcp_in(spec.netns.as_ref(), addr),
             )?;
         }
         Ok(Relay {
@@ -108,6 +191,7 @@ impl Relay {
             grpc: spec.grpc,
             metrics: spec.metrics,
             media: spec.media,
+            netns: spec.netns.clone(),
         })
     }
 
@@ -117,7 +201,7 @@ impl Relay {
 
     /// The relay's `/metrics` text.
     pub fn metrics_text(&self) -> Result<String> {
-        let r = http::get(self.metrics, "/metrics")?;
+        let r = get_in(self.netns.as_ref(), self.metrics, "/metrics")?;
         if r.status != 200 {
             bail!(
                 "{} /metrics answered {}: {}",
@@ -165,6 +249,8 @@ pub struct EnvoySpec {
     pub env: Vec<(String, String)>,
     /// Pin to this CPU (`taskset`).
     pub cpu: Option<usize>,
+    /// Run inside this network namespace.
+    pub netns: Option<Netns>,
     pub log: PathBuf,
     pub ready_timeout: Duration,
 }
@@ -179,13 +265,14 @@ impl EnvoySpec {
             log_level: "info".into(),
             env: Vec::new(),
             cpu: None,
+            netns: None,
             log,
             ready_timeout: Duration::from_secs(30),
         }
     }
 
     fn command(&self) -> Command {
-        let mut cmd = on_cpu(&self.program, self.cpu);
+        let mut cmd = command_in(self.netns.as_ref(), &self.program, self.cpu);
         cmd.arg("-c")
             .arg(&self.config)
             .args(["--disable-hot-restart", "--log-level"])
@@ -212,6 +299,7 @@ pub struct Envoy {
     pub process: ChildGuard,
     admin: SocketAddr,
     listen: SocketAddr,
+    netns: Option<Netns>,
 }
 
 impl Envoy {
@@ -224,20 +312,22 @@ impl Envoy {
             &spec.log,
             "Run `cargo xtask setup`.",
         )?;
+        let ns = spec.netns.as_ref();
         process.wait_ready(
             "Envoy (admin /ready)",
             spec.ready_timeout,
-            || matches!(http::get(admin, "/ready"), Ok(r) if r.status == 200),
+            || matches!(get_in(ns, admin, "/ready"), Ok(r) if r.status == 200),
         )?;
         process.wait_ready(
             &format!("Envoy listener on {listen}"),
             spec.ready_timeout,
-            || accepts_tcp(listen),
+            || accepts_tcp_in(ns, listen),
         )?;
         Ok(Envoy {
             process,
             admin,
             listen,
+            netns: spec.netns.clone(),
         })
     }
 
@@ -276,10 +366,15 @@ impl Envoy {
         self.process.pid()
     }
 
+    /// The namespace it runs in, if any.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.netns.as_ref()
+    }
+
     /// One statistic of `/stats/prometheus`, summed over its label sets; an error if Envoy
     /// has no such statistic.
     pub fn stat(&self, name: &str) -> Result<f64> {
-        let r = http::get(self.admin, "/stats/prometheus")?;
+        let r = get_in(self.netns.as_ref(), self.admin, "/stats/prometheus")?;
         metrics::value(&r.text(), name)
     }
 

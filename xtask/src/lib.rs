@@ -5,7 +5,8 @@
 //! relay and Envoy on chosen ports, stopped by PID), the components it is made of
 //! ([`launch::Relay`], [`launch::Envoy`]) for other topologies, [`envoy::render`] (fill
 //! `${NAME}` placeholders in the configs under `envoy/`), [`ports`], [`process::ChildGuard`],
-//! the one loopback HTTP/1.1 client [`http`] and the metric reader [`metrics::value`].
+//! the one loopback HTTP/1.1 client [`http`] and the metric reader [`metrics::value`];
+//! [`netns`] puts components on hosts in network namespaces for topology tests.
 
 pub mod bench;
 pub mod browser;
@@ -16,6 +17,7 @@ pub mod istio_checks;
 pub mod launch;
 pub mod manifests;
 pub mod metrics;
+pub mod netns;
 pub mod paths;
 pub mod pipeline;
 pub mod ports;

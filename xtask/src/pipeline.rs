@@ -280,14 +280,10 @@ fn serves_demo_page(paths: &Paths) -> bool {
 /// Runs everything; `Ok(())` only if every step passed.
 pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     let mut p = Pipeline::default();
+    // Chromium before `cargo test` too: the topology test drives it on its client host.
+    let browser = opts.browser || std::env::var("CI").is_ok_and(|v| v == "true");
     let setup_ok = p.step("setup", || {
-        setup::setup(
-            paths,
-            SetupOptions {
-                browser: opts.browser,
-            },
-        )
-        .map(|_| String::new())
+        setup::setup(paths, SetupOptions { browser }).map(|_| String::new())
     });
     if !setup_ok {
         p.summary(None);
@@ -384,7 +380,6 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     } else {
         p.skip("bench --quick (smoke, dev binaries)", "the build failed");
     }
-    let browser = opts.browser || std::env::var("CI").is_ok_and(|v| v == "true");
     if !browser {
         p.skip(
             "browser demo (headless Chromium)",

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::netns::Netns;
+
 /// Renders a command as a shell-like line for progress output and error messages.
 pub fn display(cmd: &Command) -> String {
     let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
@@ -251,6 +253,22 @@ pub fn on_cpu(program: &Path, cpu: Option<usize>) -> Command {
             cmd
         }
         None => Command::new(program),
+    }
+}
+
+/// [`on_cpu`], run inside network namespace `netns` when one is given (`ip netns exec`, which
+/// execs: the child's PID is still the program's).
+pub fn command_in(netns: Option<&Netns>, program: &Path, cpu: Option<usize>) -> Command {
+    let Some(ns) = netns else {
+        return on_cpu(program, cpu);
+    };
+    match cpu {
+        Some(c) => {
+            let mut cmd = ns.exec_in("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(program);
+            cmd
+        }
+        None => ns.exec_in(program),
     }
 }
 

@@ -22,6 +22,7 @@ pub fn setup(paths: &Paths, opts: SetupOptions) -> Result<()> {
     wasm_target()?;
     envoy(paths)?;
     manifest_validators(paths)?;
+    netns_tools()?;
     if opts.browser {
         chromium()?;
     }
@@ -159,21 +160,23 @@ pub fn envoy_version_ok(paths: &Paths) -> Result<String> {
     Ok(version)
 }
 
-/// Debian's `chromium` and `chromium-driver`, unless /usr/bin/chromium exists.
-pub fn chromium() -> Result<()> {
-    let step = Step::new("Chromium and ChromeDriver (Debian packages)");
-    if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
-        step.skip("already installed");
-        return Ok(());
-    }
+/// Whether `program` runs (`program -V` exits 0).
+fn tool_runs(program: &str) -> bool {
+    Command::new(program)
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        bail!(
-            "installing Chromium needs root: run `sudo apt-get update && sudo apt-get install -y \
-             chromium chromium-driver`, then rerun this command"
-        );
-    }
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `apt-get install` of Debian packages (after `apt-get update`), non-interactive.
+fn apt_install(packages: &[&str], what: &str) -> Result<()> {
     line("    apt-get update");
     run(
         Command::new("apt-get")
@@ -181,20 +184,66 @@ pub fn chromium() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
         "apt-get update failed; check the Debian package mirrors are reachable.",
     )?;
-    line("    apt-get install chromium chromium-driver (a few hundred MB)");
+    line(format!("    apt-get install {}", packages.join(" ")));
     run(
         Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "chromium",
-                "chromium-driver",
-            ])
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-        "apt-get could not install Chromium; read the apt output above.",
-    )?;
+        &format!("apt-get could not install {what}; read the apt output above."),
+    )
+}
+
+/// Debian's `iproute2` (`ip netns`, veth, bridges) and `nftables` (`nft`) for the topology
+/// test in network namespaces, unless both tools already run. Without root nothing is
+/// installed: the topology test then says SKIP with the reason (a failure under
+/// `RTGW_REQUIRE_NETNS=1`, as in CI).
+pub fn netns_tools() -> Result<()> {
+    let step = Step::new("iproute2 and nftables (Debian packages, topology test)");
+    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+        .into_iter()
+        .filter(|(tool, _)| !tool_runs(tool))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !is_root() {
+        step.skip(format!(
+            "not root: the topology test will skip; install with `sudo apt-get install {}`",
+            missing.join(" ")
+        ));
+        return Ok(());
+    }
+    apt_install(&missing, "iproute2/nftables")?;
+    for tool in ["ip", "nft"] {
+        if !tool_runs(tool) {
+            bail!(
+                "`{tool}` still does not run after installing {}",
+                missing.join(" ")
+            );
+        }
+    }
+    step.done();
+    Ok(())
+}
+
+/// Debian's `chromium` and `chromium-driver`, unless /usr/bin/chromium exists.
+pub fn chromium() -> Result<()> {
+    let step = Step::new("Chromium and ChromeDriver (Debian packages)");
+    if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "installing Chromium needs root: run `sudo apt-get update && sudo apt-get install -y \
+             chromium chromium-driver`, then rerun this command"
+        );
+    }
+    line("    (Chromium is a few hundred MB)");
+    apt_install(&["chromium", "chromium-driver"], "Chromium")?;
     let version = output(
         Command::new("/usr/bin/chromium").arg("--version"),
         "Chromium was installed but does not run.",

@@ -8,17 +8,14 @@
 //! [`Stack`] is stopped or dropped, in the order Envoy → relay → echo model.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::envoy::{self, Vars};
-use crate::launch::{Envoy, EnvoySpec, Relay, RelaySpec};
+use crate::launch::{Echo, EchoSpec, Envoy, EnvoySpec, Relay, RelaySpec};
 use crate::paths::{Paths, Profile};
-use crate::ports::{
-    accepts_tcp, check_tcp_free, check_udp_free, free_tcp_port, free_udp_port, sockaddr,
-};
+use crate::ports::{check_tcp_free, check_udp_free, free_tcp_port, free_udp_port, sockaddr};
 use crate::process::ChildGuard;
 
 /// Key that Envoy injects toward the local echo model. Not a secret: the echo model runs on
@@ -161,7 +158,7 @@ pub struct Stack {
     pub config: StackConfig,
     pub urls: Urls,
     /// Dropped after the relay: fields drop in order, but [`Stack::stop`] orders the stop.
-    echo: Option<ChildGuard>,
+    echo: Option<Echo>,
     relay: Relay,
     envoy: Envoy,
 }
@@ -237,27 +234,18 @@ impl Stack {
 
         // Each started child is dropped, so stopped by PID, if a later one fails.
         let echo_model = if echo {
-            let mut cmd = Command::new(paths.echo_bin(cfg.profile));
-            cmd.arg("--http-addr")
-                .arg(format!("{h}:{}", cfg.echo_port))
-                .arg("--media-ip")
-                .arg(h)
-                .args(["--api-key-env", "ECHO_MODEL_API_KEY"])
-                .env("ECHO_MODEL_API_KEY", LOCAL_ECHO_API_KEY)
-                .env_remove("OPENAI_API_KEY");
-            let mut child = ChildGuard::spawn(
-                "local echo model",
-                cmd,
-                &log("echo-model"),
-                "Run `cargo xtask build`.",
-            )?;
-            let addr = sockaddr(h, cfg.echo_port)?;
-            child.wait_ready(
-                &format!("local echo model on {addr}"),
-                cfg.ready_timeout,
-                || accepts_tcp(addr),
-            )?;
-            Some(child)
+            Some(Echo::start(&EchoSpec {
+                name: "local echo model".into(),
+                program: paths.echo_bin(cfg.profile),
+                http: sockaddr(h, cfg.echo_port)?,
+                media_ip: h
+                    .parse()
+                    .with_context(|| format!("the stack's host {h} is not an IP address"))?,
+                api_key: Some(LOCAL_ECHO_API_KEY.into()),
+                netns: None,
+                log: log("echo-model"),
+                ready_timeout: cfg.ready_timeout,
+            })?)
         } else {
             None
         };
@@ -274,6 +262,7 @@ impl Stack {
             args: cfg.relay_args.clone(),
             env: Vec::new(),
             cpu: None,
+            netns: None,
             log: log("relay"),
             ready_timeout: cfg.ready_timeout,
         })?;
@@ -301,7 +290,7 @@ impl Stack {
 
     /// The running children in start order: echo model (if any), relay, Envoy.
     fn children(&mut self) -> Vec<&mut ChildGuard> {
-        let mut out: Vec<&mut ChildGuard> = self.echo.iter_mut().collect();
+        let mut out: Vec<&mut ChildGuard> = self.echo.iter_mut().map(|e| &mut e.process).collect();
         out.push(&mut self.relay.process);
         out.push(&mut self.envoy.process);
         out
@@ -311,6 +300,7 @@ impl Stack {
     pub fn processes(&self) -> Vec<(String, Option<u32>, PathBuf)> {
         self.echo
             .iter()
+            .map(|e| &e.process)
             .chain([&self.relay.process, &self.envoy.process])
             .map(|c| (c.name().to_string(), c.pid(), c.log().to_path_buf()))
             .collect()
@@ -342,6 +332,7 @@ impl Drop for Stack {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use std::process::Command;
 
     #[test]
     fn ephemeral_configs_do_not_share_ports_or_run_dirs_with_up() {
