@@ -4,11 +4,12 @@
 use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
 use crate::media_socket::{ClientPort, Datagram, RouteGuard};
+use crate::media_tcp::TcpRoute;
 use crate::registry::CallEntry;
 use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use str0m::net::Transmit;
+use str0m::net::{Protocol, Transmit};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -23,6 +24,9 @@ pub struct CallDriver {
     pub bridge: Bridge,
     pub entry: Arc<CallEntry>,
     pub client_port: Arc<ClientPort>,
+    /// The call's registration on the ICE-TCP port, if the relay listens for ICE-TCP. Dropped
+    /// when the driver ends: the port forgets the call and closes its connections.
+    pub client_tcp: Option<TcpRoute>,
     pub client_rx: mpsc::Receiver<Datagram>,
     pub upstream_socket: UdpSocket,
     /// Live calls with both legs connected.
@@ -59,10 +63,10 @@ impl CallDriver {
                         self.bridge.end(EndReason::InternalError);
                         continue;
                     };
-                    self.bridge.handle_datagram(Leg::Client, d.at, d.source, &d.data);
+                    self.bridge.handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data);
                     for _ in 1..BATCH {
                         match self.client_rx.try_recv() {
-                            Ok(d) => self.bridge.handle_datagram(Leg::Client, d.at, d.source, &d.data),
+                            Ok(d) => self.bridge.handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data),
                             Err(_) => break,
                         }
                     }
@@ -103,7 +107,14 @@ impl CallDriver {
         out.extend(self.bridge.take_transmits());
         for (leg, t) in out.drain(..) {
             match leg {
-                Leg::Client => self.client_port.send_to(&t.contents, t.destination).await,
+                Leg::Client => match (t.proto, &self.client_tcp) {
+                    // Queued on the client's connection; a full queue drops, counted.
+                    (Protocol::Tcp, Some(tcp)) => tcp.send(t.destination, &t.contents),
+                    (Protocol::Udp, _) => {
+                        self.client_port.send_to(&t.contents, t.destination).await
+                    }
+                    _ => tracing::trace!(proto = %t.proto, "client-leg transmit on no transport"),
+                },
                 // A full upstream socket buffer waits briefly, never long enough to stall the call.
                 Leg::Upstream => {
                     let wait = Some(UPSTREAM_SEND_WAIT);
