@@ -87,6 +87,12 @@ impl TcpPeer {
         self.links.open.load(Ordering::Acquire)
     }
 
+    /// A handle that reads [`TcpPeer::open_connections`] from elsewhere, also after the peer
+    /// is dropped (its connections then write what is queued and close).
+    pub fn open_connections_handle(&self) -> Arc<AtomicUsize> {
+        self.links.open.clone()
+    }
+
     /// The next received frame and the remote address of its connection. Cancel-safe.
     pub async fn recv(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
         self.inbound.recv().await
