@@ -241,6 +241,7 @@ pub struct Routes {
 /// What a connection learns when its first frame routes it to a call.
 pub struct Attached {
     pub key: u64,
+    pub ufrag: String,
     pub tx: mpsc::Sender<Datagram>,
     pub ended: CancellationToken,
 }
@@ -277,17 +278,18 @@ impl Routes {
         self.by_addr.insert(source, ConnRoute { key, writer });
         Ok(Attached {
             key,
+            ufrag: ufrag.to_string(),
             tx: call.tx.clone(),
             ended: call.ended.clone(),
         })
     }
 
-    /// Forgets a connection that ended.
-    fn detach(&mut self, key: u64, source: SocketAddr) {
+    /// Forgets a connection of call `key` (ufrag `ufrag`) that ended.
+    fn detach(&mut self, key: u64, ufrag: &str, source: SocketAddr) {
         if self.by_addr.get(&source).is_some_and(|c| c.key == key) {
             self.by_addr.remove(&source);
         }
-        if let Some(call) = self.by_ufrag.values_mut().find(|c| c.key == key) {
+        if let Some(call) = self.by_ufrag.get_mut(ufrag).filter(|c| c.key == key) {
             call.conns.retain(|a| *a != source);
         }
     }
@@ -493,12 +495,15 @@ impl Drop for Permit {
 struct Detach<'a> {
     shared: &'a Shared,
     key: u64,
+    ufrag: String,
     peer: SocketAddr,
 }
 
 impl Drop for Detach<'_> {
     fn drop(&mut self) {
-        self.shared.routes_mut().detach(self.key, self.peer);
+        self.shared
+            .routes_mut()
+            .detach(self.key, &self.ufrag, self.peer);
         self.shared.metrics.active.dec();
     }
 }
@@ -562,6 +567,7 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     let _detach = Detach {
         shared,
         key: attached.key,
+        ufrag: attached.ufrag.clone(),
         peer,
     };
     tracing::debug!(%peer, "ICE-TCP connection routed to its call");
@@ -792,7 +798,7 @@ mod tests {
             Some(Refusal::CallLimit)
         );
         // One that ends frees its place.
-        routes.detach(7, addr("192.0.2.1:2000"));
+        routes.detach(7, "u", addr("192.0.2.1:2000"));
         assert!(routes
             .attach(&binding_request("u"), addr("192.0.2.1:3000"), w)
             .is_ok());
