@@ -31,6 +31,7 @@ use xtask::launch::{EnvoySpec, RelaySpec};
 pub use xtask::metrics;
 pub use xtask::paths::Paths;
 use xtask::paths::Profile;
+pub use xtask::ports::free_tcp_addr;
 use xtask::ports::free_tcp_port;
 use xtask::stack::{check_artifacts, StackConfig};
 
@@ -142,6 +143,17 @@ impl EnvoyOptions {
 /// The relay binary (`realtime-relay`) on ephemeral loopback ports allowing `upstreams`
 /// (loopback allowed), one media shard, a one-second drain; killed at once when dropped.
 pub fn start_relay(paths: &Paths, dir: &RunDir, name: &str, upstreams: &[String]) -> Result<Relay> {
+    start_relay_with(paths, dir, name, upstreams, &[])
+}
+
+/// [`start_relay`] with `extra` flags appended (for example `--media-tcp-addr=…`).
+pub fn start_relay_with(
+    paths: &Paths,
+    dir: &RunDir,
+    name: &str,
+    upstreams: &[String],
+    extra: &[String],
+) -> Result<Relay> {
     let mut spec = RelaySpec::ephemeral(
         name,
         paths.relay_bin(Profile::Dev),
@@ -150,6 +162,7 @@ pub fn start_relay(paths: &Paths, dir: &RunDir, name: &str, upstreams: &[String]
     spec.allow_upstreams = upstreams.to_vec();
     spec.allow_private_upstreams = true;
     spec.args = vec!["--media-shards=1".into(), "--drain-secs=1".into()];
+    spec.args.extend_from_slice(extra);
     let mut relay = Relay::start(&spec)?;
     relay.process.set_drop_grace(Duration::ZERO);
     Ok(relay)
