@@ -40,8 +40,13 @@ impl CallDriver {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut out: Vec<(Leg, Transmit)> = Vec::with_capacity(64);
         let mut reported_connected = false;
+        // The protocol of the client leg's latest transmit: once connected, the nominated
+        // pair's (UDP, or ICE-TCP for a client whose network blocks UDP).
+        let mut client_proto = Protocol::Udp;
         let reason = loop {
-            self.send(&mut out).await;
+            if let Some(proto) = self.send(&mut out).await {
+                client_proto = proto;
+            }
             if let Some(reason) = self.bridge.end_reason() {
                 break reason;
             }
@@ -49,7 +54,7 @@ impl CallDriver {
                 reported_connected = true;
                 self.entry.mark_connected();
                 self.connected_gauge.inc();
-                tracing::info!(call_id = %self.entry.call_id, "call connected");
+                tracing::info!(call_id = %self.entry.call_id, client_transport = %client_proto, "call connected");
             }
             let deadline = self.bridge.poll_timeout();
             tokio::select! {
@@ -102,10 +107,15 @@ impl CallDriver {
         reason
     }
 
-    async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) {
+    /// Sends what the bridge has to send; returns the protocol of the last client-leg transmit.
+    async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) -> Option<Protocol> {
         self.bridge.send_written(Instant::now());
         out.extend(self.bridge.take_transmits());
+        let mut client_proto = None;
         for (leg, t) in out.drain(..) {
+            if leg == Leg::Client {
+                client_proto = Some(t.proto);
+            }
             match leg {
                 Leg::Client => match (t.proto, &self.client_tcp) {
                     // Queued on the client's connection; a full queue drops, counted.
@@ -131,5 +141,6 @@ impl CallDriver {
                 }
             }
         }
+        client_proto
     }
 }

@@ -626,28 +626,35 @@ fn deliver(
     }
 }
 
-/// Writes queued frames until `closing`; then what is still queued, for at most
-/// [`FLUSH_ON_CLOSE`], and closes the write side.
+/// Writes queued frames until `closing`; then what is still queued (the call's goodbye:
+/// DTLS close_notify, SCTP abort), for at most [`FLUSH_ON_CLOSE`], and closes the write side.
+/// A client that does not read holds a write up only that long.
 async fn write_frames(
     mut writer: OwnedWriteHalf,
     mut queue: mpsc::Receiver<Vec<u8>>,
     closing: CancellationToken,
 ) {
     loop {
-        tokio::select! {
+        let frame = tokio::select! {
             biased;
             frame = queue.recv() => match frame {
-                Some(frame) => {
-                    // A write blocked by a client that does not read is abandoned on close.
-                    let write = writer.write_all(&frame);
-                    tokio::select! {
-                        r = write => if r.is_err() { return },
-                        _ = closing.cancelled() => return,
-                    }
-                }
+                Some(frame) => frame,
                 None => break,
             },
             _ = closing.cancelled() => break,
+        };
+        let write = writer.write_all(&frame);
+        tokio::pin!(write);
+        let written = tokio::select! {
+            r = &mut write => r.is_ok(),
+            // Closing began during the write: finish it, briefly.
+            _ = closing.cancelled() => matches!(
+                tokio::time::timeout(FLUSH_ON_CLOSE, &mut write).await,
+                Ok(Ok(()))
+            ),
+        };
+        if !written {
+            return;
         }
     }
     let _ = tokio::time::timeout(FLUSH_ON_CLOSE, async {
@@ -802,6 +809,70 @@ mod tests {
         assert!(routes
             .attach(&binding_request("u"), addr("192.0.2.1:3000"), w)
             .is_ok());
+    }
+
+    /// Real loopback sockets: a routed client that never reads costs at most its write queue
+    /// (the rest is dropped and counted), and ending the call closes its connection.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_gets_frames_dropped_and_the_call_end_closes_it() {
+        let metrics = TcpMetrics::default();
+        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
+        port.spawn_accept().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let route = port.register("slowcall", tx);
+        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
+        client
+            .write_all(&encode_frame(&binding_request("slowcall")).unwrap())
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.proto, Protocol::Tcp);
+        assert_eq!(first.source, client.local_addr().unwrap());
+        assert_eq!(metrics.accepted.get(), 1);
+        // Far more than the socket buffers and the 2-frame queue hold; the client reads nothing.
+        let packet = vec![0x80u8; 1200];
+        for _ in 0..20_000 {
+            route.send(first.source, &packet);
+            tokio::task::yield_now().await;
+        }
+        let dropped = metrics
+            .frames_dropped
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "write_queue_full".into(),
+            })
+            .get();
+        assert!(dropped > 10_000, "dropped {dropped}");
+        assert_eq!(port.route_counts(), (1, 1));
+
+        drop(route);
+        // The client drains what reached its socket, then sees the close.
+        let mut buf = vec![0u8; 64 * 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the connection outlived its call");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while port.open_connections() > 0 || metrics.active.get() > 0 {
+            assert!(Instant::now() < deadline, "the connection was not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(port.route_counts(), (0, 0));
+        let closed = metrics
+            .closed
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "call_ended".into(),
+            })
+            .get();
+        assert_eq!(closed, 1);
     }
 
     #[test]
