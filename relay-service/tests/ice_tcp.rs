@@ -116,7 +116,7 @@ fn passive_candidate(answer: &str) -> SocketAddr {
         .find(|l| l.starts_with("a=candidate") && l.contains("tcptype passive"))
         .unwrap_or_else(|| panic!("no passive TCP candidate in the answer:\n{answer}"));
     let fields: Vec<&str> = line.split_whitespace().collect();
-    format!("{}:{}", fields[4], fields[5]).parse().unwrap()
+    SocketAddr::new(fields[4].parse().unwrap(), fields[5].parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,4 +332,51 @@ async fn without_media_tcp_addr_the_answer_has_no_tcp_candidate() {
     };
     assert!(!answer.contains("tcptype"), "{answer}");
     drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_udp_keeps_using_udp_when_the_relay_also_offers_tcp() {
+    let mut h = Harness::start(&["--media-tcp-addr=127.0.0.1:0"]).await;
+    let (_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
+    media_flows(&mut client).await;
+    assert_eq!(client.tcp_connections(), None);
+    let text = h.metrics_text().await;
+    assert_eq!(
+        metric(&text, "realtime_relay_media_tcp_connections_accepted_total"),
+        0.0,
+        "no TCP connection for a UDP client"
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_client_without_udp_completes_a_call_over_ice_tcp() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this host has no IPv6 loopback");
+        return;
+    }
+    let mut h = Harness::start(&["--media-addr=[::1]:0", "--media-tcp-addr=[::1]:0"]).await;
+    let (client, offer) = TestClient::new(ClientConfig {
+        transport: ClientTransport::Tcp,
+        bind_ip: std::net::Ipv6Addr::LOCALHOST.into(),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let resp = h
+        .grpc
+        .create_call(h.request(&offer, "m", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::create_call_response::Outcome::SdpAnswer(answer)) = resp.outcome else {
+        panic!("expected an SDP answer, got {:?}", resp.outcome);
+    };
+    assert_eq!(passive_candidate(&answer), h.relay.media_tcp_addr.unwrap());
+    let mut client = client
+        .connect(&answer)
+        .await
+        .expect("connects over IPv6 TCP");
+    media_flows(&mut client).await;
+    assert_eq!(client.tcp_connections(), Some(1));
+    client.close().await;
 }
