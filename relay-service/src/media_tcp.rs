@@ -247,18 +247,16 @@ pub struct Attached {
 }
 
 impl Routes {
-    fn register(&mut self, key: u64, ufrag: &str, tx: mpsc::Sender<Datagram>) -> CancellationToken {
-        let ended = CancellationToken::new();
+    fn register(&mut self, key: u64, ufrag: &str, tx: mpsc::Sender<Datagram>) {
         self.by_ufrag.insert(
             ufrag.to_string(),
             CallRoute {
                 key,
                 tx,
                 conns: Vec::new(),
-                ended: ended.clone(),
+                ended: CancellationToken::new(),
             },
         );
-        ended
     }
 
     /// Routes a new connection from `source` by its first frame.
@@ -387,11 +385,9 @@ impl TcpPort {
     pub fn bind(addr: SocketAddr, limits: TcpLimits, metrics: TcpMetrics) -> std::io::Result<Self> {
         let domain = socket2::Domain::for_address(addr);
         let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-        // A restarted relay rebinds at once despite connections in TIME_WAIT.
+        // A restarted relay rebinds at once despite connections in TIME_WAIT. Like the UDP
+        // port, `[::]` keeps the system's dual-stack default.
         s.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
         s.listen(1024)?;
@@ -420,7 +416,7 @@ impl TcpPort {
     /// Routes connections whose first STUN request carries `ufrag` to `tx`.
     pub fn register(&self, ufrag: &str, tx: mpsc::Sender<Datagram>) -> TcpRoute {
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
-        let _ended = self.shared.routes_mut().register(key, ufrag, tx);
+        self.shared.routes_mut().register(key, ufrag, tx);
         TcpRoute {
             key,
             ufrag: ufrag.to_string(),
