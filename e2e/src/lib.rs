@@ -32,6 +32,7 @@ pub use xtask::launch::{Envoy, Relay, Validation};
 pub use xtask::metrics;
 pub use xtask::paths::Paths;
 use xtask::paths::Profile;
+pub use xtask::ports::free_tcp_addr;
 use xtask::ports::free_tcp_port;
 use xtask::stack::{check_artifacts, StackConfig};
 

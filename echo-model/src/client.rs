@@ -2,7 +2,9 @@
 //!
 //! Full-ICE offerer (never ICE-lite, so it can talk to an ICE-lite answerer), RTP mode, Opus
 //! only with a configurable payload type, one SendRecv audio m-line and the `oai-events` data
-//! channel, one UDP socket with a host candidate on `bind_ip`. After [`TestClient::connect`] a
+//! channel, one UDP socket with a host candidate on `bind_ip` (or, with
+//! [`ClientTransport::Tcp`], only an active ICE-TCP candidate and no UDP at all, as a client
+//! behind a UDP-blocking firewall). After [`TestClient::connect`] a
 //! tokio task drives str0m; [`ConnectedClient`] is a cheap handle to it. Hundreds can run at
 //! once: each costs one task, one socket and a few small buffers.
 //!
@@ -27,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::peer::{self, DEFAULT_QUEUE_CAP};
 use rtc_peer::dc_queue::{DcQueue, FlushStep, Message};
+use rtc_peer::tcp::{self, TcpPeer};
 use rtc_peer::udp::{self, UdpPeer, MAX_DATAGRAM};
 use rtc_peer::EVENTS_CHANNEL;
 
@@ -95,9 +98,21 @@ pub fn frame_send_time(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(t))
 }
 
+/// How a client reaches the answerer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTransport {
+    /// One UDP socket and a UDP host candidate.
+    #[default]
+    Udp,
+    /// Only an active ICE-TCP host candidate (RFC 6544): the client connects to the answer's
+    /// passive TCP candidates, sends RFC 4571 frames, and uses no UDP at all.
+    Tcp,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub bind_ip: IpAddr,
+    pub transport: ClientTransport,
     /// Payload type to offer for Opus (111 like browsers; tests use e.g. 109 to force the relay
     /// to map payload types between legs).
     pub opus_pt: u8,
@@ -109,6 +124,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            transport: ClientTransport::Udp,
             opus_pt: 111,
             connect_timeout: Duration::from_secs(10),
         }
@@ -176,10 +192,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The client's transport before it connects: a bound UDP socket, or the IP its ICE-TCP
+/// connections leave from.
+enum Endpoint {
+    Udp(std::net::UdpSocket),
+    Tcp(IpAddr),
+}
+
 /// A client that has made its offer and awaits the answer.
 pub struct TestClient {
     rtc: Rtc,
-    socket: std::net::UdpSocket,
+    endpoint: Endpoint,
     pending: SdpPendingOffer,
     audio_mid: Mid,
     opus_pt: Pt,
@@ -198,14 +221,24 @@ impl TestClient {
             );
         }
         let opus_pt = Pt::from(config.opus_pt);
-        let socket = udp::bind(config.bind_ip)
-            .with_context(|| format!("binding a UDP socket on {}", config.bind_ip))?;
-        let local = socket.local_addr().context("UDP local address")?;
-
         let builder = client_rtc_config(opus_pt)?;
         let mut rtc = builder.build(Instant::now());
-        let candidate = Candidate::host(local, "udp").context("host candidate")?;
-        rtc.add_local_candidate(candidate);
+        let endpoint = match config.transport {
+            ClientTransport::Udp => {
+                let socket = udp::bind(config.bind_ip)
+                    .with_context(|| format!("binding a UDP socket on {}", config.bind_ip))?;
+                let local = socket.local_addr().context("UDP local address")?;
+                let candidate = Candidate::host(local, "udp").context("host candidate")?;
+                rtc.add_local_candidate(candidate);
+                Endpoint::Udp(socket)
+            }
+            ClientTransport::Tcp => {
+                let candidate =
+                    tcp::active_candidate(config.bind_ip).context("active TCP candidate")?;
+                rtc.add_local_candidate(candidate);
+                Endpoint::Tcp(config.bind_ip)
+            }
+        };
 
         let mut api = rtc.sdp_api();
         let audio_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
@@ -215,7 +248,7 @@ impl TestClient {
             .ok_or_else(|| anyhow!("str0m produced no offer"))?;
         let client = TestClient {
             rtc,
-            socket,
+            endpoint,
             pending,
             audio_mid,
             opus_pt,
@@ -224,9 +257,12 @@ impl TestClient {
         Ok((client, offer.to_sdp_string()))
     }
 
-    /// The UDP address this client sends from.
+    /// The UDP address this client sends from (over ICE-TCP: its active candidate's).
     pub fn local_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
-        Ok(self.socket.local_addr()?)
+        match &self.endpoint {
+            Endpoint::Udp(socket) => Ok(socket.local_addr()?),
+            Endpoint::Tcp(ip) => Ok(std::net::SocketAddr::new(*ip, tcp::ACTIVE_CANDIDATE_PORT)),
+        }
     }
 
     /// Accept the answer and drive the connection until DTLS is connected and `oai-events` is
@@ -237,7 +273,12 @@ impl TestClient {
             .sdp_api()
             .accept_answer(self.pending, answer)
             .context("accepting SDP answer")?;
-        let udp = UdpPeer::new(self.rtc, self.socket).context("registering the UDP socket")?;
+        let io = match self.endpoint {
+            Endpoint::Udp(socket) => {
+                Io::Udp(UdpPeer::new(self.rtc, socket).context("registering the UDP socket")?)
+            }
+            Endpoint::Tcp(ip) => Io::Tcp(TcpPeer::new(self.rtc, ip, MAX_DATAGRAM)),
+        };
 
         let shared = Arc::new(ClientShared {
             alive: AtomicBool::new(true),
@@ -249,8 +290,12 @@ impl TestClient {
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
+        let tcp_open = match &io {
+            Io::Tcp(p) => Some(p.open_connections_handle()),
+            Io::Udp(_) => None,
+        };
         let driver = Driver {
-            udp,
+            io,
             shared: shared.clone(),
             audio_mid: self.audio_mid,
             opus_pt: self.opus_pt,
@@ -267,6 +312,7 @@ impl TestClient {
         };
         let task = tokio::spawn(driver.run(cmd_rx));
         let client = ConnectedClient {
+            tcp_open,
             cmd: cmd_tx,
             inbox: inbox_rx,
             shared,
@@ -301,6 +347,8 @@ enum Command {
 
 /// Handle to a connected client; the peer connection lives in a background task.
 pub struct ConnectedClient {
+    /// Established ICE-TCP connections ([`ClientTransport::Tcp`] only).
+    tcp_open: Option<Arc<std::sync::atomic::AtomicUsize>>,
     cmd: mpsc::Sender<Command>,
     inbox: mpsc::Receiver<DcMessage>,
     shared: Arc<ClientShared>,
@@ -434,6 +482,11 @@ impl ConnectedClient {
         self.shared.dc_dropped.load(Ordering::Relaxed)
     }
 
+    /// ICE-TCP connections established now; `None` over UDP.
+    pub fn tcp_connections(&self) -> Option<usize> {
+        self.tcp_open.as_ref().map(|n| n.load(Ordering::Acquire))
+    }
+
     /// False once the peer connection is gone.
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
@@ -475,8 +528,88 @@ impl ConnectedClient {
     }
 }
 
+/// The peer and its transport.
+enum Io {
+    Udp(UdpPeer),
+    Tcp(TcpPeer),
+}
+
+impl Io {
+    fn rtc(&mut self) -> &mut Rtc {
+        match self {
+            Io::Udp(p) => p.rtc(),
+            Io::Tcp(p) => p.rtc(),
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        match self {
+            Io::Udp(p) => p.shell.rtc().is_alive(),
+            Io::Tcp(p) => p.shell.rtc().is_alive(),
+        }
+    }
+
+    fn drain(&mut self, on_event: impl FnMut(&mut Rtc, Event)) -> Result<Instant, str0m::RtcError> {
+        match self {
+            Io::Udp(p) => p.drain(on_event),
+            Io::Tcp(p) => p.drain(on_event),
+        }
+    }
+
+    fn kick(&mut self, on_event: impl FnMut(&mut Rtc, Event)) -> Result<Instant, str0m::RtcError> {
+        match self {
+            Io::Udp(p) => p.kick(on_event),
+            Io::Tcp(p) => p.kick(on_event),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), str0m::RtcError> {
+        match self {
+            Io::Udp(p) => p.handle_timeout(now),
+            Io::Tcp(p) => p.handle_timeout(now),
+        }
+    }
+
+    /// The next packet into `buf`: its length and source. Cancel-safe.
+    async fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, std::net::SocketAddr)> {
+        match self {
+            Io::Udp(p) => p.socket.recv_from(buf).await,
+            Io::Tcp(p) => {
+                let (source, frame) = p
+                    .recv()
+                    .await
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+                let n = frame.len().min(buf.len());
+                buf[..n].copy_from_slice(&frame[..n]);
+                Ok((n, source))
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, data: &[u8], source: std::net::SocketAddr, now: Instant) {
+        match self {
+            Io::Udp(p) => p.handle_datagram(data, source, now),
+            Io::Tcp(p) => p.handle_frame(data, source, now),
+        }
+    }
+
+    fn close_gracefully(&mut self) {
+        match self {
+            Io::Udp(p) => p.close_gracefully(),
+            Io::Tcp(p) => p.close_gracefully(),
+        }
+    }
+
+    fn send_errors(&self) -> u64 {
+        match self {
+            Io::Udp(p) => p.counters.send_errors,
+            Io::Tcp(p) => p.counters.send_errors,
+        }
+    }
+}
+
 struct Driver {
-    udp: UdpPeer,
+    io: Io,
     shared: Arc<ClientShared>,
     audio_mid: Mid,
     opus_pt: Pt,
@@ -567,7 +700,7 @@ impl Driver {
                     break;
                 }
             };
-            if self.ended || !self.udp.shell.rtc().is_alive() {
+            if self.ended || !self.io.is_alive() {
                 break;
             }
             if self.connected && self.events_channel.is_some() {
@@ -585,12 +718,12 @@ impl Driver {
                     Some(Command::AudioFrame) => self.write_frame(),
                     Some(Command::Close) | None => break,
                 },
-                r = self.udp.socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.udp.handle_datagram(&buf[..n], source, Instant::now()),
-                    Err(e) => tracing::debug!(error = %e, "test client: UDP receive error"),
+                r = self.io.recv(&mut buf) => match r {
+                    Ok((n, source)) => self.io.handle_packet(&buf[..n], source, Instant::now()),
+                    Err(e) => tracing::debug!(error = %e, "test client: receive error"),
                 },
                 _ = &mut sleep => {
-                    if let Err(e) = self.udp.handle_timeout(Instant::now()) {
+                    if let Err(e) = self.io.handle_timeout(Instant::now()) {
                         tracing::warn!(error = %e, "test client: str0m timeout handling failed");
                         break;
                     }
@@ -604,11 +737,11 @@ impl Driver {
             // this loop before the abort lands: a vanished peer sends nothing more.
             return;
         }
-        self.udp.close_gracefully();
-        if self.udp.counters.send_errors > 0 {
+        self.io.close_gracefully();
+        if self.io.send_errors() > 0 {
             tracing::debug!(
-                send_errors = self.udp.counters.send_errors,
-                "test client had UDP send errors"
+                send_errors = self.io.send_errors(),
+                "test client had send errors"
             );
         }
     }
@@ -616,7 +749,7 @@ impl Driver {
     /// Drain, then write queued data-channel messages one per mutation, draining after each.
     fn drive(&mut self) -> Result<Instant, str0m::RtcError> {
         let Driver {
-            udp,
+            io,
             shared,
             events_channel,
             connected,
@@ -633,24 +766,24 @@ impl Driver {
             inbox,
             ended,
         };
-        let mut deadline = udp.drain(|_, ev| st.on_event(ev))?;
+        let mut deadline = io.drain(|_, ev| st.on_event(ev))?;
         loop {
             if *wrote_rtp {
                 *wrote_rtp = false;
-                deadline = udp.kick(|_, ev| st.on_event(ev))?;
+                deadline = io.kick(|_, ev| st.on_event(ev))?;
                 continue;
             }
             let Some(channel) = *st.events_channel else {
                 return Ok(deadline);
             };
-            match queue.flush_one(udp.rtc(), channel) {
+            match queue.flush_one(io.rtc(), channel) {
                 FlushStep::Empty | FlushStep::Blocked => return Ok(deadline),
                 FlushStep::Written(_) => {}
                 FlushStep::Failed => {
                     st.shared.dc_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            deadline = udp.drain(|_, ev| st.on_event(ev))?;
+            deadline = io.drain(|_, ev| st.on_event(ev))?;
         }
     }
 
@@ -665,7 +798,7 @@ impl Driver {
         let index = self.frames_sent;
         let payload = audio_frame(index);
         let len = payload.len() as u64;
-        let mut api = self.udp.rtc().direct_api();
+        let mut api = self.io.rtc().direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.audio_mid, None) else {
             lock(&self.shared.audio).packets_not_sent += 1;
             return;

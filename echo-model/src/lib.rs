@@ -20,5 +20,7 @@ mod ids;
 mod peer;
 mod session;
 
-pub use client::{AudioStats, ClientConfig, ConnectedClient, DcMessage, RttSummary, TestClient};
+pub use client::{
+    AudioStats, ClientConfig, ClientTransport, ConnectedClient, DcMessage, RttSummary, TestClient,
+};
 pub use provider::{MockProvider, ProviderConfig, ProviderStats, RecordedRequest};

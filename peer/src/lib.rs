@@ -8,6 +8,8 @@
 //! * `crypto` (feature `shell`): one crypto provider and DTLS certificate per process.
 //! * `shell` (feature `shell`): a sans-IO driver of one str0m `Rtc`, and `udp`, a thin tokio
 //!   UDP wrapper around it.
+//! * [`framing`]: RFC 4571 frames, how ICE-TCP carries packets over a stream (sans-IO).
+//! * `tcp` (feature `shell`): an active ICE-TCP transport for a shell, for clients without UDP.
 //! * `dc_queue` (feature `shell`): data-channel messages waiting for room, capped in bytes.
 //!
 //! A panic here would take down a call task, or the Wasm VM in the filter: no unwrap, expect,
@@ -16,6 +18,7 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod events;
+pub mod framing;
 pub mod header_params;
 pub mod multipart;
 
@@ -25,6 +28,8 @@ pub mod crypto;
 pub mod dc_queue;
 #[cfg(feature = "shell")]
 pub mod shell;
+#[cfg(feature = "shell")]
+pub mod tcp;
 #[cfg(feature = "shell")]
 pub mod udp;
 

@@ -38,7 +38,20 @@ pub fn receive(
     destination: SocketAddr,
     data: &[u8],
 ) -> Option<Input<'_>> {
-    let receive = Receive::new(Protocol::Udp, source, destination, data).ok()?;
+    receive_on(Protocol::Udp, now, source, destination, data)
+}
+
+/// As [`receive`], for a packet that arrived over `proto`: an ICE-TCP frame (RFC 4571) is
+/// `Protocol::Tcp`, with the remote end of its connection as `source` and the TCP candidate's
+/// address as `destination`.
+pub fn receive_on(
+    proto: Protocol,
+    now: Instant,
+    source: SocketAddr,
+    destination: SocketAddr,
+    data: &[u8],
+) -> Option<Input<'_>> {
+    let receive = Receive::new(proto, source, destination, data).ok()?;
     Some(Input::Receive(now, receive))
 }
 
@@ -87,7 +100,20 @@ impl Shell {
         source: SocketAddr,
         data: &[u8],
     ) -> Result<(), DatagramError> {
-        let input = receive(now, source, self.local_addr, data).ok_or(DatagramError::NotWebRtc)?;
+        self.handle_packet(Protocol::Udp, now, source, data)
+    }
+
+    /// Feeds one packet received over `proto` (an ICE-TCP frame is `Protocol::Tcp`). Drain
+    /// afterwards.
+    pub fn handle_packet(
+        &mut self,
+        proto: Protocol,
+        now: Instant,
+        source: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), DatagramError> {
+        let input = receive_on(proto, now, source, self.local_addr, data)
+            .ok_or(DatagramError::NotWebRtc)?;
         Ok(self.rtc.handle_input(input)?)
     }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, Mid};
-use str0m::net::Transmit;
+use str0m::net::{Protocol, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Event, IceConnectionState, Input, Rtc};
 
@@ -110,6 +110,7 @@ impl BridgeTelemetry {
 struct LegState {
     rtc: Rtc,
     local_addr: SocketAddr,
+    tcp_local_addr: Option<SocketAddr>,
     connected: bool,
     /// The `oai-events` channel on this leg, once open.
     channel: Option<ChannelId>,
@@ -148,6 +149,9 @@ pub struct LegSetup {
     pub rtc: Rtc,
     /// The address the leg's datagrams arrive on (what str0m sees as destination).
     pub local_addr: SocketAddr,
+    /// The passive ICE-TCP candidate's address, if the leg has one: what str0m sees as the
+    /// destination of every ICE-TCP frame.
+    pub tcp_local_addr: Option<SocketAddr>,
     pub audio_mid: Option<Mid>,
     /// Whether this leg negotiated a data channel (an `m=application` section). An
     /// audio-only client never opens `oai-events`: events for it are dropped and
@@ -167,6 +171,7 @@ impl Bridge {
         let leg = |s: LegSetup| LegState {
             rtc: s.rtc,
             local_addr: s.local_addr,
+            tcp_local_addr: s.tcp_local_addr,
             connected: false,
             channel: None,
             audio_mid: s.audio_mid,
@@ -249,8 +254,28 @@ impl Bridge {
 
     /// Feeds one datagram that arrived for `leg`.
     pub fn handle_datagram(&mut self, leg: Leg, now: Instant, source: SocketAddr, data: &[u8]) {
-        let local_addr = self.leg(leg).local_addr;
-        let Some(input) = shell::receive(now, source, local_addr, data) else {
+        self.handle_packet(leg, now, Protocol::Udp, source, data)
+    }
+
+    /// Feeds one packet that arrived for `leg` over `proto`: a UDP datagram, or an ICE-TCP
+    /// frame, which str0m sees as addressed to the leg's TCP candidate.
+    pub fn handle_packet(
+        &mut self,
+        leg: Leg,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        data: &[u8],
+    ) {
+        let local_addr = match proto {
+            Protocol::Udp => self.leg(leg).local_addr,
+            _ => match self.leg(leg).tcp_local_addr {
+                Some(a) => a,
+                // No TCP candidate on this leg: nothing str0m would accept.
+                None => return,
+            },
+        };
+        let Some(input) = shell::receive_on(proto, now, source, local_addr, data) else {
             // Not STUN, DTLS, RTP or RTCP: nothing str0m could use.
             return;
         };

@@ -4,11 +4,12 @@
 use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
 use crate::media_socket::{ClientPort, Datagram, RouteGuard};
+use crate::media_tcp::TcpRoute;
 use crate::registry::CallEntry;
 use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use str0m::net::Transmit;
+use str0m::net::{Protocol, Transmit};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -23,6 +24,9 @@ pub struct CallDriver {
     pub bridge: Bridge,
     pub entry: Arc<CallEntry>,
     pub client_port: Arc<ClientPort>,
+    /// The call's registration on the ICE-TCP port, if the relay listens for ICE-TCP. Dropped
+    /// when the driver ends: the port forgets the call and closes its connections.
+    pub client_tcp: Option<TcpRoute>,
     pub client_rx: mpsc::Receiver<Datagram>,
     pub upstream_socket: UdpSocket,
     /// Live calls with both legs connected.
@@ -36,8 +40,13 @@ impl CallDriver {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut out: Vec<(Leg, Transmit)> = Vec::with_capacity(64);
         let mut reported_connected = false;
+        // The protocol of the client leg's latest transmit: once connected, the nominated
+        // pair's (UDP, or ICE-TCP for a client whose network blocks UDP).
+        let mut client_proto = Protocol::Udp;
         let reason = loop {
-            self.send(&mut out).await;
+            if let Some(proto) = self.send(&mut out).await {
+                client_proto = proto;
+            }
             if let Some(reason) = self.bridge.end_reason() {
                 break reason;
             }
@@ -45,7 +54,7 @@ impl CallDriver {
                 reported_connected = true;
                 self.entry.mark_connected();
                 self.connected_gauge.inc();
-                tracing::info!(call_id = %self.entry.call_id, "call connected");
+                tracing::info!(call_id = %self.entry.call_id, client_transport = %client_proto, "call connected");
             }
             let deadline = self.bridge.poll_timeout();
             tokio::select! {
@@ -59,10 +68,10 @@ impl CallDriver {
                         self.bridge.end(EndReason::InternalError);
                         continue;
                     };
-                    self.bridge.handle_datagram(Leg::Client, d.at, d.source, &d.data);
+                    self.bridge.handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data);
                     for _ in 1..BATCH {
                         match self.client_rx.try_recv() {
-                            Ok(d) => self.bridge.handle_datagram(Leg::Client, d.at, d.source, &d.data),
+                            Ok(d) => self.bridge.handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data),
                             Err(_) => break,
                         }
                     }
@@ -98,12 +107,24 @@ impl CallDriver {
         reason
     }
 
-    async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) {
+    /// Sends what the bridge has to send; returns the protocol of the last client-leg transmit.
+    async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) -> Option<Protocol> {
         self.bridge.send_written(Instant::now());
         out.extend(self.bridge.take_transmits());
+        let mut client_proto = None;
         for (leg, t) in out.drain(..) {
+            if leg == Leg::Client {
+                client_proto = Some(t.proto);
+            }
             match leg {
-                Leg::Client => self.client_port.send_to(&t.contents, t.destination).await,
+                Leg::Client => match (t.proto, &self.client_tcp) {
+                    // Queued on the client's connection; a full queue drops, counted.
+                    (Protocol::Tcp, Some(tcp)) => tcp.send(t.destination, &t.contents),
+                    (Protocol::Udp, _) => {
+                        self.client_port.send_to(&t.contents, t.destination).await
+                    }
+                    _ => tracing::trace!(proto = %t.proto, "client-leg transmit on no transport"),
+                },
                 // A full upstream socket buffer waits briefly, never long enough to stall the call.
                 Leg::Upstream => {
                     let wait = Some(UPSTREAM_SEND_WAIT);
@@ -120,5 +141,6 @@ impl CallDriver {
                 }
             }
         }
+        client_proto
     }
 }

@@ -27,6 +27,14 @@ pub enum ConfigError {
     NotUnicastUpstreamIp(IpAddr, &'static str),
     #[error("--public-port 0 cannot be advertised: give the port clients reach")]
     ZeroPublicPort,
+    #[error("--media-tcp-addr {0} is unspecified: set --public-ip to the address clients reach")]
+    UnspecifiedMediaTcpAddr(SocketAddr),
+    #[error("--public-tcp-port 0 cannot be advertised: give the TCP port clients reach")]
+    ZeroPublicTcpPort,
+    #[error("--public-tcp-port needs --media-tcp-addr: there is no ICE-TCP listener to advertise")]
+    PublicTcpPortWithoutListener,
+    #[error("--media-tcp-max-frame-bytes must be between 1500 and 65535 (RFC 4571 frames carry a 16-bit length)")]
+    TcpFrameBytesOutOfRange,
     #[error("--replica-addr {0} must be a unicast address and a port gateways reach this relay's gRPC at (in Kubernetes: $(POD_IP):<grpc port>)")]
     ReplicaAddrNotReachable(SocketAddr),
     #[error("--replica-addr needs the replica key in the environment variable {REPLICA_KEY_ENV} (the secret the gateway's filter shares)")]
@@ -75,6 +83,57 @@ pub struct Args {
     /// port (a NAT or a Kubernetes NodePort in front). Default: the bound port.
     #[arg(long, env = "RELAY_PUBLIC_PORT")]
     pub public_port: Option<u16>,
+
+    /// TCP address of the ICE-TCP listener (RFC 6544 passive candidate, RFC 4571 framing) for
+    /// clients whose firewalls block UDP; one port for every call, like --media-addr. Off
+    /// when absent. The advertised IP is --public-ip, else this address's IP.
+    #[arg(long, env = "RELAY_MEDIA_TCP_ADDR")]
+    pub media_tcp_addr: Option<SocketAddr>,
+
+    /// Port advertised in the passive TCP candidate when it differs from the bound port
+    /// (a NAT or a Kubernetes NodePort in front). Default: the bound port.
+    #[arg(long, env = "RELAY_PUBLIC_TCP_PORT")]
+    pub public_tcp_port: Option<u16>,
+
+    /// Open ICE-TCP connections at most, routed or not; more are closed at accept.
+    #[arg(long, env = "RELAY_MEDIA_TCP_MAX_CONNECTIONS", default_value_t = 2048)]
+    pub media_tcp_max_connections: usize,
+
+    /// Open ICE-TCP connections at most from one source IP (many clients may share an
+    /// enterprise NAT: keep it well above one).
+    #[arg(
+        long,
+        env = "RELAY_MEDIA_TCP_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 64
+    )]
+    pub media_tcp_max_connections_per_ip: usize,
+
+    /// An ICE-TCP connection must send its first frame (a STUN binding request naming a
+    /// call) within this many milliseconds, or it is closed.
+    #[arg(
+        long,
+        env = "RELAY_MEDIA_TCP_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub media_tcp_handshake_timeout_ms: u64,
+
+    /// An ICE-TCP connection that receives nothing for this many seconds is closed
+    /// (ICE consent checks arrive every few seconds on a live call).
+    #[arg(long, env = "RELAY_MEDIA_TCP_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub media_tcp_idle_timeout_secs: u64,
+
+    /// Largest RFC 4571 frame accepted; a larger one closes its connection.
+    #[arg(long, env = "RELAY_MEDIA_TCP_MAX_FRAME_BYTES", default_value_t = 4096)]
+    pub media_tcp_max_frame_bytes: usize,
+
+    /// Frames queued for writing per ICE-TCP connection; when a client does not read,
+    /// further frames are dropped and counted.
+    #[arg(
+        long,
+        env = "RELAY_MEDIA_TCP_WRITE_QUEUE_FRAMES",
+        default_value_t = 256
+    )]
+    pub media_tcp_write_queue_frames: usize,
 
     /// Receive sockets on the media port (SO_REUSEPORT shards); 0 = one per core.
     #[arg(long, env = "RELAY_MEDIA_SHARDS", default_value_t = 0)]
@@ -193,6 +252,20 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// An advertised IP (`public_ip`, else a bound address's) must be one clients can reach.
+fn check_unicast(ip: IpAddr) -> Result<(), ConfigError> {
+    let what = if ip.is_unspecified() {
+        "unspecified"
+    } else if ip.is_multicast() {
+        "multicast"
+    } else if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        "the broadcast address"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::NotUnicastMediaAddr(ip, what))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -243,21 +316,10 @@ impl Args {
     /// The address advertised in client-leg candidates.
     pub fn advertised_media_addr(&self) -> Result<SocketAddr, ConfigError> {
         let ip = self.public_ip.unwrap_or(self.media_addr.ip());
-        if ip.is_unspecified() {
-            return Err(match self.public_ip {
-                Some(ip) => ConfigError::NotUnicastMediaAddr(ip, "unspecified"),
-                None => ConfigError::UnspecifiedMediaAddr(self.media_addr),
-            });
+        if ip.is_unspecified() && self.public_ip.is_none() {
+            return Err(ConfigError::UnspecifiedMediaAddr(self.media_addr));
         }
-        if ip.is_multicast() {
-            return Err(ConfigError::NotUnicastMediaAddr(ip, "multicast"));
-        }
-        if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
-            return Err(ConfigError::NotUnicastMediaAddr(
-                ip,
-                "the broadcast address",
-            ));
-        }
+        check_unicast(ip)?;
         if self.public_port == Some(0) {
             return Err(ConfigError::ZeroPublicPort);
         }
@@ -284,6 +346,41 @@ impl Args {
             return Ok(());
         };
         Err(ConfigError::NotUnicastUpstreamIp(ip, why))
+    }
+
+    /// The address advertised in the client leg's passive ICE-TCP candidate, or `None`
+    /// without `--media-tcp-addr`. Same rules as [`Args::advertised_media_addr`].
+    pub fn advertised_media_tcp_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(bound) = self.media_tcp_addr else {
+            return match self.public_tcp_port {
+                Some(_) => Err(ConfigError::PublicTcpPortWithoutListener),
+                None => Ok(None),
+            };
+        };
+        let ip = self.public_ip.unwrap_or(bound.ip());
+        if ip.is_unspecified() && self.public_ip.is_none() {
+            return Err(ConfigError::UnspecifiedMediaTcpAddr(bound));
+        }
+        check_unicast(ip)?;
+        if self.public_tcp_port == Some(0) {
+            return Err(ConfigError::ZeroPublicTcpPort);
+        }
+        Ok(Some(SocketAddr::new(
+            ip,
+            self.public_tcp_port.unwrap_or(bound.port()),
+        )))
+    }
+
+    /// The ICE-TCP listener's limits.
+    pub fn tcp_limits(&self) -> crate::media_tcp::TcpLimits {
+        crate::media_tcp::TcpLimits {
+            max_connections: self.media_tcp_max_connections,
+            max_connections_per_ip: self.media_tcp_max_connections_per_ip,
+            handshake_timeout: Duration::from_millis(self.media_tcp_handshake_timeout_ms),
+            idle_timeout: Duration::from_secs(self.media_tcp_idle_timeout_secs),
+            max_frame_bytes: self.media_tcp_max_frame_bytes,
+            write_queue_frames: self.media_tcp_write_queue_frames,
+        }
     }
 
     /// This relay's replica address and key, from the flags and `key` (the value of
@@ -336,6 +433,22 @@ impl Args {
         if self.call_queue_datagrams == 0 {
             return too_small("--call-queue-datagrams", 1, "");
         }
+        if self.media_tcp_max_connections == 0 {
+            return too_small("--media-tcp-max-connections", 1, "");
+        }
+        if self.media_tcp_max_connections_per_ip == 0 {
+            return too_small("--media-tcp-max-connections-per-ip", 1, "");
+        }
+        if self.media_tcp_write_queue_frames < 16 {
+            return too_small(
+                "--media-tcp-write-queue-frames",
+                16,
+                " (a DTLS handshake flight)",
+            );
+        }
+        if !(1500..=65535).contains(&self.media_tcp_max_frame_bytes) {
+            return Err(ConfigError::TcpFrameBytesOutOfRange);
+        }
         for (name, v) in [
             ("--upstream-timeout-ms", self.upstream_timeout_ms),
             (
@@ -347,6 +460,14 @@ impl Args {
             ("--idle-timeout-secs", self.idle_timeout_secs),
             ("--max-call-secs", self.max_call_secs),
             ("--peers-refresh-secs", self.peers_refresh_secs),
+            (
+                "--media-tcp-handshake-timeout-ms",
+                self.media_tcp_handshake_timeout_ms,
+            ),
+            (
+                "--media-tcp-idle-timeout-secs",
+                self.media_tcp_idle_timeout_secs,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -357,6 +478,7 @@ impl Args {
         }
         self.advertised_media_addr()?;
         self.check_upstream_media_ip()?;
+        self.advertised_media_tcp_addr()?;
         self.replica()?;
         Ok(())
     }
@@ -554,6 +676,84 @@ mod tests {
             argv.extend_from_slice(flags);
             let err = Args::parse_from(argv).advertised_media_addr().unwrap_err();
             assert!(err.to_string().contains(want), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn ice_tcp_is_off_by_default_and_follows_the_udp_rules_when_on() {
+        let with = |extra: &[&str]| {
+            let mut argv = vec![
+                "realtime-relay",
+                "--allow-upstream",
+                "https://api.openai.com",
+            ];
+            argv.extend_from_slice(extra);
+            Args::parse_from(argv)
+        };
+        assert_eq!(with(&[]).advertised_media_tcp_addr(), Ok(None));
+        assert_eq!(
+            with(&["--media-tcp-addr", "127.0.0.1:443"]).advertised_media_tcp_addr(),
+            Ok(Some("127.0.0.1:443".parse().unwrap()))
+        );
+        // Kubernetes: bound on 0.0.0.0, advertised at the node's IP and NodePort.
+        let args = with(&[
+            "--media-addr",
+            "0.0.0.0:40000",
+            "--media-tcp-addr",
+            "0.0.0.0:8443",
+            "--public-ip",
+            "203.0.113.7",
+            "--public-tcp-port",
+            "30443",
+        ]);
+        args.validate().unwrap();
+        assert_eq!(
+            args.advertised_media_tcp_addr(),
+            Ok(Some("203.0.113.7:30443".parse().unwrap()))
+        );
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--media-tcp-addr", "0.0.0.0:443"],
+                "--media-tcp-addr 0.0.0.0:443 is unspecified: set --public-ip",
+            ),
+            (
+                &["--media-tcp-addr", "[::]:443", "--public-ip", "ff02::1"],
+                "multicast",
+            ),
+            (
+                &[
+                    "--media-tcp-addr",
+                    "127.0.0.1:443",
+                    "--public-tcp-port",
+                    "0",
+                ],
+                "--public-tcp-port 0",
+            ),
+            (
+                &["--public-tcp-port", "443"],
+                "--public-tcp-port needs --media-tcp-addr",
+            ),
+            (
+                &["--media-tcp-max-frame-bytes", "100"],
+                "--media-tcp-max-frame-bytes must be between",
+            ),
+            (
+                &["--media-tcp-max-connections-per-ip", "0"],
+                "--media-tcp-max-connections-per-ip must be at least 1",
+            ),
+            (
+                &["--media-tcp-idle-timeout-secs", "0"],
+                "--media-tcp-idle-timeout-secs must be greater than 0",
+            ),
+            (
+                &["--media-tcp-write-queue-frames", "1"],
+                "--media-tcp-write-queue-frames must be at least 16",
+            ),
+        ];
+        for (flags, want) in cases {
+            let err = with(flags).validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{flags:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
         }
     }
 }

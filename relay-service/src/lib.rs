@@ -1,8 +1,8 @@
 //! Relay service: gRPC call setup and a str0m WebRTC bridge for the OpenAI Realtime API.
 //!
 //! Pure logic (`pt_map`, `stun`, `upstream_body`, `allowlist`, `ids`,
-//! `error`) is tested without sockets; `bridge` is sans-IO over str0m; `call` and
-//! `media_socket` own the sockets and timers; `relay` holds the domain operations that
+//! `error`) is tested without sockets; `bridge` is sans-IO over str0m; `call`,
+//! `media_socket` and `media_tcp` own the sockets and timers; `relay` holds the domain operations that
 //! `grpc` adapts and `server` wires into a process.
 
 pub mod allowlist;
@@ -14,6 +14,7 @@ pub mod error;
 pub mod grpc;
 pub mod ids;
 pub mod media_socket;
+pub mod media_tcp;
 pub mod metrics;
 pub mod peer;
 pub mod pt_map;

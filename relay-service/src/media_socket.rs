@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
+use str0m::net::Protocol;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -22,9 +23,12 @@ use tokio::sync::mpsc;
 /// must not be able to grow our tables.
 const MAX_ADDRS_PER_CALL: usize = 8;
 
+/// A packet for one call's client leg: a UDP datagram, or an ICE-TCP frame
+/// ([`crate::media_tcp`]).
 #[derive(Debug)]
 pub struct Datagram {
     pub at: Instant,
+    pub proto: Protocol,
     pub source: SocketAddr,
     pub data: Vec<u8>,
 }
@@ -166,6 +170,7 @@ impl ClientPort {
         };
         let d = Datagram {
             at: Instant::now(),
+            proto: Protocol::Udp,
             source,
             data: data.to_vec(),
         };

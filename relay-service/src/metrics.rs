@@ -53,6 +53,43 @@ pub struct Metrics {
     pub list_calls: Counter,
     pub client_to_upstream: DirectionMetrics,
     pub upstream_to_client: DirectionMetrics,
+    pub media_tcp: TcpMetrics,
+}
+
+/// The ICE-TCP listener's counters (`media_tcp`).
+#[derive(Clone, Debug, Default)]
+pub struct TcpMetrics {
+    /// Connections routed to a call (their first STUN request named a live call's ufrag).
+    pub accepted: Counter,
+    /// Connections closed before reaching a call, by [`crate::media_tcp::Refusal::code`].
+    pub refused: Family<ReasonLabel, Counter>,
+    /// Routed connections that ended, by [`crate::media_tcp::CloseReason::code`].
+    pub closed: Family<ReasonLabel, Counter>,
+    pub active: Gauge,
+    /// Frames not delivered, by reason (`write_queue_full`, `call_queue_full`, …).
+    pub frames_dropped: Family<ReasonLabel, Counter>,
+}
+
+impl TcpMetrics {
+    pub fn refused(&self, reason: &str) {
+        inc(&self.refused, reason);
+    }
+
+    pub fn closed(&self, reason: &str) {
+        inc(&self.closed, reason);
+    }
+
+    pub fn dropped(&self, reason: &str) {
+        inc(&self.frames_dropped, reason);
+    }
+}
+
+fn inc(family: &Family<ReasonLabel, Counter>, reason: &str) {
+    family
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
 }
 
 impl Metrics {
@@ -76,6 +113,7 @@ impl Metrics {
             list_calls: Counter::default(),
             client_to_upstream: DirectionMetrics::default(),
             upstream_to_client: DirectionMetrics::default(),
+            media_tcp: TcpMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -148,6 +186,43 @@ impl Metrics {
         for code in realtime_relay_proto::ErrorCode::ALL {
             let _ = m.setup_failures.get_or_create(&ReasonLabel {
                 reason: code.as_str().to_string(),
+            });
+        }
+        let tcp = &m.media_tcp;
+        registry.register(
+            "media_tcp_connections_accepted",
+            "ICE-TCP connections routed to a call by their first STUN request",
+            tcp.accepted.clone(),
+        );
+        registry.register(
+            "media_tcp_connections_refused",
+            "ICE-TCP connections closed before reaching a call, by reason",
+            tcp.refused.clone(),
+        );
+        registry.register(
+            "media_tcp_connections_closed",
+            "ICE-TCP connections of calls that ended, by reason",
+            tcp.closed.clone(),
+        );
+        registry.register(
+            "media_tcp_connections_active",
+            "ICE-TCP connections routed to a live call",
+            tcp.active.clone(),
+        );
+        registry.register(
+            "media_tcp_frames_dropped",
+            "ICE-TCP frames not delivered (a full queue, a connection gone), by reason",
+            tcp.frames_dropped.clone(),
+        );
+        // The reasons exist from the start, so a scrape shows them at 0.
+        for reason in crate::media_tcp::Refusal::ALL {
+            let _ = tcp.refused.get_or_create(&ReasonLabel {
+                reason: reason.code().to_string(),
+            });
+        }
+        for reason in crate::media_tcp::DROP_REASONS {
+            let _ = tcp.frames_dropped.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
             });
         }
         let families = DirectionFamilies::default();

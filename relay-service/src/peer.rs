@@ -15,6 +15,7 @@ use std::time::Instant;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::TcpType;
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 
 /// A parser or negotiation error as one short line a client may see. str0m's parse
@@ -100,9 +101,14 @@ pub struct ClientLeg {
 
 /// Parses and accepts the client's offer. Runs before any upstream request: a bad
 /// offer must never open an upstream call.
+///
+/// The answer carries a UDP host candidate at `advertised` and, when the relay listens for
+/// ICE-TCP, a passive TCP host candidate at `advertised_tcp` (`tcptype passive`, RFC 6544):
+/// the client connects to it, so it works through firewalls that block UDP.
 pub fn accept_client_offer(
     sdp: &str,
     advertised: SocketAddr,
+    advertised_tcp: Option<SocketAddr>,
     creds: IceCreds,
     now: Instant,
 ) -> Result<ClientLeg, SetupError> {
@@ -117,6 +123,15 @@ pub fn accept_client_offer(
     let candidate = Candidate::host(advertised, "udp")
         .map_err(|e| SetupError::Internal(format!("bad advertised media address: {e}")))?;
     rtc.add_local_candidate(candidate);
+    if let Some(addr) = advertised_tcp {
+        let candidate = Candidate::builder()
+            .tcp()
+            .host(addr)
+            .tcptype(TcpType::Passive)
+            .build()
+            .map_err(|e| SetupError::Internal(format!("bad advertised TCP media address: {e}")))?;
+        rtc.add_local_candidate(candidate);
+    }
     let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
         SetupError::InvalidSdp(format!("the offer cannot be accepted: {}", describe(&e)))
     })?;
@@ -256,6 +271,7 @@ mod tests {
         let err = accept_client_offer(
             offer,
             "127.0.0.1:4000".parse().unwrap(),
+            None,
             IceCreds {
                 ufrag: "abcd".into(),
                 pass: "p".repeat(24),
@@ -269,6 +285,38 @@ mod tests {
         assert!(
             !message.contains("0x") && !message.contains('\n'),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn the_answer_offers_a_passive_tcp_candidate_beside_the_udp_one() {
+        let (client, offer) = echo_model::TestClient::new(Default::default()).unwrap();
+        drop(client);
+        let creds = || IceCreds {
+            ufrag: "abcd".into(),
+            pass: "p".repeat(24),
+        };
+        let udp = "203.0.113.7:40000".parse().unwrap();
+        let leg = accept_client_offer(
+            &offer,
+            udp,
+            Some("203.0.113.7:443".parse().unwrap()),
+            creds(),
+            Instant::now(),
+        )
+        .unwrap();
+        let sdp = leg.answer.to_sdp_string();
+        assert!(sdp.contains(" udp "), "{sdp}");
+        assert!(sdp.contains("203.0.113.7 40000 typ host"), "{sdp}");
+        assert!(
+            sdp.contains(" tcp ") && sdp.contains("203.0.113.7 443 typ host tcptype passive"),
+            "{sdp}"
+        );
+        let leg = accept_client_offer(&offer, udp, None, creds(), Instant::now()).unwrap();
+        let sdp = leg.answer.to_sdp_string();
+        assert!(
+            !sdp.contains("tcptype"),
+            "no TCP candidate unless configured: {sdp}"
         );
     }
 

@@ -9,6 +9,7 @@ use crate::config::Limits;
 use crate::error::SetupError;
 use crate::ids;
 use crate::media_socket::ClientPort;
+use crate::media_tcp::TcpPort;
 use crate::metrics::Metrics;
 use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
@@ -32,6 +33,9 @@ pub struct RelaySettings {
     pub limits: Limits,
     /// Address put in the client-leg candidate.
     pub advertised_media_addr: SocketAddr,
+    /// Address put in the client leg's passive ICE-TCP candidate, when the relay listens for
+    /// ICE-TCP (`--media-tcp-addr`).
+    pub advertised_media_tcp_addr: Option<SocketAddr>,
     /// Local IP for upstream sockets; None: the route's source address.
     pub upstream_media_ip: Option<IpAddr>,
     /// STUN server for the upstream leg's server-reflexive candidate, and how long to
@@ -46,6 +50,7 @@ pub struct Relay {
     settings: RelaySettings,
     registry: Arc<Registry>,
     client_port: Arc<ClientPort>,
+    tcp_port: Option<Arc<TcpPort>>,
     upstream: UpstreamClient,
     allowlist: Arc<Allowlist>,
     metrics: Arc<Metrics>,
@@ -58,10 +63,12 @@ pub enum LookupError {
 }
 
 impl Relay {
+    /// `tcp_port` is the ICE-TCP listener, when `settings` advertise one.
     pub fn new(
         settings: RelaySettings,
         allowlist: Allowlist,
         client_port: Arc<ClientPort>,
+        tcp_port: Option<Arc<TcpPort>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, UpstreamClientError> {
         let allowlist = Arc::new(allowlist);
@@ -78,6 +85,7 @@ impl Relay {
             )),
             settings,
             client_port,
+            tcp_port,
             upstream,
             allowlist,
             metrics,
@@ -252,6 +260,7 @@ impl Relay {
         let client = peer::accept_client_offer(
             offer,
             self.settings.advertised_media_addr,
+            self.advertised_tcp(),
             IceCreds {
                 ufrag: ufrag.clone(),
                 pass,
@@ -267,11 +276,20 @@ impl Relay {
                 // a local candidate, and the bound address (0.0.0.0, a pod IP behind a
                 // NodePort, a NATed port) is not one.
                 local_addr: self.settings.advertised_media_addr,
+                // The same for ICE-TCP frames: addressed to the advertised TCP candidate.
+                tcp_local_addr: self.advertised_tcp(),
                 audio_mid: client.audio_mid,
                 has_data_channel: offer.contains("\nm=application "),
             },
             ufrag,
         })
+    }
+
+    /// The passive TCP candidate's address, if the relay listens for ICE-TCP.
+    fn advertised_tcp(&self) -> Option<SocketAddr> {
+        self.tcp_port
+            .as_ref()
+            .and(self.settings.advertised_media_tcp_addr)
     }
 
     /// Stage 4: the upstream leg's own socket, its reflexive address if a STUN server is
@@ -382,11 +400,16 @@ impl Relay {
         session: UpstreamSession,
     ) {
         let (tx, rx) = mpsc::channel(self.settings.limits.call_queue_datagrams);
+        let tcp_route = self
+            .tcp_port
+            .as_ref()
+            .map(|port| port.register(ufrag, tx.clone()));
         let route = self.client_port.register(ufrag, tx);
         let driver = CallDriver {
             bridge,
             entry,
             client_port: self.client_port.clone(),
+            client_tcp: tcp_route,
             client_rx: rx,
             upstream_socket,
             connected_gauge: self.metrics.calls_connected.clone(),
@@ -554,6 +577,7 @@ impl UpstreamSide {
             leg: LegSetup {
                 rtc,
                 local_addr: self.local,
+                tcp_local_addr: None,
                 audio_mid: Some(self.leg.audio_mid),
                 has_data_channel: true,
             },

@@ -6,6 +6,7 @@ use crate::allowlist::{Allowlist, AllowlistEntryError};
 use crate::config::{Args, ConfigError};
 use crate::grpc::RelayGrpc;
 use crate::media_socket::ClientPort;
+use crate::media_tcp::TcpPort;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelaySettings};
 use crate::replica::{Peers, ReplicaIdentity};
@@ -24,6 +25,11 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot bind the media port {addr}: {source} (is it in use?)")]
     MediaPort {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for ICE-TCP on --media-tcp-addr {addr}: {source} (is it in use?)")]
+    MediaTcpPort {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -57,6 +63,8 @@ pub struct RunningRelay {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub media_addr: SocketAddr,
+    /// The ICE-TCP listener's bound address, when `--media-tcp-addr` is set.
+    pub media_tcp_addr: Option<SocketAddr>,
     health: tonic_health::server::HealthReporter,
     grpc_stop: Option<oneshot::Sender<()>>,
     grpc_task: JoinHandle<()>,
@@ -90,6 +98,23 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
     }
     let port = Arc::new(port);
     port.spawn_receivers(metrics.clone());
+    let (tcp_port, advertised_tcp) = match (args.media_tcp_addr, args.advertised_media_tcp_addr()?)
+    {
+        (Some(addr), Some(mut advertised_tcp)) => {
+            let tcp = TcpPort::bind(addr, args.tcp_limits(), metrics.media_tcp.clone())
+                .map_err(|source| StartError::MediaTcpPort { addr, source })?;
+            if args.public_tcp_port.is_none() {
+                // --media-tcp-addr with port 0 (tests): advertise the port we actually got.
+                advertised_tcp.set_port(tcp.local_addr().port());
+            }
+            tcp.spawn_accept()
+                .map_err(|source| StartError::MediaTcpPort { addr, source })?;
+            tracing::info!(bound = %tcp.local_addr(), advertised = %advertised_tcp, "ICE-TCP listening");
+            (Some(Arc::new(tcp)), Some(advertised_tcp))
+        }
+        _ => (None, None),
+    };
+    let media_tcp_addr = tcp_port.as_ref().map(|p| p.local_addr());
     let allowlist = Allowlist::new(&args.allow_upstreams, args.allow_private_upstreams)?;
     let mut peers_task = None;
     let upstream_stun = match &args.upstream_stun_server {
@@ -121,12 +146,14 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         RelaySettings {
             limits,
             advertised_media_addr: advertised,
+            advertised_media_tcp_addr: advertised_tcp,
             upstream_media_ip: args.upstream_media_ip,
             upstream_stun,
             replica,
         },
         allowlist,
         port,
+        tcp_port,
         metrics.clone(),
     )?);
 
@@ -214,6 +241,7 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         grpc_addr,
         metrics_addr,
         media_addr,
+        media_tcp_addr,
         health,
         grpc_stop: Some(grpc_stop),
         grpc_task,

@@ -96,9 +96,23 @@ pub fn gateway_with(
     plugin_config: String,
     patches: Vec<(String, String)>,
 ) -> Gateway {
+    gateway_with_relay_args(name, upstreams, plugin_config, patches, &[])
+}
+
+/// [`gateway_with`], the relay started with `relay_args` appended.
+pub fn gateway_with_relay_args(
+    name: &str,
+    upstreams: &[String],
+    plugin_config: String,
+    patches: Vec<(String, String)>,
+    relay_args: &[String],
+) -> Gateway {
     let paths = Paths::discover();
     let dir = RunDir::new(name).expect("run dir");
-    let relay = e2e::start_relay(&paths, &dir, "relay", upstreams).expect("relay starts");
+    let relay = e2e::start_relay_with(&paths, &dir, "relay", upstreams, |spec| {
+        spec.args.extend_from_slice(relay_args)
+    })
+    .expect("relay starts");
     let opts = EnvoyOptions {
         relay_port: Some(relay.grpc.port()),
         plugin_config: Some(plugin_config),

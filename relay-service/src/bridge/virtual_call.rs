@@ -319,9 +319,14 @@ impl VirtualCall {
 
         // The relay: client leg, upstream offer, the provider's answer, the bridge.
         let (ufrag, pass) = crate::ids::new_ice_credentials();
-        let client_leg =
-            peer::accept_client_offer(&offer, RELAY_CLIENT_LEG, IceCreds { ufrag, pass }, now)
-                .expect("the relay accepts the client's offer");
+        let client_leg = peer::accept_client_offer(
+            &offer,
+            RELAY_CLIENT_LEG,
+            None,
+            IceCreds { ufrag, pass },
+            now,
+        )
+        .expect("the relay accepts the client's offer");
         let mut up = peer::create_upstream_offer(RELAY_UPSTREAM_LEG, None, now)
             .expect("the relay makes its upstream offer");
         let mut provider_rtc = peer_config(111, options.peer_sctp_buffer).build(now);
@@ -341,12 +346,14 @@ impl VirtualCall {
             LegSetup {
                 rtc: client_leg.rtc,
                 local_addr: RELAY_CLIENT_LEG,
+                tcp_local_addr: None,
                 audio_mid: client_leg.audio_mid,
                 has_data_channel: offer.contains("\nm=application "),
             },
             LegSetup {
                 rtc: up.rtc,
                 local_addr: RELAY_UPSTREAM_LEG,
+                tcp_local_addr: None,
                 audio_mid: Some(up.audio_mid),
                 has_data_channel: true,
             },
