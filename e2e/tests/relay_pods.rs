@@ -83,20 +83,30 @@ fn admin_counter(envoy: &Envoy, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits until the `relay` cluster's endpoint `addr` is healthy.
-fn wait_endpoint_healthy(envoy: &Envoy, addr: SocketAddr) {
+/// Waits until the `relay` cluster's endpoint `addr` is `healthy` (exactly) or, for a flag
+/// such as `/failed_active_hc`, has it among its health flags.
+fn wait_endpoint_health(envoy: &Envoy, addr: SocketAddr, flags: &str) {
     let deadline = Instant::now() + T;
-    let line = format!("relay::{addr}::health_flags::healthy");
+    let prefix = format!("relay::{addr}::health_flags::");
+    let matches = |l: &str| {
+        l.strip_prefix(&prefix).is_some_and(|f| {
+            if flags == "healthy" {
+                f == "healthy"
+            } else {
+                f.contains(flags)
+            }
+        })
+    };
     loop {
         let text = http::get(envoy.admin(), "/clusters")
             .map(|r| r.text())
             .unwrap_or_default();
-        if text.lines().any(|l| l == line) {
+        if text.lines().any(matches) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{addr} never healthy in cluster relay"
+            "{addr} never {flags} in cluster relay"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -184,11 +194,13 @@ fn pods_that_appear_get_calls_and_every_hangup_reaches_the_pod_named_in_its_id()
         vars,
         template: Some(paths.root.join("envoy/envoy-relay-pods.yaml")),
         patches: vec![(rendered_endpoint, all_endpoints)],
-        ..Default::default()
     };
     let envoy = opts.start(&paths, &dir).expect("envoy");
-    wait_endpoint_healthy(&envoy, a.addr);
-    wait_endpoint_healthy(&envoy, b.addr);
+    wait_endpoint_health(&envoy, a.addr, "healthy");
+    wait_endpoint_health(&envoy, b.addr, "healthy");
+    // The pod not started yet is never offered a call, not even before its first check
+    // (ignore_new_hosts_until_first_hc).
+    wait_endpoint_health(&envoy, addrs[2], "/failed_active_hc");
 
     // Calls spread over the two pods; each id names (and authenticates) the pod that holds it.
     let mut ids = Vec::new();
@@ -268,9 +280,9 @@ fn pods_that_appear_get_calls_and_every_hangup_reaches_the_pod_named_in_its_id()
     // A pod that appears later (kubectl scale): Envoy's health check admits it, it gets
     // creates, its calls' hangups reach it; nothing in the gateway's configuration changed.
     let c = start_pod(&paths, &dir, "pod-c", addrs[2], &peers, &p.base_url());
-    wait_endpoint_healthy(&envoy, c.addr);
-    // Envoy hands health changes to its workers' load balancers after the cluster's
-    // update_merge_window (1 s by default): calls reach the new pod from then on.
+    wait_endpoint_health(&envoy, c.addr, "healthy");
+    // Calls reach the new pod once Envoy's workers have its passing check (the relay
+    // cluster's update_merge_window is 0 s; Envoy's default would delay it by up to 1 s).
     let deadline = Instant::now() + T;
     let mut before_first = 0;
     loop {
