@@ -715,7 +715,10 @@ mod tests {
                 .unwrap();
             assert!(a_udp.recv_from(&mut [0; 16]).is_err(), "UDP reached a");
             let (dropped_in, dropped_out) = udp_dropped_packets(&a).unwrap();
-            assert!(dropped_in >= 1 && dropped_out >= 1, "{dropped_in} {dropped_out}");
+            assert!(
+                dropped_in >= 1 && dropped_out >= 1,
+                "{dropped_in} {dropped_out}"
+            );
             let still = a
                 .within(move || {
                     std::net::TcpStream::connect_timeout(
