@@ -396,9 +396,10 @@ fn audio_back(rt: &Runtime, c: &ConnectedClient, frames: usize) -> u64 {
 }
 
 #[test]
-fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_its_calls() {
+fn calls_split_across_relays_behind_node_port_nat_also_with_udp_blocked_and_losing_a_relay_loses_only_its_calls(
+) {
     if !available_or_skip(
-        "calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_its_calls",
+        "calls_split_across_relays_behind_node_port_nat_also_with_udp_blocked_and_losing_a_relay_loses_only_its_calls",
     ) {
         return;
     }
