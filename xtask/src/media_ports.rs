@@ -368,6 +368,39 @@ mod tests {
         }
     }
 
+    /// Both shipped relay Deployments offer ICE-TCP, and every variant's media ports agree.
+    #[test]
+    fn shipped_relays_offer_ice_tcp_consistently() {
+        let paths = crate::paths::Paths::discover();
+        let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
+        let relays: Vec<&Manifest> = all
+            .iter()
+            .filter(|m| m.kind == "Deployment")
+            .filter(|m| relay_container(&m.doc).is_some())
+            .collect();
+        assert_eq!(relays.len(), 2, "deploy/relay and deploy/replicas");
+        for m in relays {
+            let c = relay_container(&m.doc).unwrap();
+            assert_eq!(
+                setting(c, "--media-tcp-addr", "RELAY_MEDIA_TCP_ADDR"),
+                Some("0.0.0.0:8443"),
+                "{}",
+                m.file.display()
+            );
+            assert_eq!(host_ports(c, "TCP"), [(8443, 443)], "{}", m.file.display());
+        }
+        for k in crate::manifests::variants(&all) {
+            let files = crate::manifests::variant_files(&k.file);
+            let in_variant: Vec<&Manifest> = all
+                .iter()
+                .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
+                .collect();
+            let mut problems = Vec::new();
+            check_variant(&k.file, &in_variant, &mut problems);
+            assert!(problems.is_empty(), "{problems:?}");
+        }
+    }
+
     #[test]
     fn flags_win_over_env_and_named_ports_count() {
         let c = YamlLoader::load_from_str(
