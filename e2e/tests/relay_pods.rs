@@ -184,7 +184,6 @@ fn pods_that_appear_get_calls_and_every_hangup_reaches_the_pod_named_in_its_id()
         vars,
         template: Some(paths.root.join("envoy/envoy-relay-pods.yaml")),
         patches: vec![(rendered_endpoint, all_endpoints)],
-        ..Default::default()
     };
     let envoy = opts.start(&paths, &dir).expect("envoy");
     wait_endpoint_healthy(&envoy, a.addr);
