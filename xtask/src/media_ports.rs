@@ -107,7 +107,7 @@ fn selects(policy: &Yaml, labels: &Yaml) -> bool {
         None => true,
     };
     let wanted = spec["podSelector"]["matchLabels"].as_hash();
-    let matches = wanted.map_or(true, |w| {
+    let matches = wanted.is_none_or(|w| {
         w.iter()
             .all(|(k, v)| labels[k.as_str().unwrap_or("")] == *v)
     });
@@ -120,9 +120,9 @@ fn admits_from_anywhere(policy: &Yaml, protocol: &str, port: i64, name: Option<&
         .as_vec()
         .into_iter()
         .flatten()
-        .filter(|rule| rule["from"].as_vec().map_or(true, Vec::is_empty))
+        .filter(|rule| rule["from"].as_vec().is_none_or(Vec::is_empty))
         .any(|rule| {
-            rule["ports"].as_vec().map_or(true, |ports| {
+            rule["ports"].as_vec().is_none_or(|ports| {
                 ports.iter().any(|p| {
                     let proto_ok = p["protocol"].as_str().unwrap_or("TCP") == protocol;
                     let port_ok = match &p["port"] {
