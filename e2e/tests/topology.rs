@@ -494,8 +494,19 @@ fn calls_split_across_relays_behind_node_port_nat_also_with_udp_blocked_and_losi
         );
     }
 
-    // A browser on the client host: the demo page, served by Envoy on the gateway host.
-    browser_call(&topo);
+    // A browser on the client host: the demo page, served by Envoy on the gateway host. With
+    // UDP allowed, the same browser connects over UDP (preferred when both work).
+    if let Some((k, id)) = browser_call(&topo) {
+        let relay = topo.relay(k);
+        assert!(
+            relay.log_text().lines().any(|l| l.contains(&id)
+                && l.contains("call connected")
+                && l.contains("client_transport=udp")),
+            "relay-{} log: browser call {id} not connected over UDP:\n{}",
+            k + 1,
+            relay.log_text()
+        );
+    }
 
     // Relay 1's process dies (SIGKILL: a crashed pod): only its call ends.
     let (r0_id, r0_client) = take(&mut calls, "rtc_r0_");
@@ -719,7 +730,16 @@ fn calls_without_udp(topo: &Topology, rt: &Runtime) {
 
     // Chromium on the same host, same firewall: it finds the TCP candidate on its own.
     let before: Vec<f64> = (0..2).map(accepted).collect();
+    let dropped_before = udp_dropped_packets(&topo.client).unwrap();
     if let Some((k, id)) = browser_call(topo) {
+        // Chromium tried the UDP candidate first (its checks were dropped), then used TCP.
+        let dropped = udp_dropped_packets(&topo.client).unwrap();
+        let out = dropped.1 - dropped_before.1;
+        eprintln!("UDP from the browser dropped by the firewall: {out} packets");
+        assert!(
+            out >= 1,
+            "the browser sent no UDP: was the firewall in its way?"
+        );
         let relay = topo.relay(k);
         assert!(
             accepted(k) > before[k],
