@@ -12,14 +12,19 @@
 //! - gateway: Envoy with the Wasm filter, `envoy/envoy-two-relays.yaml` (one cluster per relay
 //!   replica), whose relay clusters point at the node addresses, port 30051;
 //! - node-k: a router with nftables in the NodePort shape: `node:30478/udp` DNAT to the pod's
-//!   media port 40000, `node:30051/tcp` DNAT to the pod's gRPC port 50051, the pod subnet
-//!   masqueraded when it leaves the node;
-//! - pod-k: the relay, bound to `0.0.0.0` (media, gRPC, metrics), advertising
-//!   `--public-ip <node address> --public-port 30478`; its only route is via its node;
+//!   media port 40000, `node:30443/tcp` DNAT to the pod's ICE-TCP port 8443, `node:30051/tcp`
+//!   DNAT to the pod's gRPC port 50051, the pod subnet masqueraded when it leaves the node;
+//! - pod-k: the relay, bound to `0.0.0.0` (media UDP and TCP, gRPC, metrics), advertising
+//!   `--public-ip <node address> --public-port 30478 --public-tcp-port 30443`; its only route
+//!   is via its node;
 //! - provider: the echo model on 198.18.0.40:8089, with no route to the pod subnets, so the
 //!   upstream legs work only through the nodes' masquerade.
 //!
-//! What it proves: calls split across both relays; events and audio flow both ways through
+//! What it proves, first with the client host behind a firewall that drops all UDP (nftables
+//! in the client namespace): a UDP-only client cannot connect (the block is real), while the
+//! str0m client over ICE-TCP and headless Chromium complete calls on both relays, over TCP
+//! (the relays' ICE-TCP metrics and their `client_transport=tcp` log lines say so). Then, with
+//! UDP allowed again: calls split across both relays; events and audio flow both ways through
 //! both, with the client reaching each relay only at its advertised node address and port;
 //! hangups answer 200 and end the call on the relay that owns it; a browser call works from the
 //! client host; when relay 1's process dies only its calls end, relay 2's keep flowing and a
@@ -32,13 +37,16 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{exercise, runtime, T};
+use common::{exercise, T};
 use e2e::{http, Envoy, Paths, Relay, RunDir, Vars};
-use echo_model::{ClientConfig, ConnectedClient, TestClient};
+use echo_model::{ClientConfig, ClientTransport, ConnectedClient, TestClient};
 use tokio::runtime::Runtime;
 use xtask::envoy::{render, DEFAULT_MODEL};
 use xtask::launch::{Echo, EchoSpec, EnvoySpec, RelaySpec};
-use xtask::netns::{available_or_skip, node_port_packets, Cidr, Lab, Netns, NodePort, Proto};
+use xtask::netns::{
+    available_or_skip, block_udp, node_port_packets, udp_dropped_packets, unblock_udp, Cidr, Lab,
+    Netns, NodePort, Proto,
+};
 use xtask::paths::Profile;
 use xtask::stack::LOCAL_ECHO_API_KEY;
 
@@ -50,8 +58,10 @@ const ADMIN_PORT: u16 = 9901;
 const ECHO_PORT: u16 = 8089;
 /// The NodePorts (what clients and Envoy use) and the pod ports behind them.
 const NODE_MEDIA_PORT: u16 = 30478;
+const NODE_MEDIA_TCP_PORT: u16 = 30443;
 const NODE_GRPC_PORT: u16 = 30051;
 const POD_MEDIA_PORT: u16 = 40000;
+const POD_MEDIA_TCP_PORT: u16 = 8443;
 const POD_GRPC_PORT: u16 = 50051;
 const POD_METRICS_PORT: u16 = 9464;
 const CALLS: &str = "/v1/realtime/calls";
@@ -139,6 +149,12 @@ impl Topology {
                         },
                         NodePort {
                             proto: Proto::Tcp,
+                            port: NODE_MEDIA_TCP_PORT,
+                            to_ip: pod_addr(k),
+                            to_port: POD_MEDIA_TCP_PORT,
+                        },
+                        NodePort {
+                            proto: Proto::Tcp,
                             port: NODE_GRPC_PORT,
                             to_ip: pod_addr(k),
                             to_port: POD_GRPC_PORT,
@@ -165,6 +181,8 @@ impl Topology {
             spec.args = vec![
                 format!("--public-ip={}", node_addr(k)),
                 format!("--public-port={NODE_MEDIA_PORT}"),
+                format!("--media-tcp-addr={}", any(POD_MEDIA_TCP_PORT)),
+                format!("--public-tcp-port={NODE_MEDIA_TCP_PORT}"),
                 "--media-shards=1".into(),
                 "--drain-secs=1".into(),
             ];
@@ -208,14 +226,28 @@ impl Topology {
             .unwrap_or_else(|e| panic!("{method} {path} from the client host: {e:#}"))
     }
 
-    /// A str0m client on the client host, its offer POSTed to the gateway; returns the call
-    /// id, the answer and the client.
+    /// A str0m client (UDP) on the client host, its offer POSTed to the gateway; returns the
+    /// call id, the answer and the client.
     fn create(&self) -> (String, String, TestClient) {
+        self.create_with(
+            ClientTransport::Udp,
+            ClientConfig::default().connect_timeout,
+        )
+    }
+
+    /// [`Topology::create`] with this transport and connect timeout.
+    fn create_with(
+        &self,
+        transport: ClientTransport,
+        connect_timeout: Duration,
+    ) -> (String, String, TestClient) {
         let (client, offer) = self
             .client
             .within(|| {
                 TestClient::new(ClientConfig {
                     bind_ip: CLIENT.into(),
+                    transport,
+                    connect_timeout,
                     ..ClientConfig::default()
                 })
             })
@@ -364,17 +396,24 @@ fn audio_back(rt: &Runtime, c: &ConnectedClient, frames: usize) -> u64 {
 }
 
 #[test]
-fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_its_calls() {
+fn calls_split_across_nat_relays_work_without_udp_and_a_lost_relay_loses_only_its_calls() {
     if !available_or_skip(
-        "calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_its_calls",
+        "calls_split_across_nat_relays_work_without_udp_and_a_lost_relay_loses_only_its_calls",
     ) {
         return;
     }
     let started = Instant::now();
     let paths = Paths::discover();
-    let rt = runtime();
     let mut topo = Topology::build(&paths);
+    let rt = client_runtime(&topo.client);
     eprintln!("topology up in {:?}", started.elapsed());
+
+    // The client host behind a firewall that drops all UDP: calls go over ICE-TCP.
+    calls_without_udp(&topo, &rt);
+    eprintln!("calls without UDP done at {:?}", started.elapsed());
+    let created: Vec<f64> = (0..2)
+        .map(|k| metric(topo.relay(k), "realtime_relay_calls_created_total"))
+        .collect();
 
     // Four calls from the client host: the replicas take turns (round robin).
     let mut calls = Vec::new();
@@ -404,7 +443,10 @@ fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_
             assert!(n >= 1, "node-{}: nothing through {proto:?} {port}", k + 1);
         }
         let r = topo.relay(k);
-        assert_eq!(metric(r, "realtime_relay_calls_created_total"), 2.0);
+        assert_eq!(
+            metric(r, "realtime_relay_calls_created_total"),
+            created[k] + 2.0
+        );
         assert_eq!(metric(r, "realtime_relay_calls_active"), 2.0);
         for dir in ["client_to_upstream", "upstream_to_client"] {
             let n = labelled(
@@ -422,14 +464,15 @@ fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_
             .position(|(id, _)| id.starts_with(prefix))
             .unwrap();
         let (id, client) = calls.remove(i);
-        let r = topo.hangup(&id);
-        assert_eq!(r.status, 200, "{id}: {}", r.text());
         let k = if prefix == "rtc_r0_" { 0 } else { 1 };
         let relay = topo.relay(k);
+        let hangups = labelled(relay, "realtime_relay_calls_ended_total{reason=\"hangup\"}");
+        let r = topo.hangup(&id);
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
         wait_metric(relay, "realtime_relay_calls_active", 1.0);
         assert_eq!(
             labelled(relay, "realtime_relay_calls_ended_total{reason=\"hangup\"}"),
-            1.0
+            hangups + 1.0
         );
         let log = relay.log_text();
         assert!(
@@ -450,8 +493,17 @@ fn calls_split_across_relays_behind_node_port_nat_and_losing_a_relay_loses_only_
         );
     }
 
-    // A browser on the client host: the demo page, served by Envoy on the gateway host.
-    browser_call(&topo);
+    // A browser on the client host: the demo page, served by Envoy on the gateway host. With
+    // UDP allowed, the same browser connects over UDP (preferred when both work).
+    if let Some((k, id)) = browser_call(&topo) {
+        let relay = topo.relay(k);
+        assert!(
+            connected_over(relay, &id, "udp"),
+            "relay-{} log: browser call {id} not connected over UDP:\n{}",
+            k + 1,
+            relay.log_text()
+        );
+    }
 
     // Relay 1's process dies (SIGKILL: a crashed pod): only its call ends.
     let (r0_id, r0_client) = take(&mut calls, "rtc_r0_");
@@ -510,8 +562,9 @@ fn take(calls: &mut Vec<(String, ConnectedClient)>, prefix: &str) -> (String, Co
 }
 
 /// The demo page in headless Chromium on the client host; skipped (with a SKIP line) where
-/// Chromium is not installed, required in CI (`CI=true`, where setup installs it).
-fn browser_call(topo: &Topology) {
+/// Chromium is not installed, required in CI (`CI=true`, where setup installs it). Returns the
+/// index of the relay that held the call and its id.
+fn browser_call(topo: &Topology) -> Option<(usize, String)> {
     let missing = [xtask::browser::CHROMIUM, xtask::browser::CHROMEDRIVER]
         .into_iter()
         .find(|p| !Path::new(p).exists());
@@ -526,7 +579,7 @@ fn browser_call(topo: &Topology) {
             "SKIP browser part of the topology test: {tool} is missing (`cargo xtask setup \
              --browser` installs it)"
         );
-        return;
+        return None;
     }
     let before: Vec<f64> = (0..2)
         .map(|k| metric(topo.relay(k), "realtime_relay_calls_created_total"))
@@ -559,4 +612,148 @@ fn browser_call(topo: &Topology) {
     );
     // The page hung up: the owning relay is back to its calls before the browser's.
     wait_metric(relay, "realtime_relay_calls_active", active[k]);
+    Some((k, report.call_id))
+}
+
+/// A tokio runtime whose threads all live on `host`: every socket its tasks open (the str0m
+/// client's ICE-TCP connections are opened by tasks) leaves from that host.
+fn client_runtime(host: &Netns) -> Runtime {
+    let ns = host.clone();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            ns.enter_current_thread()
+                .expect("a runtime thread enters the client host")
+        })
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The relay log has `call connected` for `id` with the client on `transport` (`udp`, `tcp`).
+fn connected_over(relay: &Relay, id: &str, transport: &str) -> bool {
+    let field = format!("client_transport={transport}");
+    relay
+        .log_text()
+        .lines()
+        .any(|l| l.contains(id) && l.contains("call connected") && l.contains(&field))
+}
+
+/// The client host drops all UDP (nftables); calls still complete over ICE-TCP on both
+/// relays, from the str0m client and from Chromium. UDP is allowed again at the end.
+fn calls_without_udp(topo: &Topology, rt: &Runtime) {
+    block_udp(&topo.client).expect("UDP firewall on the client host");
+    let accepted = |k: usize| {
+        metric(
+            topo.relay(k),
+            "realtime_relay_media_tcp_connections_accepted_total",
+        )
+    };
+
+    // Control: a UDP-only client cannot connect, so the block is real.
+    let (id, answer, client) = topo.create_with(ClientTransport::Udp, Duration::from_secs(4));
+    let err = rt
+        .block_on(client.connect(&answer))
+        .err()
+        .unwrap_or_else(|| panic!("{id}: a UDP client connected through a firewall dropping UDP"));
+    eprintln!("UDP-only client behind the firewall: {err:#}");
+    let (_, dropped_out) = udp_dropped_packets(&topo.client).unwrap();
+    assert!(dropped_out >= 1, "the firewall dropped no UDP");
+    assert_eq!(topo.hangup(&id).status, 200, "{id}");
+    for k in 0..2 {
+        wait_metric(topo.relay(k), "realtime_relay_calls_active", 0.0);
+        assert_eq!(accepted(k), 0.0, "relay-{}: a TCP connection", k + 1);
+    }
+
+    // The str0m client over ICE-TCP: one call on each relay, events and audio both ways.
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let (id, answer, client) = topo.create_with(
+            ClientTransport::Tcp,
+            ClientConfig::default().connect_timeout,
+        );
+        let k = usize::from(!id.starts_with("rtc_r0_"));
+        let node = node_addr(u8::try_from(k + 1).unwrap());
+        let passive = format!(" {node} {NODE_MEDIA_TCP_PORT} typ host tcptype passive");
+        assert!(answer.contains(&passive), "{id}: {passive} in {answer}");
+        assert!(!answer.contains("198.19."), "{id}: pod address in {answer}");
+        let connected = exercise(rt, client, &answer);
+        assert_eq!(connected.tcp_connections(), Some(1), "{id}");
+        calls.push((k, id, connected));
+    }
+    let mut on: Vec<usize> = calls.iter().map(|c| c.0).collect();
+    on.sort_unstable();
+    assert_eq!(on, [0, 1], "one TCP call per relay");
+    for (k, node) in topo.nodes.iter().enumerate() {
+        let n = node_port_packets(node, Proto::Tcp, NODE_MEDIA_TCP_PORT).unwrap();
+        assert!(
+            n >= 1,
+            "node-{}: nothing through TCP {NODE_MEDIA_TCP_PORT}",
+            k + 1
+        );
+        let r = topo.relay(k);
+        assert_eq!(accepted(k), 1.0, "relay-{}", k + 1);
+        assert_eq!(
+            metric(r, "realtime_relay_media_tcp_connections_active"),
+            1.0
+        );
+    }
+    for (k, id, connected) in calls {
+        let relay = topo.relay(k);
+        assert!(
+            connected_over(relay, &id, "tcp"),
+            "relay-{} log: {id} not connected over TCP:\n{}",
+            k + 1,
+            relay.log_text()
+        );
+        let r = topo.hangup(&id);
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+        rt.block_on(async {
+            assert!(
+                connected.wait_closed(T).await,
+                "{id}: the client saw the hangup"
+            );
+            let deadline = tokio::time::Instant::now() + T;
+            while connected.tcp_connections() != Some(0) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{id}: the TCP connection stayed open"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        wait_metric(relay, "realtime_relay_media_tcp_connections_active", 0.0);
+        wait_metric(relay, "realtime_relay_calls_active", 0.0);
+        rt.block_on(connected.close());
+    }
+
+    // Chromium on the same host, same firewall: it finds the TCP candidate on its own.
+    let before: Vec<f64> = (0..2).map(accepted).collect();
+    let dropped_before = udp_dropped_packets(&topo.client).unwrap();
+    if let Some((k, id)) = browser_call(topo) {
+        // Chromium tried the UDP candidate first (its checks were dropped), then used TCP.
+        let dropped = udp_dropped_packets(&topo.client).unwrap();
+        let out = dropped.1 - dropped_before.1;
+        eprintln!("UDP from the browser dropped by the firewall: {out} packets");
+        assert!(
+            out >= 1,
+            "the browser sent no UDP: was the firewall in its way?"
+        );
+        let relay = topo.relay(k);
+        assert!(
+            accepted(k) > before[k],
+            "relay-{}: browser not over TCP",
+            k + 1
+        );
+        assert!(
+            connected_over(relay, &id, "tcp"),
+            "relay-{} log: browser call {id} not connected over TCP:\n{}",
+            k + 1,
+            relay.log_text()
+        );
+        wait_metric(relay, "realtime_relay_media_tcp_connections_active", 0.0);
+    }
+    let (dropped_in, dropped_out) = udp_dropped_packets(&topo.client).unwrap();
+    eprintln!("UDP dropped on the client host: {dropped_in} in, {dropped_out} out");
+    unblock_udp(&topo.client).expect("UDP allowed again");
 }

@@ -2,7 +2,9 @@
 //! YAML, every document has a known `apiVersion`/`kind` and a name, the kinds the operator
 //! docs promise are all there, `kustomization.yaml` lists exactly the manifest files, and a few
 //! settings that matter for safety are what the docs say (fail-closed filter, one UDP media
-//! port, gRPC probes, non-root containers).
+//! port, gRPC probes, non-root containers). The relay's media ports (UDP and ICE-TCP) agree
+//! across hostPort, container port, the relay's settings and the NetworkPolicy
+//! ([`crate::media_ports`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -269,6 +271,7 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
         crate::istio_checks::check_hold(vdir, &in_variant, &mut problems);
         crate::istio_checks::check_patched_route_names(vdir, &in_variant, &mut problems);
         crate::scaling::check_variant(vdir, &in_variant, &mut problems);
+        crate::media_ports::check_variant(vdir, &in_variant, &mut problems);
     }
     if problems.is_empty() {
         Ok(report)

@@ -168,27 +168,35 @@ impl Netns {
     /// `f` creates belong to this namespace for their whole life, whichever thread uses them
     /// later. A panic in `f` is passed on.
     pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = Path::new("/run/netns").join(&self.name);
-        let file = std::fs::File::open(&path)
-            .with_context(|| format!("opening {} (namespace gone?)", path.display()))?;
         std::thread::scope(|s| {
             s.spawn(|| {
-                // SAFETY: setns(2) with a valid namespace fd; CLONE_NEWNET changes only this
-                // thread's network namespace (allowed in a multi-threaded process), and this
-                // thread ends when `f` returns.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(anyhow!(
-                        "entering network namespace {}: {}",
-                        self.name,
-                        std::io::Error::last_os_error()
-                    ));
-                }
+                // This thread ends when `f` returns, and the namespace with it.
+                self.enter_current_thread()?;
                 Ok(f())
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Moves the calling thread into this namespace for the rest of its life (for example
+    /// from a tokio runtime's `on_thread_start`, so that every socket its tasks open belongs to
+    /// this host). Prefer [`Netns::within`] where a closure will do.
+    pub fn enter_current_thread(&self) -> Result<()> {
+        let path = Path::new("/run/netns").join(&self.name);
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("opening {} (namespace gone?)", path.display()))?;
+        // SAFETY: setns(2) with a valid namespace fd; CLONE_NEWNET changes only the calling
+        // thread's network namespace, which a multi-threaded process may do.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!(
+                "entering network namespace {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
     }
 
     /// PIDs of the processes inside (`ip netns pids`).
@@ -329,6 +337,51 @@ pub fn node_port_packets(node: &Netns, proto: Proto, port: u16) -> Result<u64> {
         .find_map(|l| l.split_once(&rule))
         .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| anyhow!("no DNAT rule for {}/{port} in:\n{table}", proto.nft()))
+}
+
+/// The nftables table of [`block_udp`].
+const NO_UDP_TABLE: &str = "rtgw_no_udp";
+
+/// The ruleset of [`block_udp`]: every UDP packet into or out of the host is dropped and
+/// counted, on every interface (a firewall that lets only TCP through).
+pub fn udp_block_ruleset() -> String {
+    format!(
+        "table inet {NO_UDP_TABLE} {{\n\
+         \x20 chain input {{\n\
+         \x20   type filter hook input priority filter; policy accept;\n\
+         \x20   meta l4proto udp counter drop\n\
+         \x20 }}\n\
+         \x20 chain output {{\n\
+         \x20   type filter hook output priority filter; policy accept;\n\
+         \x20   meta l4proto udp counter drop\n\
+         \x20 }}\n\
+         }}\n"
+    )
+}
+
+/// Makes `host` a client behind a UDP-blocking firewall ([`udp_block_ruleset`]); undone by
+/// [`unblock_udp`] or with the namespace.
+pub fn block_udp(host: &Netns) -> Result<()> {
+    host.run_with_input(NFT, &["-f", "-"], &udp_block_ruleset())
+}
+
+/// Removes [`block_udp`]'s table from `host`.
+pub fn unblock_udp(host: &Netns) -> Result<()> {
+    host.run(NFT, &["delete", "table", "inet", NO_UDP_TABLE])?;
+    Ok(())
+}
+
+/// UDP packets [`block_udp`] has dropped on `host`: (incoming, outgoing).
+pub fn udp_dropped_packets(host: &Netns) -> Result<(u64, u64)> {
+    let table = host.run(NFT, &["list", "table", "inet", NO_UDP_TABLE])?;
+    let mut counts = table.lines().filter_map(|l| {
+        let (_, rest) = l.split_once("udp counter packets ")?;
+        rest.split_whitespace().next()?.parse::<u64>().ok()
+    });
+    match (counts.next(), counts.next()) {
+        (Some(input), Some(output)) => Ok((input, output)),
+        _ => bail!("no UDP drop counters in:\n{table}"),
+    }
 }
 
 /// Namespaces, links and NAT of one test; all removed on drop.
@@ -588,6 +641,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn udp_block_ruleset_drops_udp_both_ways() {
+        let rules = udp_block_ruleset();
+        assert!(rules.contains("table inet rtgw_no_udp"), "{rules}");
+        for hook in ["hook input", "hook output"] {
+            assert!(rules.contains(hook), "{rules}");
+        }
+        assert_eq!(rules.matches("meta l4proto udp counter drop").count(), 2);
+    }
+
     /// Two hosts on the switch reach each other, a stale namespace of a dead PID is removed,
     /// and dropping the lab deletes its namespaces.
     #[test]
@@ -630,6 +693,43 @@ mod tests {
                 })
                 .unwrap();
             assert!(connected);
+            // Behind block_udp, `a` sends and receives no UDP, while TCP still connects.
+            block_udp(&a).unwrap();
+            let b_udp = b
+                .within(|| std::net::UdpSocket::bind("198.18.0.2:0"))
+                .unwrap()
+                .unwrap();
+            b_udp
+                .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                .unwrap();
+            let b_udp_addr = b_udp.local_addr().unwrap();
+            let a_udp = a
+                .within(|| std::net::UdpSocket::bind("198.18.0.1:0"))
+                .unwrap()
+                .unwrap();
+            let _ = a_udp.send_to(b"out", b_udp_addr);
+            assert!(b_udp.recv_from(&mut [0; 16]).is_err(), "UDP left a");
+            b_udp.send_to(b"in", a_udp.local_addr().unwrap()).unwrap();
+            a_udp
+                .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                .unwrap();
+            assert!(a_udp.recv_from(&mut [0; 16]).is_err(), "UDP reached a");
+            let (dropped_in, dropped_out) = udp_dropped_packets(&a).unwrap();
+            assert!(
+                dropped_in >= 1 && dropped_out >= 1,
+                "{dropped_in} {dropped_out}"
+            );
+            let still = a
+                .within(move || {
+                    std::net::TcpStream::connect_timeout(
+                        &format!("198.18.0.2:{port}").parse().unwrap(),
+                        std::time::Duration::from_secs(5),
+                    )
+                    .is_ok()
+                })
+                .unwrap();
+            assert!(still, "TCP blocked too");
+            unblock_udp(&a).unwrap();
             names = lab
                 .namespaces()
                 .iter()
