@@ -185,6 +185,20 @@ pub fn config(
     remove_wasm_filter(&text)
 }
 
+/// The filter in `continue_headers` mode, as Istio's WasmPlugin runs it: Envoy's
+/// `allow_on_headers_stop_iteration` off, the plugin config's `continue_headers` on (creates
+/// go to `realtime_hold`, as in envoy/envoy.yaml for both modes).
+pub fn continue_headers_mode(text: &str) -> Result<String> {
+    const FLAG: &str = "allow_on_headers_stop_iteration: true";
+    const CONFIG: &str = "\"relay_cluster\": \"relay\",";
+    if text.matches(FLAG).count() != 1 || text.matches(CONFIG).count() != 1 {
+        bail!("envoy/envoy.yaml: expected one `{FLAG}` and one `{CONFIG}` to switch modes");
+    }
+    Ok(text
+        .replace(FLAG, "allow_on_headers_stop_iteration: false")
+        .replace(CONFIG, &format!("{CONFIG} \"continue_headers\": true,")))
+}
+
 /// Raises the native local rate limit of the listener to a value no benchmark reaches.
 pub fn raise_rate_limit(text: &str) -> Result<String> {
     if !text.contains("max_tokens:") || !text.contains("tokens_per_fill:") {

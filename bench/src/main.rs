@@ -212,6 +212,14 @@ fn check_setup(v: &Value, failures: &mut Vec<String>) {
     if v["setup_rate"]["setups"].as_u64().unwrap_or(0) == 0 {
         failures.push(format!("setup rate: no call set up: {}", v["setup_rate"]));
     }
+    for key in ["stop_iteration_ms", "continue_headers_ms"] {
+        if v["headers_modes"][key]["n"].as_u64().unwrap_or(0) == 0 {
+            failures.push(format!(
+                "setup headers modes: no call got through: {}",
+                v["headers_modes"]
+            ));
+        }
+    }
 }
 
 fn setup_section(
@@ -235,28 +243,46 @@ fn setup_section(
     let raised = cfg.run_dir.join("envoy.bench.yaml");
     std::fs::write(&raised, filter::raise_rate_limit(&template)?)?;
     cfg.envoy_config = raised;
+    // The same stack with the filter in `continue_headers` mode (Envoy without
+    // allow_on_headers_stop_iteration, Istio's WasmPlugin): creates are held through the
+    // internal listener `realtime_hold`, compared with the pause in the headers callback.
+    let mut hold_cfg = StackConfig::ephemeral(paths, "bench-hold")?;
+    hold_cfg.profile = profile;
+    hold_cfg.run_dir = run_dir.join("stack-hold");
+    std::fs::create_dir_all(&hold_cfg.run_dir)?;
+    let hold_config = hold_cfg.run_dir.join("envoy.bench-hold.yaml");
+    std::fs::write(
+        &hold_config,
+        filter::continue_headers_mode(&filter::raise_rate_limit(&template)?)?,
+    )?;
+    hold_cfg.envoy_config = hold_config;
     let stack = Stack::start(paths, cfg)?;
-    let pid_of = |name: &str| {
-        stack
-            .processes()
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .and_then(|(_, p, _)| p)
-            .with_context(|| format!("no {name} process in the stack"))
+    let hold_stack = Stack::start(paths, hold_cfg)?;
+    let targets = |stack: &Stack| -> Result<setup::Targets> {
+        let pid_of = |name: &str| {
+            stack
+                .processes()
+                .into_iter()
+                .find(|(n, _, _)| n == name)
+                .and_then(|(_, p, _)| p)
+                .with_context(|| format!("no {name} process in the stack"))
+        };
+        let relay_pid = pid_of("relay")?;
+        if let Some(c) = relay_cpu {
+            sys::pin(relay_pid, c)?;
+        }
+        Ok(setup::Targets {
+            gateway_calls: stack.urls.calls.clone(),
+            provider_url: stack.urls.upstream.clone(),
+            provider_auth: format!("Bearer {LOCAL_ECHO_API_KEY}"),
+            relay_grpc: stack.urls.relay_grpc.parse()?,
+            relay_pid,
+            envoy_pid: pid_of("envoy")?,
+            provider_pid: pid_of("local echo model")?,
+        })
     };
-    let relay_pid = pid_of("relay")?;
-    if let Some(c) = relay_cpu {
-        sys::pin(relay_pid, c)?;
-    }
-    let t = setup::Targets {
-        gateway_calls: stack.urls.calls.clone(),
-        provider_url: stack.urls.upstream.clone(),
-        provider_auth: format!("Bearer {LOCAL_ECHO_API_KEY}"),
-        relay_grpc: stack.urls.relay_grpc.parse()?,
-        relay_pid,
-        envoy_pid: pid_of("envoy")?,
-        provider_pid: pid_of("local echo model")?,
-    };
+    let t = targets(&stack)?;
+    let hold = targets(&hold_stack)?;
     let counts = if quick {
         setup::Counts {
             sequential: 10,
@@ -277,8 +303,16 @@ fn setup_section(
         }
     };
     let v = rt.block_on(setup::run(&t, &counts));
+    let modes = rt.block_on(setup::headers_modes(
+        &t,
+        &hold,
+        counts.sequential,
+        counts.cpu_setups,
+    ));
     drop(stack);
+    drop(hold_stack);
     let mut v = v?;
+    v["headers_modes"] = modes?;
     v["counts"] = json!({
         "sequential_per_path": counts.sequential,
         "concurrent_per_path": counts.concurrent,

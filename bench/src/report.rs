@@ -246,6 +246,34 @@ pub fn section(doc: &Value) -> String {
         );
     }
 
+    // 3b. How a create waits for its body.
+    let hm = &st["headers_modes"];
+    push(
+        &mut s,
+        "\n### 3b. Create in the two filter modes (pause in the headers callback with `allow_on_headers_stop_iteration`, vs `continue_headers` + the `realtime_hold` internal listener, as Istio's WasmPlugin runs it)\n"
+            .into(),
+    );
+    if hm.is_null() {
+        push(&mut s, "Not run.".into());
+    } else {
+        push(
+            &mut s,
+            format!(
+                "Sequential gateway setups, alternating between two identical stacks: pause p50 {} ms / p99 {} ms, continue_headers p50 {} ms / p99 {} ms (added p50 {} ms, ratio {}; n = {} each, {} errors). Envoy CPU per setup: {} µs paused, {} µs with continue_headers.",
+                f(&hm["stop_iteration_ms"]["p50"]),
+                f(&hm["stop_iteration_ms"]["p99"]),
+                f(&hm["continue_headers_ms"]["p50"]),
+                f(&hm["continue_headers_ms"]["p99"]),
+                f(&hm["added_ms"]["p50"]),
+                f(&hm["ratio"]["p50"]),
+                hm["stop_iteration_ms"]["n"],
+                hm["errors"],
+                f(&hm["cpu_stop_iteration"]["envoy_cpu_us_per_setup"]),
+                f(&hm["cpu_continue_headers"]["envoy_cpu_us_per_setup"]),
+            ),
+        );
+    }
+
     // 4. Filter.
     let fp = &r["filter_passthrough"];
     push(&mut s, "\n### 4. Filter cost on pass-through (`GET /v1/models` to a local upstream, Envoy `--concurrency 1` on its own core)\n".into());

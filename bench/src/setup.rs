@@ -167,6 +167,61 @@ fn compare(mut d: Vec<f64>, mut g: Vec<f64>, errors: Vec<String>) -> Value {
     v
 }
 
+/// Gateway setup latency and Envoy CPU with the filter pausing in the headers callback
+/// (`stop`, Envoy's allow_on_headers_stop_iteration) vs holding the body (`hold`,
+/// `continue_headers`): sequential creates alternating between the two stacks, then CPU.
+pub async fn headers_modes(
+    stop: &Targets,
+    hold: &Targets,
+    n: usize,
+    cpu_setups: usize,
+) -> Result<Value> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let offer = crate::peer::Offer::new()?.sdp;
+    for t in [stop, hold] {
+        for _ in 0..3 {
+            let (_, id) = create(&http, t, Path::Gateway, &offer)
+                .await
+                .context("warm-up call (headers modes)")?;
+            hangup(&http, t, Path::Gateway, &id).await;
+        }
+    }
+    crate::say("setup latency: pause in headers vs continue_headers");
+    let (mut a, mut b, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        for (t, out) in [(stop, &mut a), (hold, &mut b)] {
+            match create(&http, t, Path::Gateway, &offer).await {
+                Ok((ms, id)) => {
+                    out.push(ms);
+                    hangup(&http, t, Path::Gateway, &id).await;
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+    }
+    let sa = sys::summary(&mut a);
+    let sb = sys::summary(&mut b);
+    let mut v = json!({
+        "stop_iteration_ms": sa,
+        "continue_headers_ms": sb,
+        "errors": errors.len(),
+    });
+    for p in ["p50", "p99"] {
+        if let (Some(x), Some(y)) = (sa[p].as_f64(), sb[p].as_f64()) {
+            v["added_ms"][p] = json!(round3(y - x));
+            v["ratio"][p] = json!(round3(y / x));
+        }
+    }
+    if let Some(e) = errors.first() {
+        v["first_error"] = json!(e);
+    }
+    v["cpu_stop_iteration"] = cpu_per_setup(&http, stop, &offer, cpu_setups).await?;
+    v["cpu_continue_headers"] = cpu_per_setup(&http, hold, &offer, cpu_setups).await?;
+    Ok(v)
+}
+
 /// Envoy's and the relay's CPU per gateway setup: `n` sequential creates with nothing else
 /// going on (hangups afterwards, outside the window).
 async fn cpu_per_setup(
