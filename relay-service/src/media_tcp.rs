@@ -11,7 +11,9 @@
 //! Bounds: connections in total and per source IP ([`Admission`]), a deadline for the first
 //! frame and an idle timeout ([`ConnTimer`]), a largest frame, a few connections per call, and
 //! a bounded write queue per connection: frames for a client that does not read are dropped
-//! and counted, never buffered without limit. A connection is closed when its call ends.
+//! and counted, never buffered without limit. A connection is closed when its call ends: the
+//! goodbye, a FIN, then what the client still sends is read and discarded until its FIN (at
+//! most [`FLUSH_ON_CLOSE`]), so the close is never a reset that could cost it the goodbye.
 //! The decisions ([`Admission`], [`ConnTimer`], [`Routes`]) are sans-IO and tested in
 //! virtual time; the tasks around them only read, write and sleep.
 
@@ -625,8 +627,26 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     };
     closing.cancel();
     let _ = writing.await;
+    if reason == CloseReason::CallEnded {
+        linger(&mut reader, &mut buf).await;
+    }
     shared.metrics.closed(reason.code());
     tracing::debug!(%peer, reason = reason.code(), "ICE-TCP connection closed");
+}
+
+/// After the goodbye and our FIN: reads (and discards) what the client still sends until it
+/// closes its side too, for at most [`FLUSH_ON_CLOSE`]. Closing a socket with unread data
+/// sends a reset, not a FIN, and a reset may cost the client the goodbye it has not read yet
+/// (a stack may discard its receive buffer; a client that writes first sees the error first).
+async fn linger(reader: &mut OwnedReadHalf, buf: &mut [u8]) {
+    let _ = tokio::time::timeout(FLUSH_ON_CLOSE, async {
+        while let Ok(n) = reader.read(buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Hands a frame to its call's queue as a TCP packet from `peer` (the bridge gives it to
@@ -948,6 +968,57 @@ mod tests {
         assert_eq!(closed_count(&metrics, "call_ended"), 1);
         drop(route);
         assert_eq!(port.route_counts(), (0, 0));
+    }
+
+    /// The call ends while the client is still sending (an RTCP report, a consent check): the
+    /// relay reads and discards that until the client closes its side, so its connection ends
+    /// with FINs both ways. Closing with the client's frames unread would answer them with a
+    /// reset, which can cost the client the goodbye it has not read yet.
+    #[tokio::test]
+    async fn a_call_end_closes_the_connection_without_a_reset_while_the_client_still_sends() {
+        let metrics = TcpMetrics::default();
+        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
+        port.spawn_accept().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let route = port.register("rstcall", tx);
+        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
+        client
+            .write_all(&encode_frame(&binding_request("rstcall")).unwrap())
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        route.ending();
+        route.send(first.source, b"close_notify");
+        drop(route);
+        let mut frame = [0u8; 14];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut frame))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut rest = [0u8; 64];
+        let eof = tokio::time::timeout(Duration::from_secs(5), client.read(&mut rest))
+            .await
+            .unwrap();
+        assert_eq!(eof.unwrap(), 0, "the goodbye, then the relay's FIN");
+        // The client has not read the goodbye yet (as far as the relay knows) and sends on.
+        let rtcp = encode_frame(&[0x80; 100]).unwrap();
+        for i in 0..4 {
+            client
+                .write_all(&rtcp)
+                .await
+                .unwrap_or_else(|e| panic!("write {i} after the relay's FIN: {e}"));
+            tokio::task::yield_now().await;
+        }
+        client.shutdown().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.active.get() > 0 {
+            assert!(Instant::now() < deadline, "the connection was not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(closed_count(&metrics, "call_ended"), 1);
     }
 
     /// Without the goodbye, a client that closes is the one that went away.
