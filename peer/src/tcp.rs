@@ -224,6 +224,12 @@ impl Connection {
 
     /// Writes queued frames and reads frames until the peer drops its queue (then writes what
     /// is left and closes) or the remote closes.
+    ///
+    /// A write that fails (the remote closed or reset the connection) ends the writing, not the
+    /// reading: what the remote sent before it closed, its goodbye (DTLS close_notify) among
+    /// it, may still wait in the socket, and is read and delivered until the end of the
+    /// stream. The queue is closed, so the next packet for this address opens a new
+    /// connection.
     async fn run(self, mut queue: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
         let stream = self.open_stream().await?;
         self.open.fetch_add(1, Ordering::AcqRel);
@@ -231,10 +237,17 @@ impl Connection {
         let (mut reader, mut writer) = stream.into_split();
         let mut decoder = FrameDecoder::new(self.max_frame);
         let mut buf = vec![0u8; 4096];
+        let mut writing = true;
         loop {
             tokio::select! {
-                frame = queue.recv() => match frame {
-                    Some(frame) => writer.write_all(&frame).await?,
+                frame = queue.recv(), if writing => match frame {
+                    Some(frame) => {
+                        if let Err(e) = writer.write_all(&frame).await {
+                            tracing::debug!(error = %e, to = %self.to, "ICE-TCP write failed; reading what is left");
+                            writing = false;
+                            queue.close();
+                        }
+                    }
                     None => {
                         writer.shutdown().await?;
                         return Ok(());
@@ -255,6 +268,55 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The remote (the relay, when a call ends) sends its goodbye and resets the connection,
+    /// as a socket closed with unread data does, while the client has a frame of its own to
+    /// write. Whichever the connection task takes first, the goodbye that arrived is
+    /// delivered: a write failing on the reset used to end the task with the goodbye unread
+    /// (about half the time: `select!` picks at random), so the client never saw the call
+    /// end. The current-thread runtime runs the task only when the test awaits, so the
+    /// goodbye and the reset are both in the socket before the task looks.
+    #[tokio::test]
+    async fn a_goodbye_in_the_socket_is_delivered_even_when_a_write_fails_on_the_reset() {
+        for round in 0..16 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let relay = listener.local_addr().unwrap();
+            let (tx, mut inbound) = mpsc::channel(QUEUE_FRAMES);
+            let mut links = Links {
+                bind_ip: relay.ip(),
+                max_frame: 1500,
+                conns: HashMap::new(),
+                inbound: tx,
+                open: Arc::default(),
+            };
+            assert!(links.send(relay, b"stun"));
+            let (mut server, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 6];
+            server.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first[2..], b"stun");
+
+            server
+                .write_all(&encode_frame(b"close_notify").unwrap())
+                .await
+                .unwrap();
+            server.set_zero_linger().unwrap();
+            drop(server);
+            // The client's next transmit (an RTCP report, a consent check) is queued before
+            // its connection task has read anything.
+            assert!(links.send(relay, b"rtcp"));
+
+            let got = tokio::time::timeout(Duration::from_secs(5), inbound.recv()).await;
+            let Ok(Some((from, frame))) = got else {
+                panic!("round {round}: the goodbye was lost");
+            };
+            assert_eq!((from, frame.as_slice()), (relay, &b"close_notify"[..]));
         }
     }
 }

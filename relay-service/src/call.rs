@@ -98,7 +98,12 @@ impl CallDriver {
             }
         };
         // Say goodbye on both legs (DTLS close_notify, SCTP abort) so peers learn at
-        // once instead of after their own timeouts.
+        // once instead of after their own timeouts. An ICE-TCP client may close its
+        // connection as soon as it reads the goodbye, before the route is dropped: mark the
+        // call as ending first, so that close counts as the call's end.
+        if let Some(tcp) = &self.client_tcp {
+            tcp.ending();
+        }
         self.bridge.close();
         self.send(&mut out).await;
         if reported_connected {

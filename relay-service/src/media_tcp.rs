@@ -11,7 +11,9 @@
 //! Bounds: connections in total and per source IP ([`Admission`]), a deadline for the first
 //! frame and an idle timeout ([`ConnTimer`]), a largest frame, a few connections per call, and
 //! a bounded write queue per connection: frames for a client that does not read are dropped
-//! and counted, never buffered without limit. A connection is closed when its call ends.
+//! and counted, never buffered without limit. A connection is closed when its call ends: the
+//! goodbye, a FIN, then what the client still sends is read and discarded until its FIN (at
+//! most [`FLUSH_ON_CLOSE`]), so the close is never a reset that could cost it the goodbye.
 //! The decisions ([`Admission`], [`ConnTimer`], [`Routes`]) are sans-IO and tested in
 //! virtual time; the tasks around them only read, write and sleep.
 
@@ -224,6 +226,10 @@ struct CallRoute {
     conns: Vec<SocketAddr>,
     /// Cancelled when the call ends: its connections close.
     ended: CancellationToken,
+    /// Cancelled when the call starts to end, before its goodbye is queued: a client that
+    /// closes its connection from then on (in answer to the goodbye) closes it because the
+    /// call ended.
+    ending: CancellationToken,
 }
 
 struct ConnRoute {
@@ -244,6 +250,7 @@ pub struct Attached {
     pub ufrag: String,
     pub tx: mpsc::Sender<Datagram>,
     pub ended: CancellationToken,
+    pub ending: CancellationToken,
 }
 
 impl Routes {
@@ -255,6 +262,7 @@ impl Routes {
                 tx,
                 conns: Vec::new(),
                 ended: CancellationToken::new(),
+                ending: CancellationToken::new(),
             },
         );
     }
@@ -279,6 +287,7 @@ impl Routes {
             ufrag: ufrag.to_string(),
             tx: call.tx.clone(),
             ended: call.ended.clone(),
+            ending: call.ending.clone(),
         })
     }
 
@@ -296,6 +305,7 @@ impl Routes {
     fn unregister(&mut self, key: u64, ufrag: &str) {
         if self.by_ufrag.get(ufrag).is_some_and(|c| c.key == key) {
             if let Some(call) = self.by_ufrag.remove(ufrag) {
+                call.ending.cancel();
                 call.ended.cancel();
                 for a in call.conns {
                     if self.by_addr.get(&a).is_some_and(|c| c.key == key) {
@@ -303,6 +313,13 @@ impl Routes {
                     }
                 }
             }
+        }
+    }
+
+    /// Call `key` (ufrag `ufrag`) starts to end.
+    fn ending(&self, key: u64, ufrag: &str) {
+        if let Some(call) = self.by_ufrag.get(ufrag).filter(|c| c.key == key) {
+            call.ending.cancel();
         }
     }
 
@@ -364,6 +381,14 @@ pub struct TcpRoute {
 }
 
 impl TcpRoute {
+    /// The call starts to end; call this before queuing its goodbye (DTLS close_notify).
+    /// A client that closes its connection after this, as it does when it reads the goodbye,
+    /// is counted as closed because the call ended: the client may well close before the
+    /// route is dropped.
+    pub fn ending(&self) {
+        self.shared.routes().ending(self.key, &self.ufrag);
+    }
+
     /// Queues one of this call's packets for its connection to `to`; a full queue or a
     /// connection that is gone drops it, counted.
     pub fn send(&self, to: SocketAddr, packet: &[u8]) {
@@ -588,6 +613,10 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
                     timer.received(now);
                     deliver(shared, &attached.tx, peer, frame, now);
                 }
+                // In answer to the call's goodbye, or on its own while the call ends.
+                Err(ReadError::Closed) if attached.ending.is_cancelled() => {
+                    break CloseReason::CallEnded
+                }
                 Err(ReadError::Closed) => break CloseReason::PeerClosed,
                 Err(ReadError::TooLarge(e)) => {
                     tracing::debug!(%peer, error = %e, "ICE-TCP frame too large");
@@ -598,8 +627,26 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     };
     closing.cancel();
     let _ = writing.await;
+    if reason == CloseReason::CallEnded {
+        linger(&mut reader, &mut buf).await;
+    }
     shared.metrics.closed(reason.code());
     tracing::debug!(%peer, reason = reason.code(), "ICE-TCP connection closed");
+}
+
+/// After the goodbye and our FIN: reads (and discards) what the client still sends until it
+/// closes its side too, for at most [`FLUSH_ON_CLOSE`]. Closing a socket with unread data
+/// sends a reset, not a FIN, and a reset may cost the client the goodbye it has not read yet
+/// (a stack may discard its receive buffer; a client that writes first sees the error first).
+async fn linger(reader: &mut OwnedReadHalf, buf: &mut [u8]) {
+    let _ = tokio::time::timeout(FLUSH_ON_CLOSE, async {
+        while let Ok(n) = reader.read(buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Hands a frame to its call's queue as a TCP packet from `peer` (the bridge gives it to
@@ -869,6 +916,137 @@ mod tests {
             })
             .get();
         assert_eq!(closed, 1);
+    }
+
+    fn closed_count(metrics: &TcpMetrics, reason: &str) -> u64 {
+        metrics
+            .closed
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    /// The order that made `ice_tcp`'s hangup test flaky, made deterministic: the call queues
+    /// its goodbye, the client reads it and closes its connection at once, and the relay sees
+    /// that close before the call's route is dropped. The connection still closed because the
+    /// call ended, not because the client went away.
+    #[tokio::test]
+    async fn a_client_that_closes_in_answer_to_the_goodbye_counts_as_closed_by_the_call_end() {
+        let metrics = TcpMetrics::default();
+        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
+        port.spawn_accept().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let route = port.register("byecall", tx);
+        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
+        client
+            .write_all(&encode_frame(&binding_request("byecall")).unwrap())
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // What the call driver does when the call ends: mark it ending, queue the goodbye.
+        route.ending();
+        route.send(first.source, b"close_notify");
+        let mut frame = [0u8; 14];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut frame))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&frame[2..], b"close_notify");
+        // The client answers the goodbye by closing, while the route still lives.
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.active.get() > 0 {
+            assert!(Instant::now() < deadline, "the connection was not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(port.route_counts(), (1, 0), "the call is still registered");
+        assert_eq!(closed_count(&metrics, "peer_closed"), 0);
+        assert_eq!(closed_count(&metrics, "call_ended"), 1);
+        drop(route);
+        assert_eq!(port.route_counts(), (0, 0));
+    }
+
+    /// The call ends while the client is still sending (an RTCP report, a consent check): the
+    /// relay reads and discards that until the client closes its side, so its connection ends
+    /// with FINs both ways. Closing with the client's frames unread would answer them with a
+    /// reset, which can cost the client the goodbye it has not read yet.
+    #[tokio::test]
+    async fn a_call_end_closes_the_connection_without_a_reset_while_the_client_still_sends() {
+        let metrics = TcpMetrics::default();
+        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
+        port.spawn_accept().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let route = port.register("rstcall", tx);
+        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
+        client
+            .write_all(&encode_frame(&binding_request("rstcall")).unwrap())
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        route.ending();
+        route.send(first.source, b"close_notify");
+        drop(route);
+        let mut frame = [0u8; 14];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut frame))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut rest = [0u8; 64];
+        let eof = tokio::time::timeout(Duration::from_secs(5), client.read(&mut rest))
+            .await
+            .unwrap();
+        assert_eq!(eof.unwrap(), 0, "the goodbye, then the relay's FIN");
+        // The client has not read the goodbye yet (as far as the relay knows) and sends on.
+        let rtcp = encode_frame(&[0x80; 100]).unwrap();
+        for i in 0..4 {
+            client
+                .write_all(&rtcp)
+                .await
+                .unwrap_or_else(|e| panic!("write {i} after the relay's FIN: {e}"));
+            tokio::task::yield_now().await;
+        }
+        client.shutdown().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.active.get() > 0 {
+            assert!(Instant::now() < deadline, "the connection was not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(closed_count(&metrics, "call_ended"), 1);
+    }
+
+    /// Without the goodbye, a client that closes is the one that went away.
+    #[tokio::test]
+    async fn a_client_that_closes_during_the_call_counts_as_peer_closed() {
+        let metrics = TcpMetrics::default();
+        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
+        port.spawn_accept().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let route = port.register("livecall", tx);
+        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
+        client
+            .write_all(&encode_frame(&binding_request("livecall")).unwrap())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.active.get() > 0 {
+            assert!(Instant::now() < deadline, "the connection was not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(closed_count(&metrics, "peer_closed"), 1);
+        assert_eq!(closed_count(&metrics, "call_ended"), 0);
+        drop(route);
     }
 
     #[test]

@@ -380,3 +380,36 @@ async fn an_ipv6_client_without_udp_completes_a_call_over_ice_tcp() {
     assert_eq!(client.tcp_connections(), Some(1));
     client.close().await;
 }
+
+/// The hangup lands while the TCP-only client is still sending (audio every 2 ms here; RTCP
+/// reports and consent checks in any call): the relay's goodbye must still reach it, and the
+/// connection must close because the call ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_client_still_sending_when_the_call_is_hung_up_sees_the_call_end() {
+    let mut h = Harness::start(&["--media-tcp-addr=127.0.0.1:0"]).await;
+    let (call_id, mut client, _answer) = tcp_call(&mut h).await;
+    media_flows(&mut client).await;
+    let hangup = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        h.grpc
+            .hangup_call(v1::HangupCallRequest {
+                call_id: call_id.clone(),
+            })
+            .await
+            .expect("hangup")
+    };
+    // Sending fails once the client saw the end: that is the point, not an error.
+    let (_, sent) = tokio::join!(hangup, client.send_audio(500, Duration::from_millis(2)));
+    let _ = sent;
+    assert!(client.wait_closed(T).await, "the client saw the call end");
+    wait_for_metric(&h, "realtime_relay_media_tcp_connections_active", 0.0).await;
+    let text = h.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"realtime_relay_media_tcp_connections_closed_total{reason="call_ended"}"#
+        ),
+        1.0
+    );
+    client.close().await;
+}
