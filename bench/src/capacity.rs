@@ -242,12 +242,23 @@ async fn measure(
     Ok(v)
 }
 
-/// The relay under test on ephemeral loopback ports, pinned to `cpu` (None: not pinned).
-fn start_relay(bin: &Path, upstream: &str, cpu: Option<usize>, log: PathBuf) -> Result<Relay> {
+/// The relay under test on ephemeral loopback ports, pinned to `cpu` (None: not pinned). With
+/// `media_unspecified`, its media port is bound on 0.0.0.0 and advertises 127.0.0.1.
+fn start_relay(
+    bin: &Path,
+    upstream: &str,
+    cpu: Option<usize>,
+    media_unspecified: bool,
+    log: PathBuf,
+) -> Result<Relay> {
     let mut spec = RelaySpec::ephemeral("relay", bin.to_path_buf(), log)?;
     spec.allow_upstreams = vec![upstream.to_string()];
     spec.allow_private_upstreams = true;
     spec.args = vec!["--drain-secs=1".into(), "--max-calls=5000".into()];
+    if media_unspecified {
+        spec.media.set_ip(std::net::Ipv4Addr::UNSPECIFIED.into());
+        spec.args.push("--public-ip=127.0.0.1".into());
+    }
     spec.env = vec![("RUST_LOG".into(), "warn".into())];
     spec.cpu = cpu;
     Relay::start(&spec)
@@ -272,6 +283,7 @@ pub async fn ramp(
     quick: bool,
     relay_bin: &Path,
     relay_cpu: Option<usize>,
+    relay_media_unspecified: bool,
     log_dir: &Path,
 ) -> Result<Value> {
     let provider = echo_model::MockProvider::start_with_limits(
@@ -311,7 +323,13 @@ pub async fn ramp(
             .await;
         crate::say(format!("capacity: {calls} calls through the relay"));
         let log = log_dir.join(format!("relay-capacity-{calls}.log"));
-        let relay = start_relay(relay_bin, &provider_url, relay_cpu, log)?;
+        let relay = start_relay(
+            relay_bin,
+            &provider_url,
+            relay_cpu,
+            relay_media_unspecified,
+            log,
+        )?;
         let via = Via::Relay {
             relay: &relay,
             provider_url: provider_url.clone(),

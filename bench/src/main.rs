@@ -53,6 +53,11 @@ struct Cli {
     /// figures mean nothing).
     #[arg(long)]
     dev_binaries: bool,
+    /// Capacity: bind the relay's media port on 0.0.0.0 advertising 127.0.0.1, so every
+    /// client-leg datagram takes the packet-info path (recvmsg/sendmsg with the arrival
+    /// address as source) instead of recvfrom/sendto.
+    #[arg(long)]
+    relay_media_unspecified: bool,
 }
 
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -130,7 +135,12 @@ fn run(cli: Cli) -> Result<()> {
         });
         let relay_bin = paths.relay_bin(profile);
         let r = rt.block_on(capacity::ramp(
-            &levels, cli.quick, &relay_bin, relay_cpu, &run_dir,
+            &levels,
+            cli.quick,
+            &relay_bin,
+            relay_cpu,
+            cli.relay_media_unspecified,
+            &run_dir,
         ));
         match r {
             Ok(v) => {

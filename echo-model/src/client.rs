@@ -118,6 +118,11 @@ pub struct ClientConfig {
     pub opus_pt: u8,
     /// `connect` fails if ICE + DTLS + the `oai-events` channel are not up by then.
     pub connect_timeout: Duration,
+    /// Over UDP, drop (and count, [`ConnectedClient::foreign_source_drops`]) datagrams whose
+    /// source is not an address this client sent to, as libwebrtc does: a relay whose replies
+    /// leave from another of its addresses than the one the client sent to fails here as it
+    /// fails for Chrome. On by default; str0m alone does not check.
+    pub strict_source: bool,
 }
 
 impl Default for ClientConfig {
@@ -127,6 +132,7 @@ impl Default for ClientConfig {
             transport: ClientTransport::Udp,
             opus_pt: 111,
             connect_timeout: Duration::from_secs(10),
+            strict_source: true,
         }
     }
 }
@@ -186,6 +192,8 @@ struct ClientShared {
     vanished: AtomicBool,
     audio: Mutex<AudioAcc>,
     dc_dropped: std::sync::atomic::AtomicU64,
+    /// Mirror of the UDP peer's `foreign_source` counter ([`ClientConfig::strict_source`]).
+    foreign_source: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -207,6 +215,7 @@ pub struct TestClient {
     audio_mid: Mid,
     opus_pt: Pt,
     connect_timeout: Duration,
+    strict_source: bool,
 }
 
 impl TestClient {
@@ -253,6 +262,7 @@ impl TestClient {
             audio_mid,
             opus_pt,
             connect_timeout: config.connect_timeout,
+            strict_source: config.strict_source,
         };
         Ok((client, offer.to_sdp_string()))
     }
@@ -275,7 +285,10 @@ impl TestClient {
             .context("accepting SDP answer")?;
         let io = match self.endpoint {
             Endpoint::Udp(socket) => {
-                Io::Udp(UdpPeer::new(self.rtc, socket).context("registering the UDP socket")?)
+                let mut peer =
+                    UdpPeer::new(self.rtc, socket).context("registering the UDP socket")?;
+                peer.strict_source = self.strict_source;
+                Io::Udp(peer)
             }
             Endpoint::Tcp(ip) => Io::Tcp(TcpPeer::new(self.rtc, ip, MAX_DATAGRAM)),
         };
@@ -285,6 +298,7 @@ impl TestClient {
             vanished: AtomicBool::new(false),
             audio: Mutex::new(AudioAcc::default()),
             dc_dropped: Default::default(),
+            foreign_source: Default::default(),
         });
         // Commands are small; the bound gives back-pressure to a sender that outruns the task.
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
@@ -325,9 +339,11 @@ impl TestClient {
                 bail!("peer connection ended before it was ready")
             }
             Err(_) => {
+                let foreign = client.foreign_source_drops();
                 client.close().await;
                 bail!(
-                    "not connected (ICE+DTLS and oai-events open) within {:?}",
+                    "not connected (ICE+DTLS and oai-events open) within {:?}; {foreign} \
+                     datagrams dropped for coming from an address this client never sent to",
                     self.connect_timeout
                 )
             }
@@ -480,6 +496,12 @@ impl ConnectedClient {
     /// Data-channel messages dropped because the inbox was full (nobody reading).
     pub fn dropped_messages(&self) -> u64 {
         self.shared.dc_dropped.load(Ordering::Relaxed)
+    }
+
+    /// UDP datagrams dropped because their source was not an address this client sent to
+    /// ([`ClientConfig::strict_source`]).
+    pub fn foreign_source_drops(&self) -> u64 {
+        self.shared.foreign_source.load(Ordering::Relaxed)
     }
 
     /// ICE-TCP connections established now; `None` over UDP.
@@ -719,7 +741,13 @@ impl Driver {
                     Some(Command::Close) | None => break,
                 },
                 r = self.io.recv(&mut buf) => match r {
-                    Ok((n, source)) => self.io.handle_packet(&buf[..n], source, Instant::now()),
+                    Ok((n, source)) => {
+                        self.io.handle_packet(&buf[..n], source, Instant::now());
+                        if let Io::Udp(p) = &self.io {
+                            let dropped = p.counters.foreign_source;
+                            self.shared.foreign_source.store(dropped, Ordering::Relaxed);
+                        }
+                    }
                     Err(e) => tracing::debug!(error = %e, "test client: receive error"),
                 },
                 _ = &mut sleep => {

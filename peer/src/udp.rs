@@ -86,13 +86,26 @@ pub struct IoCounters {
     pub send_errors: u64,
     /// Received datagrams that were not STUN/DTLS/RTP/RTCP, or that str0m rejected.
     pub bad_datagrams: u64,
+    /// With [`UdpPeer::strict_source`]: received datagrams dropped because they came from an
+    /// address this peer never sent to (a reply that left the remote from the wrong address).
+    pub foreign_source: u64,
 }
+
+/// The most remote addresses a strict peer remembers having sent to. A client sends to the
+/// answer's few candidates; the bound keeps a misbehaving remote from growing the list.
+const MAX_SENT_TO: usize = 16;
 
 /// One `Rtc` and the socket it talks through.
 pub struct UdpPeer {
     pub shell: Shell,
     pub socket: UdpSocket,
     pub counters: IoCounters,
+    /// Accept datagrams only from addresses this peer has sent to, as libwebrtc (Chrome)
+    /// does: a reply must come from the address its request went to (RFC 8445 §7.2.5.2.1).
+    /// For an offerer talking to an ICE-lite answerer, which never sends first. Off by default.
+    pub strict_source: bool,
+    /// Remote addresses sent to (kept only when `strict_source`).
+    sent_to: Vec<SocketAddr>,
 }
 
 impl UdpPeer {
@@ -103,6 +116,8 @@ impl UdpPeer {
             shell: Shell::new(rtc, local_addr),
             socket: UdpSocket::from_std(socket)?,
             counters: IoCounters::default(),
+            strict_source: false,
+            sent_to: Vec::new(),
         })
     }
 
@@ -120,9 +135,17 @@ impl UdpPeer {
             shell,
             socket,
             counters,
+            strict_source,
+            sent_to,
         } = self;
         shell.drain(|rtc, d| match d {
             Drained::Transmit(t) => {
+                if *strict_source
+                    && sent_to.len() < MAX_SENT_TO
+                    && !sent_to.contains(&t.destination)
+                {
+                    sent_to.push(t.destination);
+                }
                 // Never wait: a full socket buffer drops the datagram, as the network would.
                 // Counted instead of stalling every other peer on this thread.
                 if let Err(e) = socket.try_send_to(&t.contents, t.destination) {
@@ -136,6 +159,11 @@ impl UdpPeer {
 
     /// Feeds one received datagram; unusable ones are counted and dropped. Drain afterwards.
     pub fn handle_datagram(&mut self, data: &[u8], source: SocketAddr, now: Instant) {
+        if self.strict_source && !self.sent_to.contains(&source) {
+            self.counters.foreign_source += 1;
+            tracing::debug!(%source, "datagram from an address never sent to dropped");
+            return;
+        }
         if let Err(e) = self.shell.handle_datagram(now, source, data) {
             self.counters.bad_datagrams += 1;
             tracing::debug!(error = %e, %source, "datagram dropped");
@@ -159,6 +187,7 @@ impl UdpPeer {
             shell,
             socket,
             counters,
+            ..
         } = self;
         shell.close(Instant::now(), |t| {
             if socket.try_send_to(&t.contents, t.destination).is_err() {

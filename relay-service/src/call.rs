@@ -3,7 +3,7 @@
 
 use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
-use crate::media_socket::{ClientPort, Datagram, RouteGuard};
+use crate::media_socket::{ClientPort, Datagram, ReplySources, RouteGuard};
 use crate::media_tcp::TcpRoute;
 use crate::registry::CallEntry;
 use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
@@ -43,8 +43,11 @@ impl CallDriver {
         // The protocol of the client leg's latest transmit: once connected, the nominated
         // pair's (UDP, or ICE-TCP for a client whose network blocks UDP).
         let mut client_proto = Protocol::Udp;
+        // Where each client address reached us (port bound on the unspecified address only):
+        // replies leave from there.
+        let mut reply_sources = ReplySources::default();
         let reason = loop {
-            if let Some(proto) = self.send(&mut out).await {
+            if let Some(proto) = self.send(&mut out, &reply_sources).await {
                 client_proto = proto;
             }
             if let Some(reason) = self.bridge.end_reason() {
@@ -68,10 +71,10 @@ impl CallDriver {
                         self.bridge.end(EndReason::InternalError);
                         continue;
                     };
-                    self.bridge.handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data);
+                    self.client_packet(d, &mut reply_sources);
                     for _ in 1..BATCH {
                         match self.client_rx.try_recv() {
-                            Ok(d) => self.bridge.handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data),
+                            Ok(d) => self.client_packet(d, &mut reply_sources),
                             Err(_) => break,
                         }
                     }
@@ -105,15 +108,27 @@ impl CallDriver {
             tcp.ending();
         }
         self.bridge.close();
-        self.send(&mut out).await;
+        self.send(&mut out, &reply_sources).await;
         if reported_connected {
             self.connected_gauge.dec();
         }
         reason
     }
 
+    fn client_packet(&mut self, d: Datagram, reply_sources: &mut ReplySources) {
+        if let Some(local) = d.local_ip {
+            reply_sources.learn(d.source, local);
+        }
+        self.bridge
+            .handle_packet(Leg::Client, d.at, d.proto, d.source, &d.data);
+    }
+
     /// Sends what the bridge has to send; returns the protocol of the last client-leg transmit.
-    async fn send(&mut self, out: &mut Vec<(Leg, Transmit)>) -> Option<Protocol> {
+    async fn send(
+        &mut self,
+        out: &mut Vec<(Leg, Transmit)>,
+        reply_sources: &ReplySources,
+    ) -> Option<Protocol> {
         self.bridge.send_written(Instant::now());
         out.extend(self.bridge.take_transmits());
         let mut client_proto = None;
@@ -126,7 +141,10 @@ impl CallDriver {
                     // Queued on the client's connection; a full queue drops, counted.
                     (Protocol::Tcp, Some(tcp)) => tcp.send(t.destination, &t.contents),
                     (Protocol::Udp, _) => {
-                        self.client_port.send_to(&t.contents, t.destination).await
+                        let from = reply_sources.source_for(t.destination);
+                        self.client_port
+                            .send_to(&t.contents, t.destination, from)
+                            .await
                     }
                     _ => tracing::trace!(proto = %t.proto, "client-leg transmit on no transport"),
                 },

@@ -6,15 +6,27 @@
 //! is routed by the ufrag in its USERNAME (we chose each call's ufrag), and teaches the
 //! table the client's address. Lookups are hash-map hits, never a scan over calls.
 //! Datagrams no call accepts are dropped and counted.
+//!
+//! Bound on the unspecified address (`0.0.0.0`, `[::]`) on a host with several addresses,
+//! a plain `sendto` leaves from the kernel's preferred source for the route, which need not be
+//! the address the client sent to; ICE requires the reply to come from there (RFC 8445
+//! §7.2.5.2.1) and libwebrtc drops datagrams from any other address. So such a port reads with
+//! `recvmsg` and `IP_PKTINFO`/`IPV6_RECVPKTINFO` (via `quinn-udp`), hands each datagram's
+//! arrival address to its call ([`Datagram::local_ip`], remembered per client address in
+//! [`ReplySources`]), and sends with `sendmsg` and that address as source. A port bound on one
+//! address already sends from it and keeps plain `recvfrom`/`sendto`.
 
 use crate::metrics::Metrics;
 use crate::stun;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use str0m::net::Protocol;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -23,6 +35,10 @@ use tokio::sync::mpsc;
 /// must not be able to grow our tables.
 const MAX_ADDRS_PER_CALL: usize = 8;
 
+/// Receive buffer of a port that reads with `recvmsg`: `quinn-udp` turns on UDP GRO, which
+/// may coalesce several datagrams of one flow into one read of up to 64 KiB.
+const GRO_BUFFER: usize = 64 * 1024;
+
 /// A packet for one call's client leg: a UDP datagram, or an ICE-TCP frame
 /// ([`crate::media_tcp`]).
 #[derive(Debug)]
@@ -30,7 +46,49 @@ pub struct Datagram {
     pub at: Instant,
     pub proto: Protocol,
     pub source: SocketAddr,
+    /// The local address the datagram arrived at, when the port is bound on the unspecified
+    /// address (else `None`: the bound address is the only one). Replies leave from it.
+    pub local_ip: Option<IpAddr>,
     pub data: Vec<u8>,
+}
+
+/// The local address each client address of one call reached us at, so replies to it leave
+/// from there ([`ClientPort::send_to`]). Bounded like the port's address table.
+#[derive(Debug, Default)]
+pub struct ReplySources {
+    by_remote: Vec<(SocketAddr, IpAddr)>,
+}
+
+impl ReplySources {
+    /// Remembers where `remote`'s latest datagram arrived. A few entries: a linear scan.
+    pub fn learn(&mut self, remote: SocketAddr, local: IpAddr) {
+        if let Some(entry) = self.by_remote.iter_mut().find(|(r, _)| *r == remote) {
+            entry.1 = local;
+            return;
+        }
+        if self.by_remote.len() == MAX_ADDRS_PER_CALL {
+            self.by_remote.remove(0);
+        }
+        self.by_remote.push((remote, local));
+    }
+
+    /// The source for a datagram to `remote`: where `remote` reached us, else where the call's
+    /// latest new client address did (`None` until a datagram arrived: the kernel chooses).
+    pub fn source_for(&self, remote: SocketAddr) -> Option<IpAddr> {
+        self.by_remote
+            .iter()
+            .find(|(r, _)| *r == remote)
+            .or(self.by_remote.last())
+            .map(|(_, local)| *local)
+    }
+}
+
+/// One `SO_REUSEPORT` socket of the port.
+struct Shard {
+    socket: UdpSocket,
+    /// Set when bound on the unspecified address: read and write with `recvmsg`/`sendmsg`
+    /// and packet info.
+    pktinfo: Option<UdpSocketState>,
 }
 
 #[derive(Clone)]
@@ -47,7 +105,7 @@ struct Routes {
 }
 
 pub struct ClientPort {
-    sockets: Vec<Arc<UdpSocket>>,
+    shards: Vec<Arc<Shard>>,
     routes: Arc<RwLock<Routes>>,
     local_addr: SocketAddr,
     next_key: std::sync::atomic::AtomicU64,
@@ -74,7 +132,8 @@ impl Drop for RouteGuard {
 
 impl ClientPort {
     /// Binds `shards` sockets on `addr` with SO_REUSEPORT (the kernel spreads
-    /// clients across them by 4-tuple hash).
+    /// clients across them by 4-tuple hash). On the unspecified address, each also reports
+    /// the arrival address of what it receives and takes a source address for what it sends.
     pub fn bind(addr: SocketAddr, shards: usize) -> std::io::Result<Self> {
         let shards = shards.max(1);
         let mut sockets = Vec::with_capacity(shards);
@@ -93,10 +152,18 @@ impl ClientPort {
             let sock = UdpSocket::from_std(std_sock)?;
             // With port 0, every shard binds the port the first one got.
             local_addr = sock.local_addr()?;
-            sockets.push(Arc::new(sock));
+            let pktinfo = if local_addr.ip().is_unspecified() {
+                Some(UdpSocketState::new((&sock).into())?)
+            } else {
+                None
+            };
+            sockets.push(Arc::new(Shard {
+                socket: sock,
+                pktinfo,
+            }));
         }
         Ok(ClientPort {
-            sockets,
+            shards: sockets,
             routes: Arc::new(RwLock::new(Routes::default())),
             local_addr,
             next_key: std::sync::atomic::AtomicU64::new(1),
@@ -126,43 +193,112 @@ impl ClientPort {
         (r.by_ufrag.len(), r.by_addr.len())
     }
 
-    /// Sends from the shared port. UDP sends rarely block; when the socket buffer is
-    /// full we wait rather than drop, since DTLS handshakes must not lose messages.
-    pub async fn send_to(&self, data: &[u8], to: SocketAddr) {
-        let failed = match send_or_wait(&self.sockets[0], data, to, None) {
-            Send::Sent => return,
-            Send::Failed(e) => e,
-            Send::Full(wait) => match wait.await {
-                Ok(()) => return,
-                Err(e) => e,
+    /// Sends from the shared port, from local address `from` when the port is bound on the
+    /// unspecified address (see [`ReplySources`]; ignored otherwise). UDP sends rarely
+    /// block; when the socket buffer is full we wait rather than drop, since DTLS handshakes
+    /// must not lose messages.
+    pub async fn send_to(&self, data: &[u8], to: SocketAddr, from: Option<IpAddr>) {
+        let shard = &self.shards[0];
+        let failed = match &shard.pktinfo {
+            None => match send_or_wait(&shard.socket, data, to, None) {
+                Send::Sent => return,
+                Send::Failed(e) => e,
+                Send::Full(wait) => match wait.await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
             },
+            Some(state) => {
+                let transmit = Transmit {
+                    destination: to,
+                    ecn: None,
+                    contents: data,
+                    segment_size: None,
+                    src_ip: from,
+                };
+                let sock = &shard.socket;
+                let send = || state.try_send(sock.into(), &transmit);
+                match sock.try_io(Interest::WRITABLE, send) {
+                    Ok(()) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        match sock.async_io(Interest::WRITABLE, send).await {
+                            Ok(()) => return,
+                            Err(e) => e,
+                        }
+                    }
+                    Err(e) => e,
+                }
+            }
         };
-        tracing::debug!(error = %failed, %to, "client-leg send failed");
+        tracing::debug!(error = %failed, %to, ?from, "client-leg send failed");
     }
 
     /// Starts one receive task per shard.
     pub fn spawn_receivers(self: &Arc<Self>, metrics: Arc<Metrics>) {
-        for sock in &self.sockets {
-            let sock = sock.clone();
+        for shard in &self.shards {
+            let shard = shard.clone();
             let port = self.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; MAX_DATAGRAM];
-                loop {
-                    match sock.recv_from(&mut buf).await {
-                        Ok((n, source)) => port.dispatch(source, &buf[..n], &metrics),
-                        Err(e) => {
-                            // ICMP-induced errors (port unreachable) surface here on
-                            // Linux; they are not fatal for the socket.
-                            tracing::trace!(error = %e, "media port receive error");
-                        }
+                match &shard.pktinfo {
+                    None => port.receive(&shard.socket, &metrics).await,
+                    Some(state) => {
+                        port.receive_with_pktinfo(&shard.socket, state, &metrics)
+                            .await
                     }
                 }
             });
         }
     }
 
-    fn dispatch(&self, source: SocketAddr, data: &[u8], metrics: &Metrics) {
+    /// A shard bound on one address: `recvfrom`.
+    async fn receive(&self, sock: &UdpSocket, metrics: &Metrics) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            match sock.recv_from(&mut buf).await {
+                Ok((n, source)) => self.dispatch(source, None, &buf[..n], metrics),
+                // ICMP-induced errors (port unreachable) surface here on Linux; they are
+                // not fatal for the socket.
+                Err(e) => tracing::trace!(error = %e, "media port receive error"),
+            }
+        }
+    }
+
+    /// A shard bound on the unspecified address: `recvmsg` with the arrival address.
+    async fn receive_with_pktinfo(
+        &self,
+        sock: &UdpSocket,
+        state: &UdpSocketState,
+        metrics: &Metrics,
+    ) {
+        let mut buf = vec![0u8; GRO_BUFFER];
+        loop {
+            let received = sock
+                .async_io(Interest::READABLE, || {
+                    let mut meta = [RecvMeta::default()];
+                    state.recv(sock.into(), &mut [IoSliceMut::new(&mut buf)], &mut meta)?;
+                    Ok(meta[0])
+                })
+                .await;
+            match received {
+                Ok(meta) => {
+                    // One datagram, or several of one flow coalesced by GRO, `stride` apart.
+                    for data in buf[..meta.len].chunks(meta.stride.max(1)) {
+                        self.dispatch(meta.addr, meta.dst_ip, data, metrics);
+                    }
+                }
+                Err(e) => tracing::trace!(error = %e, "media port receive error"),
+            }
+        }
+    }
+
+    fn dispatch(
+        &self,
+        source: SocketAddr,
+        local_ip: Option<IpAddr>,
+        data: &[u8],
+        metrics: &Metrics,
+    ) {
         let route = self.lookup(source, data);
         let Some(route) = route else {
             metrics.unmatched_datagrams.inc();
@@ -172,6 +308,7 @@ impl ClientPort {
             at: Instant::now(),
             proto: Protocol::Udp,
             source,
+            local_ip,
             data: data.to_vec(),
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = route.tx.try_send(d) {
@@ -237,12 +374,12 @@ mod tests {
         let client_b: SocketAddr = "127.0.0.1:5002".parse().unwrap();
 
         // RTP before any STUN from that address: nobody's.
-        port.dispatch(client_a, &[0x80, 1, 2, 3], &metrics);
+        port.dispatch(client_a, None, &[0x80, 1, 2, 3], &metrics);
         assert_eq!(metrics.unmatched_datagrams.get(), 1);
 
-        port.dispatch(client_a, &binding_request("ufragA"), &metrics);
-        port.dispatch(client_b, &binding_request("ufragB"), &metrics);
-        port.dispatch(client_a, &[0x80, 9], &metrics);
+        port.dispatch(client_a, None, &binding_request("ufragA"), &metrics);
+        port.dispatch(client_b, None, &binding_request("ufragB"), &metrics);
+        port.dispatch(client_a, None, &[0x80, 9], &metrics);
         assert!(rx_a.try_recv().unwrap().data.starts_with(&[0x00, 0x01]));
         assert_eq!(rx_a.try_recv().unwrap().data, vec![0x80, 9]);
         assert_eq!(rx_b.try_recv().unwrap().source, client_b);
@@ -250,7 +387,7 @@ mod tests {
 
         drop(guard_a);
         assert_eq!(port.route_count(), (1, 1));
-        port.dispatch(client_a, &[0x80, 9], &metrics);
+        port.dispatch(client_a, None, &[0x80, 9], &metrics);
         assert_eq!(metrics.unmatched_datagrams.get(), 2);
     }
 
@@ -262,15 +399,71 @@ mod tests {
         let _g = port.register("u1", tx);
         for p in 0..100u16 {
             let src = SocketAddr::new("127.0.0.1".parse().unwrap(), 6000 + p);
-            port.dispatch(src, &binding_request("u1"), &metrics);
+            port.dispatch(src, None, &binding_request("u1"), &metrics);
         }
         assert_eq!(port.route_count(), (1, MAX_ADDRS_PER_CALL));
+    }
+
+    #[test]
+    fn reply_sources_remember_the_arrival_address_per_client_address_bounded() {
+        let mut r = ReplySources::default();
+        let a: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:5000".parse().unwrap();
+        let (x, y): (IpAddr, IpAddr) = (
+            "198.51.100.1".parse().unwrap(),
+            "198.51.100.2".parse().unwrap(),
+        );
+        assert_eq!(r.source_for(a), None);
+        r.learn(a, x);
+        r.learn(b, y);
+        assert_eq!((r.source_for(a), r.source_for(b)), (Some(x), Some(y)));
+        r.learn(a, y);
+        assert_eq!(r.source_for(a), Some(y));
+        // An address never heard from gets the latest new address's arrival address.
+        assert_eq!(r.source_for("192.0.2.9:1".parse().unwrap()), Some(y));
+        for p in 0..100u16 {
+            r.learn(SocketAddr::new(a.ip(), 6000 + p), x);
+        }
+        assert_eq!(r.by_remote.len(), MAX_ADDRS_PER_CALL);
+    }
+
+    /// 127.0.0.3 is a local address (127/8), but towards 127.0.0.1 the kernel picks 127.0.0.1
+    /// as source: the two-address host in miniature.
+    #[tokio::test]
+    async fn a_port_on_the_unspecified_address_learns_arrival_addresses_and_replies_from_them() {
+        let port = Arc::new(ClientPort::bind("0.0.0.0:0".parse().unwrap(), 3).unwrap());
+        assert!(port.shards.iter().all(|s| s.pktinfo.is_some()));
+        let (tx, mut rx) = mpsc::channel(8);
+        let _g = port.register("u1", tx);
+        port.spawn_receivers(Arc::new(Metrics::new()));
+        let advertised = SocketAddr::new([127, 0, 0, 3].into(), port.local_addr().port());
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client
+            .send_to(&binding_request("u1"), advertised)
+            .await
+            .unwrap();
+        let d = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.source, client.local_addr().unwrap());
+        assert_eq!(d.local_ip, Some(advertised.ip()));
+
+        let mut buf = [0u8; 64];
+        port.send_to(b"reply", d.source, d.local_ip).await;
+        let (n, from) = client.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&b"reply"[..], advertised));
+        // Without a source the kernel picks one: the defect this port avoids.
+        port.send_to(b"plain", d.source, None).await;
+        let (_, from) = client.recv_from(&mut buf).await.unwrap();
+        assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
     }
 
     #[tokio::test]
     async fn shards_share_one_port() {
         let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
         assert_ne!(port.local_addr().port(), 0);
-        assert_eq!(port.sockets.len(), 3);
+        assert_eq!(port.shards.len(), 3);
+        assert!(port.shards.iter().all(|s| s.pktinfo.is_none()));
     }
 }

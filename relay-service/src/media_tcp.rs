@@ -662,6 +662,7 @@ fn deliver(
         at,
         proto: Protocol::Tcp,
         source: peer,
+        local_ip: None,
         data,
     };
     if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(d) {

@@ -3,13 +3,18 @@
 //! `0.0.0.0` with `--public-ip=$(NODE_IP)`), on IPv6, and behind a NAT that changes the port
 //! (`--public-port`, a NodePort). ICE only answers checks addressed to a candidate it
 //! advertised, so each of these used to end as `ice_timeout` with the answer already sent.
+//!
+//! On a host with several addresses, a relay bound on the unspecified address must also reply
+//! from the address the client sent to: the test client drops datagrams from any other
+//! address, as libwebrtc does ([`ClientConfig::strict_source`], on by default), and the tests
+//! below check that it dropped none.
 
 mod common;
 
 use common::Harness;
 use echo_model::{ClientConfig, ConnectedClient};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -68,6 +73,100 @@ async fn a_relay_bound_on_the_ipv6_unspecified_address_connects_ipv6_clients() {
     let (_id, mut client) = h.call(client_config, "m", "").await;
     media_flows(&mut client).await;
     client.close().await;
+}
+
+/// A call on a relay bound on `bind` (unspecified) advertising `advertised`, from a strict
+/// client on `client_ip`: the advertised address is one of the host's addresses, but not the
+/// one the kernel would pick as source towards the client. Before replies left from their
+/// request's arrival address, the client dropped every reply and the call never connected.
+async fn replies_come_from_the_advertised_address(
+    bind: &str,
+    advertised: IpAddr,
+    client_ip: IpAddr,
+) {
+    let mut h = Harness::start(&[
+        &format!("--media-addr={bind}"),
+        &format!("--public-ip={advertised}"),
+    ])
+    .await;
+    assert!(h.relay.media_addr.ip().is_unspecified());
+    let config = ClientConfig {
+        bind_ip: client_ip,
+        strict_source: true,
+        ..ClientConfig::default()
+    };
+    let (_id, mut client) = h.call(config, "m", "").await;
+    media_flows(&mut client).await;
+    assert_eq!(
+        client.foreign_source_drops(),
+        0,
+        "some replies left from another address than {advertised}"
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_the_unspecified_address_replies_from_the_address_the_client_sent_to() {
+    // 127.0.0.3 is local (127/8 is the loopback net), but towards a client on 127.0.0.1 the
+    // kernel picks 127.0.0.1 as source: the shape of a VM with a secondary IP.
+    replies_come_from_the_advertised_address(
+        "0.0.0.0:0",
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_relay_replies_to_ipv4_clients_from_the_address_they_sent_to() {
+    if std::net::UdpSocket::bind("[::]:0").is_err() {
+        eprintln!("SKIPPED: this host cannot bind [::]");
+        return;
+    }
+    replies_come_from_the_advertised_address(
+        "[::]:0",
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    )
+    .await;
+}
+
+/// A global IPv6 address of this host (from `/proc/net/if_inet6`), if it has one: towards
+/// `::1` the kernel picks `::1` as source, so advertising this one needs the fix as
+/// 127.0.0.3 does on IPv4 (IPv6 has no loopback net with several addresses).
+fn a_second_ipv6_address() -> Option<Ipv6Addr> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // address, ifindex, prefix length, scope (00 = global), flags, interface name
+        let (hex, scope) = (fields.first()?, fields.get(3)?);
+        let bits = u128::from_str_radix(hex, 16).ok()?;
+        let ip = Ipv6Addr::from(bits);
+        (*scope == "00" && !ip.is_loopback() && std::net::UdpSocket::bind((ip, 0)).is_ok())
+            .then_some(ip)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_relay_on_the_unspecified_address_replies_from_the_address_the_client_sent_to() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this host has no IPv6 loopback");
+        return;
+    }
+    let Some(second) = a_second_ipv6_address() else {
+        eprintln!(
+            "SKIPPED: this host has no global IPv6 address besides ::1, so there is no second \
+             address to advertise (IPv6 has no loopback net); the IPv4 and dual-stack tests \
+             cover the mechanism"
+        );
+        return;
+    };
+    replies_come_from_the_advertised_address(
+        "[::]:0",
+        IpAddr::V6(second),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    )
+    .await;
 }
 
 /// A port-translating NAT in front of the relay's media port, as a NodePort or a firewall's

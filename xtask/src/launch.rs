@@ -144,9 +144,12 @@ impl RelaySpec {
         cmd.arg("--grpc-addr")
             .arg(self.grpc.to_string())
             .arg("--metrics-addr")
-            .arg(self.metrics.to_string())
-            .arg("--media-addr")
-            .arg(self.media.to_string());
+            .arg(self.metrics.to_string());
+        // An explicit `--media-addr` in `args` (e.g. `xtask up --relay-arg=--media-addr=0.0.0.0:P`,
+        // as docs/operations.md shows) replaces ours: the relay takes the flag only once.
+        if !self.args.iter().any(|a| a.starts_with("--media-addr")) {
+            cmd.arg("--media-addr").arg(self.media.to_string());
+        }
         for upstream in &self.allow_upstreams {
             cmd.arg("--allow-upstream").arg(upstream);
         }
