@@ -23,8 +23,13 @@ fn clk_tck() -> f64 {
 pub fn cpu_secs(pid: u32) -> Result<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    Ok(cpu_ticks(&text)? / clk_tck())
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`.
+fn cpu_ticks(stat: &str) -> Result<f64> {
     // The command name is in parentheses and may contain spaces: fields follow the last ')'.
-    let rest = text
+    let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
         .context("malformed /proc/<pid>/stat")?;
@@ -32,7 +37,7 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
     // After ')': state(3) ppid(4) ... utime is field 14, stime 15 (1-based) => index 11, 12.
     let utime: f64 = f.get(11).context("no utime")?.parse()?;
     let stime: f64 = f.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) / clk_tck())
+    Ok(utime + stime)
 }
 
 /// Resident set size in KiB (VmRSS).
@@ -231,9 +236,33 @@ mod tests {
     }
 
     #[test]
-    fn own_process_is_measurable() {
+    fn cpu_ticks_are_utime_plus_stime_after_the_command_name() {
+        // A command name with spaces and a ')' of its own; utime 17, stime 4.
+        let stat = "4242 (rtgw (x) y) S 1 4242 4242 0 -1 4194560 120 0 0 0 17 4 0 0 20 0 1 0 5 0 0";
+        assert_eq!(cpu_ticks(stat).unwrap(), 21.0);
+        assert!(cpu_ticks("4242 rtgw S 1").is_err());
+        assert!(cpu_ticks("4242 (rtgw) S 1 2").is_err());
+    }
+
+    #[test]
+    fn own_process_cpu_grows_while_it_works() {
         let pid = std::process::id();
-        assert!(cpu_secs(pid).unwrap() >= 0.0);
+        let before = cpu_secs(pid).unwrap();
+        // Work until the kernel has charged 100 ms of CPU (bounded by the wall clock: a
+        // loaded machine gives this thread less than a core).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut x = 0u64;
+        let mut after = before;
+        while after - before < 0.1 && std::time::Instant::now() < deadline {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            after = cpu_secs(pid).unwrap();
+        }
+        assert!(
+            after - before >= 0.1,
+            "cpu {before} -> {after}: not charged"
+        );
         assert!(rss_kib(pid).unwrap() > 0);
     }
 }
