@@ -346,6 +346,7 @@ async fn client_close_ends_the_call_on_the_provider() {
     bounded(async {
         let p = provider().await;
         let (c, _) = connect(&p, ClientConfig::default()).await;
+        assert_eq!(p.active_calls(), 1, "the call is live before the close");
         c.close().await;
         assert!(
             p.wait_for_active_calls(0, STEP).await,
@@ -427,6 +428,8 @@ async fn shutdown_closes_live_calls() {
     bounded(async {
         let p = provider().await;
         let (c, _) = connect(&p, ClientConfig::default()).await;
+        assert_eq!(p.active_calls(), 1, "the call is live before the shutdown");
+        assert!(c.is_alive());
         let url = p.base_url();
         p.shutdown().await;
         assert!(
@@ -496,8 +499,9 @@ async fn many_concurrent_clients_echo_independently() {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(p.wait_for_active_calls(0, STEP).await);
+        // Every client got its echo, so 20 calls were live; now all have ended.
         assert_eq!(p.stats().rtp_packets_echoed, 200);
+        assert!(p.wait_for_active_calls(0, STEP).await);
         p.shutdown().await;
     })
     .await;
