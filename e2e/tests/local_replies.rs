@@ -513,3 +513,75 @@ fn upstream_down_and_timeouts_get_503_and_504_json() {
     assert_eq!(err["type"], "server_error");
     drop(silent);
 }
+
+/// The other bootstraps under `envoy/` carry the same mappers: a sample of Envoy's own replies
+/// and of the filter's, through each of them.
+#[test]
+fn every_bootstrap_gives_envoys_own_replies_the_openai_shape() {
+    let paths = Paths::discover();
+    let provider = FakeUpstream::start(200, "text/plain", "provider").unwrap();
+    for file in [
+        "envoy.yaml",
+        "envoy-two-relays.yaml",
+        "envoy-relay-pods.yaml",
+    ] {
+        let dir = RunDir::new(&format!("local-replies-{file}")).unwrap();
+        let envoy = EnvoyOptions {
+            provider_port: Some(provider.port),
+            env: vec![
+                ("OPENAI_API_KEY".into(), KEY.into()),
+                ("RELAY_REPLICA_KEY".into(), "k".repeat(40)),
+            ],
+            template: Some(paths.envoy_dir().join(file)),
+            ..Default::default()
+        }
+        .start(&paths, &dir)
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        let big = "a".repeat(40_000);
+        for (method, path, headers, body, status, code) in [
+            (
+                "POST",
+                "/v1/realtime/calls/..%2F..%2Fmodels/hangup",
+                vec![],
+                &b""[..],
+                400,
+                "invalid_request",
+            ),
+            ("GET", "/nope", vec![], &b""[..], 404, "not_found"),
+            (
+                "GET",
+                "/v1/models",
+                vec![("x-big", big.as_str())],
+                &b""[..],
+                431,
+                "request_header_fields_too_large",
+            ),
+            (
+                "POST",
+                "/v1/realtime/calls//hangup",
+                vec![],
+                &b""[..],
+                404,
+                "not_found",
+            ),
+            (
+                "POST",
+                CALLS,
+                vec![("content-type", "application/sdp")],
+                &b"v=0\r\n"[..],
+                400,
+                "invalid_sdp",
+            ),
+        ] {
+            let r = http::request(envoy.listen(), method, path, &headers, body).unwrap();
+            let what = format!("{file}: {method} {path}");
+            assert_eq!(r.status, status, "{what}: {}", r.text());
+            assert_eq!(openai_error(&r, &what)["code"], code, "{what}");
+        }
+        assert!(
+            provider.recorded().is_empty(),
+            "{file}: {:?}",
+            provider.recorded()
+        );
+    }
+}
