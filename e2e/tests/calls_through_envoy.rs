@@ -421,3 +421,34 @@ fn an_offer_only_the_relay_refuses_keeps_its_code_through_envoy() {
     );
     assert!(p.requests().is_empty(), "the provider heard nothing");
 }
+
+/// An upstream refusal that is not JSON (a proxy's HTML 502, say) is the filter's reply, passed
+/// on as the upstream sent it: Envoy's local-reply mappers must not turn it into the gateway's
+/// own error.
+#[test]
+fn a_non_json_upstream_refusal_passes_through_verbatim() {
+    let rt = runtime();
+    let cfg = echo_model::ProviderConfig {
+        reject_with: Some((502, "text/html".into(), "<html>bad gateway</html>".into())),
+        ..echo_model::ProviderConfig::local(Some(KEY))
+    };
+    let p = rt
+        .block_on(echo_model::MockProvider::start(cfg))
+        .expect("mock provider starts");
+    let g = gateway(
+        "upstream502html",
+        &[p.base_url()],
+        single_worker(&p.base_url(), "inject_if_missing"),
+    );
+    let (_c, offer) = new_client();
+    let r = post_sdp(&g.envoy, CALLS, &offer, &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/html"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.text(), "<html>bad gateway</html>");
+    assert_eq!(p.requests().len(), 1);
+}

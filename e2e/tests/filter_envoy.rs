@@ -115,15 +115,20 @@ fn pass_through_request_reaches_the_provider_untouched() {
         0,
         "pass-through routes bypass the VM"
     );
-    // A GET on a call's own URL is not the filter's either; that route runs the filter,
-    // which lets it through.
-    let r = http::get(envoy.listen(), "/v1/realtime/calls/rtc_abc").unwrap();
+    // A path that only shares the calls path's prefix is not the filter's; that route runs
+    // the filter, which lets it through.
+    let r = http::get(envoy.listen(), "/v1/realtime/callsx").unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
         passed_through(&envoy),
         1,
         "the realtime route runs the filter"
     );
+    // A GET on a call's own URL is under the calls path, which the gateway owns: a local
+    // 404, never the provider's (tests/local_replies.rs has the whole table).
+    let r = http::get(envoy.listen(), "/v1/realtime/calls/rtc_abc").unwrap();
+    assert_openai_error(&r, 404, "not_found");
+    assert_eq!(provider.recorded().len(), 2);
 }
 
 /// The filter's `requests.passed_through` counter from Envoy's stats.

@@ -325,6 +325,70 @@ pub fn check_hold_matches_envoy(all: &[Manifest], envoy_yaml: &Path) -> Result<S
     }
 }
 
+/// Every EnvoyFilter NETWORK_FILTER patch that sets `local_reply_config` (deploy/istio/
+/// local-replies) carries the public listener's `local_reply_config` of `envoy/envoy.yaml`
+/// (the one e2e/tests/local_replies.rs proves), field for field; and there is one.
+pub fn check_local_replies_match_envoy(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
+    let doc = load_envoy(envoy_yaml)?;
+    let want = doc["static_resources"]["listeners"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["name"].as_str() == Some("public"))
+        .flat_map(|l| {
+            l["filter_chains"][0]["filters"]
+                .as_vec()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|f| f["typed_config"]["local_reply_config"].clone())
+        .find(|c| !c.is_badvalue())
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: the public listener has no local_reply_config",
+                envoy_yaml.display()
+            )
+        })?;
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for m in all.iter().filter(|m| m.kind == "EnvoyFilter") {
+        for p in m.doc["spec"]["configPatches"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["applyTo"].as_str() == Some("NETWORK_FILTER"))
+        {
+            let got = &p["patch"]["value"]["typed_config"]["local_reply_config"];
+            if got.is_badvalue() {
+                continue;
+            }
+            if *got == want {
+                checked += 1;
+            } else {
+                problems.push(format!(
+                    "EnvoyFilter {} ({}): local_reply_config differs from the public listener's \
+                     in {} (keep the two identical)",
+                    m.name,
+                    m.file.display(),
+                    envoy_yaml.display()
+                ));
+            }
+        }
+    }
+    if checked == 0 && problems.is_empty() {
+        problems.push(
+            "no EnvoyFilter gives the ingress gateway envoy.yaml's local_reply_config".into(),
+        );
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "{checked} local_reply_config patch(es) identical to envoy.yaml's"
+        ))
+    } else {
+        Err(anyhow!("{}", problems.join("\n")))
+    }
+}
+
 /// The CORS policies on the `/v1/realtime/calls` routes of an Envoy bootstrap.
 pub fn envoy_calls_cors(envoy_yaml: &Path) -> Result<Vec<Cors>> {
     let doc = load_envoy(envoy_yaml)?;
@@ -464,6 +528,34 @@ mod tests {
             let err = check_cors(&drifted, &envoy_yaml).unwrap_err().to_string();
             assert!(err.contains("corsPolicy differs"), "{from}: {err}");
         }
+    }
+
+    #[test]
+    fn the_istio_local_replies_are_envoy_yamls_and_a_drift_is_refused() {
+        let paths = crate::paths::Paths::discover();
+        let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
+        let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
+        let ok = check_local_replies_match_envoy(&all, &envoy_yaml).unwrap();
+        assert!(ok.starts_with('1'), "{ok}");
+        let mut drifted = all.clone();
+        for m in drifted
+            .iter_mut()
+            .filter(|m| m.name == "realtime-local-replies")
+        {
+            let text = std::fs::read_to_string(&m.file)
+                .unwrap()
+                .replace("code: gateway_timeout", "code: timeout");
+            m.doc = yaml(&text);
+        }
+        let err = check_local_replies_match_envoy(&drifted, &envoy_yaml).unwrap_err();
+        assert!(err.to_string().contains("differs"), "{err}");
+        let none: Vec<_> = all
+            .iter()
+            .filter(|m| m.name != "realtime-local-replies")
+            .cloned()
+            .collect();
+        let err = check_local_replies_match_envoy(&none, &envoy_yaml).unwrap_err();
+        assert!(err.to_string().contains("no EnvoyFilter"), "{err}");
     }
 
     #[test]

@@ -177,6 +177,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             ui::line(format!("deploy/ CORS: {cors}"));
             let hold = istio_checks::check_hold_matches_envoy(&all, &envoy_yaml)?;
             ui::line(format!("deploy/ hold: {hold}"));
+            let replies = istio_checks::check_local_replies_match_envoy(&all, &envoy_yaml)?;
+            ui::line(format!("deploy/ local replies: {replies}"));
             let verdict = schemas::validate_dir(&paths, &paths.deploy_dir())?;
             ui::line(format!("deploy/ schemas: {verdict}"));
             let verdict = pipeline::validate_envoy_filter_fragments(&paths)?;

@@ -632,7 +632,7 @@ fn check_kustomization(m: &Manifest, dir: &Path, all: &[Manifest], problems: &mu
 
 /// Builds one Envoy bootstrap that holds every Envoy fragment patched in by the EnvoyFilters
 /// under `dir` (CLUSTER and HTTP_FILTER patch values, HTTP_ROUTE patch values each on a route
-/// of its own), plus stubs for the clusters Istio
+/// of its own, NETWORK_FILTER merges into the HTTP connection manager), plus stubs for the clusters Istio
 /// provides (`sds-grpc`, clusters a remote Wasm fetch names), so that `envoy --mode validate`
 /// checks those fragments against the real Envoy schema.
 pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
@@ -649,6 +649,9 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     let mut filters = Vec::new();
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
+    // NETWORK_FILTER MERGE values onto the gateway's HTTP connection managers: their
+    // `typed_config` fields (e.g. `local_reply_config`) go onto the check listener's.
+    let mut hcm_fields = Vec::new();
     let mut stub_names = vec!["sds-grpc".to_string()];
     for m in load(dir)?.iter().filter(|m| m.kind == "EnvoyFilter") {
         for patch in get(&m.doc, &["spec", "configPatches"])
@@ -663,6 +666,20 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
             match patch["applyTo"].as_str() {
                 Some("CLUSTER") => clusters.push(value),
                 Some("LISTENER") => listeners.push(value),
+                Some("NETWORK_FILTER") => {
+                    let Yaml::Hash(tc) = &value["typed_config"] else {
+                        bail!(
+                            "EnvoyFilter {} ({}): a NETWORK_FILTER patch without typed_config",
+                            m.name,
+                            m.file.display()
+                        );
+                    };
+                    for (k, v) in tc {
+                        if k.as_str() != Some("@type") {
+                            hcm_fields.push((k.clone(), v.clone()));
+                        }
+                    }
+                }
                 // A route patch (MERGE onto a route Istio generates) goes onto a route of its
                 // own, next to the filters it names.
                 Some("HTTP_ROUTE") => {
@@ -706,7 +723,12 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
             }
         }
     }
-    if clusters.is_empty() && filters.is_empty() && routes.is_empty() && listeners.is_empty() {
+    if clusters.is_empty()
+        && filters.is_empty()
+        && routes.is_empty()
+        && listeners.is_empty()
+        && hcm_fields.is_empty()
+    {
         return Ok(None);
     }
     for name in stub_names {
@@ -738,6 +760,9 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     if let Yaml::Hash(h) = &mut hcm {
         if let Some(Yaml::Hash(tc)) = h.get_mut(&key("typed_config")) {
             tc.insert(key("http_filters"), Yaml::Array(filters));
+            for (k, v) in hcm_fields {
+                tc.insert(k, v);
+            }
             if let Some(Yaml::Hash(rc)) = tc.get_mut(&key("route_config")) {
                 if let Some(Yaml::Array(vhs)) = rc.get_mut(&key("virtual_hosts")) {
                     if let Some(Yaml::Hash(vh)) = vhs.first_mut() {
@@ -879,6 +904,15 @@ mod tests {
                 .count()
                 >= 2,
             "the HTTP_ROUTE patches of both variants are on routes"
+        );
+        // the NETWORK_FILTER merge (deploy/istio/local-replies) is on the checked HCM
+        let tc = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        assert!(
+            tc["local_reply_config"]["mappers"]
+                .as_vec()
+                .is_some_and(|m| m.len() >= 10),
+            "the local-reply mappers are validated by Envoy"
         );
     }
 

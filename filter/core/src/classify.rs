@@ -48,6 +48,10 @@ pub fn classify(method: &str, path: &str, calls_path: &str) -> Route {
                 };
             }
         }
+        // Anything else under `{calls_path}/` is ours too (Envoy has already normalised the
+        // path: `//hangup` arrives as `/hangup`, `a/../b` as `b`): a 404 here, because the
+        // provider must never see a request the gateway does not serve under this path.
+        return Route::Reject(FilterError::UnknownCallsPath);
     }
     Route::PassThrough
 }
@@ -115,12 +119,30 @@ mod tests {
             classify("POST", "/v1/realtime/callsx", c),
             Route::PassThrough
         );
+    }
+
+    #[test]
+    fn every_other_path_under_the_calls_path_is_refused_not_passed_through() {
+        let c = "/v1/realtime/calls";
+        let nf = Route::Reject(FilterError::UnknownCallsPath);
+        for (method, path) in [
+            ("POST", "/v1/realtime/calls/hangup"),
+            ("POST", "/v1/realtime/calls//hangup"),
+            ("POST", "/v1/realtime/calls/"),
+            ("POST", "/v1/realtime/calls/a/b/hangup"),
+            ("POST", "/v1/realtime/calls/rtc_1"),
+            ("POST", "/v1/realtime/calls/rtc_1/accept"),
+            ("POST", "/v1/realtime/calls/rtc_1/hangup/x"),
+            ("POST", "/v1/realtime/calls/rtc_1/hangup/"),
+            ("POST", "/v1/realtime/calls/../models?x=1"),
+            ("GET", "/v1/realtime/calls/rtc_1"),
+            ("DELETE", "/v1/realtime/calls/rtc_1"),
+        ] {
+            assert_eq!(classify(method, path, c), nf, "{method} {path}");
+        }
+        // the prefix is matched by whole segments
         assert_eq!(
-            classify("POST", "/v1/realtime/calls/a/b/hangup", c),
-            Route::PassThrough
-        );
-        assert_eq!(
-            classify("GET", "/v1/realtime/calls/rtc_1", c),
+            classify("POST", "/v1/realtime/callsx", c),
             Route::PassThrough
         );
     }

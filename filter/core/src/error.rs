@@ -41,6 +41,10 @@ pub enum FilterError {
     MissingApiKey,
     #[error("unknown call id")]
     CallNotFound,
+    /// A path under the calls path that names no endpoint of the gateway (empty or extra
+    /// segments, unknown verbs): answered here, never passed to the provider.
+    #[error("no such endpoint under the realtime calls path")]
+    UnknownCallsPath,
     #[error("no healthy worker available for this model")]
     NoHealthyWorker { retry_after_s: u32 },
     /// The relay could not be reached (connection refused, no healthy host).
@@ -89,7 +93,7 @@ impl FilterError {
             | InvalidRoutingHeader
             | RelayRejected { .. } => 400,
             MissingApiKey => 401,
-            ModelNotFound(_) | CallNotFound => 404,
+            ModelNotFound(_) | CallNotFound | UnknownCallsPath => 404,
             Capacity { status, .. } => *status,
             NoHealthyWorker { .. } | RelayUnavailable { .. } => 503,
             RelayTimeout { .. } => 504,
@@ -117,6 +121,7 @@ impl FilterError {
             InvalidRoutingHeader => "invalid_routing_header",
             MissingApiKey => "missing_api_key",
             CallNotFound => "call_not_found",
+            UnknownCallsPath => "not_found",
             NoHealthyWorker { .. } => "no_healthy_worker",
             RelayUnavailable { code, .. } => code.as_deref().unwrap_or("relay_unavailable"),
             RelayTimeout { code } => code.as_deref().unwrap_or("relay_timeout"),
