@@ -190,6 +190,82 @@ fn is_public_v6(v6: Ipv6Addr) -> bool {
     !((s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] < 0x1000))
 }
 
+/// What [`Allowlist::filter_answer_candidates`] removed from an upstream answer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DroppedCandidates {
+    /// Candidates whose address is an IP the policy refuses.
+    pub not_public: usize,
+    /// Candidates whose address is not an IP literal (mDNS `.local` names, garbage): the
+    /// relay resolves nothing a provider names in its answer.
+    pub not_ip: usize,
+}
+
+/// An upstream answer after [`Allowlist::filter_answer_candidates`].
+#[derive(Debug)]
+pub struct FilteredAnswer {
+    /// The answer without the refused candidates.
+    pub sdp: String,
+    pub dropped: DroppedCandidates,
+    /// The policy applied and no candidate was left.
+    pub none_usable: bool,
+}
+
+impl FilteredAnswer {
+    /// The answer to give str0m, or `upstream_candidates_not_allowed` when the provider
+    /// (or whoever answered a plain-HTTP exchange) named nowhere the relay may send media.
+    pub fn usable(self) -> Result<String, SetupError> {
+        if self.none_usable {
+            return Err(SetupError::UpstreamCandidatesNotAllowed(format!(
+                "the upstream answer has no ICE candidate the relay may use ({} not public, {} not an IP address), and private upstreams are not allowed",
+                self.dropped.not_public, self.dropped.not_ip
+            )));
+        }
+        Ok(self.sdp)
+    }
+}
+
+impl Allowlist {
+    /// Applies the private-address policy to the ICE candidates of an upstream's SDP
+    /// answer: unless private upstreams are allowed, every `a=candidate` line whose
+    /// address is not a public IP literal is removed.
+    pub fn filter_answer_candidates(&self, answer: &str) -> FilteredAnswer {
+        let mut dropped = DroppedCandidates::default();
+        if self.allow_private {
+            return FilteredAnswer {
+                sdp: answer.to_string(),
+                dropped,
+                none_usable: false,
+            };
+        }
+        let mut kept = 0usize;
+        let mut out = String::with_capacity(answer.len());
+        for line in answer.split_inclusive('\n') {
+            let Some(candidate) = line.trim_end().strip_prefix("a=candidate:") else {
+                out.push_str(line);
+                continue;
+            };
+            // foundation component transport priority address port typ type ...
+            match candidate
+                .split_ascii_whitespace()
+                .nth(4)
+                .map(str::parse::<IpAddr>)
+            {
+                Some(Ok(ip)) if is_public(ip) => {
+                    kept += 1;
+                    out.push_str(line);
+                }
+                Some(Ok(_)) => dropped.not_public += 1,
+                _ => dropped.not_ip += 1,
+            }
+        }
+        FilteredAnswer {
+            sdp: out,
+            dropped,
+            none_usable: kept == 0,
+        }
+    }
+}
+
 /// A DNS resolver for the upstream HTTP client that drops addresses the policy
 /// refuses, so the check holds at connect time (no rebinding window).
 #[derive(Debug, Clone)]
@@ -472,6 +548,62 @@ mod tests {
         ];
         for (ip, public) in rows {
             assert_eq!(is_public(ip.parse().unwrap()), *public, "{ip}");
+        }
+    }
+
+    #[test]
+    fn answer_candidates_follow_the_address_policy() {
+        let head = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n";
+        let cand = |addr: &str| format!("a=candidate:1 1 udp 2130706431 {addr} 3478 typ host\r\n");
+        let rows: &[(&[&str], usize, usize, usize)] = &[
+            // (candidate addresses, kept, not public, not ip)
+            (&["162.159.140.245"], 1, 0, 0),
+            (&["2606:4700::6810:1"], 1, 0, 0),
+            (&["127.0.0.1"], 0, 1, 0),
+            (&["10.0.0.7", "162.159.140.245"], 1, 1, 0),
+            (
+                &["192.168.1.2", "169.254.169.254", "64:ff9b::10.0.0.1"],
+                0,
+                3,
+                0,
+            ),
+            (&["2002:a00:1::1", "198.18.0.1", "8.8.8.8"], 1, 2, 0),
+            (&["abcd-1234.local"], 0, 0, 1),
+            (&["abcd-1234.local", "8.8.4.4"], 1, 0, 1),
+            (&[], 0, 0, 0),
+        ];
+        for (addrs, kept, not_public, not_ip) in rows {
+            let answer: String = std::iter::once(head.to_string())
+                .chain(addrs.iter().map(|a| cand(a)))
+                .collect();
+            let filtered = list(false).filter_answer_candidates(&answer);
+            assert_eq!(
+                filtered.dropped,
+                DroppedCandidates {
+                    not_public: *not_public,
+                    not_ip: *not_ip
+                },
+                "{addrs:?}"
+            );
+            assert_eq!(
+                filtered.sdp.matches("a=candidate:").count(),
+                *kept,
+                "{addrs:?}"
+            );
+            assert!(filtered.sdp.starts_with(head), "{addrs:?}");
+            match filtered.usable() {
+                Ok(sdp) => assert!(*kept > 0, "{addrs:?}: {sdp}"),
+                Err(e) => {
+                    assert_eq!(*kept, 0, "{addrs:?}");
+                    assert_eq!(e.code(), "upstream_candidates_not_allowed");
+                    assert!(e.is_upstream_fault());
+                    assert!(!e.to_string().contains("10.0.0"), "{e}");
+                }
+            }
+            // With private upstreams allowed the answer passes untouched.
+            let open = list(true).filter_answer_candidates(&answer);
+            assert_eq!(open.dropped, DroppedCandidates::default());
+            assert_eq!(open.usable().unwrap(), answer);
         }
     }
 

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub unmatched_datagrams: Counter,
     pub queue_full_drops: Counter,
     pub call_panics: Counter,
+    /// Upstream-leg addresses the private-address policy refused, by where.
+    pub upstream_addresses_refused: Family<ReasonLabel, Counter>,
     /// ListCalls answered (gateways' load refresh: each gateway asks every replica).
     pub list_calls: Counter,
     pub client_to_upstream: DirectionMetrics,
@@ -84,6 +86,14 @@ impl TcpMetrics {
     }
 }
 
+fn inc_by(family: &Family<ReasonLabel, Counter>, reason: &str, n: u64) {
+    family
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc_by(n);
+}
+
 fn inc(family: &Family<ReasonLabel, Counter>, reason: &str) {
     family
         .get_or_create(&ReasonLabel {
@@ -110,12 +120,18 @@ impl Metrics {
             unmatched_datagrams: Counter::default(),
             queue_full_drops: Counter::default(),
             call_panics: Counter::default(),
+            upstream_addresses_refused: Family::default(),
             list_calls: Counter::default(),
             client_to_upstream: DirectionMetrics::default(),
             upstream_to_client: DirectionMetrics::default(),
             media_tcp: TcpMetrics::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "upstream_addresses_refused",
+            "Upstream-leg addresses refused by the private-address policy: candidates dropped from answers (candidate_not_public, candidate_not_ip) and datagrams dropped (datagram_from_not_public, datagram_to_not_public)",
+            m.upstream_addresses_refused.clone(),
+        );
         registry.register(
             "list_calls",
             "ListCalls requests answered (gateways' load refresh)",
@@ -290,6 +306,14 @@ impl Metrics {
                 worker: worker_id.to_string(),
             })
             .inc();
+    }
+
+    /// Counts upstream-leg addresses the private-address policy refused; `reason` is one
+    /// of a fixed set (see the family's help).
+    pub fn upstream_address_refused(&self, reason: &'static str, n: usize) {
+        if n > 0 {
+            inc_by(&self.upstream_addresses_refused, reason, n as u64);
+        }
     }
 
     pub fn encode(&self) -> String {

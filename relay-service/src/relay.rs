@@ -197,6 +197,11 @@ impl Relay {
                 });
             }
         };
+        // The provider chose where the relay sends media: its candidates get the same
+        // private-address policy as its URL.
+        let filtered = self.allowlist.filter_answer_candidates(&answer_sdp);
+        self.count_refused_candidates(filtered.dropped);
+        let answer_sdp = filtered.usable()?;
         let upstream = upstream.answered(&answer_sdp)?;
         if let Some(id) = &upstream_call_id {
             entry.set_upstream_call_id(id);
@@ -353,6 +358,21 @@ impl Relay {
         })
     }
 
+    fn count_refused_candidates(&self, dropped: allowlist::DroppedCandidates) {
+        if dropped.not_public + dropped.not_ip > 0 {
+            // Counts only: a candidate's address is the provider's, not ours to log.
+            tracing::info!(
+                not_public = dropped.not_public,
+                not_ip = dropped.not_ip,
+                "dropped upstream ICE candidates the address policy refuses"
+            );
+        }
+        self.metrics
+            .upstream_address_refused("candidate_not_public", dropped.not_public);
+        self.metrics
+            .upstream_address_refused("candidate_not_ip", dropped.not_ip);
+    }
+
     /// A provider's rejection is a setup failure by its status; a 5xx is the worker's.
     fn count_rejection(&self, worker_id: &str, status: u32) {
         self.metrics
@@ -412,6 +432,8 @@ impl Relay {
             client_tcp: tcp_route,
             client_rx: rx,
             upstream_socket,
+            upstream_allow_private: self.allowlist.allow_private(),
+            upstream_refused: self.metrics.upstream_addresses_refused.clone(),
             connected_gauge: self.metrics.calls_connected.clone(),
             _route: route,
         };
