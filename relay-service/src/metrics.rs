@@ -102,6 +102,15 @@ fn inc(family: &Family<ReasonLabel, Counter>, reason: &str) {
         .inc();
 }
 
+/// The `reason` labels of `upstream_addresses_refused`: candidates dropped from an upstream
+/// answer, and upstream-leg datagrams dropped, because the address is not public.
+pub const UPSTREAM_REFUSAL_REASONS: [&str; 4] = [
+    "candidate_not_public",
+    "candidate_not_ip",
+    "datagram_from_not_public",
+    "datagram_to_not_public",
+];
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("realtime_relay");
@@ -202,6 +211,11 @@ impl Metrics {
         for code in realtime_relay_proto::ErrorCode::ALL {
             let _ = m.setup_failures.get_or_create(&ReasonLabel {
                 reason: code.as_str().to_string(),
+            });
+        }
+        for reason in UPSTREAM_REFUSAL_REASONS {
+            let _ = m.upstream_addresses_refused.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
             });
         }
         let tcp = &m.media_tcp;
