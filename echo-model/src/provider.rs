@@ -106,6 +106,10 @@ pub struct CallLimits {
     pub dc_queue_cap: usize,
     /// At most this many live calls; further offers get 503.
     pub max_calls: usize,
+    /// Test knob: the IP the answer's host candidate advertises (with the call socket's port)
+    /// instead of the bound `media_ip`, to show a relay an answer pointing its media
+    /// elsewhere. Media only flows when it is an address that reaches the socket.
+    pub advertised_ip: Option<IpAddr>,
 }
 
 impl Default for CallLimits {
@@ -115,6 +119,7 @@ impl Default for CallLimits {
             idle_timeout: Duration::from_secs(30),
             dc_queue_cap: DEFAULT_QUEUE_CAP,
             max_calls: 10_000,
+            advertised_ip: None,
         }
     }
 }
@@ -548,7 +553,12 @@ fn start_call(
         .clear_codecs()
         .enable_opus(true, false)
         .build(Instant::now());
-    let candidate = Candidate::host(local, "udp").map_err(|e| ApiError::Internal(e.to_string()))?;
+    let advertised = match shared.limits.advertised_ip {
+        Some(ip) => SocketAddr::new(ip, local.port()),
+        None => local,
+    };
+    let candidate =
+        Candidate::host(advertised, "udp").map_err(|e| ApiError::Internal(e.to_string()))?;
     rtc.add_local_candidate(candidate);
     let answer = rtc
         .sdp_api()

@@ -70,6 +70,9 @@ error_codes! {
     UpstreamUnreachable = "upstream_unreachable", Upstream;
     UpstreamTimeout = "upstream_timeout", Upstream;
     UpstreamInvalidAnswer = "upstream_invalid_answer", Upstream;
+    // The provider's answer names no ICE candidate the relay's private-address policy
+    // allows: the worker's fault (or a man in the middle of its exchange).
+    UpstreamCandidatesNotAllowed = "upstream_candidates_not_allowed", Upstream;
 }
 
 impl std::fmt::Display for ErrorCode {

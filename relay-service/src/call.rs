@@ -1,12 +1,16 @@
 //! The driver of one call: owns the upstream socket, the queue from the shared client
 //! port and the timer, and runs the sans-IO [`Bridge`] until the call ends.
 
+use crate::allowlist::is_public;
 use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
 use crate::media_socket::{ClientPort, Datagram, ReplySources, RouteGuard};
 use crate::media_tcp::TcpRoute;
+use crate::metrics::ReasonLabel;
 use crate::registry::CallEntry;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::net::{Protocol, Transmit};
@@ -29,6 +33,11 @@ pub struct CallDriver {
     pub client_tcp: Option<TcpRoute>,
     pub client_rx: mpsc::Receiver<Datagram>,
     pub upstream_socket: UdpSocket,
+    /// `--allow-private-upstreams`: otherwise the upstream leg neither hears from nor sends
+    /// to a non-public address, so str0m never learns (peer-reflexive) or nominates one.
+    pub upstream_allow_private: bool,
+    /// `upstream_addresses_refused`, by reason.
+    pub upstream_refused: Family<ReasonLabel, Counter>,
     /// Live calls with both legs connected.
     pub connected_gauge: prometheus_client::metrics::gauge::Gauge,
     /// Dropped when the driver ends: the shared port forgets the call.
@@ -82,10 +91,10 @@ impl CallDriver {
                 r = self.upstream_socket.recv_from(&mut buf) => {
                     match r {
                         Ok((n, source)) => {
-                            self.bridge.handle_datagram(Leg::Upstream, Instant::now(), source, &buf[..n]);
+                            self.upstream_packet(source, &buf[..n]);
                             for _ in 1..BATCH {
                                 match self.upstream_socket.try_recv_from(&mut buf) {
-                                    Ok((n, source)) => self.bridge.handle_datagram(Leg::Upstream, Instant::now(), source, &buf[..n]),
+                                    Ok((n, source)) => self.upstream_packet(source, &buf[..n]),
                                     Err(_) => break,
                                 }
                             }
@@ -113,6 +122,26 @@ impl CallDriver {
             self.connected_gauge.dec();
         }
         reason
+    }
+
+    /// Whether the upstream leg may exchange datagrams with `addr`; counts a refusal.
+    fn upstream_addr_allowed(&self, addr: SocketAddr, refusal: &'static str) -> bool {
+        if self.upstream_allow_private || is_public(addr.ip()) {
+            return true;
+        }
+        self.upstream_refused
+            .get_or_create(&ReasonLabel {
+                reason: refusal.to_string(),
+            })
+            .inc();
+        false
+    }
+
+    fn upstream_packet(&mut self, source: SocketAddr, data: &[u8]) {
+        if self.upstream_addr_allowed(source, "datagram_from_not_public") {
+            self.bridge
+                .handle_datagram(Leg::Upstream, Instant::now(), source, data);
+        }
     }
 
     fn client_packet(&mut self, d: Datagram, reply_sources: &mut ReplySources) {
@@ -150,6 +179,9 @@ impl CallDriver {
                 },
                 // A full upstream socket buffer waits briefly, never long enough to stall the call.
                 Leg::Upstream => {
+                    if !self.upstream_addr_allowed(t.destination, "datagram_to_not_public") {
+                        continue;
+                    }
                     let wait = Some(UPSTREAM_SEND_WAIT);
                     let failed =
                         match send_or_wait(&self.upstream_socket, &t.contents, t.destination, wait)

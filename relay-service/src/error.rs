@@ -43,6 +43,8 @@ pub enum SetupError {
     UpstreamTimeout,
     #[error("upstream_invalid_answer: {0}")]
     UpstreamInvalidAnswer(String),
+    #[error("upstream_candidates_not_allowed: {0}")]
+    UpstreamCandidatesNotAllowed(String),
 }
 
 impl SetupError {
@@ -68,6 +70,7 @@ impl SetupError {
             SetupError::UpstreamUnreachable(_) => ErrorCode::UpstreamUnreachable,
             SetupError::UpstreamTimeout => ErrorCode::UpstreamTimeout,
             SetupError::UpstreamInvalidAnswer(_) => ErrorCode::UpstreamInvalidAnswer,
+            SetupError::UpstreamCandidatesNotAllowed(_) => ErrorCode::UpstreamCandidatesNotAllowed,
         }
     }
 
@@ -90,7 +93,9 @@ impl SetupError {
             SetupError::TooManyCalls(_) => Code::ResourceExhausted,
             SetupError::Draining | SetupError::UpstreamUnreachable(_) => Code::Unavailable,
             SetupError::UpstreamTimeout => Code::DeadlineExceeded,
-            SetupError::UpstreamInvalidAnswer(_) | SetupError::Internal(_) => Code::Internal,
+            SetupError::UpstreamInvalidAnswer(_)
+            | SetupError::UpstreamCandidatesNotAllowed(_)
+            | SetupError::Internal(_) => Code::Internal,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub unmatched_datagrams: Counter,
     pub queue_full_drops: Counter,
     pub call_panics: Counter,
+    /// Upstream-leg addresses the private-address policy refused, by where.
+    pub upstream_addresses_refused: Family<ReasonLabel, Counter>,
     /// ListCalls answered (gateways' load refresh: each gateway asks every replica).
     pub list_calls: Counter,
     pub client_to_upstream: DirectionMetrics,
@@ -84,6 +86,14 @@ impl TcpMetrics {
     }
 }
 
+fn inc_by(family: &Family<ReasonLabel, Counter>, reason: &str, n: u64) {
+    family
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc_by(n);
+}
+
 fn inc(family: &Family<ReasonLabel, Counter>, reason: &str) {
     family
         .get_or_create(&ReasonLabel {
@@ -91,6 +101,15 @@ fn inc(family: &Family<ReasonLabel, Counter>, reason: &str) {
         })
         .inc();
 }
+
+/// The `reason` labels of `upstream_addresses_refused`: candidates dropped from an upstream
+/// answer, and upstream-leg datagrams dropped, because the address is not public.
+pub const UPSTREAM_REFUSAL_REASONS: [&str; 4] = [
+    "candidate_not_public",
+    "candidate_not_ip",
+    "datagram_from_not_public",
+    "datagram_to_not_public",
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -110,12 +129,18 @@ impl Metrics {
             unmatched_datagrams: Counter::default(),
             queue_full_drops: Counter::default(),
             call_panics: Counter::default(),
+            upstream_addresses_refused: Family::default(),
             list_calls: Counter::default(),
             client_to_upstream: DirectionMetrics::default(),
             upstream_to_client: DirectionMetrics::default(),
             media_tcp: TcpMetrics::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "upstream_addresses_refused",
+            "Upstream-leg addresses refused by the private-address policy: candidates dropped from answers (candidate_not_public, candidate_not_ip) and datagrams dropped (datagram_from_not_public, datagram_to_not_public)",
+            m.upstream_addresses_refused.clone(),
+        );
         registry.register(
             "list_calls",
             "ListCalls requests answered (gateways' load refresh)",
@@ -186,6 +211,11 @@ impl Metrics {
         for code in realtime_relay_proto::ErrorCode::ALL {
             let _ = m.setup_failures.get_or_create(&ReasonLabel {
                 reason: code.as_str().to_string(),
+            });
+        }
+        for reason in UPSTREAM_REFUSAL_REASONS {
+            let _ = m.upstream_addresses_refused.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
             });
         }
         let tcp = &m.media_tcp;
@@ -290,6 +320,14 @@ impl Metrics {
                 worker: worker_id.to_string(),
             })
             .inc();
+    }
+
+    /// Counts upstream-leg addresses the private-address policy refused; `reason` is one
+    /// of a fixed set (see the family's help).
+    pub fn upstream_address_refused(&self, reason: &'static str, n: usize) {
+        if n > 0 {
+            inc_by(&self.upstream_addresses_refused, reason, n as u64);
+        }
     }
 
     pub fn encode(&self) -> String {

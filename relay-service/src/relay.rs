@@ -197,6 +197,11 @@ impl Relay {
                 });
             }
         };
+        // The provider chose where the relay sends media: its candidates get the same
+        // private-address policy as its URL.
+        let filtered = self.allowlist.filter_answer_candidates(&answer_sdp);
+        self.count_refused_candidates(filtered.dropped);
+        let answer_sdp = filtered.usable()?;
         let upstream = upstream.answered(&answer_sdp)?;
         if let Some(id) = &upstream_call_id {
             entry.set_upstream_call_id(id);
@@ -353,6 +358,21 @@ impl Relay {
         })
     }
 
+    fn count_refused_candidates(&self, dropped: allowlist::DroppedCandidates) {
+        if dropped.not_public + dropped.not_ip > 0 {
+            // Counts only: a candidate's address is the provider's, not ours to log.
+            tracing::info!(
+                not_public = dropped.not_public,
+                not_ip = dropped.not_ip,
+                "dropped upstream ICE candidates the address policy refuses"
+            );
+        }
+        self.metrics
+            .upstream_address_refused("candidate_not_public", dropped.not_public);
+        self.metrics
+            .upstream_address_refused("candidate_not_ip", dropped.not_ip);
+    }
+
     /// A provider's rejection is a setup failure by its status; a 5xx is the worker's.
     fn count_rejection(&self, worker_id: &str, status: u32) {
         self.metrics
@@ -412,6 +432,8 @@ impl Relay {
             client_tcp: tcp_route,
             client_rx: rx,
             upstream_socket,
+            upstream_allow_private: self.allowlist.allow_private(),
+            upstream_refused: self.metrics.upstream_addresses_refused.clone(),
             connected_gauge: self.metrics.calls_connected.clone(),
             _route: route,
         };
@@ -634,6 +656,60 @@ impl Drop for Reservation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A provider's answer as str0m writes it, advertising `candidate` as its only one.
+    fn answer_from(offer: &str, candidate: SocketAddr) -> String {
+        let mut rtc = rtc_peer::crypto::rtc_config()
+            .unwrap()
+            .build(Instant::now());
+        rtc.add_local_candidate(str0m::Candidate::host(candidate, "udp").unwrap());
+        let offer = str0m::change::SdpOffer::from_sdp_string(offer).unwrap();
+        rtc.sdp_api().accept_offer(offer).unwrap().to_sdp_string()
+    }
+
+    /// The stages between the provider's answer and str0m: without private upstreams an
+    /// answer whose only candidate is private is refused as the worker's fault (the filter
+    /// answers 502 and counts it), and str0m never sees it; with them it is accepted.
+    #[tokio::test]
+    async fn a_private_only_upstream_answer_is_refused_unless_private_upstreams_are_allowed() {
+        for (candidate, private_allowed, refused) in [
+            ("10.0.0.7:40000", false, true),
+            ("127.0.0.1:40000", false, true),
+            ("[fd00::7]:40000", false, true),
+            ("[64:ff9b::a00:7]:40000", false, true),
+            ("10.0.0.7:40000", true, false),
+            ("127.0.0.1:40000", true, false),
+            ("162.159.140.245:3478", false, false),
+        ] {
+            let allowlist =
+                Allowlist::new(&["https://api.openai.com".to_string()], private_allowed).unwrap();
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let local = socket.local_addr().unwrap();
+            let leg = peer::create_upstream_offer(local, None, Instant::now()).unwrap();
+            let answer = answer_from(&leg.offer.to_sdp_string(), candidate.parse().unwrap());
+            let side = UpstreamSide { socket, local, leg };
+            let got = allowlist
+                .filter_answer_candidates(&answer)
+                .usable()
+                .and_then(|sdp| side.answered(&sdp).map(|_| ()));
+            match got {
+                Ok(()) => assert!(!refused, "{candidate} private={private_allowed}"),
+                Err(e) => {
+                    assert!(refused, "{candidate} private={private_allowed}: {e}");
+                    assert_eq!(e.code(), "upstream_candidates_not_allowed");
+                    let status = tonic::Status::from(e);
+                    assert_eq!(status.code(), tonic::Code::Internal);
+                    assert_eq!(
+                        realtime_relay_proto::error_code::class_of_message(status.message()),
+                        Some(realtime_relay_proto::ErrorClass::Upstream)
+                    );
+                    assert!(!status
+                        .message()
+                        .contains(candidate.split(':').next().unwrap()));
+                }
+            }
+        }
+    }
 
     #[tokio::test]
     async fn a_panicking_call_ends_as_internal_error_and_frees_what_it_held() {

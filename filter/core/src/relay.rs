@@ -528,6 +528,13 @@ mod tests {
             (8, None, 429, "capacity_exceeded", Verdict::Neutral),
             (
                 13,
+                Some("upstream_candidates_not_allowed: no usable candidate"),
+                502,
+                "upstream_candidates_not_allowed",
+                Verdict::UpstreamFailure,
+            ),
+            (
+                13,
                 Some("internal_error: boom"),
                 502,
                 "internal_error",
