@@ -122,7 +122,7 @@ fn the_answer_candidate_policy_holds_end_to_end_in_a_network_namespace() {
     let exe = std::env::current_exe().unwrap();
     let script =
         format!("ip link set lo up && ip addr add {PUBLIC_IP}/32 dev lo && exec \"$0\" \"$@\"");
-    let status = Command::new("unshare")
+    let output = Command::new("unshare")
         .args(["-rn", "sh", "-c", &script])
         .arg(exe)
         .args([
@@ -133,11 +133,19 @@ fn the_answer_candidate_policy_holds_end_to_end_in_a_network_namespace() {
             "--nocapture",
         ])
         .env(INSIDE, "1")
-        .status()
+        .output()
         .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
     assert!(
-        status.success(),
-        "the test inside the namespace failed: {status}"
+        output.status.success(),
+        "the test inside the namespace failed: {}\n{out}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A filter that matched nothing would also exit 0: the inner test must have run.
+    assert!(
+        out.contains("test result: ok. 1 passed"),
+        "the test inside the namespace did not run:\n{out}"
     );
 }
 
