@@ -859,20 +859,14 @@ mod tests {
     /// (the rest is dropped and counted), and ending the call closes its connection.
     #[tokio::test]
     async fn a_client_that_does_not_read_gets_frames_dropped_and_the_call_end_closes_it() {
-        let metrics = TcpMetrics::default();
-        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
-        port.spawn_accept().unwrap();
-        let (tx, mut rx) = mpsc::channel(8);
-        let route = port.register("slowcall", tx);
-        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
-        client
-            .write_all(&encode_frame(&binding_request("slowcall")).unwrap())
-            .await
-            .unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let Routed {
+            metrics,
+            port,
+            route,
+            mut client,
+            first,
+            _rx,
+        } = routed("slowcall").await;
         assert_eq!(first.proto, Protocol::Tcp);
         assert_eq!(first.source, client.local_addr().unwrap());
         assert_eq!(metrics.accepted.get(), 1);
@@ -910,13 +904,52 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(port.route_counts(), (0, 0));
-        let closed = metrics
-            .closed
-            .get_or_create(&crate::metrics::ReasonLabel {
-                reason: "call_ended".into(),
-            })
-            .get();
-        assert_eq!(closed, 1);
+        assert_eq!(closed_count(&metrics, "call_ended"), 1);
+    }
+
+    /// A listener on loopback with one call registered under `ufrag`, and a client whose
+    /// connection is routed to it (its first frame, a binding request, has reached the call).
+    struct Routed {
+        metrics: TcpMetrics,
+        port: TcpPort,
+        route: TcpRoute,
+        client: TcpStream,
+        first: Datagram,
+        _rx: mpsc::Receiver<Datagram>,
+    }
+
+    async fn routed(ufrag: &str) -> Routed {
+        let metrics = TcpMetrics::default();
+        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
+        port.spawn_accept().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let route = port.register(ufrag, tx);
+        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
+        client
+            .write_all(&encode_frame(&binding_request(ufrag)).unwrap())
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        Routed {
+            metrics,
+            port,
+            route,
+            client,
+            first,
+            _rx: rx,
+        }
+    }
+
+    /// Waits (bounded) until no connection is counted active.
+    async fn wait_released(metrics: &TcpMetrics) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.active.get() > 0 {
+            assert!(Instant::now() < deadline, "the connection was not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn closed_count(metrics: &TcpMetrics, reason: &str) -> u64 {
@@ -934,20 +967,14 @@ mod tests {
     /// call ended, not because the client went away.
     #[tokio::test]
     async fn a_client_that_closes_in_answer_to_the_goodbye_counts_as_closed_by_the_call_end() {
-        let metrics = TcpMetrics::default();
-        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
-        port.spawn_accept().unwrap();
-        let (tx, mut rx) = mpsc::channel(8);
-        let route = port.register("byecall", tx);
-        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
-        client
-            .write_all(&encode_frame(&binding_request("byecall")).unwrap())
-            .await
-            .unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let Routed {
+            metrics,
+            port,
+            route,
+            mut client,
+            first,
+            _rx,
+        } = routed("byecall").await;
         // What the call driver does when the call ends: mark it ending, queue the goodbye.
         route.ending();
         route.send(first.source, b"close_notify");
@@ -959,11 +986,7 @@ mod tests {
         assert_eq!(&frame[2..], b"close_notify");
         // The client answers the goodbye by closing, while the route still lives.
         drop(client);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metrics.active.get() > 0 {
-            assert!(Instant::now() < deadline, "the connection was not released");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_released(&metrics).await;
         assert_eq!(port.route_counts(), (1, 0), "the call is still registered");
         assert_eq!(closed_count(&metrics, "peer_closed"), 0);
         assert_eq!(closed_count(&metrics, "call_ended"), 1);
@@ -977,20 +1000,14 @@ mod tests {
     /// reset, which can cost the client the goodbye it has not read yet.
     #[tokio::test]
     async fn a_call_end_closes_the_connection_without_a_reset_while_the_client_still_sends() {
-        let metrics = TcpMetrics::default();
-        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
-        port.spawn_accept().unwrap();
-        let (tx, mut rx) = mpsc::channel(8);
-        let route = port.register("rstcall", tx);
-        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
-        client
-            .write_all(&encode_frame(&binding_request("rstcall")).unwrap())
-            .await
-            .unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let Routed {
+            metrics,
+            port: _port,
+            route,
+            mut client,
+            first,
+            _rx,
+        } = routed("rstcall").await;
         route.ending();
         route.send(first.source, b"close_notify");
         drop(route);
@@ -1014,37 +1031,23 @@ mod tests {
             tokio::task::yield_now().await;
         }
         client.shutdown().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metrics.active.get() > 0 {
-            assert!(Instant::now() < deadline, "the connection was not released");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_released(&metrics).await;
         assert_eq!(closed_count(&metrics, "call_ended"), 1);
     }
 
     /// Without the goodbye, a client that closes is the one that went away.
     #[tokio::test]
     async fn a_client_that_closes_during_the_call_counts_as_peer_closed() {
-        let metrics = TcpMetrics::default();
-        let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
-        port.spawn_accept().unwrap();
-        let (tx, mut rx) = mpsc::channel(8);
-        let route = port.register("livecall", tx);
-        let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
-        client
-            .write_all(&encode_frame(&binding_request("livecall")).unwrap())
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let Routed {
+            metrics,
+            port: _port,
+            route,
+            client,
+            first: _first,
+            _rx,
+        } = routed("livecall").await;
         drop(client);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metrics.active.get() > 0 {
-            assert!(Instant::now() < deadline, "the connection was not released");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_released(&metrics).await;
         assert_eq!(closed_count(&metrics, "peer_closed"), 1);
         assert_eq!(closed_count(&metrics, "call_ended"), 0);
         drop(route);
