@@ -11,44 +11,12 @@
 
 mod common;
 
-use common::Harness;
-use echo_model::{ClientConfig, ConnectedClient};
+use common::{media_flows, Harness};
+use echo_model::ClientConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::UdpSocket;
-
-const T: Duration = Duration::from_secs(10);
-
-/// An event and audio make the round trip client → relay → echo provider → relay → client.
-async fn media_flows(client: &mut ConnectedClient) {
-    client
-        .wait_for_event_type("session.created", T)
-        .await
-        .expect("session.created");
-    client
-        .send_text(r#"{"type":"response.create","event_id":"e1"}"#)
-        .await
-        .unwrap();
-    client
-        .wait_for_event_type("response.create", T)
-        .await
-        .expect("the event comes back");
-    client
-        .send_audio(25, Duration::from_millis(20))
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + T;
-    while client.audio_stats().packets_received < 10 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "audio did not come back: {:?}",
-            client.audio_stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_bound_on_the_unspecified_address_connects_calls_at_its_public_ip() {

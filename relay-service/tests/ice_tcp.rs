@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::Harness;
+use common::{media_flows, metric, Harness};
 use echo_model::{ClientConfig, ClientTransport, ConnectedClient, TestClient};
 use realtime_relay_proto::v1;
 use std::net::SocketAddr;
@@ -24,16 +24,6 @@ fn tcp_only() -> ClientConfig {
     }
 }
 
-/// The value of one metric line (`name{labels}` exactly); fails on a metric that does not exist.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 async fn wait_for_metric(h: &Harness, series: &str, want: f64) {
     let deadline = tokio::time::Instant::now() + T;
     loop {
@@ -47,35 +37,6 @@ async fn wait_for_metric(h: &Harness, series: &str, want: f64) {
             "{series} is {got}, not {want}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// An event and audio make the round trip client → relay → echo provider → relay → client.
-async fn media_flows(client: &mut ConnectedClient) {
-    client
-        .wait_for_event_type("session.created", T)
-        .await
-        .expect("session.created");
-    client
-        .send_text(r#"{"type":"response.create","event_id":"e1"}"#)
-        .await
-        .unwrap();
-    client
-        .wait_for_event_type("response.create", T)
-        .await
-        .expect("the event comes back");
-    client
-        .send_audio(25, Duration::from_millis(20))
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + T;
-    while client.audio_stats().packets_received < 10 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "audio did not come back: {:?}",
-            client.audio_stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{relay_args, UPSTREAM_KEY};
+use common::{metric, relay_args, UPSTREAM_KEY};
 use echo_model::provider::{CallLimits, MockProvider, ProviderConfig};
 use echo_model::{ClientConfig, TestClient};
 use realtime_relay_proto::v1;
@@ -147,15 +147,6 @@ fn the_answer_candidate_policy_holds_end_to_end_in_a_network_namespace() {
         out.contains("test result: ok. 1 passed"),
         "the test inside the namespace did not run:\n{out}"
     );
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// A relay without `--allow-private-upstreams` and a provider at a public address: an answer

@@ -138,3 +138,45 @@ pub fn client_with_pt(pt: u8) -> ClientConfig {
         ..ClientConfig::default()
     }
 }
+
+/// How long [`media_flows`] waits for each step.
+pub const MEDIA_WAIT: Duration = Duration::from_secs(10);
+
+/// An event and audio make the round trip client → relay → echo provider → relay → client.
+pub async fn media_flows(client: &mut ConnectedClient) {
+    client
+        .wait_for_event_type("session.created", MEDIA_WAIT)
+        .await
+        .expect("session.created");
+    client
+        .send_text(r#"{"type":"response.create","event_id":"e1"}"#)
+        .await
+        .unwrap();
+    client
+        .wait_for_event_type("response.create", MEDIA_WAIT)
+        .await
+        .expect("the event comes back");
+    client
+        .send_audio(25, Duration::from_millis(20))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + MEDIA_WAIT;
+    while client.audio_stats().packets_received < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "audio did not come back: {:?}",
+            client.audio_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one metric line (`name{labels}` exactly); fails on a metric that does not exist.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
