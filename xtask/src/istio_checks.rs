@@ -484,6 +484,7 @@ pub fn check_cors(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifests::test_support::{drifted, in_variant};
 
     fn yaml(text: &str) -> Yaml {
         YamlLoader::load_from_str(text).unwrap().remove(0)
@@ -520,11 +521,7 @@ mod tests {
             ("https://app.example.test", "https://other.example.test"),
             ("600s", "60s"),
         ] {
-            let mut drifted = all.clone();
-            for m in drifted.iter_mut().filter(|m| m.kind == "VirtualService") {
-                let text = std::fs::read_to_string(&m.file).unwrap().replace(from, to);
-                m.doc = yaml(&text);
-            }
+            let drifted = drifted(&all, |m| m.kind == "VirtualService", from, to);
             let err = check_cors(&drifted, &envoy_yaml).unwrap_err().to_string();
             assert!(err.contains("corsPolicy differs"), "{from}: {err}");
         }
@@ -537,16 +534,12 @@ mod tests {
         let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
         let ok = check_local_replies_match_envoy(&all, &envoy_yaml).unwrap();
         assert!(ok.starts_with('1'), "{ok}");
-        let mut drifted = all.clone();
-        for m in drifted
-            .iter_mut()
-            .filter(|m| m.name == "realtime-local-replies")
-        {
-            let text = std::fs::read_to_string(&m.file)
-                .unwrap()
-                .replace("code: gateway_timeout", "code: timeout");
-            m.doc = yaml(&text);
-        }
+        let drifted = drifted(
+            &all,
+            |m| m.name == "realtime-local-replies",
+            "code: gateway_timeout",
+            "code: timeout",
+        );
         let err = check_local_replies_match_envoy(&drifted, &envoy_yaml).unwrap_err();
         assert!(err.to_string().contains("differs"), "{err}");
         let none: Vec<_> = all
@@ -565,13 +558,12 @@ mod tests {
         let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
         let ok = check_hold_matches_envoy(&all, &envoy_yaml).unwrap();
         assert!(ok.starts_with('2'), "{ok}");
-        let mut drifted = all.clone();
-        for m in drifted.iter_mut().filter(|m| m.name == "realtime-hold") {
-            let text = std::fs::read_to_string(&m.file)
-                .unwrap()
-                .replace("max_request_bytes: 131072", "max_request_bytes: 65536");
-            m.doc = yaml(&text);
-        }
+        let drifted = drifted(
+            &all,
+            |m| m.name == "realtime-hold",
+            "max_request_bytes: 131072",
+            "max_request_bytes: 65536",
+        );
         let err = check_hold_matches_envoy(&drifted, &envoy_yaml).unwrap_err();
         assert!(err.to_string().contains("differs"), "{err}");
     }
@@ -582,12 +574,7 @@ mod tests {
     fn continue_headers_without_the_hold_is_refused() {
         let paths = crate::paths::Paths::discover();
         let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
-        let in_dir = |dir: &str| -> Vec<&Manifest> {
-            let files = crate::manifests::variant_files(&paths.deploy_dir().join(dir));
-            all.iter()
-                .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
-                .collect()
-        };
+        let in_dir = |dir: &str| in_variant(&all, &paths, dir);
         let variant = in_dir("kustomization.yaml");
         assert!(continues_headers(&variant));
         let mut problems = Vec::new();

@@ -813,6 +813,40 @@ pub fn envoy_filter_bootstrap(dir: &Path) -> Result<Option<String>> {
     Ok(Some(out))
 }
 
+/// What the deploy/ checks' tests share: the manifests of one variant, and a copy of the
+/// manifests with some of them edited (a drift the checks must refuse).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// The manifests of the variant built from `kustomization` (a path under deploy/).
+    pub fn in_variant<'a>(
+        all: &'a [Manifest],
+        paths: &crate::paths::Paths,
+        kustomization: &str,
+    ) -> Vec<&'a Manifest> {
+        let files = variant_files(&paths.deploy_dir().join(kustomization));
+        all.iter()
+            .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
+            .collect()
+    }
+
+    /// `all`, with `from` replaced by `to` in the text of the manifests `pick` selects.
+    pub fn drifted(
+        all: &[Manifest],
+        pick: impl Fn(&Manifest) -> bool,
+        from: &str,
+        to: &str,
+    ) -> Vec<Manifest> {
+        let mut out = all.to_vec();
+        for m in out.iter_mut().filter(|m| pick(m)) {
+            let text = std::fs::read_to_string(&m.file).unwrap().replace(from, to);
+            m.doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

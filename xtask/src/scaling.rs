@@ -326,6 +326,7 @@ pub fn check_plugins_in_step(all: &[Manifest], problems: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifests::test_support::{drifted, in_variant};
     use yaml_rust2::YamlLoader;
 
     fn deployment(replicas: &str, env: &str, args: &str) -> Yaml {
@@ -378,16 +379,12 @@ mod tests {
         let mut problems = Vec::new();
         check_plugins_in_step(&all, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-        let mut drifted = all.clone();
-        if let Some(m) = drifted
-            .iter_mut()
-            .find(|m| m.kind == "WasmPlugin" && m.file.ends_with("replicas/wasmplugin.yaml"))
-        {
-            let text = std::fs::read_to_string(&m.file)
-                .unwrap()
-                .replace("max_body_bytes: 65536", "max_body_bytes: 131072");
-            m.doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
-        }
+        let drifted = drifted(
+            &all,
+            |m| m.kind == "WasmPlugin" && m.file.ends_with("replicas/wasmplugin.yaml"),
+            "max_body_bytes: 65536",
+            "max_body_bytes: 131072",
+        );
         check_plugins_in_step(&drifted, &mut problems);
         assert!(
             problems.iter().any(|p| p.contains("differ beyond relay_")),
@@ -401,12 +398,7 @@ mod tests {
     fn shipped_replicas_variant_is_consistent_and_breakage_is_named() {
         let paths = crate::paths::Paths::discover();
         let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
-        let in_dir = |dir: &str| -> Vec<&Manifest> {
-            let files = crate::manifests::variant_files(&paths.deploy_dir().join(dir));
-            all.iter()
-                .filter(|m| m.file.canonicalize().is_ok_and(|f| files.contains(&f)))
-                .collect()
-        };
+        let in_dir = |dir: &str| in_variant(&all, &paths, dir);
         let replicas = in_dir("replicas/kustomization.yaml");
         let mut problems = Vec::new();
         check_variant(Path::new("replicas"), &replicas, &mut problems);
