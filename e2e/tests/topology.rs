@@ -37,7 +37,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{exercise, T};
+use common::{exercise, wait_cluster_healthy, T};
 use e2e::{http, Envoy, Paths, Relay, RunDir, Vars};
 use echo_model::{ClientConfig, ClientTransport, ConnectedClient, TestClient};
 use tokio::runtime::Runtime;
@@ -310,27 +310,12 @@ fn start_envoy(paths: &Paths, dir: &RunDir, gateway: &Netns, upstream: &str) -> 
 /// healthy.
 fn wait_healthy(envoy: &Envoy, cluster: &str) {
     let ns = envoy.netns().expect("Envoy in a namespace");
-    let deadline = Instant::now() + T;
-    loop {
-        let text = ns
-            .within(|| http::get(envoy.admin(), "/clusters"))
+    wait_cluster_healthy(cluster, || {
+        ns.within(|| http::get(envoy.admin(), "/clusters"))
             .unwrap()
             .map(|r| r.text())
-            .unwrap_or_default();
-        let prefix = format!("{cluster}::");
-        let flags: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with(&prefix) && l.contains("::health_flags::"))
-            .collect();
-        if !flags.is_empty() && flags.iter().all(|l| l.ends_with("::healthy")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cluster {cluster} never healthy: {flags:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .unwrap_or_default()
+    });
 }
 
 /// One labelled sample, e.g. `realtime_relay_calls_ended_total{reason="hangup"}`; 0 when the

@@ -128,11 +128,19 @@ pub fn gateway_with_relay_args(
 /// Waits until Envoy's health checker has marked `cluster`'s hosts healthy (the first check
 /// runs at start-up; until it passes Envoy may still route, but do not race it).
 pub fn wait_relay_healthy(envoy: &Envoy, cluster: &str) {
+    wait_cluster_healthy(cluster, || {
+        http::get(envoy.admin(), "/clusters")
+            .map(|r| r.text())
+            .unwrap_or_default()
+    });
+}
+
+/// [`wait_relay_healthy`] over admin `/clusters` text from `clusters` (for an Envoy that
+/// is reached another way, e.g. inside a network namespace).
+pub fn wait_cluster_healthy(cluster: &str, clusters: impl Fn() -> String) {
     let deadline = Instant::now() + T;
     loop {
-        let text = http::get(envoy.admin(), "/clusters")
-            .map(|r| r.text())
-            .unwrap_or_default();
+        let text = clusters();
         let prefix = format!("{cluster}::");
         let flags: Vec<&str> = text
             .lines()
