@@ -12,7 +12,9 @@
 //! followed by its own drain.
 
 use crate::call_state::{CallCounters, DirectionCounters, EndReason};
+use crate::gateway_event::{self, Sender};
 use crate::metrics::DirectionMetrics;
+use crate::peer::DataChannelTerms;
 use crate::pt_map::PtMap;
 use rtc_peer::dc_queue::{DcQueue, Message};
 use rtc_peer::shell::{self, Drained};
@@ -26,10 +28,15 @@ use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, Mid};
 use str0m::net::{Protocol, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
-use str0m::{Event, IceConnectionState, Input, Rtc};
+use str0m::{Event, Input, Rtc};
 
 /// Below this many buffered bytes, str0m tells us a channel can take more.
 const CHANNEL_LOW_WATER: usize = 64 * 1024;
+
+/// How long a call that ends normally keeps going to deliver what is queued for a peer that is
+/// still there (the provider's last `response.done` before it hung up, say): until every such
+/// peer acknowledged it, or this long, whichever comes first.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Leg {
@@ -58,6 +65,19 @@ impl Leg {
             Leg::Upstream => EndReason::UpstreamTimeout,
         }
     }
+
+    fn sender(self) -> Sender {
+        match self {
+            Leg::Client => Sender::Client,
+            Leg::Upstream => Sender::Model,
+        }
+    }
+}
+
+/// Whether a call that ended for `reason` first delivers what is queued. Not when the queue
+/// itself is the problem, nor when the relay failed.
+fn flushes_on_end(reason: EndReason) -> bool {
+    !matches!(reason, EndReason::BufferOverflow | EndReason::InternalError)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +98,7 @@ pub struct BridgeTelemetry {
     pub upstream_to_client: DirectionMetrics,
     pub dc_write_errors: prometheus_client::metrics::counter::Counter,
     pub buffer_overflows: prometheus_client::metrics::counter::Counter,
+    pub dc_too_large: prometheus_client::metrics::counter::Counter,
 }
 
 impl BridgeTelemetry {
@@ -89,6 +110,7 @@ impl BridgeTelemetry {
             upstream_to_client: metrics.upstream_to_client.clone(),
             dc_write_errors: metrics.dc_write_errors.clone(),
             buffer_overflows: metrics.buffer_overflows.clone(),
+            dc_too_large: metrics.dc_too_large.clone(),
         }
     }
 
@@ -115,7 +137,9 @@ struct LegState {
     /// The `oai-events` channel on this leg, once open.
     channel: Option<ChannelId>,
     audio_mid: Option<Mid>,
-    has_data_channel: bool,
+    data_channel: DataChannelTerms,
+    /// The peer closed, or went silent past the peer timeout: nothing more reaches it.
+    gone: bool,
     last_receive: Instant,
     next_timeout: Instant,
     /// Messages waiting to be written on this leg.
@@ -137,6 +161,12 @@ pub struct Bridge {
     connected_at: Option<Instant>,
     last_activity: Instant,
     end: Option<EndReason>,
+    /// Once ended: when the legs close even if queued events are still undelivered.
+    close_by: Option<Instant>,
+    /// Both legs closed: the driver sends the goodbyes and stops.
+    finished: bool,
+    /// Events the relay wrote itself, for their ids.
+    notices: u64,
     /// The latest time the driver gave us.
     now: Instant,
     events: VecDeque<(Leg, Event)>,
@@ -153,10 +183,12 @@ pub struct LegSetup {
     /// destination of every ICE-TCP frame.
     pub tcp_local_addr: Option<SocketAddr>,
     pub audio_mid: Option<Mid>,
-    /// Whether this leg negotiated a data channel (an `m=application` section). An
-    /// audio-only client never opens `oai-events`: events for it are dropped and
-    /// counted instead of queued until the cap ends the call.
-    pub has_data_channel: bool,
+    /// The data channel as the leg's offer/answer settled it. A leg without one (an
+    /// audio-only client, or an `m=application` section rejected with port 0) never opens
+    /// `oai-events`: events for it are dropped and counted instead of queued until the cap
+    /// ends the call. Messages larger than its peer's `max-message-size` are not written:
+    /// the client gets an `error` event instead.
+    pub data_channel: DataChannelTerms,
 }
 
 impl Bridge {
@@ -175,7 +207,8 @@ impl Bridge {
             connected: false,
             channel: None,
             audio_mid: s.audio_mid,
-            has_data_channel: s.has_data_channel,
+            data_channel: s.data_channel,
+            gone: false,
             last_receive: now,
             next_timeout: now,
             outbox: DcQueue::new(limits.dc_buffer_bytes),
@@ -192,6 +225,9 @@ impl Bridge {
             connected_at: None,
             last_activity: now,
             end: None,
+            close_by: None,
+            finished: false,
+            notices: 0,
             now,
             events: VecDeque::new(),
             transmits: Vec::new(),
@@ -226,6 +262,12 @@ impl Bridge {
         self.end
     }
 
+    /// The call ended and both legs are closed: the driver sends the last transmits (the
+    /// goodbyes) and stops.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
     pub fn is_connected(&self) -> bool {
         self.connected_at.is_some()
     }
@@ -235,21 +277,66 @@ impl Bridge {
         self.transmits.drain(..)
     }
 
-    /// Ends the call from outside (hangup, drain, limits enforced by the driver).
+    /// Ends the call from outside (hangup, drain, limits enforced by the driver). What is
+    /// queued for a peer still there is delivered first, within [`CLOSE_GRACE`]; the next
+    /// input (`handle_timeout`, a datagram, `send_written`) starts that.
     pub fn end(&mut self, reason: EndReason) {
         if self.end.is_none() {
             self.end = Some(reason);
         }
     }
 
-    /// Starts an orderly close of both legs (DTLS close_notify, SCTP shutdown), whose
-    /// datagrams come out of `take_transmits`.
-    pub fn close(&mut self) {
+    /// Once ended: closes both legs when every peer still there has what was queued for it,
+    /// or at the grace deadline.
+    fn progress_close(&mut self, now: Instant) {
+        let Some(reason) = self.end else {
+            return;
+        };
+        if self.finished {
+            return;
+        }
+        let grace = if flushes_on_end(reason) {
+            CLOSE_GRACE
+        } else {
+            Duration::ZERO
+        };
+        let close_by = *self.close_by.get_or_insert(now + grace);
+        let delivered = self.delivered(Leg::Client) && self.delivered(Leg::Upstream);
+        if now >= close_by || delivered {
+            if !delivered {
+                tracing::info!(
+                    queued_to_client = self.client.outbox.len(),
+                    queued_to_upstream = self.upstream.outbox.len(),
+                    "closing with data-channel messages undelivered after the grace period"
+                );
+            }
+            self.close();
+        }
+    }
+
+    /// Whether nothing is left to deliver to `leg`'s peer: its outbox is empty and its peer
+    /// acknowledged every byte written, or it cannot receive anything any more.
+    fn delivered(&mut self, leg: Leg) -> bool {
+        let state = self.leg_mut(leg);
+        let Some(id) = state.channel.filter(|_| state.connected && !state.gone) else {
+            return true;
+        };
+        state.outbox.is_empty()
+            && state
+                .rtc
+                .channel(id)
+                .is_none_or(|mut ch| ch.buffered_amount() == 0)
+    }
+
+    /// An orderly close of both legs (DTLS close_notify, SCTP shutdown), whose datagrams
+    /// come out of `take_transmits`.
+    fn close(&mut self) {
         for leg in [Leg::Client, Leg::Upstream] {
             let _ = self.leg_mut(leg).rtc.close();
             self.drain(leg);
         }
         self.events.clear();
+        self.finished = true;
     }
 
     /// Feeds one datagram that arrived for `leg`.
@@ -288,6 +375,7 @@ impl Bridge {
         }
         self.drain(leg);
         self.process_events(now);
+        self.progress_close(now);
     }
 
     /// Lets RTP written during the last batch of input leave: one str0m timeout pass
@@ -302,6 +390,7 @@ impl Bridge {
             }
         }
         self.process_events(now);
+        self.progress_close(now);
     }
 
     /// Advances time: str0m's timers, buffered writes, and the call's deadlines.
@@ -325,12 +414,20 @@ impl Bridge {
             }
         }
         self.process_events(now);
-        self.check_deadlines(now);
+        if self.end.is_none() {
+            self.check_deadlines(now);
+        }
+        self.progress_close(now);
     }
 
     /// When the driver must call `handle_timeout` next.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.client.next_timeout.min(self.upstream.next_timeout);
+        if self.end.is_some() {
+            // Ending: only the legs' own timers (acknowledgements, retransmits) and the
+            // grace deadline matter; an input sets the deadline if none has yet.
+            return t.min(self.close_by.unwrap_or(self.now));
+        }
         t = t.min(self.created + self.limits.max_duration);
         match self.connected_at {
             None => t = t.min(self.created + self.limits.ice_timeout),
@@ -360,6 +457,7 @@ impl Bridge {
             Some(_) => {
                 for leg in [Leg::Client, Leg::Upstream] {
                     if now >= self.leg(leg).last_receive + self.limits.peer_timeout {
+                        self.leg_mut(leg).gone = true;
                         self.end(leg.timed_out());
                     }
                 }
@@ -410,14 +508,12 @@ impl Bridge {
                     self.last_activity = now;
                 }
             }
-            // A leg that was connected and lost ICE is gone. One that never connected
-            // is the ICE timeout's to judge: str0m's agent may give up on a pair before
-            // the configured timeout (and recover if checks arrive later), and a call that
-            // never connected ends as `ice_timeout`, not as a peer's timeout.
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected)
-                if self.leg(leg).connected =>
-            {
-                self.end(leg.timed_out());
+            // str0m documents Disconnected as transient: its agent stopped hearing from the
+            // peer, and recovers when checks get through again. A short outage must not end
+            // the call: the peer timeout (no datagram at all for `--peer-timeout-secs`)
+            // judges real loss, and the ICE timeout a leg that never connected.
+            Event::IceConnectionStateChange(state) => {
+                tracing::debug!(?leg, ?state, "ICE connection state");
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
                 let state = self.leg_mut(leg);
@@ -426,6 +522,11 @@ impl Bridge {
                 }
             }
             Event::ChannelOpen(id, label) => self.channel_opened(leg, id, &label),
+            // The call is over: nothing new is forwarded while what was queued drains.
+            Event::ChannelData(d) if self.end.is_some() && self.leg(leg).channel == Some(d.id) => {
+                self.telemetry.dropped(leg);
+            }
+            Event::RtpPacket(_) if self.end.is_some() => self.telemetry.dropped(leg),
             Event::ChannelData(d) if self.leg(leg).channel == Some(d.id) => {
                 let (c, m) = self.telemetry.direction(leg);
                 c.dc_messages.fetch_add(1, Relaxed);
@@ -445,10 +546,14 @@ impl Bridge {
                 self.flush(leg);
             }
             Event::ChannelClose(id) if self.leg(leg).channel == Some(id) => {
+                self.leg_mut(leg).gone = true;
                 self.end(leg.closed());
             }
             Event::RtpPacket(p) => self.forward_rtp(leg, p, now),
-            Event::Closed => self.end(leg.closed()),
+            Event::Closed => {
+                self.leg_mut(leg).gone = true;
+                self.end(leg.closed());
+            }
             _ => {}
         }
     }
@@ -479,8 +584,12 @@ impl Bridge {
     /// earlier messages still queued, or the send buffer full).
     fn send_message(&mut self, to: Leg, message: Message) {
         let state = self.leg(to);
-        if !state.has_data_channel {
+        if !state.data_channel.negotiated {
             self.telemetry.dropped(to.other());
+            return;
+        }
+        if !state.data_channel.takes(message.data.len()) {
+            self.refuse_too_large(to, &message);
             return;
         }
         if state.channel.is_some() && state.outbox.is_empty() {
@@ -502,6 +611,38 @@ impl Bridge {
             );
             self.telemetry.buffer_overflows.inc();
             self.end(EndReason::BufferOverflow);
+        }
+    }
+
+    /// A message larger than `to`'s peer takes (its `max-message-size`) is never written:
+    /// str0m would refuse it, and the sender would never learn. It is dropped, counted, and the
+    /// client is told with an `error` event: it sent the message, or it is the one missing the
+    /// model's event (an `error` event sent to the provider would only earn another error).
+    fn refuse_too_large(&mut self, to: Leg, message: &Message) {
+        let max = self
+            .leg(to)
+            .data_channel
+            .peer_max_message
+            .unwrap_or(usize::MAX);
+        tracing::info!(
+            from = ?to.other(),
+            bytes = message.data.len(),
+            max_message_bytes = max,
+            "data-channel message larger than the receiver's max-message-size; not delivered"
+        );
+        self.telemetry.dropped(to.other());
+        self.telemetry.dc_too_large.inc();
+        self.notices += 1;
+        let notice =
+            gateway_event::event_too_large(to.other().sender(), &message.data, max, self.notices);
+        if self.client.data_channel.takes(notice.len()) {
+            self.send_message(
+                Leg::Client,
+                Message {
+                    binary: false,
+                    data: notice,
+                },
+            );
         }
     }
 

@@ -55,12 +55,23 @@ impl CallDriver {
         // Where each client address reached us (port bound on the unspecified address only):
         // replies leave from there.
         let mut reply_sources = ReplySources::default();
+        let mut ending = false;
         let reason = loop {
+            if !ending && self.bridge.end_reason().is_some() {
+                // The call is ending: what is queued drains, then the bridge closes both legs.
+                // An ICE-TCP client may close its connection as soon as it reads the goodbye:
+                // mark the call as ending before any goodbye is sent, so that close counts as
+                // the call's end.
+                ending = true;
+                if let Some(tcp) = &self.client_tcp {
+                    tcp.ending();
+                }
+            }
             if let Some(proto) = self.send(&mut out, &reply_sources).await {
                 client_proto = proto;
             }
-            if let Some(reason) = self.bridge.end_reason() {
-                break reason;
+            if self.bridge.is_finished() {
+                break self.bridge.end_reason().unwrap_or(EndReason::InternalError);
             }
             if !reported_connected && self.bridge.is_connected() {
                 reported_connected = true;
@@ -71,7 +82,8 @@ impl CallDriver {
             let deadline = self.bridge.poll_timeout();
             tokio::select! {
                 biased;
-                _ = self.entry.cancel.cancelled() => {
+                // Once ending, a cancellation has nothing left to do (and would fire forever).
+                _ = self.entry.cancel.cancelled(), if !ending => {
                     let reason = self.entry.requested_end().unwrap_or(EndReason::Hangup);
                     self.bridge.end(reason);
                 }
@@ -109,15 +121,8 @@ impl CallDriver {
                 }
             }
         };
-        // Say goodbye on both legs (DTLS close_notify, SCTP abort) so peers learn at
-        // once instead of after their own timeouts. An ICE-TCP client may close its
-        // connection as soon as it reads the goodbye, before the route is dropped: mark the
-        // call as ending first, so that close counts as the call's end.
-        if let Some(tcp) = &self.client_tcp {
-            tcp.ending();
-        }
-        self.bridge.close();
-        self.send(&mut out, &reply_sources).await;
+        // The bridge said goodbye on both legs (DTLS close_notify, SCTP abort) and the loop
+        // sent it, so peers learn at once instead of after their own timeouts.
         if reported_connected {
             self.connected_gauge.dec();
         }

@@ -182,7 +182,8 @@ pub struct Args {
     pub max_upstream_body_bytes: usize,
 
     /// Bytes of data-channel messages buffered per direction while the other side
-    /// is not open or its send buffer is full; exceeding it ends the call.
+    /// is not open or its send buffer is full; exceeding it ends the call. Also the largest
+    /// message the relay takes from a peer (its advertised max-message-size).
     #[arg(long, env = "RELAY_DC_BUFFER_BYTES", default_value_t = 1024 * 1024)]
     pub dc_buffer_bytes: usize,
 

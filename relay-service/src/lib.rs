@@ -11,6 +11,7 @@ pub mod call;
 pub mod call_state;
 pub mod config;
 pub mod error;
+pub mod gateway_event;
 pub mod grpc;
 pub mod ids;
 pub mod media_socket;

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub setup_seconds: Histogram,
     pub buffer_overflows: Counter,
     pub dc_write_errors: Counter,
+    pub dc_too_large: Counter,
     pub unmatched_datagrams: Counter,
     pub queue_full_drops: Counter,
     pub call_panics: Counter,
@@ -126,6 +127,7 @@ impl Metrics {
             ]),
             buffer_overflows: Counter::default(),
             dc_write_errors: Counter::default(),
+            dc_too_large: Counter::default(),
             unmatched_datagrams: Counter::default(),
             queue_full_drops: Counter::default(),
             call_panics: Counter::default(),
@@ -190,6 +192,11 @@ impl Metrics {
             "dc_write_errors",
             "Data-channel writes that failed",
             m.dc_write_errors.clone(),
+        );
+        registry.register(
+            "dc_messages_too_large",
+            "Data-channel messages not delivered because the receiving peer's max-message-size is smaller (the client gets an error event)",
+            m.dc_too_large.clone(),
         );
         registry.register(
             "unmatched_datagrams",

@@ -48,14 +48,130 @@ pub fn describe(e: &impl std::fmt::Display) -> String {
 /// Every leg shares the process's DTLS certificate (`rtc_peer::crypto`: two fewer
 /// certificate generations per call). If generation fails, legs fall back to str0m's
 /// per-`Rtc` default.
-fn base_config() -> RtcConfig {
+///
+/// `max_message` is the largest data-channel message the leg takes from its peer (str0m
+/// reassembles up to it). The send buffer holds at least that much, so any message the other
+/// leg takes can be written once the buffer is empty: `Channel::write` never accepts a message
+/// larger than the buffer, and one that never fits would block its channel for good.
+fn base_config(max_message: usize) -> RtcConfig {
+    let max_message = max_message.clamp(MIN_MAX_MESSAGE, u32::MAX as usize);
     rtc_peer::crypto::rtc_config()
         .unwrap_or_default()
+        .set_sctp_max_message_size(max_message as u32)
+        .set_sctp_max_buffered_amount(max_message.max(rtc_peer::crypto::SCTP_MAX_BUFFERED))
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
         // Stats events are not used; don't pay for them.
         .set_stats_interval(None)
+}
+
+/// RFC 8841 §6.1: a peer whose SDP has no `a=max-message-size` takes messages up to 64 KiB.
+pub const DEFAULT_PEER_MAX_MESSAGE: usize = 64 * 1024;
+
+/// The smallest limit a leg is built with (one RFC 8841 default message).
+const MIN_MAX_MESSAGE: usize = DEFAULT_PEER_MAX_MESSAGE;
+
+/// The data channel of one leg as its offer/answer settled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataChannelTerms {
+    /// Both sides kept an `m=application` section (port not 0): the `oai-events` channel
+    /// can open on this leg.
+    pub negotiated: bool,
+    /// The largest message the leg's peer takes (its `a=max-message-size`); `None` when it
+    /// sets no limit (`0`).
+    pub peer_max_message: Option<usize>,
+}
+
+impl DataChannelTerms {
+    /// Whether a message of `len` bytes may be written to this leg's peer.
+    pub fn takes(&self, len: usize) -> bool {
+        self.peer_max_message.is_none_or(|max| len <= max)
+    }
+}
+
+/// The first `m=application` section of `sdp`: its port and its `a=max-message-size`.
+fn application_section(sdp: &str) -> Option<(&str, Option<&str>)> {
+    let mut port = None;
+    let mut max = None;
+    for line in sdp.lines() {
+        if let Some(m) = line.strip_prefix("m=") {
+            if port.is_some() {
+                break;
+            }
+            if let Some(rest) = m.strip_prefix("application ") {
+                port = Some(rest.split(' ').next().unwrap_or(""));
+            }
+        } else if port.is_some() {
+            if let Some(v) = line.strip_prefix("a=max-message-size:") {
+                max = Some(v.trim());
+            }
+        }
+    }
+    port.map(|p| (p, max))
+}
+
+/// What the exchange of `peer_sdp` (the leg's peer) and `our_sdp` settled about the data
+/// channel. A section offered and rejected (port 0) on either side is no data channel: events
+/// for such a leg would only queue until the byte cap ends the call.
+pub fn data_channel_terms(peer_sdp: &str, our_sdp: &str) -> DataChannelTerms {
+    let open = |sdp| application_section(sdp).is_some_and(|(port, _)| port != "0");
+    let peer_max_message = match application_section(peer_sdp).and_then(|(_, max)| max) {
+        None => Some(DEFAULT_PEER_MAX_MESSAGE),
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            // Unreadable: the RFC's default, the smallest sensible assumption.
+            Err(_) => Some(DEFAULT_PEER_MAX_MESSAGE),
+        },
+    };
+    DataChannelTerms {
+        negotiated: open(peer_sdp) && open(our_sdp),
+        peer_max_message,
+    }
+}
+
+/// `sdp` advertising `max` as its `a=max-message-size`: what the relay tells one peer is the
+/// smaller of what it takes itself and what the other leg's peer takes, so a peer that honours
+/// it (browsers refuse to `send()` more) never sends what cannot be delivered. The line is
+/// replaced in the first `m=application` section, or added to it; an SDP without one is
+/// returned as is.
+pub fn with_max_message_size(sdp: &str, max: usize) -> String {
+    let line = format!("a=max-message-size:{max}");
+    let mut out = String::with_capacity(sdp.len() + line.len() + 2);
+    let mut in_app = false;
+    let mut written = false;
+    let mut rest = sdp;
+    while !rest.is_empty() {
+        let end = rest.find('\n').map_or(rest.len(), |i| i + 1);
+        let (raw, next) = rest.split_at(end);
+        rest = next;
+        let text = raw.trim_end_matches(['\r', '\n']);
+        let eol = &raw[text.len()..];
+        let eol = if eol.is_empty() { "\r\n" } else { eol };
+        if text.starts_with("m=") {
+            if in_app && !written {
+                out.push_str(&line);
+                out.push_str(eol);
+                written = true;
+            }
+            in_app = !written && text.starts_with("m=application ");
+        } else if in_app && text.starts_with("a=max-message-size:") {
+            out.push_str(&line);
+            out.push_str(eol);
+            written = true;
+            continue;
+        }
+        out.push_str(raw);
+    }
+    if in_app && !written {
+        if !out.ends_with('\n') {
+            out.push_str("\r\n");
+        }
+        out.push_str(&line);
+        out.push_str("\r\n");
+    }
+    out
 }
 
 /// Cheap structural checks before any str0m work: the offer is text starting with
@@ -110,13 +226,14 @@ pub fn accept_client_offer(
     advertised: SocketAddr,
     advertised_tcp: Option<SocketAddr>,
     creds: IceCreds,
+    max_message: usize,
     now: Instant,
 ) -> Result<ClientLeg, SetupError> {
     let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
         SetupError::InvalidSdp(format!("the offer does not parse: {}", describe(&e)))
     })?;
     let audio_mid = first_audio_mid(sdp);
-    let mut rtc = base_config()
+    let mut rtc = base_config(max_message)
         .set_ice_lite(true)
         .set_local_ice_credentials(creds)
         .build(now);
@@ -173,9 +290,10 @@ pub struct UpstreamLeg {
 pub fn create_upstream_offer(
     local: SocketAddr,
     reflexive: Option<SocketAddr>,
+    max_message: usize,
     now: Instant,
 ) -> Result<UpstreamLeg, SetupError> {
-    let mut rtc = base_config().build(now);
+    let mut rtc = base_config(max_message).build(now);
     let candidate = Candidate::host(local, "udp")
         .map_err(|e| SetupError::Internal(format!("bad upstream media address: {e}")))?;
     rtc.add_local_candidate(candidate);
@@ -224,6 +342,8 @@ pub fn accept_upstream_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX_MESSAGE: usize = 1024 * 1024;
 
     #[test]
     fn precheck_table() {
@@ -276,6 +396,7 @@ mod tests {
                 ufrag: "abcd".into(),
                 pass: "p".repeat(24),
             },
+            MAX_MESSAGE,
             Instant::now(),
         )
         .err()
@@ -302,6 +423,7 @@ mod tests {
             udp,
             Some("203.0.113.7:443".parse().unwrap()),
             creds(),
+            MAX_MESSAGE,
             Instant::now(),
         )
         .unwrap();
@@ -312,7 +434,8 @@ mod tests {
             sdp.contains(" tcp ") && sdp.contains("203.0.113.7 443 typ host tcptype passive"),
             "{sdp}"
         );
-        let leg = accept_client_offer(&offer, udp, None, creds(), Instant::now()).unwrap();
+        let leg =
+            accept_client_offer(&offer, udp, None, creds(), MAX_MESSAGE, Instant::now()).unwrap();
         let sdp = leg.answer.to_sdp_string();
         assert!(
             !sdp.contains("tcptype"),
@@ -334,10 +457,20 @@ mod tests {
                 .find(|l| l.starts_with("a=fingerprint:"))
                 .map(str::to_string)
         };
-        let a =
-            create_upstream_offer("127.0.0.1:5000".parse().unwrap(), None, Instant::now()).unwrap();
-        let b =
-            create_upstream_offer("127.0.0.1:5001".parse().unwrap(), None, Instant::now()).unwrap();
+        let a = create_upstream_offer(
+            "127.0.0.1:5000".parse().unwrap(),
+            None,
+            MAX_MESSAGE,
+            Instant::now(),
+        )
+        .unwrap();
+        let b = create_upstream_offer(
+            "127.0.0.1:5001".parse().unwrap(),
+            None,
+            MAX_MESSAGE,
+            Instant::now(),
+        )
+        .unwrap();
         let fa = fingerprint(&a.offer.to_sdp_string());
         assert!(fa.is_some());
         assert_eq!(fa, fingerprint(&b.offer.to_sdp_string()));
@@ -348,6 +481,7 @@ mod tests {
         let leg = create_upstream_offer(
             "127.0.0.1:5000".parse().unwrap(),
             Some("198.51.100.4:6000".parse().unwrap()),
+            MAX_MESSAGE,
             Instant::now(),
         )
         .unwrap();
@@ -357,5 +491,81 @@ mod tests {
         assert!(sdp.contains("m=application"), "{sdp}");
         assert!(sdp.contains("opus/48000/2"), "{sdp}");
         assert!(sdp.contains("a=sendrecv"), "{sdp}");
+    }
+
+    const APP_OFFER: &str = "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=max-message-size:1\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\na=sctp-port:5000\r\na=max-message-size:262144\r\n";
+
+    #[test]
+    fn data_channel_terms_come_from_both_sides_of_the_exchange() {
+        let no_limit = APP_OFFER.replace("max-message-size:262144", "max-message-size:0");
+        let no_attr = APP_OFFER.replace("a=max-message-size:262144\r\n", "");
+        let rejected = APP_OFFER.replace("m=application 9", "m=application 0");
+        let audio_only = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=max-message-size:7\r\n";
+        // (peer's SDP, ours, negotiated, the peer's limit)
+        let rows: [(&str, &str, bool, Option<usize>); 7] = [
+            (APP_OFFER, APP_OFFER, true, Some(262_144)),
+            (&no_limit, APP_OFFER, true, None),
+            // RFC 8841: no attribute is 64 KiB, not "unlimited".
+            (&no_attr, APP_OFFER, true, Some(65_536)),
+            // Offered and rejected, by either side: no channel will open.
+            (&rejected, APP_OFFER, false, Some(262_144)),
+            (APP_OFFER, &rejected, false, Some(262_144)),
+            // The audio section's attribute is not the channel's.
+            (audio_only, APP_OFFER, false, Some(65_536)),
+            (APP_OFFER, audio_only, false, Some(262_144)),
+        ];
+        for (peer, ours, negotiated, max) in rows {
+            let terms = data_channel_terms(peer, ours);
+            assert_eq!(
+                (terms.negotiated, terms.peer_max_message),
+                (negotiated, max),
+                "{peer:?} / {ours:?}"
+            );
+        }
+        assert!(data_channel_terms(&no_limit, APP_OFFER).takes(usize::MAX));
+        let terms = data_channel_terms(APP_OFFER, APP_OFFER);
+        assert!(terms.takes(262_144) && !terms.takes(262_145));
+    }
+
+    #[test]
+    fn the_advertised_message_size_is_replaced_or_added_in_the_application_section_only() {
+        let out = with_max_message_size(APP_OFFER, 65_536);
+        assert_eq!(
+            out,
+            APP_OFFER.replace("max-message-size:262144", "max-message-size:65536")
+        );
+        assert!(out.contains("a=max-message-size:1\r\n"), "audio untouched");
+        let no_attr = APP_OFFER.replace("a=max-message-size:262144\r\n", "");
+        let added = with_max_message_size(&no_attr, 1000);
+        assert!(
+            added.ends_with("a=sctp-port:5000\r\na=max-message-size:1000\r\n"),
+            "{added}"
+        );
+        // A section in the middle, LF line ends.
+        let middle = "v=0\nm=application 9 x\na=mid:0\nm=audio 9 x 111\na=mid:1\n";
+        assert_eq!(
+            with_max_message_size(middle, 5),
+            "v=0\nm=application 9 x\na=mid:0\na=max-message-size:5\nm=audio 9 x 111\na=mid:1\n"
+        );
+        let audio_only = "v=0\r\nm=audio 9 x 111\r\n";
+        assert_eq!(with_max_message_size(audio_only, 5), audio_only);
+        // What str0m writes round-trips through its own parser.
+        let leg = create_upstream_offer(
+            "127.0.0.1:5000".parse().unwrap(),
+            None,
+            MAX_MESSAGE,
+            Instant::now(),
+        )
+        .unwrap();
+        let sdp = with_max_message_size(&leg.offer.to_sdp_string(), 70_000);
+        let parsed = SdpOffer::from_sdp_string(&sdp).unwrap().to_sdp_string();
+        assert_eq!(
+            data_channel_terms(&parsed, &parsed).peer_max_message,
+            Some(70_000)
+        );
+        assert_eq!(
+            data_channel_terms(&leg.offer.to_sdp_string(), &sdp).peer_max_message,
+            Some(MAX_MESSAGE)
+        );
     }
 }

@@ -178,7 +178,17 @@ impl Relay {
         let client = self.accept_client(&req.sdp_offer, now)?;
         let upstream = self.open_upstream_leg(&checked.base, now).await?;
         let authorization = Some(checked.upstream.authorization.as_str()).filter(|a| !a.is_empty());
-        let offer = upstream.leg.offer.to_sdp_string();
+        // Each peer is told the largest message the other end takes (and the relay relays):
+        // a peer that honours it never sends what could not be delivered.
+        let max_message = self.max_message();
+        let offer = peer::with_max_message_size(
+            &upstream.leg.offer.to_sdp_string(),
+            client
+                .leg
+                .data_channel
+                .peer_max_message
+                .map_or(max_message, |m| m.min(max_message)),
+        );
         let (answer_sdp, upstream_call_id) = match self
             .negotiate_upstream(&checked, authorization, &offer)
             .await?
@@ -202,7 +212,15 @@ impl Relay {
         let filtered = self.allowlist.filter_answer_candidates(&answer_sdp);
         self.count_refused_candidates(filtered.dropped);
         let answer_sdp = filtered.usable()?;
-        let upstream = upstream.answered(&answer_sdp)?;
+        let upstream = upstream.answered(&answer_sdp, &offer)?;
+        let client_answer = peer::with_max_message_size(
+            &client.answer_sdp,
+            upstream
+                .leg
+                .data_channel
+                .peer_max_message
+                .map_or(max_message, |m| m.min(max_message)),
+        );
         if let Some(id) = &upstream_call_id {
             entry.set_upstream_call_id(id);
         }
@@ -224,9 +242,7 @@ impl Relay {
         tracing::info!(worker = %checked.upstream.worker_id, model = %req.model.trim(), "call set up");
         Ok(v1::CreateCallResponse {
             call_id,
-            outcome: Some(v1::create_call_response::Outcome::SdpAnswer(
-                client.answer_sdp,
-            )),
+            outcome: Some(v1::create_call_response::Outcome::SdpAnswer(client_answer)),
         })
     }
 
@@ -270,10 +286,13 @@ impl Relay {
                 ufrag: ufrag.clone(),
                 pass,
             },
+            self.max_message(),
             now,
         )?;
+        let answer_sdp = client.answer.to_sdp_string();
+        let data_channel = peer::data_channel_terms(offer, &answer_sdp);
         Ok(AcceptedClient {
-            answer_sdp: client.answer.to_sdp_string(),
+            answer_sdp,
             leg: LegSetup {
                 rtc: client.rtc,
                 // Every datagram on the shared port is addressed, as far as ICE knows, to the
@@ -284,10 +303,16 @@ impl Relay {
                 // The same for ICE-TCP frames: addressed to the advertised TCP candidate.
                 tcp_local_addr: self.advertised_tcp(),
                 audio_mid: client.audio_mid,
-                has_data_channel: offer.contains("\nm=application "),
+                data_channel,
             },
             ufrag,
         })
+    }
+
+    /// The largest data-channel message the relay takes from a peer: any message its per-call
+    /// buffer (`--dc-buffer-bytes`) can hold.
+    fn max_message(&self) -> usize {
+        self.settings.limits.dc_buffer_bytes
     }
 
     /// The passive TCP candidate's address, if the relay listens for ICE-TCP.
@@ -318,7 +343,7 @@ impl Relay {
             }
             None => None,
         };
-        let leg = peer::create_upstream_offer(local, reflexive, now)?;
+        let leg = peer::create_upstream_offer(local, reflexive, self.max_message(), now)?;
         Ok(UpstreamSide { socket, local, leg })
     }
 
@@ -592,7 +617,8 @@ struct UpstreamSide {
 
 impl UpstreamSide {
     /// Applies the provider's answer: the leg is ready for the bridge.
-    fn answered(self, answer_sdp: &str) -> Result<AnsweredUpstream, SetupError> {
+    /// `offer_sdp` is the offer as sent (with its advertised message size).
+    fn answered(self, answer_sdp: &str, offer_sdp: &str) -> Result<AnsweredUpstream, SetupError> {
         let mut rtc = self.leg.rtc;
         peer::accept_upstream_answer(&mut rtc, self.leg.pending, answer_sdp)?;
         Ok(AnsweredUpstream {
@@ -601,7 +627,7 @@ impl UpstreamSide {
                 local_addr: self.local,
                 tcp_local_addr: None,
                 audio_mid: Some(self.leg.audio_mid),
-                has_data_channel: true,
+                data_channel: peer::data_channel_terms(answer_sdp, offer_sdp),
             },
             channel: self.leg.channel,
             socket: self.socket,
@@ -685,13 +711,15 @@ mod tests {
                 Allowlist::new(&["https://api.openai.com".to_string()], private_allowed).unwrap();
             let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let local = socket.local_addr().unwrap();
-            let leg = peer::create_upstream_offer(local, None, Instant::now()).unwrap();
-            let answer = answer_from(&leg.offer.to_sdp_string(), candidate.parse().unwrap());
+            let leg =
+                peer::create_upstream_offer(local, None, 1024 * 1024, Instant::now()).unwrap();
+            let offer = leg.offer.to_sdp_string();
+            let answer = answer_from(&offer, candidate.parse().unwrap());
             let side = UpstreamSide { socket, local, leg };
             let got = allowlist
                 .filter_answer_candidates(&answer)
                 .usable()
-                .and_then(|sdp| side.answered(&sdp).map(|_| ()));
+                .and_then(|sdp| side.answered(&sdp, &offer).map(|_| ()));
             match got {
                 Ok(()) => assert!(!refused, "{candidate} private={private_allowed}"),
                 Err(e) => {

@@ -60,6 +60,15 @@ pub struct Options {
     /// How many data-channel bytes each test peer's str0m may hold unacknowledged.
     /// Browsers queue megabytes; str0m's default is 128 KiB.
     pub peer_sctp_buffer: usize,
+    /// The largest data-channel message each peer takes (its `a=max-message-size`; str0m's
+    /// default and Chromium's: 256 KiB).
+    pub client_max_message: usize,
+    pub provider_max_message: usize,
+    /// The client offers its `m=application` section with port 0 (rejected).
+    pub client_rejects_data_channel: bool,
+    /// A peer that ignores the size the relay advertises to it and sends larger messages
+    /// (it is shown 16 MiB).
+    pub ignores_max_message: Option<Side>,
 }
 
 impl Default for Options {
@@ -77,6 +86,10 @@ impl Default for Options {
             client_data_channel: true,
             latency: Duration::from_millis(10),
             peer_sctp_buffer: 1024 * 1024,
+            client_max_message: 256 * 1024,
+            provider_max_message: 256 * 1024,
+            client_rejects_data_channel: false,
+            ignores_max_message: None,
         }
     }
 }
@@ -239,6 +252,11 @@ impl Network {
         self.down.insert(addr);
     }
 
+    /// `addr` is reachable again (an outage ends).
+    pub fn bring_up(&mut self, addr: SocketAddr) {
+        self.down.remove(&addr);
+    }
+
     fn send(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
         if self.down.contains(&source) || self.down.contains(&destination) {
             self.dropped += 1;
@@ -294,6 +312,10 @@ pub struct VirtualCall {
     /// The relay's answer, held until [`VirtualCall::answer_client`]: the client's
     /// signalling is as slow as the test wants.
     client_answer: Option<(SdpPendingOffer, String)>,
+    /// The largest message each peer was told the relay takes (its answer's or offer's
+    /// `a=max-message-size`).
+    pub client_was_told: Option<usize>,
+    pub provider_was_told: Option<usize>,
     /// Steps taken without the clock moving, to catch a driver that would spin.
     steps_at_now: u32,
 }
@@ -306,8 +328,12 @@ impl VirtualCall {
         let now = start;
 
         // The client's offer, as a browser makes it.
-        let mut client_rtc =
-            peer_config(options.client_opus_pt, options.peer_sctp_buffer).build(now);
+        let mut client_rtc = peer_config(
+            options.client_opus_pt,
+            options.peer_sctp_buffer,
+            options.client_max_message,
+        )
+        .build(now);
         client_rtc.add_local_candidate(Candidate::host(CLIENT, "udp").expect("candidate"));
         let mut api = client_rtc.sdp_api();
         let client_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
@@ -315,7 +341,16 @@ impl VirtualCall {
             api.add_channel(super::EVENTS_CHANNEL.to_string());
         }
         let (offer, client_pending) = api.apply().expect("client offer");
-        let offer = offer.to_sdp_string();
+        let mut offer = offer.to_sdp_string();
+        if options.client_rejects_data_channel {
+            offer = offer.replace("m=application 9 ", "m=application 0 ");
+        }
+        let shown = |side: Side, sdp: String| match options.ignores_max_message {
+            Some(s) if s == side => peer::with_max_message_size(&sdp, 16 << 20),
+            _ => sdp,
+        };
+        let max_message = options.limits.dc_buffer_bytes;
+        let smaller = |peer: Option<usize>| peer.map_or(max_message, |m| m.min(max_message));
 
         // The relay: client leg, upstream offer, the provider's answer, the bridge.
         let (ufrag, pass) = crate::ids::new_ice_credentials();
@@ -324,20 +359,36 @@ impl VirtualCall {
             RELAY_CLIENT_LEG,
             None,
             IceCreds { ufrag, pass },
+            max_message,
             now,
         )
         .expect("the relay accepts the client's offer");
-        let mut up = peer::create_upstream_offer(RELAY_UPSTREAM_LEG, None, now)
+        let client_answer = client_leg.answer.to_sdp_string();
+        let client_terms = peer::data_channel_terms(&offer, &client_answer);
+        let mut up = peer::create_upstream_offer(RELAY_UPSTREAM_LEG, None, max_message, now)
             .expect("the relay makes its upstream offer");
-        let mut provider_rtc = peer_config(111, options.peer_sctp_buffer).build(now);
+        let relay_offer = peer::with_max_message_size(
+            &up.offer.to_sdp_string(),
+            smaller(client_terms.peer_max_message),
+        );
+        let mut provider_rtc =
+            peer_config(111, options.peer_sctp_buffer, options.provider_max_message).build(now);
         provider_rtc.add_local_candidate(Candidate::host(PROVIDER, "udp").expect("candidate"));
-        let upstream_offer = SdpOffer::from_sdp_string(&up.offer.to_sdp_string()).expect("sdp");
+        let provider_sees = shown(Side::Provider, relay_offer.clone());
+        let provider_was_told = peer::data_channel_terms(&provider_sees, "").peer_max_message;
+        let upstream_offer = SdpOffer::from_sdp_string(&provider_sees).expect("sdp");
         let provider_answer = provider_rtc
             .sdp_api()
             .accept_offer(upstream_offer)
-            .expect("the provider accepts the relay's offer");
-        peer::accept_upstream_answer(&mut up.rtc, up.pending, &provider_answer.to_sdp_string())
+            .expect("the provider accepts the relay's offer")
+            .to_sdp_string();
+        peer::accept_upstream_answer(&mut up.rtc, up.pending, &provider_answer)
             .expect("the relay accepts the provider's answer");
+        let upstream_terms = peer::data_channel_terms(&provider_answer, &relay_offer);
+        let client_answer = shown(
+            Side::Client,
+            peer::with_max_message_size(&client_answer, smaller(upstream_terms.peer_max_message)),
+        );
 
         let metrics = Metrics::new();
         let counters = Arc::new(CallCounters::default());
@@ -348,14 +399,14 @@ impl VirtualCall {
                 local_addr: RELAY_CLIENT_LEG,
                 tcp_local_addr: None,
                 audio_mid: client_leg.audio_mid,
-                has_data_channel: offer.contains("\nm=application "),
+                data_channel: client_terms,
             },
             LegSetup {
                 rtc: up.rtc,
                 local_addr: RELAY_UPSTREAM_LEG,
                 tcp_local_addr: None,
                 audio_mid: Some(up.audio_mid),
-                has_data_channel: true,
+                data_channel: upstream_terms,
             },
             up.channel,
             options.limits,
@@ -376,7 +427,9 @@ impl VirtualCall {
             net: Network::new(options.latency),
             metrics,
             counters,
-            client_answer: Some((client_pending, client_leg.answer.to_sdp_string())),
+            client_was_told: peer::data_channel_terms(&client_answer, "").peer_max_message,
+            provider_was_told,
+            client_answer: Some((client_pending, client_answer)),
             steps_at_now: 0,
         };
         // Both peers and the bridge were mutated by the negotiation.
@@ -601,9 +654,12 @@ impl VirtualCall {
             let max = self.relay.max_outbox_bytes.entry(leg).or_default();
             *max = (*max).max(bytes);
         }
-        if let Some(reason) = self.relay.bridge.end_reason() {
-            self.relay.bridge.close();
-            self.send_relay_transmits();
+        if self.relay.bridge.is_finished() {
+            let reason = self
+                .relay
+                .bridge
+                .end_reason()
+                .expect("a finished call has a reason");
             self.relay.stopped = Some((now, reason));
         }
     }
@@ -740,8 +796,9 @@ fn write_frame(peer: &mut TestPeer, now: Instant) {
 /// A browser-like peer configuration (echo-model's test client: Opus at `opus_pt`
 /// with a browser's format parameters, RTP mode, the shared DTLS certificate). The
 /// provider uses it too: as the answerer it takes the relay's payload types anyway.
-fn peer_config(opus_pt: u8, sctp_buffer: usize) -> RtcConfig {
+fn peer_config(opus_pt: u8, sctp_buffer: usize, max_message: usize) -> RtcConfig {
     echo_model::client::client_rtc_config(Pt::from(opus_pt))
         .expect("a test peer configuration")
         .set_sctp_max_buffered_amount(sctp_buffer)
+        .set_sctp_max_message_size(max_message as u32)
 }
