@@ -339,4 +339,55 @@ fn cross_origin_browsers_get_a_preflight_answer_and_can_read_location() {
         .header("access-control-expose-headers")
         .unwrap_or_default();
     assert!(exposed.contains("location"), "{exposed}");
+    // What a page elsewhere can send without any preflight: a multipart/form-data POST with
+    // no Authorization (the gateway would inject its worker key). It used to be dispatched
+    // (here: 503, the filter tried the relay); it is refused before any dispatch.
+    let boundary = "----WebKitFormBoundaryx1";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\n{OFFER}\r\n--{boundary}--\r\n"
+    );
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    for (path, body) in [
+        ("/v1/realtime/calls", body.as_bytes()),
+        (
+            "/v1/realtime/calls/rtc_0123456789abcdef0123456789abcdef/hangup",
+            b"".as_slice(),
+        ),
+    ] {
+        let r = http::request(
+            envoy.listen(),
+            "POST",
+            path,
+            &[
+                ("origin", "https://evil.example.test"),
+                ("content-type", content_type.as_str()),
+            ],
+            body,
+        )
+        .unwrap();
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(json["error"]["code"], "origin_not_allowed", "{path}");
+        assert_eq!(json["error"].as_object().unwrap().len(), 4, "{path}");
+        assert!(r.header("access-control-allow-origin").is_none(), "{path}");
+    }
+    // The gateway's own pages (the demo page at /) and servers without Origin are not
+    // refused: both reach the relay (here: 503, there is none).
+    let own = format!("http://{}", envoy.listen());
+    for origin in [Some(own.as_str()), None] {
+        let mut headers = vec![("content-type", content_type.as_str())];
+        if let Some(o) = origin {
+            headers.push(("origin", o));
+        }
+        let r = http::request(
+            envoy.listen(),
+            "POST",
+            "/v1/realtime/calls",
+            &headers,
+            body.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 503, "{origin:?}: {}", r.text());
+    }
 }

@@ -197,6 +197,12 @@ fn rows() -> Vec<Row> {
         row("?model not UTF-8", "POST", "/v1/realtime/calls?model=%ff").sdp(OFFER).want(400, "invalid_model"),
         // ---- routing header
         row("routing header naming nothing", "POST", CALLS).sdp(OFFER).header("x-realtime-route", "nowhere").want(400, "invalid_routing_header"),
+        // ---- pages on other origins: a multipart POST needs no preflight, CORS would not stop it
+        form("multipart create from an unlisted origin", &[("sdp", OFFER)]).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
+        row("sdp create from an unlisted origin", "POST", CALLS).sdp(OFFER).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
+        row("create from the null origin", "POST", CALLS).sdp(OFFER).header("origin", "null").want(403, "origin_not_allowed"),
+        row("create from a listed host on another port", "POST", CALLS).sdp(OFFER).header("origin", "https://app.example.test:8443").want(403, "origin_not_allowed"),
+        row("hangup from an unlisted origin", "POST", "/v1/realtime/calls/rtc_abc/hangup").header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
     ];
     // ---- wrong methods on the two endpoints the filter serves
     for m in ["GET", "PUT", "PATCH", "DELETE"] {

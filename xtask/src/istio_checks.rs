@@ -417,6 +417,89 @@ pub fn envoy_calls_cors(envoy_yaml: &Path) -> Result<Vec<Cors>> {
     Ok(out)
 }
 
+/// The plugin configuration JSON of every Wasm filter in an Envoy bootstrap.
+fn envoy_plugin_configs(envoy_yaml: &Path) -> Result<Vec<serde_json::Value>> {
+    let doc = load_envoy(envoy_yaml)?;
+    let mut out = Vec::new();
+    for l in doc["static_resources"]["listeners"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+    {
+        for chain in l["filter_chains"].as_vec().into_iter().flatten() {
+            for f in chain["filters"].as_vec().into_iter().flatten() {
+                for hf in f["typed_config"]["http_filters"]
+                    .as_vec()
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(text) =
+                        hf["typed_config"]["config"]["configuration"]["value"].as_str()
+                    {
+                        out.push(serde_json::from_str(text).map_err(|e| {
+                            anyhow!("{}: plugin configuration: {e}", envoy_yaml.display())
+                        })?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The filter's `browser_origins` (which pages' browser requests it serves) must be exactly the
+/// CORS policy's origins, in envoy.yaml and in every WasmPlugin: an origin CORS lets read but
+/// the filter refuses is a broken app, one the filter serves but CORS omits is a page that can
+/// open calls it cannot read (a simple POST needs no preflight). Returns how many
+/// configurations were compared.
+fn check_browser_origins(
+    all: &[Manifest],
+    envoy_yaml: &Path,
+    reference: &Cors,
+    problems: &mut Vec<String>,
+) -> Result<usize> {
+    let mut want = BTreeSet::new();
+    for (kind, origin) in &reference.origins {
+        if kind == "exact" {
+            want.insert(origin.to_ascii_lowercase());
+        } else {
+            problems.push(format!(
+                "{}: CORS origin {kind} '{origin}' cannot be a browser_origins entry (exact origins only)",
+                envoy_yaml.display()
+            ));
+        }
+    }
+    let listed = |v: &serde_json::Value| -> BTreeSet<String> {
+        v["browser_origins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.as_str())
+            .map(str::to_ascii_lowercase)
+            .collect()
+    };
+    let mut compared = 0;
+    let mut compare = |at: String, got: BTreeSet<String>| {
+        compared += 1;
+        if got != want {
+            problems.push(format!(
+                "{at}: browser_origins {got:?} differ from the CORS policy's origins {want:?}"
+            ));
+        }
+    };
+    for config in envoy_plugin_configs(envoy_yaml)? {
+        compare(envoy_yaml.display().to_string(), listed(&config));
+    }
+    for m in all.iter().filter(|m| m.kind == "WasmPlugin") {
+        let config = crate::manifests::to_json(&m.doc["spec"]["pluginConfig"]);
+        compare(
+            format!("WasmPlugin {} ({})", m.name, m.file.display()),
+            listed(&config),
+        );
+    }
+    Ok(compared)
+}
+
 /// The VirtualServices' CORS policy is Envoy's: every route of `envoy.yaml` under
 /// `/v1/realtime/calls` carries one policy, every VirtualService route matching that path
 /// carries one, and they are all equal.
@@ -470,9 +553,11 @@ pub fn check_cors(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
             checked += 1;
         }
     }
+    let filters = check_browser_origins(all, envoy_yaml, &reference, &mut problems)?;
     if problems.is_empty() {
         Ok(format!(
-            "{checked} VirtualService corsPolicy equal to envoy.yaml's ({} origin(s), max age {:?} s)",
+            "{checked} VirtualService corsPolicy equal to envoy.yaml's ({} origin(s), max age {:?} s); \
+             browser_origins of {filters} filter configuration(s) equal to its origins",
             reference.origins.len(),
             reference.max_age_secs
         ))
@@ -525,6 +610,19 @@ mod tests {
             let err = check_cors(&drifted, &envoy_yaml).unwrap_err().to_string();
             assert!(err.contains("corsPolicy differs"), "{from}: {err}");
         }
+        // The filter's browser_origins are the policy's origins.
+        assert!(ok.contains("browser_origins of 3 filter"), "{ok}");
+        let drifted = drifted(
+            &all,
+            |m| m.kind == "WasmPlugin",
+            "browser_origins: [\"https://app.example.test\"]",
+            "browser_origins: [\"https://other.example.test\"]",
+        );
+        let err = check_cors(&drifted, &envoy_yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("browser_origins") && err.contains("differ"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub struct RawConfig {
     /// (envoy/envoy.yaml's `realtime_hold`), since the router starts its upstream request.
     #[serde(default)]
     pub continue_headers: bool,
+    /// Web page origins (`scheme://host[:port]`) whose browser requests may use the gateway,
+    /// besides the gateway's own pages; the same list as the routes' CORS policy.
+    #[serde(default)]
+    pub browser_origins: Vec<String>,
     pub models: Vec<RawModel>,
     pub pools: Vec<RawPool>,
 }
@@ -267,6 +271,8 @@ pub struct Config {
     pub load_refresh_ms: u64,
     /// Creates continue their headers and hold the body (see `RawConfig::continue_headers`).
     pub continue_headers: bool,
+    /// Normalized `browser_origins` ([`crate::origin`]).
+    pub browser_origins: Vec<String>,
     pub models: Vec<Model>,
     pub pools: Vec<Pool>,
     /// Canonical names and aliases → index into `models`.
@@ -407,6 +413,25 @@ fn validate_replicas(cluster: &str, raw: Vec<RawReplica>) -> Result<Vec<Replica>
     Ok(out)
 }
 
+/// Most entries in `browser_origins`: it is searched per browser request.
+const MAX_BROWSER_ORIGINS: usize = 64;
+
+fn validate_origins(raw: &[String]) -> Result<Vec<String>, ConfigError> {
+    if raw.len() > MAX_BROWSER_ORIGINS {
+        return err(format!("browser_origins: at most {MAX_BROWSER_ORIGINS}"));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, o)| {
+            crate::origin::normalize(o).ok_or_else(|| {
+                ConfigError(format!(
+                    "browser_origins[{i}] '{o}' must be an origin, scheme://host[:port] (http or https, no path, no wildcard)"
+                ))
+            })
+        })
+        .collect()
+}
+
 fn validate_pods(
     relay_cluster: &str,
     raw: Option<RawPods>,
@@ -451,6 +476,7 @@ impl RawConfig {
         }
         let pods = validate_pods(&self.relay_cluster, self.relay_pods, env)?;
         let replicas = validate_replicas(&self.relay_cluster, self.relay_replicas)?;
+        let browser_origins = validate_origins(&self.browser_origins)?;
         if !(1..=300_000).contains(&self.create_timeout_ms) {
             return err("create_timeout_ms must be between 1 and 300000");
         }
@@ -662,6 +688,7 @@ impl RawConfig {
             eject_ms: self.ejection.duration_ms,
             load_refresh_ms: self.load_refresh_ms,
             continue_headers: self.continue_headers,
+            browser_origins,
             models,
             pools,
             model_index,
@@ -735,6 +762,7 @@ pub(crate) mod tests {
 
     pub const SAMPLE: &str = r#"{
         "relay_cluster": "relay",
+        "browser_origins": ["https://app.example.test", "http://localhost:5173"],
         "default_model": "gpt-realtime",
         "routing_header": "x-realtime-route",
         "models": [
@@ -884,5 +912,45 @@ pub(crate) mod tests {
             assert!(!e.to_string().contains("sk-"), "key leaked in '{e}'");
         }
         assert!(Config::from_json(b"not json", &env).is_err());
+    }
+
+    #[test]
+    fn browser_origins_are_origins_normalized_and_bounded() {
+        let with = |origins: serde_json::Value| {
+            let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+            v["browser_origins"] = origins;
+            Config::from_json(v.to_string().as_bytes(), &env)
+        };
+        let cfg = with(serde_json::json!([
+            "HTTPS://App.Example.test:443",
+            "http://[::1]:8080"
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.browser_origins,
+            vec!["https://app.example.test", "http://[::1]:8080"]
+        );
+        for bad in [
+            "*",
+            "https://*.example.test",
+            "https://app.example.test/",
+            "app.example.test",
+            "null",
+            "",
+        ] {
+            let e = with(serde_json::json!([bad])).unwrap_err().to_string();
+            assert!(e.contains("browser_origins[0]"), "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..65)
+            .map(|i| format!("https://a{i}.example.test"))
+            .collect();
+        assert!(with(serde_json::json!(many)).is_err());
+        let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+        v.as_object_mut().unwrap().remove("browser_origins");
+        let cfg = Config::from_json(v.to_string().as_bytes(), &env).unwrap();
+        assert!(
+            cfg.browser_origins.is_empty(),
+            "none listed: only the gateway's own pages"
+        );
     }
 }

@@ -45,6 +45,10 @@ pub enum FilterError {
     /// segments, unknown verbs): answered here, never passed to the provider.
     #[error("no such endpoint under the realtime calls path")]
     UnknownCallsPath,
+    /// A browser request from a page whose origin is neither the gateway's nor listed in
+    /// `browser_origins` ([`crate::origin`]).
+    #[error("requests from this web page's origin are not allowed; add it to browser_origins (and the CORS policy) to let its pages call")]
+    OriginNotAllowed,
     #[error("no healthy worker available for this model")]
     NoHealthyWorker { retry_after_s: u32 },
     /// The relay could not be reached (connection refused, no healthy host).
@@ -93,6 +97,7 @@ impl FilterError {
             | InvalidRoutingHeader
             | RelayRejected { .. } => 400,
             MissingApiKey => 401,
+            OriginNotAllowed => 403,
             ModelNotFound(_) | CallNotFound | UnknownCallsPath => 404,
             Capacity { status, .. } => *status,
             NoHealthyWorker { .. } | RelayUnavailable { .. } => 503,
@@ -122,6 +127,7 @@ impl FilterError {
             MissingApiKey => "missing_api_key",
             CallNotFound => "call_not_found",
             UnknownCallsPath => "not_found",
+            OriginNotAllowed => "origin_not_allowed",
             NoHealthyWorker { .. } => "no_healthy_worker",
             RelayUnavailable { code, .. } => code.as_deref().unwrap_or("relay_unavailable"),
             RelayTimeout { code } => code.as_deref().unwrap_or("relay_timeout"),

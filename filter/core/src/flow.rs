@@ -18,7 +18,7 @@ use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
 use crate::relay::{self, Verdict};
 use crate::replica::{self, Failover};
 use crate::reply::HttpReply;
-use crate::{metrics, routing};
+use crate::{metrics, origin, routing};
 
 /// What a create's headers said, kept for when its body is complete. Read in the headers
 /// callback: once the headers went on (`continue_headers`), Envoy no longer lets the filter
@@ -113,6 +113,15 @@ impl Flow {
         let random = host.random16().unwrap_or_default();
         self.request_id =
             classify::request_id(host.request_header("x-request-id").as_deref(), &random);
+        // A browser page the gateway does not trust gets nothing from any path of ours, not
+        // even a 404: a simple POST needs no preflight, so CORS alone would let it through.
+        if let Err(e) = origin::check(
+            host.request_header("origin").as_deref(),
+            host.request_header(":authority").as_deref(),
+            &self.config.browser_origins,
+        ) {
+            return self.fail(host, &e);
+        }
         match route {
             Route::PassThrough => Action::Continue,
             Route::Reject(e) => self.fail(host, &e),

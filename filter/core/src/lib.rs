@@ -22,6 +22,7 @@ pub mod load_refresh;
 pub mod metrics;
 pub mod model;
 pub mod multipart;
+pub mod origin;
 pub mod pods;
 pub mod relay;
 pub mod replica;

@@ -20,6 +20,8 @@ struct Req {
     content_length: Option<String>,
     authorization: Option<&'static str>,
     route: Option<&'static str>,
+    /// The page a browser request comes from (`Origin`); the gateway is `gw.example.test`.
+    origin: Option<&'static str>,
     body: Vec<u8>,
     no_default_model: bool,
 }
@@ -32,6 +34,7 @@ fn post(ct: &str, body: impl Into<Vec<u8>>) -> Req {
         content_length: None,
         authorization: None,
         route: None,
+        origin: None,
         body: body.into(),
         no_default_model: false,
     }
@@ -92,8 +95,13 @@ fn run(r: &Req) -> Result<CreateCallRequest, Refusal> {
     } else {
         sample()
     };
-    let mut headers = vec![(":method", r.method), (":path", r.path.as_str())];
+    let mut headers = vec![
+        (":method", r.method),
+        (":path", r.path.as_str()),
+        (":authority", "gw.example.test"),
+    ];
     for (name, value) in [
+        ("origin", r.origin),
         ("content-type", r.content_type.as_deref()),
         ("content-length", r.content_length.as_deref()),
         ("authorization", r.authorization),
@@ -263,6 +271,15 @@ fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
         ("routing header naming another model's worker", Req { route: Some("echo1"), ..sdp(OFFER) }, 400, "invalid_routing_header"),
         ("passthrough pool without Authorization", Req { path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
         ("passthrough pool with blank Authorization", Req { authorization: Some("  "), path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
+        // ---- browser pages the gateway does not trust (a simple POST needs no preflight)
+        ("multipart create from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..form(&[("sdp", OFFER.as_bytes())]) }, 403, "origin_not_allowed"),
+        ("sdp create from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..sdp(OFFER) }, 403, "origin_not_allowed"),
+        ("create from a listed host on another port", Req { origin: Some("https://app.example.test:8443"), ..sdp(OFFER) }, 403, "origin_not_allowed"),
+        ("create from a listed host over http", Req { origin: Some("http://app.example.test"), ..sdp(OFFER) }, 403, "origin_not_allowed"),
+        ("create from a suffix of the gateway's host", Req { origin: Some("https://gw.example.test.evil.test"), ..sdp(OFFER) }, 403, "origin_not_allowed"),
+        ("create from the null origin", Req { origin: Some("null"), ..sdp(OFFER) }, 403, "origin_not_allowed"),
+        ("hangup from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..at("/v1/realtime/calls/rtc_abc/hangup") }, 403, "origin_not_allowed"),
+        ("unknown path from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..at("/v1/realtime/calls/x") }, 403, "origin_not_allowed"),
     ]
 }
 
@@ -330,6 +347,20 @@ fn well_formed_requests_are_planned() {
             "routing header to a canary pool",
             Req {
                 route: Some("canary"),
+                ..sdp(OFFER)
+            },
+        ),
+        (
+            "multipart from a listed origin",
+            Req {
+                origin: Some("https://app.example.test"),
+                ..form(&[("sdp", OFFER.as_bytes())])
+            },
+        ),
+        (
+            "from the gateway's own page",
+            Req {
+                origin: Some("https://gw.example.test"),
                 ..sdp(OFFER)
             },
         ),
