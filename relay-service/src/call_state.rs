@@ -16,11 +16,14 @@ pub enum EndReason {
     MaxDuration,
     BufferOverflow,
     Drain,
+    /// Set up, but whoever asked had gone by the time the answer was ready (its deadline
+    /// passed or its client left): nobody holds the SDP answer, so the call is ended at once.
+    Abandoned,
     InternalError,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 11] = [
+    pub const ALL: [EndReason; 12] = [
         EndReason::Hangup,
         EndReason::ClientClosed,
         EndReason::UpstreamClosed,
@@ -31,6 +34,7 @@ impl EndReason {
         EndReason::MaxDuration,
         EndReason::BufferOverflow,
         EndReason::Drain,
+        EndReason::Abandoned,
         EndReason::InternalError,
     ];
 
@@ -47,6 +51,7 @@ impl EndReason {
             EndReason::MaxDuration => "max_duration",
             EndReason::BufferOverflow => "buffer_overflow",
             EndReason::Drain => "drain",
+            EndReason::Abandoned => "abandoned",
             EndReason::InternalError => "internal_error",
         }
     }

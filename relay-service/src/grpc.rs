@@ -1,5 +1,6 @@
 //! tonic adapter: gRPC requests onto [`Relay`]'s domain operations.
 
+use crate::budget::parse_grpc_timeout;
 use crate::relay::{LookupError, Relay};
 use realtime_relay_proto::v1;
 use realtime_relay_proto::v1::relay_service_server::RelayService;
@@ -34,6 +35,7 @@ impl RelayService for RelayGrpc {
         request: Request<v1::CreateCallRequest>,
     ) -> Result<Response<v1::CreateCallResponse>, Status> {
         let call_id_md = metadata(&request, md::CALL_ID);
+        let grpc_timeout_md = metadata(&request, "grpc-timeout");
         let request_id_md = metadata(&request, md::REQUEST_ID);
         let mut req = request.into_inner();
         if req.call_id.is_empty() {
@@ -42,11 +44,25 @@ impl RelayService for RelayGrpc {
         if req.request_id.is_empty() {
             req.request_id = request_id_md;
         }
-        self.relay
-            .create_call(req)
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        let grpc_timeout = parse_grpc_timeout(&grpc_timeout_md);
+        // The setup runs on its own task: when the caller gives up (its deadline, or the filter
+        // cancels because its client left), tonic drops this future, and a setup dropped
+        // mid-exchange could leave a provider-side call nobody hangs up. Finished on its own,
+        // a call whose answer has no taker is ended (and hung up at the provider) at once.
+        let relay = self.relay.clone();
+        let (answer, taker) = tokio::sync::oneshot::channel();
+        self.relay.spawn_setup(async move {
+            let result = relay.create_call_within(req, grpc_timeout).await;
+            if let Err(Ok(resp)) = answer.send(result) {
+                relay.abandon(&resp.call_id).await;
+            }
+        });
+        match taker.await {
+            Ok(result) => result.map(Response::new).map_err(Status::from),
+            Err(_) => Err(Status::internal(
+                "the call setup task ended without an answer",
+            )),
+        }
     }
 
     async fn hangup_call(
@@ -55,7 +71,10 @@ impl RelayService for RelayGrpc {
     ) -> Result<Response<v1::HangupCallResponse>, Status> {
         let call_id = request.into_inner().call_id;
         match self.relay.hangup(&call_id).await {
-            Ok(call) => Ok(Response::new(v1::HangupCallResponse { call: Some(call) })),
+            Ok((call, ended_now)) => Ok(Response::new(v1::HangupCallResponse {
+                call: Some(call),
+                ended_now,
+            })),
             Err(LookupError::NotFound) => Err(not_found(&call_id)),
         }
     }

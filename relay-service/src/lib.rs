@@ -7,6 +7,7 @@
 
 pub mod allowlist;
 pub mod bridge;
+pub mod budget;
 pub mod call;
 pub mod call_state;
 pub mod config;

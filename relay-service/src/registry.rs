@@ -54,10 +54,14 @@ impl CallEntry {
     }
 
     /// Asks the call's task to end with `reason` (the first request wins).
-    pub fn request_end(&self, reason: EndReason) {
+    /// Asks the call's driver to end it for `reason`. True for the first request: later ones
+    /// (a retried hangup, a drain racing a hangup) keep the first reason.
+    pub fn request_end(&self, reason: EndReason) -> bool {
         let mut r = self.end_request.lock().unwrap_or_else(|p| p.into_inner());
+        let first = r.is_none();
         r.get_or_insert(reason);
         self.cancel.cancel();
+        first
     }
 
     pub fn requested_end(&self) -> Option<EndReason> {
@@ -198,17 +202,19 @@ impl Registry {
     }
 
     /// Ends a live call and waits (bounded) until its task has freed everything.
+    /// Ends a live call and waits (bounded) for it to finish. The flag says whether this
+    /// request was the first to end it.
     pub async fn end_and_wait(
         &self,
         call_id: &str,
         reason: EndReason,
         wait: Duration,
-    ) -> Option<v1::CallInfo> {
+    ) -> Option<(v1::CallInfo, bool)> {
         let entry = self.live(call_id)?;
         let mut done = entry.done_tx.subscribe();
-        entry.request_end(reason);
+        let first = entry.request_end(reason);
         let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
-        self.get(call_id)
+        self.get(call_id).map(|info| (info, first))
     }
 
     pub fn list(&self, include_ended: bool) -> v1::ListCallsResponse {
@@ -243,7 +249,7 @@ impl Registry {
     pub fn end_all(&self, reason: EndReason) {
         let entries: Vec<_> = self.lock().live.values().cloned().collect();
         for e in entries {
-            e.request_end(reason);
+            let _ = e.request_end(reason);
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::allowlist::{self, Allowlist};
 use crate::bridge::{Bridge, BridgeLimits, BridgeTelemetry, LegSetup};
+use crate::budget::SetupBudget;
 use crate::call::CallDriver;
 use crate::call_state::EndReason;
 use crate::config::Limits;
@@ -107,7 +108,18 @@ impl Relay {
         &self,
         req: v1::CreateCallRequest,
     ) -> Result<v1::CreateCallResponse, SetupError> {
+        self.create_call_within(req, None).await
+    }
+
+    /// A setup that answers within the caller's `grpc_timeout` (less a margin), see
+    /// [`SetupBudget`].
+    pub async fn create_call_within(
+        &self,
+        req: v1::CreateCallRequest,
+        grpc_timeout: Option<Duration>,
+    ) -> Result<v1::CreateCallResponse, SetupError> {
         let started = Instant::now();
+        let budget = SetupBudget::new(started, grpc_timeout, self.setup_ceiling());
         let call_id = match &self.settings.replica {
             Some((me, _)) => me.name_call(&req.call_id).map_err(|e| self.failed(e, ""))?,
             None if req.call_id.is_empty() => ids::new_call_id(),
@@ -121,7 +133,7 @@ impl Relay {
             .map(|u| u.worker_id.clone())
             .unwrap_or_default();
         match self
-            .setup(call_id.clone(), req)
+            .setup(call_id.clone(), req, budget)
             .instrument(span.clone())
             .await
         {
@@ -144,6 +156,17 @@ impl Relay {
         }
     }
 
+    /// The longest a setup may take without a caller's deadline: resolving and connecting to
+    /// the upstream, asking the STUN server, and the exchange.
+    fn setup_ceiling(&self) -> Duration {
+        let limits = &self.settings.limits;
+        let stun = self
+            .settings
+            .upstream_stun
+            .map_or(Duration::ZERO, |(_, wait)| wait);
+        limits.upstream_connect_timeout + stun + limits.upstream_timeout
+    }
+
     fn failed(&self, e: SetupError, worker_id: &str) -> SetupError {
         self.metrics.setup_failed(e.code());
         if e.is_upstream_fault() {
@@ -159,6 +182,7 @@ impl Relay {
         &self,
         call_id: String,
         req: v1::CreateCallRequest,
+        budget: SetupBudget,
     ) -> Result<v1::CreateCallResponse, SetupError> {
         let checked = self.check_request(&req)?;
         // Stage 2: a place in the registry (limits, draining, duplicate ids), freed
@@ -176,7 +200,7 @@ impl Relay {
         };
         let now = Instant::now();
         let client = self.accept_client(&req.sdp_offer, now)?;
-        let upstream = self.open_upstream_leg(&checked.base, now).await?;
+        let upstream = self.open_upstream_leg(&checked.base, now, budget).await?;
         let authorization = Some(checked.upstream.authorization.as_str()).filter(|a| !a.is_empty());
         // Each peer is told the largest message the other end takes (and the relay relays):
         // a peer that honours it never sends what could not be delivered.
@@ -190,7 +214,7 @@ impl Relay {
                 .map_or(max_message, |m| m.min(max_message)),
         );
         let (answer_sdp, upstream_call_id) = match self
-            .negotiate_upstream(&checked, authorization, &offer)
+            .negotiate_upstream(&checked, authorization, &offer, budget)
             .await?
         {
             Negotiated::Answer {
@@ -328,13 +352,15 @@ impl Relay {
         &self,
         base: &Url,
         now: Instant,
+        budget: SetupBudget,
     ) -> Result<UpstreamSide, SetupError> {
-        let socket = self.bind_upstream_socket(base).await?;
+        let socket = self.bind_upstream_socket(base, budget).await?;
         let local = socket
             .local_addr()
             .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?;
         let reflexive = match self.settings.upstream_stun {
             Some((server, wait)) => {
+                let wait = budget.limit(wait, Instant::now());
                 let found = crate::stun::discover_reflexive(&socket, server, wait).await;
                 if found.is_none() {
                     tracing::warn!(%server, "no STUN answer; the upstream leg offers its host candidate only");
@@ -354,11 +380,13 @@ impl Relay {
         checked: &CheckedRequest<'_>,
         authorization: Option<&str>,
         offer_sdp: &str,
+        budget: SetupBudget,
     ) -> Result<Negotiated, SetupError> {
         let body = upstream_body::encode(offer_sdp, checked.session.as_ref());
+        let timeout = budget.limit(self.settings.limits.upstream_timeout, Instant::now());
         let outcome = self
             .upstream
-            .exchange(&checked.base, authorization, body)
+            .exchange(&checked.base, authorization, body, timeout)
             .await?;
         Ok(match outcome {
             ExchangeOutcome::Answer {
@@ -466,11 +494,32 @@ impl Relay {
     }
     /// Binds the upstream leg's socket on the configured IP, or on the address the
     /// kernel would use to reach the upstream host (no packet is sent to find it).
-    async fn bind_upstream_socket(&self, base: &Url) -> Result<UdpSocket, SetupError> {
+    /// The host name is resolved within the connect timeout and what is left of the budget: a
+    /// resolver that never answers must not hold the setup past the caller's deadline.
+    async fn bind_upstream_socket(
+        &self,
+        base: &Url,
+        budget: SetupBudget,
+    ) -> Result<UdpSocket, SetupError> {
         let ip = match self.settings.upstream_media_ip {
             Some(ip) => ip,
             None => {
-                let target = allowlist::resolve_allowed(&self.allowlist, base).await?;
+                let wait = self.settings.limits.upstream_connect_timeout;
+                let resolving = allowlist::resolve_allowed(&self.allowlist, base);
+                let target =
+                    match tokio::time::timeout(budget.limit(wait, Instant::now()), resolving).await
+                    {
+                        Ok(resolved) => resolved?,
+                        Err(_) if budget.remaining(Instant::now()).is_zero() => {
+                            return Err(SetupError::UpstreamTimeout)
+                        }
+                        Err(_) => {
+                            return Err(SetupError::UpstreamUnreachable(format!(
+                                "resolving the upstream host took longer than {} ms",
+                                wait.as_millis()
+                            )))
+                        }
+                    };
                 let probe = UdpSocket::bind(SocketAddr::new(unspecified_like(target.ip()), 0))
                     .await
                     .map_err(|e| SetupError::Internal(format!("upstream socket: {e}")))?;
@@ -524,7 +573,9 @@ impl Relay {
         );
     }
 
-    pub async fn hangup(&self, call_id: &str) -> Result<v1::CallInfo, LookupError> {
+    /// Ends a call; the flag says whether this hangup ended it (false: it had ended, or another
+    /// request was ending it). Callers that count calls release them only once.
+    pub async fn hangup(&self, call_id: &str) -> Result<(v1::CallInfo, bool), LookupError> {
         if self.registry.live(call_id).is_some() {
             return self
                 .registry
@@ -533,7 +584,28 @@ impl Relay {
                 .ok_or(LookupError::NotFound);
         }
         // Ending an ended call is not an error: hangups are retried by clients.
-        self.registry.get(call_id).ok_or(LookupError::NotFound)
+        self.registry
+            .get(call_id)
+            .map(|info| (info, false))
+            .ok_or(LookupError::NotFound)
+    }
+
+    /// Runs a setup detached from the request that asked for it, tracked like call tasks (a
+    /// drain waits for it).
+    pub fn spawn_setup(&self, setup: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(setup);
+    }
+
+    /// Ends a call whose SDP answer nobody will receive (see [`EndReason::Abandoned`]).
+    pub async fn abandon(&self, call_id: &str) {
+        tracing::info!(
+            call_id,
+            "the caller left before the answer; ending the call"
+        );
+        let _ = self
+            .registry
+            .end_and_wait(call_id, EndReason::Abandoned, Duration::from_secs(5))
+            .await;
     }
 
     pub fn get_call(&self, call_id: &str) -> Result<v1::CallInfo, LookupError> {

@@ -75,16 +75,24 @@ impl UpstreamClient {
         Url::parse(&s).ok()
     }
 
+    /// POSTs the offer and reads the answer, all within `timeout` (the client's own timeout
+    /// when shorter).
     pub async fn exchange(
         &self,
         base: &Url,
         authorization: Option<&str>,
         body: UpstreamBody,
+        timeout: Duration,
     ) -> Result<ExchangeOutcome, SetupError> {
         let url = Self::calls_url(base)?;
+        if timeout.is_zero() {
+            // The setup's budget is spent: asking now could only create a call we abandon.
+            return Err(SetupError::UpstreamTimeout);
+        }
         let mut req = self
             .http
             .post(url)
+            .timeout(timeout)
             .header(reqwest::header::CONTENT_TYPE, body.content_type)
             .body(body.bytes);
         if let Some(auth) = authorization.filter(|a| !a.is_empty()) {

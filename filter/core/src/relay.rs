@@ -348,8 +348,11 @@ pub fn map_hangup_response(
     };
     match status {
         grpc::OK => {
+            // Released once per call: a repeated hangup (clients retry) of a call that had
+            // already ended answers OK too, and must not release the worker again.
             let worker_id = HangupCallResponse::decode(body.unwrap_or(&[]))
                 .ok()
+                .filter(|r| r.ended_now)
                 .and_then(|r| r.call)
                 .map(|c| c.worker_id)
                 .filter(|w| !w.is_empty());
@@ -583,16 +586,22 @@ mod tests {
     fn hangup_maps_ok_and_not_found() {
         use realtime_relay_proto::v1::CallInfo;
         let c = sample();
-        let body = HangupCallResponse {
-            call: Some(CallInfo {
-                worker_id: "a".into(),
-                ..Default::default()
-            }),
-        }
-        .encode_to_vec();
-        let r = map_hangup_response(&c, 0, None, Some(&body), "req");
+        let body = |ended_now| {
+            HangupCallResponse {
+                call: Some(CallInfo {
+                    worker_id: "a".into(),
+                    ..Default::default()
+                }),
+                ended_now,
+            }
+            .encode_to_vec()
+        };
+        let r = map_hangup_response(&c, 0, None, Some(&body(true)), "req");
         assert_eq!(r.reply.status, 200);
         assert_eq!(r.worker_id.as_deref(), Some("a"));
+        // A hangup of a call that had already ended: OK, nothing to release.
+        let r = map_hangup_response(&c, 0, None, Some(&body(false)), "req");
+        assert_eq!((r.reply.status, r.worker_id), (200, None));
         let r = map_hangup_response(&c, 5, Some("call_not_found: x"), None, "req");
         assert_eq!(r.reply.status, 404);
         assert_eq!(r.error_code.as_deref(), Some("call_not_found"));

@@ -375,17 +375,31 @@ fn hangup_reaches_the_replica_named_in_the_id_and_releases_the_worker() {
     let d = host.last_dispatch().clone();
     assert_eq!((d.cluster.as_str(), d.method), ("relay_r2", "HangupCall"));
     assert_eq!(d.timeout_ms, config.hangup_timeout_ms);
-    let body = HangupCallResponse {
-        call: Some(CallInfo {
-            worker_id: "a".into(),
-            ..Default::default()
-        }),
-    }
-    .encode_to_vec();
-    respond(&mut flow, &mut host, OK, None, &body);
+    let answer = |ended_now| {
+        HangupCallResponse {
+            call: Some(CallInfo {
+                worker_id: "a".into(),
+                ..Default::default()
+            }),
+            ended_now,
+        }
+        .encode_to_vec()
+    };
+    respond(&mut flow, &mut host, OK, None, &answer(true));
     assert_eq!(host.last_reply().status, 200);
     assert_eq!(host.stored(&outstanding_key("a")), 1);
     assert_eq!(host.counter(metrics::REQ_HANGUP), 1);
+    // Clients retry hangups: the relay answers OK for the ended call, and the worker is not
+    // released again (repeated hangups used to drive its count to 0).
+    for _ in 0..3 {
+        let mut again = FakeHost::request(&[(":method", "POST"), (":path", &path)], b"");
+        crate::routing::store_value(&again.store, &outstanding_key("a"), 1);
+        let mut flow = Flow::new(Rc::clone(&config));
+        flow.on_headers(&mut again, true);
+        respond(&mut flow, &mut again, OK, None, &answer(false));
+        assert_eq!(again.last_reply().status, 200);
+        assert_eq!(again.stored(&outstanding_key("a")), 1);
+    }
     // Not found on the relay: 404 JSON, nothing released.
     let mut host = FakeHost::request(&[(":method", "POST"), (":path", &path)], b"");
     let mut flow = Flow::new(Rc::clone(&config));
