@@ -47,6 +47,9 @@ pub struct Metrics {
     pub buffer_overflows: Counter,
     pub dc_write_errors: Counter,
     pub unmatched_datagrams: Counter,
+    /// Binding requests on the shared media port that named a live call's ufrag but whose
+    /// MESSAGE-INTEGRITY did not verify with its password: delivered, but no address learned.
+    pub stun_unauthenticated: Counter,
     pub queue_full_drops: Counter,
     pub call_panics: Counter,
     /// Upstream-leg addresses the private-address policy refused, by where.
@@ -127,6 +130,7 @@ impl Metrics {
             buffer_overflows: Counter::default(),
             dc_write_errors: Counter::default(),
             unmatched_datagrams: Counter::default(),
+            stun_unauthenticated: Counter::default(),
             queue_full_drops: Counter::default(),
             call_panics: Counter::default(),
             upstream_addresses_refused: Family::default(),
@@ -195,6 +199,11 @@ impl Metrics {
             "unmatched_datagrams",
             "Datagrams on the shared media port that no call accepted",
             m.unmatched_datagrams.clone(),
+        );
+        registry.register(
+            "stun_unauthenticated",
+            "Binding requests on the shared media port for a live call whose MESSAGE-INTEGRITY did not verify: delivered to the call, no client address learned",
+            m.stun_unauthenticated.clone(),
         );
         registry.register(
             "call_queue_full_drops",
