@@ -4,7 +4,7 @@
 use crate::allowlist::is_public;
 use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
-use crate::media_socket::{ClientPort, Datagram, ReplySources, RouteGuard};
+use crate::media_socket::{ClientPort, Datagram, ReplySources, RouteGuard, SEND_WAIT};
 use crate::media_tcp::TcpRoute;
 use crate::metrics::ReasonLabel;
 use crate::registry::CallEntry;
@@ -12,7 +12,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use str0m::net::{Protocol, Transmit};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -20,9 +20,6 @@ use tokio::sync::mpsc;
 /// How many queued datagrams to feed before looking at timers and transmits again:
 /// batching cuts wake-ups under load without starving the timer.
 const BATCH: usize = 32;
-
-/// How long an upstream send waits for socket buffer room before the datagram is dropped.
-const UPSTREAM_SEND_WAIT: Duration = Duration::from_millis(50);
 
 pub struct CallDriver {
     pub bridge: Bridge,
@@ -182,7 +179,7 @@ impl CallDriver {
                     if !self.upstream_addr_allowed(t.destination, "datagram_to_not_public") {
                         continue;
                     }
-                    let wait = Some(UPSTREAM_SEND_WAIT);
+                    let wait = Some(SEND_WAIT);
                     let failed =
                         match send_or_wait(&self.upstream_socket, &t.contents, t.destination, wait)
                         {

@@ -42,6 +42,11 @@ use tokio::sync::mpsc;
 /// whatever a call's own client does.
 const MAX_ADDRS_PER_CALL: usize = 8;
 
+/// How long a send on either leg of a call (this port, or the call's upstream socket) waits
+/// for socket buffer room before the datagram is dropped: enough to ride out a burst, never
+/// long enough to stall the call's driver (its timers, the other leg) behind one socket.
+pub const SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Receive buffer of a port that reads with `recvmsg`: `quinn-udp` turns on UDP GRO, which
 /// may coalesce several datagrams of one flow into one read of up to 64 KiB.
 const GRO_BUFFER: usize = 64 * 1024;
@@ -214,12 +219,14 @@ impl ClientPort {
 
     /// Sends from the shared port, from local address `from` when the port is bound on the
     /// unspecified address (see [`ReplySources`]; ignored otherwise). UDP sends rarely
-    /// block; when the socket buffer is full we wait rather than drop, since DTLS handshakes
-    /// must not lose messages.
+    /// block; when the socket buffer is full we wait for room up to [`SEND_WAIT`] rather
+    /// than drop at once (a lost DTLS flight costs a retransmission timeout), then drop it:
+    /// the caller is a call's driver, whose timers and upstream leg must not wait behind a
+    /// port shared by every call.
     pub async fn send_to(&self, data: &[u8], to: SocketAddr, from: Option<IpAddr>) {
         let shard = &self.shards[0];
         let failed = match &shard.pktinfo {
-            None => match send_or_wait(&shard.socket, data, to, None) {
+            None => match send_or_wait(&shard.socket, data, to, Some(SEND_WAIT)) {
                 Send::Sent => return,
                 Send::Failed(e) => e,
                 Send::Full(wait) => match wait.await {
@@ -240,16 +247,18 @@ impl ClientPort {
                 match sock.try_io(Interest::WRITABLE, send) {
                     Ok(()) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        match sock.async_io(Interest::WRITABLE, send).await {
-                            Ok(()) => return,
-                            Err(e) => e,
+                        let wait = sock.async_io(Interest::WRITABLE, send);
+                        match tokio::time::timeout(SEND_WAIT, wait).await {
+                            Ok(Ok(())) => return,
+                            Ok(Err(e)) => e,
+                            Err(_) => std::io::ErrorKind::TimedOut.into(),
                         }
                     }
                     Err(e) => e,
                 }
             }
         };
-        tracing::debug!(error = %failed, %to, ?from, "client-leg send failed");
+        tracing::debug!(error = %failed, %to, ?from, "client-leg send failed, datagram dropped");
     }
 
     /// Starts one receive task per shard.
@@ -632,6 +641,50 @@ mod tests {
         port.send_to(b"plain", d.source, None).await;
         let (_, from) = client.recv_from(&mut buf).await.unwrap();
         assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
+    }
+
+    /// What a full send buffer looks like to tokio: the socket said EAGAIN and no room has
+    /// freed since (no EPOLLOUT edge), so tokio believes it is not writable. On loopback the
+    /// kernel never really fills a UDP send buffer, so the test clears tokio's writable
+    /// readiness the way a real EAGAIN does. The send must give up, not wait for an edge
+    /// that may never come while the call's timers and other leg wait behind it.
+    #[tokio::test]
+    async fn a_send_the_socket_cannot_take_is_dropped_after_the_bound() {
+        for bound_on in ["127.0.0.1:0", "0.0.0.0:0"] {
+            let port = ClientPort::bind(bound_on.parse().unwrap(), 1).unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let to = client.local_addr().unwrap();
+            let socket = &port.shards[0].socket;
+            // The edge of the registration first (writable), then the EAGAIN that clears it.
+            socket.writable().await.unwrap();
+            let full = socket.try_io(Interest::WRITABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
+            assert_eq!(full.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+
+            let started = Instant::now();
+            let sent = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                port.send_to(b"dropped", to, None),
+            )
+            .await;
+            let took = started.elapsed();
+            assert!(
+                sent.is_ok(),
+                "{bound_on}: the send still waits after {took:?}"
+            );
+            assert!(
+                took >= SEND_WAIT && took < std::time::Duration::from_secs(1),
+                "{bound_on}: gave up after {took:?}"
+            );
+            let mut buf = [0u8; 16];
+            let got = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                client.recv_from(&mut buf),
+            )
+            .await;
+            assert!(got.is_err(), "{bound_on}: the datagram was sent after all");
+        }
     }
 
     #[tokio::test]
