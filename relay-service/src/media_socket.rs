@@ -3,9 +3,16 @@
 //! Receive tasks (one per `SO_REUSEPORT` shard) read datagrams and hand each to its
 //! call's task through a bounded queue, so the DTLS/SRTP work of different calls runs
 //! on different cores. A datagram is routed by source address; a STUN binding request
-//! is routed by the ufrag in its USERNAME (we chose each call's ufrag), and teaches the
-//! table the client's address. Lookups are hash-map hits, never a scan over calls.
-//! Datagrams no call accepts are dropped and counted.
+//! is routed by the ufrag in its USERNAME (we chose each call's ufrag). Lookups are hash-map
+//! hits, never a scan over calls. Datagrams no call accepts are dropped and counted.
+//!
+//! A binding request teaches the table the client's address only if its MESSAGE-INTEGRITY
+//! verifies with the call's local ICE password ([`stun::signed_with`]); the ufrag alone
+//! travels in the clear. So a stranger who knows or guesses a ufrag reaches the call's str0m
+//! (which checks and ignores the request) but neither fills the call's few address slots
+//! ([`MAX_ADDRS_PER_CALL`]) nor steers anyone's media. An address belongs to the first call
+//! that learned it until that call ends; a signed request for another call from it is
+//! delivered, not re-routed. Refused learns are counted (`stun_unauthenticated`).
 //!
 //! Bound on the unspecified address (`0.0.0.0`, `[::]`) on a host with several addresses,
 //! a plain `sendto` leaves from the kernel's preferred source for the route, which need not be
@@ -31,9 +38,14 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 /// A client may reach us from a few addresses during ICE (host, srflx, IPv4/IPv6).
-/// Beyond this, STUN from more addresses is ignored: a stranger who learned a ufrag
-/// must not be able to grow our tables.
+/// Beyond this, even signed STUN from more addresses teaches nothing: the tables stay small
+/// whatever a call's own client does.
 const MAX_ADDRS_PER_CALL: usize = 8;
+
+/// How long a send on either leg of a call (this port, or the call's upstream socket) waits
+/// for socket buffer room before the datagram is dropped: enough to ride out a burst, never
+/// long enough to stall the call's driver (its timers, the other leg) behind one socket.
+pub const SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Receive buffer of a port that reads with `recvmsg`: `quinn-udp` turns on UDP GRO, which
 /// may coalesce several datagrams of one flow into one read of up to 64 KiB.
@@ -97,9 +109,16 @@ struct Route {
     tx: mpsc::Sender<Datagram>,
 }
 
+/// A call as its ufrag finds it: where its datagrams go, and the local ICE password its
+/// client signs binding requests with.
+struct Registered {
+    route: Route,
+    pass: String,
+}
+
 #[derive(Default)]
 struct Routes {
-    by_ufrag: HashMap<String, Route>,
+    by_ufrag: HashMap<String, Registered>,
     by_addr: HashMap<SocketAddr, Route>,
     addrs_of: HashMap<u64, Vec<SocketAddr>>,
 }
@@ -174,13 +193,18 @@ impl ClientPort {
         self.local_addr
     }
 
-    /// Routes datagrams that carry `ufrag` (and then their source addresses) to `tx`.
-    pub fn register(&self, ufrag: &str, tx: mpsc::Sender<Datagram>) -> RouteGuard {
+    /// Routes datagrams that carry `ufrag` (and then their source addresses) to `tx`. `pass`
+    /// is the call's local ICE password (we chose it with the ufrag).
+    pub fn register(&self, ufrag: &str, pass: &str, tx: mpsc::Sender<Datagram>) -> RouteGuard {
         let key = self
             .next_key
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut r = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        r.by_ufrag.insert(ufrag.to_string(), Route { key, tx });
+        let registered = Registered {
+            route: Route { key, tx },
+            pass: pass.to_string(),
+        };
+        r.by_ufrag.insert(ufrag.to_string(), registered);
         RouteGuard {
             key,
             ufrag: ufrag.to_string(),
@@ -195,12 +219,14 @@ impl ClientPort {
 
     /// Sends from the shared port, from local address `from` when the port is bound on the
     /// unspecified address (see [`ReplySources`]; ignored otherwise). UDP sends rarely
-    /// block; when the socket buffer is full we wait rather than drop, since DTLS handshakes
-    /// must not lose messages.
+    /// block; when the socket buffer is full we wait for room up to [`SEND_WAIT`] rather
+    /// than drop at once (a lost DTLS flight costs a retransmission timeout), then drop it:
+    /// the caller is a call's driver, whose timers and upstream leg must not wait behind a
+    /// port shared by every call.
     pub async fn send_to(&self, data: &[u8], to: SocketAddr, from: Option<IpAddr>) {
         let shard = &self.shards[0];
         let failed = match &shard.pktinfo {
-            None => match send_or_wait(&shard.socket, data, to, None) {
+            None => match send_or_wait(&shard.socket, data, to, Some(SEND_WAIT)) {
                 Send::Sent => return,
                 Send::Failed(e) => e,
                 Send::Full(wait) => match wait.await {
@@ -221,16 +247,18 @@ impl ClientPort {
                 match sock.try_io(Interest::WRITABLE, send) {
                     Ok(()) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        match sock.async_io(Interest::WRITABLE, send).await {
-                            Ok(()) => return,
-                            Err(e) => e,
+                        let wait = sock.async_io(Interest::WRITABLE, send);
+                        match tokio::time::timeout(SEND_WAIT, wait).await {
+                            Ok(Ok(())) => return,
+                            Ok(Err(e)) => e,
+                            Err(_) => std::io::ErrorKind::TimedOut.into(),
                         }
                     }
                     Err(e) => e,
                 }
             }
         };
-        tracing::debug!(error = %failed, %to, ?from, "client-leg send failed");
+        tracing::debug!(error = %failed, %to, ?from, "client-leg send failed, datagram dropped");
     }
 
     /// Starts one receive task per shard.
@@ -299,7 +327,7 @@ impl ClientPort {
         data: &[u8],
         metrics: &Metrics,
     ) {
-        let route = self.lookup(source, data);
+        let route = self.lookup(source, data, metrics);
         let Some(route) = route else {
             metrics.unmatched_datagrams.inc();
             return;
@@ -316,27 +344,43 @@ impl ClientPort {
         }
     }
 
-    fn lookup(&self, source: SocketAddr, data: &[u8]) -> Option<Route> {
+    /// The call a datagram is for: by source address, or for a binding request by the ufrag
+    /// it names. A binding request from an address not yet the call's teaches the address
+    /// only if it is signed with the call's password, and never takes an address from another
+    /// live call.
+    fn lookup(&self, source: SocketAddr, data: &[u8], metrics: &Metrics) -> Option<Route> {
         let ufrag = stun::local_ufrag(data);
         {
             let r = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            match ufrag {
-                None => return r.by_addr.get(&source).cloned(),
-                Some(u) => {
-                    let route = r.by_ufrag.get(u)?;
-                    if r.by_addr.get(&source).is_some_and(|a| a.key == route.key) {
-                        return Some(route.clone());
-                    }
-                }
+            let Some(u) = ufrag else {
+                return r.by_addr.get(&source).cloned();
+            };
+            let call = r.by_ufrag.get(u)?;
+            let owner = r.by_addr.get(&source).map(|a| a.key);
+            if owner == Some(call.route.key) {
+                return Some(call.route.clone());
+            }
+            // Delivered either way: the call's str0m checks the request and answers only a
+            // genuine one. But knowing a ufrag (sent in the clear) is not knowing the password.
+            if !stun::signed_with(data, &call.pass) {
+                metrics.stun_unauthenticated.inc();
+                return Some(call.route.clone());
+            }
+            if owner.is_some() {
+                tracing::debug!(%source, "signed binding request from another live call's address; not re-routed");
+                return Some(call.route.clone());
             }
         }
-        // A binding request from an address we have not seen for this call: learn it.
+        // A signed binding request from an address no call has: learn it. The table may
+        // have changed between the locks: look again.
         let mut r = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        let route = r.by_ufrag.get(ufrag?)?.clone();
-        let known = r.addrs_of.entry(route.key).or_default();
-        if known.len() < MAX_ADDRS_PER_CALL && !known.contains(&source) {
-            known.push(source);
-            r.by_addr.insert(source, route.clone());
+        let route = r.by_ufrag.get(ufrag?)?.route.clone();
+        if !r.by_addr.contains_key(&source) {
+            let known = r.addrs_of.entry(route.key).or_default();
+            if known.len() < MAX_ADDRS_PER_CALL {
+                known.push(source);
+                r.by_addr.insert(source, route.clone());
+            }
         }
         Some(route)
     }
@@ -346,7 +390,24 @@ impl ClientPort {
 mod tests {
     use super::*;
 
-    fn binding_request(ufrag: &str) -> Vec<u8> {
+    /// A binding request as a client's ICE agent sends it to call `ufrag`, its
+    /// MESSAGE-INTEGRITY keyed with `pass` (the call's password, or a stranger's guess).
+    fn binding_request(ufrag: &str, pass: &str) -> Vec<u8> {
+        use str0m::ice::{StunMessage, TransId};
+        let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
+        let username = format!("{ufrag}:remote");
+        let request =
+            StunMessage::binding_request(&username, TransId::new(), true, 7, 1 << 24, false);
+        let mut buf = vec![0u8; 512];
+        let n = request
+            .to_bytes(Some(pass.as_bytes()), &mut buf, |k, p| hmac.sha1_hmac(k, p))
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// A binding request with USERNAME only: no MESSAGE-INTEGRITY at all.
+    fn unsigned_binding_request(ufrag: &str) -> Vec<u8> {
         let username = format!("{ufrag}:remote");
         let mut attrs = vec![0x00, 0x06];
         attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
@@ -362,14 +423,18 @@ mod tests {
         m
     }
 
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::new([127, 0, 0, 1].into(), port)
+    }
+
     #[tokio::test]
     async fn routes_by_ufrag_then_by_learned_address_and_forgets_on_drop() {
         let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let metrics = Metrics::new();
         let (tx_a, mut rx_a) = mpsc::channel(8);
         let (tx_b, mut rx_b) = mpsc::channel(8);
-        let guard_a = port.register("ufragA", tx_a);
-        let _guard_b = port.register("ufragB", tx_b);
+        let guard_a = port.register("ufragA", "passA", tx_a);
+        let _guard_b = port.register("ufragB", "passB", tx_b);
         let client_a: SocketAddr = "127.0.0.1:5001".parse().unwrap();
         let client_b: SocketAddr = "127.0.0.1:5002".parse().unwrap();
 
@@ -377,8 +442,18 @@ mod tests {
         port.dispatch(client_a, None, &[0x80, 1, 2, 3], &metrics);
         assert_eq!(metrics.unmatched_datagrams.get(), 1);
 
-        port.dispatch(client_a, None, &binding_request("ufragA"), &metrics);
-        port.dispatch(client_b, None, &binding_request("ufragB"), &metrics);
+        port.dispatch(
+            client_a,
+            None,
+            &binding_request("ufragA", "passA"),
+            &metrics,
+        );
+        port.dispatch(
+            client_b,
+            None,
+            &binding_request("ufragB", "passB"),
+            &metrics,
+        );
         port.dispatch(client_a, None, &[0x80, 9], &metrics);
         assert!(rx_a.try_recv().unwrap().data.starts_with(&[0x00, 0x01]));
         assert_eq!(rx_a.try_recv().unwrap().data, vec![0x80, 9]);
@@ -391,17 +466,126 @@ mod tests {
         assert_eq!(metrics.unmatched_datagrams.get(), 2);
     }
 
+    /// Whoever knows a ufrag may reach its call (str0m checks the request and answers only a
+    /// genuine one), but only a request signed with the call's password teaches the port an
+    /// address: one row per request, from its own address.
     #[tokio::test]
-    async fn a_stranger_cannot_grow_a_calls_address_table() {
+    async fn a_binding_request_teaches_its_address_only_when_signed_with_the_calls_password() {
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let metrics = Metrics::new();
+        let (tx, mut rx) = mpsc::channel(8);
+        let _g = port.register("u1", "p1-call-password", tx);
+        let (tx_other, _rx_other) = mpsc::channel(8);
+        let _other = port.register("u2", "p2-other-password", tx_other);
+        let rows: [(&str, Vec<u8>, bool); 5] = [
+            (
+                "no MESSAGE-INTEGRITY",
+                unsigned_binding_request("u1"),
+                false,
+            ),
+            ("a guessed password", binding_request("u1", "guess"), false),
+            (
+                "another call's password",
+                binding_request("u1", "p2-other-password"),
+                false,
+            ),
+            ("an empty password", binding_request("u1", ""), false),
+            (
+                "the call's password",
+                binding_request("u1", "p1-call-password"),
+                true,
+            ),
+        ];
+        for (i, (what, request, learned)) in rows.into_iter().enumerate() {
+            let source = addr(7000 + i as u16);
+            let unmatched = metrics.unmatched_datagrams.get();
+            port.dispatch(source, None, &request, &metrics);
+            let delivered = rx.try_recv().expect(what);
+            assert_eq!(
+                (delivered.source, delivered.data),
+                (source, request),
+                "{what}"
+            );
+            // What a learned address would route: RTP from the same source.
+            port.dispatch(source, None, &[0x80, 1, 2, 3], &metrics);
+            match learned {
+                true => assert_eq!(rx.try_recv().expect(what).data, vec![0x80, 1, 2, 3]),
+                false => {
+                    assert!(rx.try_recv().is_err(), "{what}: RTP from it was routed");
+                    assert_eq!(metrics.unmatched_datagrams.get(), unmatched + 1, "{what}");
+                }
+            }
+        }
+        assert_eq!(port.route_count(), (2, 1));
+        assert_eq!(metrics.stun_unauthenticated.get(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_stranger_with_the_ufrag_cannot_fill_a_calls_address_table() {
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let metrics = Metrics::new();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let _g = port.register("u1", "p1", tx);
+        for p in 0..100u16 {
+            let request = match p % 2 {
+                0 => unsigned_binding_request("u1"),
+                _ => binding_request("u1", "guess"),
+            };
+            port.dispatch(addr(6000 + p), None, &request, &metrics);
+        }
+        assert_eq!(port.route_count(), (1, 0));
+        assert_eq!(metrics.stun_unauthenticated.get(), 100);
+        while rx.try_recv().is_ok() {}
+        // The genuine client is still learned, and its media routed.
+        let client = addr(5000);
+        port.dispatch(client, None, &binding_request("u1", "p1"), &metrics);
+        port.dispatch(client, None, &[0x80, 9], &metrics);
+        assert_eq!(port.route_count(), (1, 1));
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(rx.try_recv().unwrap().data, vec![0x80, 9]);
+    }
+
+    #[tokio::test]
+    async fn signed_requests_still_teach_at_most_the_per_call_cap() {
         let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let metrics = Metrics::new();
         let (tx, _rx) = mpsc::channel(1024);
-        let _g = port.register("u1", tx);
+        let _g = port.register("u1", "p1", tx);
         for p in 0..100u16 {
-            let src = SocketAddr::new("127.0.0.1".parse().unwrap(), 6000 + p);
-            port.dispatch(src, None, &binding_request("u1"), &metrics);
+            port.dispatch(addr(6000 + p), None, &binding_request("u1", "p1"), &metrics);
         }
         assert_eq!(port.route_count(), (1, MAX_ADDRS_PER_CALL));
+    }
+
+    /// Call B's client (who knows B's password) sends from an address call A learned, e.g.
+    /// by spoofing it: B's str0m gets the request, but A keeps the address until A ends.
+    #[tokio::test]
+    async fn another_calls_signed_request_does_not_take_a_live_calls_address() {
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let metrics = Metrics::new();
+        let (tx_a, mut rx_a) = mpsc::channel(8);
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        let guard_a = port.register("ufragA", "passA", tx_a);
+        let _guard_b = port.register("ufragB", "passB", tx_b);
+        let shared = addr(5001);
+        port.dispatch(shared, None, &binding_request("ufragA", "passA"), &metrics);
+        assert!(rx_a.try_recv().is_ok());
+
+        let b_request = binding_request("ufragB", "passB");
+        port.dispatch(shared, None, &b_request, &metrics);
+        assert_eq!(rx_b.try_recv().unwrap().data, b_request, "delivered to B");
+        port.dispatch(shared, None, &[0x80, 7], &metrics);
+        assert_eq!(rx_a.try_recv().unwrap().data, vec![0x80, 7], "A keeps it");
+        assert!(rx_b.try_recv().is_err());
+        assert_eq!(port.route_count(), (2, 1));
+
+        // Once A has ended, the address is free for B.
+        drop(guard_a);
+        port.dispatch(shared, None, &b_request, &metrics);
+        port.dispatch(shared, None, &[0x80, 8], &metrics);
+        assert!(rx_b.try_recv().is_ok());
+        assert_eq!(rx_b.try_recv().unwrap().data, vec![0x80, 8]);
+        assert_eq!(port.route_count(), (1, 1));
     }
 
     #[test]
@@ -434,12 +618,12 @@ mod tests {
         let port = Arc::new(ClientPort::bind("0.0.0.0:0".parse().unwrap(), 3).unwrap());
         assert!(port.shards.iter().all(|s| s.pktinfo.is_some()));
         let (tx, mut rx) = mpsc::channel(8);
-        let _g = port.register("u1", tx);
+        let _g = port.register("u1", "p1", tx);
         port.spawn_receivers(Arc::new(Metrics::new()));
         let advertised = SocketAddr::new([127, 0, 0, 3].into(), port.local_addr().port());
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client
-            .send_to(&binding_request("u1"), advertised)
+            .send_to(&binding_request("u1", "p1"), advertised)
             .await
             .unwrap();
         let d = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
@@ -457,6 +641,50 @@ mod tests {
         port.send_to(b"plain", d.source, None).await;
         let (_, from) = client.recv_from(&mut buf).await.unwrap();
         assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
+    }
+
+    /// What a full send buffer looks like to tokio: the socket said EAGAIN and no room has
+    /// freed since (no EPOLLOUT edge), so tokio believes it is not writable. On loopback the
+    /// kernel never really fills a UDP send buffer, so the test clears tokio's writable
+    /// readiness the way a real EAGAIN does. The send must give up, not wait for an edge
+    /// that may never come while the call's timers and other leg wait behind it.
+    #[tokio::test]
+    async fn a_send_the_socket_cannot_take_is_dropped_after_the_bound() {
+        for bound_on in ["127.0.0.1:0", "0.0.0.0:0"] {
+            let port = ClientPort::bind(bound_on.parse().unwrap(), 1).unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let to = client.local_addr().unwrap();
+            let socket = &port.shards[0].socket;
+            // The edge of the registration first (writable), then the EAGAIN that clears it.
+            socket.writable().await.unwrap();
+            let full = socket.try_io(Interest::WRITABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
+            assert_eq!(full.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+
+            let started = Instant::now();
+            let sent = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                port.send_to(b"dropped", to, None),
+            )
+            .await;
+            let took = started.elapsed();
+            assert!(
+                sent.is_ok(),
+                "{bound_on}: the send still waits after {took:?}"
+            );
+            assert!(
+                took >= SEND_WAIT && took < std::time::Duration::from_secs(1),
+                "{bound_on}: gave up after {took:?}"
+            );
+            let mut buf = [0u8; 16];
+            let got = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                client.recv_from(&mut buf),
+            )
+            .await;
+            assert!(got.is_err(), "{bound_on}: the datagram was sent after all");
+        }
     }
 
     #[tokio::test]

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub dc_write_errors: Counter,
     pub dc_too_large: Counter,
     pub unmatched_datagrams: Counter,
+    /// Binding requests on the shared media port that named a live call's ufrag but whose
+    /// MESSAGE-INTEGRITY did not verify with its password: delivered, but no address learned.
+    pub stun_unauthenticated: Counter,
     pub queue_full_drops: Counter,
     pub call_panics: Counter,
     /// Upstream-leg addresses the private-address policy refused, by where.
@@ -129,6 +132,7 @@ impl Metrics {
             dc_write_errors: Counter::default(),
             dc_too_large: Counter::default(),
             unmatched_datagrams: Counter::default(),
+            stun_unauthenticated: Counter::default(),
             queue_full_drops: Counter::default(),
             call_panics: Counter::default(),
             upstream_addresses_refused: Family::default(),
@@ -202,6 +206,11 @@ impl Metrics {
             "unmatched_datagrams",
             "Datagrams on the shared media port that no call accepted",
             m.unmatched_datagrams.clone(),
+        );
+        registry.register(
+            "stun_unauthenticated",
+            "Binding requests on the shared media port for a live call whose MESSAGE-INTEGRITY did not verify: delivered to the call, no client address learned",
+            m.stun_unauthenticated.clone(),
         );
         registry.register(
             "call_queue_full_drops",

@@ -251,7 +251,7 @@ impl Relay {
         let bridge = self.bridge(client.leg, upstream.leg, upstream.channel, &entry, now);
         self.start_call(
             bridge,
-            &client.ufrag,
+            &client.ice,
             entry,
             upstream.socket,
             UpstreamSession {
@@ -302,14 +302,12 @@ impl Relay {
     /// work.
     fn accept_client(&self, offer: &str, now: Instant) -> Result<AcceptedClient, SetupError> {
         let (ufrag, pass) = ids::new_ice_credentials();
+        let ice = IceCreds { ufrag, pass };
         let client = peer::accept_client_offer(
             offer,
             self.settings.advertised_media_addr,
             self.advertised_tcp(),
-            IceCreds {
-                ufrag: ufrag.clone(),
-                pass,
-            },
+            ice.clone(),
             self.max_message(),
             now,
         )?;
@@ -329,7 +327,7 @@ impl Relay {
                 audio_mid: client.audio_mid,
                 data_channel,
             },
-            ufrag,
+            ice,
         })
     }
 
@@ -467,7 +465,7 @@ impl Relay {
     fn start_call(
         &self,
         bridge: Bridge,
-        ufrag: &str,
+        ice: &IceCreds,
         entry: Arc<CallEntry>,
         upstream_socket: UdpSocket,
         session: UpstreamSession,
@@ -476,8 +474,8 @@ impl Relay {
         let tcp_route = self
             .tcp_port
             .as_ref()
-            .map(|port| port.register(ufrag, tx.clone()));
-        let route = self.client_port.register(ufrag, tx);
+            .map(|port| port.register(&ice.ufrag, tx.clone()));
+        let route = self.client_port.register(&ice.ufrag, &ice.pass, tx);
         let driver = CallDriver {
             bridge,
             entry,
@@ -677,7 +675,8 @@ struct CheckedRequest<'r> {
 struct AcceptedClient {
     leg: LegSetup,
     answer_sdp: String,
-    ufrag: String,
+    /// The client leg's local ICE credentials, which we chose.
+    ice: IceCreds,
 }
 
 /// The upstream leg before the provider answered.
@@ -816,7 +815,7 @@ mod tests {
         let metrics = Metrics::new();
         let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let (tx, _rx) = mpsc::channel(1);
-        let guard = port.register("ufragpanic", tx);
+        let guard = port.register("ufragpanic", "passpanic", tx);
         assert_eq!(port.route_count().0, 1);
         let call = async move {
             let _held = guard;

@@ -1,11 +1,19 @@
 //! Just enough STUN: reading the ufrag to demultiplex client legs on one shared UDP
-//! port, and a binding request for the optional server-reflexive candidate of the
+//! port, checking a binding request's MESSAGE-INTEGRITY before that port learns an address
+//! from it, and a binding request for the optional server-reflexive candidate of the
 //! upstream leg (off unless `--upstream-stun-server` is given).
 //!
 //! The first datagram from a new client address is an ICE binding request whose
 //! USERNAME is "<our ufrag>:<their ufrag>" (RFC 8445 §7.2.2). We read our ufrag from
-//! it to find the call; str0m then verifies the message integrity itself, so a forged
-//! request can at worst make us hand a datagram to a call that rejects it.
+//! it to find the call, and hand the request to the call whatever it carries: str0m
+//! verifies the message integrity itself, so a forged request can at worst make us hand a
+//! datagram to a call that rejects it. Routing *later* datagrams by the request's source
+//! address is another matter: the port does that only for a request [`signed_with`] the
+//! call's password, since the ufrag alone travels in the clear.
+
+use std::sync::OnceLock;
+use str0m::crypto::Sha1HmacProvider;
+use str0m::ice::StunMessage;
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 const ATTR_USERNAME: u16 = 0x0006;
@@ -143,6 +151,18 @@ pub fn local_ufrag(datagram: &[u8]) -> Option<&str> {
     username.split(':').next().filter(|u| !u.is_empty())
 }
 
+/// Whether `datagram` is an ICE binding request whose MESSAGE-INTEGRITY verifies with `pass`:
+/// short-term credentials, HMAC-SHA1 keyed by the password (RFC 8489 §9.1, §14.5). Parsed and
+/// checked by str0m's own STUN code with its crypto provider's HMAC, as str0m checks the
+/// request when the call gets it.
+pub fn signed_with(datagram: &[u8], pass: &str) -> bool {
+    static HMAC: OnceLock<&'static dyn Sha1HmacProvider> = OnceLock::new();
+    let hmac = *HMAC.get_or_init(|| str0m::crypto::from_feature_flags().sha1_hmac_provider);
+    StunMessage::parse(datagram).is_ok_and(|m| {
+        m.is_binding_request() && m.verify(pass.as_bytes(), |key, data| hmac.sha1_hmac(key, data))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +197,38 @@ mod tests {
             local_ufrag(&request_with_username(b"abc:efgh", true)),
             Some("abc")
         );
+    }
+
+    /// A binding request as a browser sent it (the vector of str0m's own STUN tests): its
+    /// HMAC was computed by the browser, not by the code under test.
+    #[test]
+    fn a_browsers_binding_request_is_signed_with_its_password_only() {
+        const REQUEST: &[u8] = &[
+            0x00, 0x01, 0x00, 0x50, 0x21, 0x12, 0xa4, 0x42, 0x6a, 0x75, 0x63, 0x31, 0x35, 0x75,
+            0x78, 0x55, 0x6e, 0x67, 0x47, 0x63, 0x00, 0x06, 0x00, 0x09, 0x70, 0x39, 0x4b, 0x41,
+            0x3a, 0x53, 0x51, 0x41, 0x74, 0x00, 0x00, 0x00, 0xc0, 0x57, 0x00, 0x04, 0x00, 0x01,
+            0x00, 0x0a, 0x80, 0x2a, 0x00, 0x08, 0x6e, 0xee, 0xc6, 0xe9, 0x7d, 0x18, 0x39, 0x5c,
+            0x00, 0x25, 0x00, 0x00, 0x00, 0x24, 0x00, 0x04, 0x6e, 0x7f, 0x1e, 0xff, 0x00, 0x08,
+            0x00, 0x14, 0x5d, 0x04, 0x25, 0xa0, 0x20, 0x7a, 0xb1, 0xe0, 0x54, 0x10, 0x22, 0x99,
+            0xaa, 0xf9, 0x83, 0x9c, 0xa0, 0x76, 0xc6, 0xd5, 0x80, 0x28, 0x00, 0x04, 0x36, 0x0e,
+            0x21, 0x9f,
+        ];
+        const PASS: &str = "xJcE9AQAR7kczUDVOXRUCl";
+        assert_eq!(local_ufrag(REQUEST), Some("p9KA"));
+        assert!(signed_with(REQUEST, PASS));
+        assert!(!signed_with(REQUEST, "xJcE9AQAR7kczUDVOXRUCm"));
+        assert!(!signed_with(REQUEST, ""));
+        // One bit changed anywhere before the HMAC (here: the priority) breaks it.
+        let mut tampered = REQUEST.to_vec();
+        tampered[67] ^= 1;
+        assert!(!signed_with(&tampered, PASS));
+        // No MESSAGE-INTEGRITY, or not STUN at all: never signed.
+        assert!(!signed_with(
+            &request_with_username(b"p9KA:SQAt", true),
+            PASS
+        ));
+        assert!(!signed_with(&[0x80; 40], PASS));
+        assert!(!signed_with(&[], PASS));
     }
 
     #[test]

@@ -101,6 +101,12 @@ async fn events_and_audio_flow_both_ways_with_payload_types_mapped() {
     let text = h.metrics_text().await;
     assert!(text.contains("realtime_relay_calls_active 1"), "{text}");
     assert!(text.contains("realtime_relay_calls_connected 1"), "{text}");
+    // The client's binding requests were signed with the relay's password: its address was
+    // learned from them, none refused.
+    assert_eq!(
+        common::metric(&text, "realtime_relay_stun_unauthenticated_total"),
+        0.0
+    );
     client.close().await;
 }
 
