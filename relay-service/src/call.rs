@@ -344,15 +344,20 @@ mod tests {
     /// Drives `peer` until `until`; returns when it saw the relay's `oai-events` channel
     /// open, which needs ICE, DTLS and SCTP with the relay's upstream leg: datagrams the
     /// relay received on its upstream socket and answered.
-    async fn provider_until_channel_open(mut peer: UdpPeer, until: Instant) -> Option<Instant> {
+    /// Serves the provider's side until `until` (it keeps acknowledging, so a call that ends
+    /// delivers what it queued without waiting out the grace period); returns when its
+    /// `oai-events` channel opened.
+    async fn provider_until(mut peer: UdpPeer, until: Instant) -> Option<Instant> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut open_at = None;
         while Instant::now() < until {
             let mut opened = false;
-            let deadline = peer
-                .drain(|_, e| opened |= matches!(e, Event::ChannelOpen(..)))
-                .ok()?;
-            if opened {
-                return Some(Instant::now());
+            let Ok(deadline) = peer.drain(|_, e| opened |= matches!(e, Event::ChannelOpen(..)))
+            else {
+                return open_at;
+            };
+            if opened && open_at.is_none() {
+                open_at = Some(Instant::now());
             }
             let wake = next_wake(deadline.min(until), Instant::now());
             tokio::select! {
@@ -362,11 +367,13 @@ mod tests {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    peer.handle_timeout(Instant::now()).ok()?;
+                    if peer.handle_timeout(Instant::now()).is_err() {
+                        return open_at;
+                    }
                 }
             }
         }
-        None
+        open_at
     }
 
     /// A client that keeps the call's queue full (a flood at line rate: every datagram the
@@ -432,7 +439,8 @@ mod tests {
         }
         drop(queue);
         let provider = UdpPeer::new(provider, provider_socket).unwrap();
-        let provider = tokio::spawn(provider_until_channel_open(provider, deadline));
+        let serve_until = deadline + crate::bridge::CLOSE_GRACE + Duration::from_secs(1);
+        let provider = tokio::spawn(provider_until(provider, serve_until));
 
         let ended = tokio::time::timeout(Duration::from_secs(10), driver.run()).await;
         let ended_after = created.elapsed();

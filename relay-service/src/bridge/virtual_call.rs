@@ -284,8 +284,13 @@ impl Network {
 /// The relay's side as its driver sees it.
 pub struct RelaySide {
     pub bridge: Bridge,
-    /// When the driver stopped (the bridge ended, both legs closed) and why.
+    /// Once the driver stopped (the bridge finished: queued events delivered, both legs
+    /// closed): when the call ended (its end reason was set) and why.
     pub stopped: Option<(Instant, EndReason)>,
+    /// When the driver stopped: the end plus the delivery of what was queued.
+    pub finished_at: Option<Instant>,
+    /// When the bridge first had an end reason.
+    ended_at: Option<Instant>,
     /// When each leg last got a datagram.
     pub last_datagram: HashMap<super::Leg, Instant>,
     /// The most bytes ever waiting in the bridge's outbox towards each leg.
@@ -421,6 +426,8 @@ impl VirtualCall {
             relay: RelaySide {
                 bridge,
                 stopped: None,
+                finished_at: None,
+                ended_at: None,
                 last_datagram: HashMap::new(),
                 max_outbox_bytes: HashMap::new(),
             },
@@ -654,13 +661,18 @@ impl VirtualCall {
             let max = self.relay.max_outbox_bytes.entry(leg).or_default();
             *max = (*max).max(bytes);
         }
+        if self.relay.bridge.end_reason().is_some() && self.relay.ended_at.is_none() {
+            self.relay.ended_at = Some(now);
+        }
         if self.relay.bridge.is_finished() {
             let reason = self
                 .relay
                 .bridge
                 .end_reason()
                 .expect("a finished call has a reason");
-            self.relay.stopped = Some((now, reason));
+            let ended_at = self.relay.ended_at.unwrap_or(now);
+            self.relay.stopped = Some((ended_at, reason));
+            self.relay.finished_at = Some(now);
         }
     }
 
