@@ -3,8 +3,9 @@
 //!
 //! A connection carries RFC 4571 frames (`rtc_peer::framing`). It belongs to no call until its
 //! first frame, which must be a STUN binding request whose USERNAME starts with a live call's
-//! ufrag (read as on the UDP port, [`crate::stun::local_ufrag`]); str0m then verifies the
-//! message integrity itself. From then on its frames go to that call's queue as
+//! ufrag (read as on the UDP port, [`crate::stun::local_ufrag`]) and is signed with that call's
+//! ICE password ([`crate::stun::signed_with`]): a stranger who learned a ufrag cannot take the
+//! call's few connection places. From then on its frames go to that call's queue as
 //! `Protocol::Tcp` packets from the connection's remote address, and the call's transmits to
 //! that address are written back on it.
 //!
@@ -70,6 +71,8 @@ pub enum Refusal {
     NotStun,
     /// The first frame named a ufrag no live call has.
     UnknownUfrag,
+    /// The first frame named a live call's ufrag but was not signed with its password.
+    Unauthenticated,
     CallLimit,
     FrameTooLarge,
     /// The client closed (or the socket failed) before its first frame.
@@ -77,12 +80,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::TotalLimit,
         Refusal::PerIpLimit,
         Refusal::HandshakeTimeout,
         Refusal::NotStun,
         Refusal::UnknownUfrag,
+        Refusal::Unauthenticated,
         Refusal::CallLimit,
         Refusal::FrameTooLarge,
         Refusal::Closed,
@@ -95,6 +99,7 @@ impl Refusal {
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::NotStun => "not_stun",
             Refusal::UnknownUfrag => "unknown_ufrag",
+            Refusal::Unauthenticated => "unauthenticated",
             Refusal::CallLimit => "call_limit",
             Refusal::FrameTooLarge => "frame_too_large",
             Refusal::Closed => "closed",
@@ -222,6 +227,8 @@ impl ConnTimer {
 /// A call's place in the table: where its frames go, and its connections.
 struct CallRoute {
     key: u64,
+    /// The call's local ICE password: a connection's first request must be signed with it.
+    pass: String,
     tx: mpsc::Sender<Datagram>,
     conns: Vec<SocketAddr>,
     /// Cancelled when the call ends: its connections close.
@@ -254,11 +261,12 @@ pub struct Attached {
 }
 
 impl Routes {
-    fn register(&mut self, key: u64, ufrag: &str, tx: mpsc::Sender<Datagram>) {
+    fn register(&mut self, key: u64, ufrag: &str, pass: &str, tx: mpsc::Sender<Datagram>) {
         self.by_ufrag.insert(
             ufrag.to_string(),
             CallRoute {
                 key,
+                pass: pass.to_string(),
                 tx,
                 conns: Vec::new(),
                 ended: CancellationToken::new(),
@@ -276,6 +284,9 @@ impl Routes {
     ) -> Result<Attached, Refusal> {
         let ufrag = stun::local_ufrag(first_frame).ok_or(Refusal::NotStun)?;
         let call = self.by_ufrag.get_mut(ufrag).ok_or(Refusal::UnknownUfrag)?;
+        if !stun::signed_with(first_frame, &call.pass) {
+            return Err(Refusal::Unauthenticated);
+        }
         if call.conns.len() >= MAX_CONNECTIONS_PER_CALL {
             return Err(Refusal::CallLimit);
         }
@@ -438,10 +449,11 @@ impl TcpPort {
         self.local_addr
     }
 
-    /// Routes connections whose first STUN request carries `ufrag` to `tx`.
-    pub fn register(&self, ufrag: &str, tx: mpsc::Sender<Datagram>) -> TcpRoute {
+    /// Routes connections whose first STUN request carries `ufrag`, signed with `pass` (the
+    /// call's local ICE password), to `tx`.
+    pub fn register(&self, ufrag: &str, pass: &str, tx: mpsc::Sender<Datagram>) -> TcpRoute {
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
-        self.shared.routes_mut().register(key, ufrag, tx);
+        self.shared.routes_mut().register(key, ufrag, pass, tx);
         TcpRoute {
             key,
             ufrag: ufrag.to_string(),
@@ -727,20 +739,29 @@ mod tests {
         }
     }
 
+    /// The ICE password the tests give the call with `ufrag`.
+    fn pass_of(ufrag: &str) -> String {
+        format!("pass-of-{ufrag}-0123456789")
+    }
+
+    /// A binding request for call `ufrag` as its client sends it: signed with the call's
+    /// password.
     pub(crate) fn binding_request(ufrag: &str) -> Vec<u8> {
+        signed_request(ufrag, &pass_of(ufrag))
+    }
+
+    fn signed_request(ufrag: &str, pass: &str) -> Vec<u8> {
+        use str0m::ice::{StunMessage, TransId};
+        let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
         let username = format!("{ufrag}:remote");
-        let mut attrs = vec![0x00, 0x06];
-        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
-        attrs.extend_from_slice(username.as_bytes());
-        while attrs.len() % 4 != 0 {
-            attrs.push(0);
-        }
-        let mut m = vec![0x00, 0x01];
-        m.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
-        m.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
-        m.extend_from_slice(&[1; 12]);
-        m.extend_from_slice(&attrs);
-        m
+        let request =
+            StunMessage::binding_request(&username, TransId::new(), true, 7, 1 << 24, false);
+        let mut buf = vec![0u8; 512];
+        let n = request
+            .to_bytes(Some(pass.as_bytes()), &mut buf, |k, p| hmac.sha1_hmac(k, p))
+            .unwrap();
+        buf.truncate(n);
+        buf
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -803,8 +824,8 @@ mod tests {
         let mut routes = Routes::default();
         let (tx_a, _rx_a) = mpsc::channel(4);
         let (tx_b, _rx_b) = mpsc::channel(4);
-        routes.register(1, "ufragA", tx_a);
-        routes.register(2, "ufragB", tx_b);
+        routes.register(1, "ufragA", &pass_of("ufragA"), tx_a);
+        routes.register(2, "ufragB", &pass_of("ufragB"), tx_b);
         let (w, _wr) = mpsc::channel(4);
         let refused = |routes: &mut Routes, frame: &[u8]| {
             routes
@@ -819,6 +840,15 @@ mod tests {
             refused(&mut routes, &binding_request("nobody")),
             Some(Refusal::UnknownUfrag)
         );
+        // A live call's ufrag, but not its password (a stranger who learned the ufrag): the
+        // call's connection places stay free.
+        for _ in 0..MAX_CONNECTIONS_PER_CALL + 1 {
+            assert_eq!(
+                refused(&mut routes, &signed_request("ufragB", "a-guessed-password")),
+                Some(Refusal::Unauthenticated)
+            );
+        }
+        assert_eq!(routes.counts(), (2, 0));
         let a = routes
             .attach(
                 &binding_request("ufragB"),
@@ -834,7 +864,7 @@ mod tests {
     fn a_call_takes_a_bounded_number_of_connections() {
         let mut routes = Routes::default();
         let (tx, _rx) = mpsc::channel(4);
-        routes.register(7, "u", tx);
+        routes.register(7, "u", &pass_of("u"), tx);
         let (w, _wr) = mpsc::channel(4);
         for port in 0..MAX_CONNECTIONS_PER_CALL as u16 {
             let source = SocketAddr::new("192.0.2.1".parse().unwrap(), 2000 + port);
@@ -923,7 +953,7 @@ mod tests {
         let port = TcpPort::bind(addr("127.0.0.1:0"), limits(), metrics.clone()).unwrap();
         port.spawn_accept().unwrap();
         let (tx, mut rx) = mpsc::channel(8);
-        let route = port.register(ufrag, tx);
+        let route = port.register(ufrag, &pass_of(ufrag), tx);
         let mut client = TcpStream::connect(port.local_addr()).await.unwrap();
         client
             .write_all(&encode_frame(&binding_request(ufrag)).unwrap())
@@ -1057,8 +1087,8 @@ mod tests {
     fn transmits_reach_only_the_calls_own_connections_and_a_full_queue_drops() {
         let mut routes = Routes::default();
         let (tx, _rx) = mpsc::channel(4);
-        routes.register(1, "u1", tx.clone());
-        routes.register(2, "u2", tx);
+        routes.register(1, "u1", &pass_of("u1"), tx.clone());
+        routes.register(2, "u2", &pass_of("u2"), tx);
         let (w, mut wr) = mpsc::channel(2);
         let client = addr("192.0.2.5:4000");
         routes.attach(&binding_request("u1"), client, w).unwrap();

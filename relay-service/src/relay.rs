@@ -474,7 +474,7 @@ impl Relay {
         let tcp_route = self
             .tcp_port
             .as_ref()
-            .map(|port| port.register(&ice.ufrag, tx.clone()));
+            .map(|port| port.register(&ice.ufrag, &ice.pass, tx.clone()));
         let route = self.client_port.register(&ice.ufrag, &ice.pass, tx);
         let driver = CallDriver {
             bridge,
