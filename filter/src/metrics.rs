@@ -6,14 +6,12 @@ use std::collections::HashMap;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
-use realtime_filter_core::metrics::{self as names, MetricKind};
-
-/// Most distinct error-code counters (codes from the relay are open-ended).
-const MAX_CODES: usize = 64;
+use realtime_filter_core::metrics::{ErrorCounters, MetricKind};
 
 #[derive(Default)]
 pub struct Metrics {
     ids: RefCell<HashMap<String, u32>>,
+    codes: RefCell<ErrorCounters>,
 }
 
 fn metric_type(kind: MetricKind) -> MetricType {
@@ -49,14 +47,9 @@ impl Metrics {
         }
     }
 
-    /// `realtime_filter.errors.<code>`, folding rare codes into `other` once many exist.
+    /// `realtime_filter.errors.<code>`, folding codes beyond the cap into `other`.
     pub fn error(&self, code: &str) {
-        let name = names::error(code);
-        let known = self.ids.borrow().contains_key(&name);
-        if known || self.ids.borrow().len() < MAX_CODES + 32 {
-            self.inc(&name);
-        } else {
-            self.inc(names::ERRORS_OTHER);
-        }
+        let name = self.codes.borrow_mut().name_for(code);
+        self.inc(&name);
     }
 }

@@ -296,6 +296,15 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
         )
         .map(|_| String::new())
     });
+    // The patched proxy-wasm SDK is its own workspace (vendor/proxy-wasm/README.vendor.md):
+    // its tests, the patch's included, run as upstream runs them.
+    p.step("vendored proxy-wasm SDK tests", || {
+        run(
+            cargo().args(["test", "--manifest-path", "vendor/proxy-wasm/Cargo.toml"]),
+            "The patched proxy-wasm SDK's tests failed (vendor/proxy-wasm).",
+        )
+        .map(|_| String::new())
+    });
     p.step("clippy (workspace, native)", || {
         run(
             cargo().args([

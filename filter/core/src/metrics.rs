@@ -2,6 +2,7 @@
 //! namespace in `/stats/prometheus` (without the `envoy_` prefix).
 
 use crate::config::Config;
+use std::collections::HashSet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricKind {
@@ -27,6 +28,31 @@ pub const ERRORS_OTHER: &str = "realtime_filter.errors.other";
 
 pub fn error(code: &str) -> String {
     format!("{ERRORS_PREFIX}{code}")
+}
+
+/// Most distinct error-code counters per VM: codes from the relay are open-ended.
+pub const MAX_ERROR_CODES: usize = 64;
+
+/// Which counter an error code goes to: its own, for the first [`MAX_ERROR_CODES`] distinct
+/// codes, then `other`. Counted apart from every other stat: with many workers or replicas
+/// (three stats each) a shared cap used to fold every new code into `other`.
+#[derive(Debug, Default)]
+pub struct ErrorCounters {
+    seen: HashSet<String>,
+}
+
+impl ErrorCounters {
+    /// The counter name for `code`.
+    pub fn name_for(&mut self, code: &str) -> String {
+        if self.seen.contains(code) {
+            return error(code);
+        }
+        if self.seen.len() < MAX_ERROR_CODES {
+            self.seen.insert(code.to_string());
+            return error(code);
+        }
+        ERRORS_OTHER.to_string()
+    }
 }
 
 pub fn setups(worker: &str, outcome: &str) -> String {
@@ -68,4 +94,32 @@ pub fn definitions(config: &Config) -> Vec<(MetricKind, String)> {
         out.push((MetricKind::Counter, ejections(&w.id)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_keep_their_own_counter_up_to_the_cap_whatever_else_is_defined() {
+        // A configuration with many workers defines hundreds of other stats; they do not
+        // count against the codes.
+        let mut v: serde_json::Value = serde_json::from_str(crate::config::tests::SAMPLE).unwrap();
+        let workers: Vec<serde_json::Value> = (0..100)
+            .map(|i| serde_json::json!({"id": format!("w{i}"), "base_url": "https://api.example.com", "key_env": "KEY_A"}))
+            .collect();
+        v["pools"][0]["workers"] = serde_json::Value::Array(workers);
+        let config =
+            Config::from_json(v.to_string().as_bytes(), &crate::config::tests::env).unwrap();
+        assert!(definitions(&config).len() > 300);
+
+        let mut codes = ErrorCounters::default();
+        for i in 0..MAX_ERROR_CODES {
+            let code = format!("code_{i}");
+            assert_eq!(codes.name_for(&code), error(&code));
+        }
+        assert_eq!(codes.name_for("one_too_many"), ERRORS_OTHER);
+        // A code seen before keeps its counter.
+        assert_eq!(codes.name_for("code_3"), error("code_3"));
+    }
 }
