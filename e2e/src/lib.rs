@@ -6,8 +6,10 @@
 //! - [`EnvoyOptions`]: Envoy with the filter on `envoy/envoy.yaml` (or another template), on
 //!   this run's ports, in front of a relay and a provider (closed ports unless given);
 //!   [`EnvoyOptions::start`] waits for admin `/ready`, [`EnvoyOptions::validate`] runs
-//!   `envoy --mode validate`.
+//!   `envoy --mode validate`, [`EnvoyOptions::on_ports_of`] starts it again on the ports
+//!   of an earlier run.
 //! - [`start_relay`]: the relay binary allowing the given upstreams.
+//! - [`start_echo`]: the echo model binary (the local provider) as its own process.
 //! - [`FakeUpstream`]: a tiny HTTP/1.1 provider stand-in that records requests.
 //!
 //! Requests go through xtask's one HTTP/1.1 client ([`http`]), which sends paths, headers and
@@ -28,7 +30,7 @@ use xtask::envoy::{patch, render, replace_plugin_config, DEFAULT_MODEL};
 pub use xtask::http;
 use xtask::launch::EnvoySpec;
 pub use xtask::launch::RelaySpec;
-pub use xtask::launch::{Envoy, Relay, Validation};
+pub use xtask::launch::{Echo, EchoSpec, Envoy, Relay, Validation};
 pub use xtask::metrics;
 pub use xtask::paths::Paths;
 use xtask::paths::Profile;
@@ -86,10 +88,26 @@ impl EnvoyOptions {
     /// Starts Envoy and waits for admin `/ready` and the listener. Dropping it kills it at
     /// once.
     pub fn start(&self, paths: &Paths, dir: &RunDir) -> Result<Envoy> {
-        let (spec, admin, listen) = self.prepare(paths, dir, "envoy")?;
+        self.start_as(paths, dir, "envoy")
+    }
+
+    /// [`EnvoyOptions::start`] with its config and log named `name` (`<name>.yaml`,
+    /// `<name>.log`), so a second Envoy of the same test keeps the first one's log.
+    pub fn start_as(&self, paths: &Paths, dir: &RunDir, name: &str) -> Result<Envoy> {
+        let (spec, admin, listen) = self.prepare(paths, dir, name)?;
         let mut envoy = Envoy::start(&spec, admin, listen)?;
         envoy.process.set_drop_grace(Duration::ZERO);
         Ok(envoy)
+    }
+
+    /// These options on the listener and admin ports of `envoy`: to start Envoy again where
+    /// clients already reach it, once `envoy` is stopped.
+    pub fn on_ports_of(&self, envoy: &Envoy) -> EnvoyOptions {
+        let mut opts = self.clone();
+        opts.vars
+            .set("LISTEN_PORT", envoy.listen().port().to_string())
+            .set("ADMIN_PORT", envoy.admin().port().to_string());
+        opts
     }
 
     /// `envoy --mode validate` on the rendered config.
@@ -107,7 +125,14 @@ impl EnvoyOptions {
         name: &str,
     ) -> Result<(EnvoySpec, SocketAddr, SocketAddr)> {
         check_artifacts(paths, &StackConfig::local(paths))?;
-        let (listen, admin) = (free_tcp_port()?, free_tcp_port()?);
+        // Fixed in `vars` (a restart on an earlier run's ports), else free ones.
+        let port = |name: &str| match self.vars.get(name) {
+            Some(p) => p
+                .parse::<u16>()
+                .with_context(|| format!("{name} {p:?} is not a port")),
+            None => free_tcp_port(),
+        };
+        let (listen, admin) = (port("LISTEN_PORT")?, port("ADMIN_PORT")?);
         let relay = self.relay_port.map_or_else(free_tcp_port, Ok)?;
         let provider = self.provider_port.map_or_else(free_tcp_port, Ok)?;
         let mut vars = Vars::local(paths);
@@ -167,6 +192,25 @@ pub fn start_relay_with(
     let mut relay = Relay::start(&spec)?;
     relay.process.set_drop_grace(Duration::ZERO);
     Ok(relay)
+}
+
+/// The echo model binary (`echo-model`, the local provider) on an ephemeral loopback port,
+/// requiring `api_key` when given; killed at once when dropped (or by PID before, to stand
+/// for a provider that dies).
+pub fn start_echo(paths: &Paths, dir: &RunDir, name: &str, api_key: Option<&str>) -> Result<Echo> {
+    let spec = EchoSpec {
+        name: name.to_string(),
+        program: paths.echo_bin(Profile::Dev),
+        http: free_tcp_addr()?,
+        media_ip: [127, 0, 0, 1].into(),
+        api_key: api_key.map(str::to_string),
+        netns: None,
+        log: dir.path.join(format!("{name}.log")),
+        ready_timeout: Duration::from_secs(20),
+    };
+    let mut echo = Echo::start(&spec)?;
+    echo.process.set_drop_grace(Duration::ZERO);
+    Ok(echo)
 }
 
 /// A tiny HTTP/1.1 server answering every request with a fixed response and recording it.
