@@ -781,8 +781,7 @@ fn envoy_restarted_mid_call_keeps_media_and_events_flowing_and_the_new_envoy_han
 }
 
 #[test]
-fn provider_dying_mid_call_ends_it_as_upstream_timeout_counts_a_worker_failure_and_tells_the_client(
-) {
+fn provider_dying_mid_call_ends_it_as_upstream_gone_counts_a_worker_failure_and_tells_the_client() {
     let rt = runtime();
     let LiveCall {
         dir: _dir,
@@ -820,7 +819,7 @@ fn provider_dying_mid_call_ends_it_as_upstream_timeout_counts_a_worker_failure_a
     );
     let info = get_call(&rt, &relay, &call_id);
     assert_eq!(info.state(), v1::CallState::Ended, "{info:?}");
-    assert_eq!(info.end_reason, "upstream_timeout", "{info:?}");
+    assert_eq!(info.end_reason, "upstream_gone", "{info:?}");
     assert_eq!(info.worker_id, "worker-1", "{info:?}");
     assert_eq!(
         failures(&relay),
@@ -831,24 +830,22 @@ fn provider_dying_mid_call_ends_it_as_upstream_timeout_counts_a_worker_failure_a
         relay_sample(
             &relay,
             "realtime_relay_calls_ended_total",
-            r#"reason="upstream_timeout""#
+            r#"reason="upstream_gone""#
         ),
         1.0
     );
 
-    // PENDING PRODUCT CHANGE: the relay tells the client why before it closes the leg, with
-    // an OpenAI-shaped `error` event on oai-events. Expected to fail until the relay sends
-    // `upstream_gone`; keep it.
+    // The relay tells the client why before it closes the leg: an OpenAI-shaped `error`
+    // event on oai-events.
     let error = texts
         .iter()
         .filter_map(|t| serde_json::from_str::<Value>(t).ok())
         .find(|v| v["type"] == "error");
     let error = error.unwrap_or_else(|| {
-        panic!(
-            "PENDING PRODUCT CHANGE (upstream_gone): no `error` event reached the client before its call closed; it got {texts:?}"
-        )
+        panic!("no `error` event reached the client before its call closed; it got {texts:?}")
     });
     assert_eq!(error["error"]["code"], "upstream_gone", "{error}");
+    assert_eq!(error["error"]["type"], "server_error", "{error}");
     for k in ["type", "code", "message"] {
         assert!(error["error"][k].is_string(), "{k} in {error}");
     }

@@ -62,7 +62,7 @@ impl Leg {
     fn timed_out(self) -> EndReason {
         match self {
             Leg::Client => EndReason::ClientTimeout,
-            Leg::Upstream => EndReason::UpstreamTimeout,
+            Leg::Upstream => EndReason::UpstreamGone,
         }
     }
 
@@ -283,7 +283,25 @@ impl Bridge {
     pub fn end(&mut self, reason: EndReason) {
         if self.end.is_none() {
             self.end = Some(reason);
+            if reason == EndReason::UpstreamGone {
+                self.tell_client_upstream_gone();
+            }
         }
+    }
+
+    /// The provider went silent: the client learns why its call ends from its own event
+    /// stream (delivered before the close, like anything else queued), not only from the
+    /// close that follows.
+    fn tell_client_upstream_gone(&mut self) {
+        self.notices += 1;
+        let notice = gateway_event::upstream_gone(self.limits.peer_timeout.as_secs(), self.notices);
+        self.send_message(
+            Leg::Client,
+            Message {
+                binary: false,
+                data: notice,
+            },
+        );
     }
 
     /// Once ended: closes both legs when every peer still there has what was queued for it,

@@ -10,7 +10,8 @@ pub enum EndReason {
     ClientClosed,
     UpstreamClosed,
     ClientTimeout,
-    UpstreamTimeout,
+    /// Nothing arrived from the provider for the peer timeout: its media stopped.
+    UpstreamGone,
     IceTimeout,
     IdleTimeout,
     MaxDuration,
@@ -28,7 +29,7 @@ impl EndReason {
         EndReason::ClientClosed,
         EndReason::UpstreamClosed,
         EndReason::ClientTimeout,
-        EndReason::UpstreamTimeout,
+        EndReason::UpstreamGone,
         EndReason::IceTimeout,
         EndReason::IdleTimeout,
         EndReason::MaxDuration,
@@ -45,7 +46,7 @@ impl EndReason {
             EndReason::ClientClosed => "client_closed",
             EndReason::UpstreamClosed => "upstream_closed",
             EndReason::ClientTimeout => "client_timeout",
-            EndReason::UpstreamTimeout => "upstream_timeout",
+            EndReason::UpstreamGone => "upstream_gone",
             EndReason::IceTimeout => "ice_timeout",
             EndReason::IdleTimeout => "idle_timeout",
             EndReason::MaxDuration => "max_duration",
@@ -58,7 +59,7 @@ impl EndReason {
 
     /// The upstream died while the client was still there: a worker failure.
     pub fn is_worker_failure(self) -> bool {
-        matches!(self, EndReason::UpstreamClosed | EndReason::UpstreamTimeout)
+        matches!(self, EndReason::UpstreamClosed | EndReason::UpstreamGone)
     }
 }
 

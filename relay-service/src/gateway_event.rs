@@ -12,6 +12,31 @@ use serde_json::json;
 /// The stable code of an event that did not fit the receiving peer's `max-message-size`.
 pub const EVENT_TOO_LARGE: &str = "event_too_large";
 
+/// The stable code of the event sent when the provider's side went silent mid-call.
+pub const UPSTREAM_GONE: &str = "upstream_gone";
+
+/// The `error` event telling the client that the model's connection stopped: nothing arrived
+/// from the provider for `silent_secs`, so the call ends (`server_error`, as OpenAI reports
+/// its own failures).
+pub fn upstream_gone(silent_secs: u64, seq: u64) -> Vec<u8> {
+    json!({
+        "type": "error",
+        "event_id": format!("event_relay_{seq}"),
+        "error": {
+            "type": "server_error",
+            "code": UPSTREAM_GONE,
+            "message": format!(
+                "The model's connection stopped: nothing arrived from it for {silent_secs} s. \
+                 The call is ending."
+            ),
+            "param": null,
+            "event_id": null,
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
 /// What the relay reads of an event it could not deliver: its `type` and `event_id`. Only on
 /// this rare path is a message parsed at all.
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +142,20 @@ mod tests {
         for key in ["type", "code", "message", "param", "event_id"] {
             assert!(error.get(key).is_some(), "{key}");
         }
+    }
+
+    #[test]
+    fn the_provider_going_silent_is_a_server_error_with_a_stable_code() {
+        let e = parse(&upstream_gone(15, 2));
+        assert_eq!(
+            (e["type"].as_str(), e["event_id"].as_str()),
+            (Some("error"), Some("event_relay_2"))
+        );
+        let error = &e["error"];
+        assert_eq!(error["type"], "server_error");
+        assert_eq!(error["code"], UPSTREAM_GONE);
+        assert!(error["message"].as_str().unwrap().contains("15 s"));
+        assert!(error["param"].is_null() && error["event_id"].is_null());
     }
 
     #[test]

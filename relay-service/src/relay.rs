@@ -554,10 +554,7 @@ impl Relay {
                 }
                 tracing::info!(reason = reason.code(), "call ended");
                 // Tell the provider when the end was ours, so it frees its side now.
-                if !matches!(
-                    reason,
-                    EndReason::UpstreamClosed | EndReason::UpstreamTimeout
-                ) {
+                if !matches!(reason, EndReason::UpstreamClosed | EndReason::UpstreamGone) {
                     if let Some(id) = session.upstream_call_id {
                         tasks.spawn(async move {
                             upstream

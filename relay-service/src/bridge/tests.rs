@@ -192,7 +192,7 @@ fn a_vanished_peer_is_reaped_at_the_peer_timeout() {
         (
             PROVIDER,
             Leg::Upstream,
-            EndReason::UpstreamTimeout,
+            EndReason::UpstreamGone,
             Side::Client,
         ),
     ];
@@ -210,6 +210,29 @@ fn a_vanished_peer_is_reaped_at_the_peer_timeout() {
             );
             call.run_for(secs(1));
             assert!(call.peer(other).saw_end(), "{other:?} learns at once");
+            // A silent provider: the client is told why, on its event stream, before the close.
+            let told = error_events(&call);
+            if expected == EndReason::UpstreamGone {
+                assert_eq!(told.len(), 1, "peer timeout {peer}: {told:?}");
+                assert_eq!(told[0]["error"]["code"], "upstream_gone");
+                assert_eq!(told[0]["error"]["type"], "server_error");
+                let closed = call
+                    .client
+                    .first(&PeerEvent::ChannelClosed)
+                    .or(call.client.first(&PeerEvent::Closed));
+                let told_at = call
+                    .client
+                    .events
+                    .iter()
+                    .find(|(_, e)| matches!(e, PeerEvent::Message { data, .. } if data.starts_with(br#"{"error""#) || data.starts_with(br#"{"type":"error""#)))
+                    .map(|(t, _)| *t);
+                assert!(
+                    told_at.is_some() && told_at <= closed,
+                    "told {told_at:?}, closed {closed:?}"
+                );
+            } else {
+                assert!(told.is_empty(), "{told:?}");
+            }
         }
     }
 }
@@ -220,7 +243,7 @@ fn an_ice_disconnect_does_not_end_the_call_the_peer_timeout_does() {
     // call used to end right there. Now the peer timeout alone judges a silent leg.
     for (gone, leg, expected) in [
         (CLIENT, Leg::Client, EndReason::ClientTimeout),
-        (PROVIDER, Leg::Upstream, EndReason::UpstreamTimeout),
+        (PROVIDER, Leg::Upstream, EndReason::UpstreamGone),
     ] {
         let mut call = VirtualCall::connected(with_limits(|l| l.peer_timeout = secs(60)));
         call.net.take_down(gone);
