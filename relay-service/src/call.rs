@@ -457,4 +457,59 @@ mod tests {
         let channel_open = channel_open.expect("the provider never connected during the flood");
         assert!(channel_open < deadline);
     }
+
+    /// The private-address policy holds for datagrams, not only for the candidates of an
+    /// answer: a provider whose media comes from (or must go to) a private address, here
+    /// loopback, is neither heard nor answered without `--allow-private-upstreams`, and every
+    /// refusal is counted by direction. With the flag the same provider connects.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upstream_datagrams_from_and_to_private_addresses_are_dropped_and_counted() {
+        const RUN: Duration = Duration::from_millis(1_500);
+        for allow_private in [false, true] {
+            let limits = BridgeLimits {
+                dc_buffer_bytes: 1024 * 1024,
+                ice_timeout: Duration::from_secs(60),
+                peer_timeout: Duration::from_secs(60),
+                idle_timeout: Duration::from_secs(60),
+                max_duration: RUN,
+            };
+            let provider_socket = rtc_peer::udp::bind(LOOPBACK.into()).unwrap();
+            let provider_addr = provider_socket.local_addr().unwrap();
+            let mut provider = rtc_peer::crypto::rtc_config()
+                .unwrap()
+                .build(Instant::now());
+            let (mut driver, _tx, created) =
+                call_with_provider(limits, &mut provider, provider_addr, 64);
+            driver.upstream_allow_private = allow_private;
+            let refused = driver.upstream_refused.clone();
+            let provider = UdpPeer::new(provider, provider_socket).unwrap();
+            let serve_until = created + RUN + crate::bridge::CLOSE_GRACE;
+            let provider = tokio::spawn(provider_until(provider, serve_until));
+            let ended = tokio::time::timeout(Duration::from_secs(10), driver.run()).await;
+            assert_eq!(ended.ok(), Some(EndReason::MaxDuration));
+            let channel_open = provider.await.unwrap();
+            let count = |reason: &str| {
+                refused
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.to_string(),
+                    })
+                    .get()
+            };
+            let (from, to) = (
+                count("datagram_from_not_public"),
+                count("datagram_to_not_public"),
+            );
+            if allow_private {
+                assert!(channel_open.is_some(), "allowed: the provider connects");
+                assert_eq!((from, to), (0, 0));
+            } else {
+                assert!(
+                    channel_open.is_none(),
+                    "the relay talked to a private address"
+                );
+                assert!(to > 0, "the relay's own checks to the provider are refused");
+                assert!(from > 0, "the provider's checks are refused: {from}");
+            }
+        }
+    }
 }
