@@ -850,3 +850,166 @@ fn provider_dying_mid_call_ends_it_as_upstream_gone_counts_a_worker_failure_and_
         assert!(error["error"][k].is_string(), "{k} in {error}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. A client that leaves while its call is being set up
+// ---------------------------------------------------------------------------------------
+
+/// A provider `delay` slow: forwards each request to `target` (the echo model) after the
+/// delay and copies the answer back, recording each request line. Stops when dropped.
+struct SlowProvider {
+    port: u16,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SlowProvider {
+    fn start(target: std::net::SocketAddr, delay: Duration) -> SlowProvider {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the slow provider");
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut workers = Vec::new();
+            while !stop2.load(Ordering::SeqCst) {
+                let mut s = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let seen = seen2.clone();
+                workers.push(std::thread::spawn(move || {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let Ok(Some(req)) = http::read_request(&mut s) else {
+                        return;
+                    };
+                    seen.lock().unwrap().push(req.request_line().to_string());
+                    std::thread::sleep(delay);
+                    let Ok(mut up) = TcpStream::connect(target) else {
+                        return;
+                    };
+                    let _ = up.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut head: String = req
+                        .head
+                        .lines()
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                        .map(|l| format!("{l}\r\n"))
+                        .collect();
+                    head.push_str("connection: close\r\n\r\n");
+                    let _ = up.write_all(head.as_bytes());
+                    let _ = up.write_all(&req.body);
+                    let mut answer = Vec::new();
+                    let _ = std::io::Read::read_to_end(&mut up, &mut answer);
+                    let _ = s.write_all(&answer);
+                    let _ = s.shutdown(Shutdown::Both);
+                }));
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        SlowProvider {
+            port,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SlowProvider {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The client closes its connection while the provider is still answering: Envoy ends the
+/// request, the filter cancels its CreateCall (and, with the patched SDK, forgets the token),
+/// the relay finishes the setup on its own and, with nobody to take the answer, ends the call
+/// as `abandoned` and hangs it up at the provider. The filter goes on serving.
+#[test]
+fn a_client_that_leaves_mid_create_leaves_no_provider_call_open_and_the_filter_serves_on() {
+    let paths = Paths::discover();
+    let dir = RunDir::new("faults-client-leaves").unwrap();
+    let echo = start_echo(&paths, &dir, "echo-model", Some(KEY)).expect("echo model starts");
+    let echo_addr: std::net::SocketAddr = echo
+        .base_url()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let slow = SlowProvider::start(echo_addr, Duration::from_millis(1_500));
+    let relay = start_relay_args(&paths, &dir, "relay", &[slow.base_url()], &[]);
+    let envoy = shipped_envoy(&relay, &slow.base_url(), Vec::new())
+        .start(&paths, &dir)
+        .expect("envoy starts");
+    wait_relay_healthy(&envoy, "relay");
+
+    let (_client, offer) = new_client();
+    {
+        let mut conn = TcpStream::connect(envoy.listen()).unwrap();
+        let head = format!(
+            "POST {CALLS} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/sdp\r\ncontent-length: {}\r\n\r\n",
+            envoy.listen(),
+            offer.len()
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(offer.as_bytes()).unwrap();
+        // The create has reached the provider, which takes 1.5 s to answer; the client leaves.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while slow.seen().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(slow.seen().len(), 1, "the create reached the provider");
+        conn.shutdown(Shutdown::Both).unwrap();
+    }
+
+    // The relay sets the call up after the client left, ends it and hangs it up upstream.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let hung_up = |seen: &[String]| seen.iter().any(|l| l.contains("/hangup "));
+    while !hung_up(&slow.seen()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = slow.seen();
+    assert!(hung_up(&seen), "no hangup reached the provider: {seen:?}");
+    assert_eq!(
+        relay_sample(
+            &relay,
+            "realtime_relay_calls_ended_total",
+            r#"reason="abandoned""#
+        ),
+        1.0
+    );
+    assert_eq!(relay.metric("realtime_relay_calls_active").unwrap(), 0.0);
+
+    // The VM is healthy: the next create through the same Envoy is set up and connects.
+    let (client, offer) = new_client();
+    let r = post_sdp(&envoy, CALLS, &offer, &[]);
+    let id = created(&r);
+    let rt = runtime();
+    let mut c = exercise(&rt, client, &r.text());
+    assert_flowing(&rt, &mut c, "after-abort");
+    assert_eq!(hangup(&envoy, &id).status, 200);
+    let log = envoy.log_text();
+    assert!(
+        !log.contains("panicked") && !log.contains("duplicate token_id"),
+        "the Wasm VM failed: {log}"
+    );
+}
