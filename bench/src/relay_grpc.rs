@@ -26,6 +26,7 @@ pub fn create_request(offer: &str, base_url: &str, authorization: &str) -> v1::C
             worker_id: "bench".into(),
         }),
         request_id: "bench".into(),
+        principal: String::new(),
     }
 }
 

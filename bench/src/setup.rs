@@ -269,7 +269,10 @@ async fn relay_grpc_latency(t: &Targets, offer: &str, n: usize) -> Result<Value>
         let (id, _) = relay_grpc::create_call(&mut grpc, req).await?;
         ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let _ = grpc
-            .hangup_call(realtime_relay_proto::v1::HangupCallRequest { call_id: id })
+            .hangup_call(realtime_relay_proto::v1::HangupCallRequest {
+                call_id: id,
+                ..Default::default()
+            })
             .await;
     }
     Ok(sys::summary(&mut ms))
@@ -296,6 +299,7 @@ async fn rate(t: &Targets, offer: &str, n: usize, in_flight: usize) -> Result<Va
                         let _ = grpc
                             .hangup_call(realtime_relay_proto::v1::HangupCallRequest {
                                 call_id: id,
+                                ..Default::default()
                             })
                             .await;
                     }

@@ -64,6 +64,9 @@ error_codes! {
     // The filter named an upstream the relay's allowlist refuses: a configuration fault at
     // the edge, never the worker's (it was never contacted).
     UpstreamNotAllowed = "upstream_not_allowed", Client;
+    // The request's `principal` breaks its grammar (`principal`): a fault of the edge that
+    // sent it, before any lookup, so it says nothing about whether a call exists.
+    InvalidPrincipal = "invalid_principal", Client;
     TooManyCalls = "too_many_calls", Relay;
     Draining = "draining", Relay;
     InternalError = "internal_error", Relay;
@@ -102,6 +105,36 @@ mod tests {
                 .all(|b| b.is_ascii_lowercase() || b == b'_'));
         }
         assert_eq!(ErrorCode::parse("bogus"), None);
+    }
+
+    /// The wire form of every code, pinned: callers match on these strings, so a code may be
+    /// added but never respelled.
+    #[test]
+    fn wire_forms_are_pinned() {
+        let wire: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            wire,
+            [
+                "missing_sdp",
+                "invalid_sdp",
+                "missing_model",
+                "invalid_session_json",
+                "invalid_call_id",
+                "call_exists",
+                "call_not_found",
+                "missing_upstream",
+                "upstream_not_allowed",
+                "invalid_principal",
+                "too_many_calls",
+                "draining",
+                "internal_error",
+                "upstream_unreachable",
+                "upstream_timeout",
+                "upstream_invalid_answer",
+                "upstream_candidates_not_allowed",
+            ]
+        );
+        assert_eq!(ErrorCode::InvalidPrincipal.class(), ErrorClass::Client);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Message types are plain prost structs (usable from the wasm filter without tonic);
 //! the `grpc` feature adds tonic client and server stubs. The facts of the contract that
 //! are not messages live here too, once, for both sides: the call-id grammar
-//! ([`call_id`]), the metadata keys ([`metadata`]) and the stable error codes with their
-//! fault classes ([`error_code`]).
+//! ([`call_id`]), the principal grammar ([`principal`]), the metadata keys ([`metadata`])
+//! and the stable error codes with their fault classes ([`error_code`]).
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -14,6 +14,7 @@ pub mod v1 {
 pub mod call_id;
 pub mod error_code;
 pub mod metadata;
+pub mod principal;
 pub mod replica_token;
 
 pub use error_code::{ErrorClass, ErrorCode};

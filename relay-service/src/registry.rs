@@ -91,6 +91,7 @@ impl CallEntry {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            principal: String::new(),
         }
     }
 

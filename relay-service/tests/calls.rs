@@ -291,6 +291,7 @@ async fn hangup_ends_the_call_everywhere_and_frees_it() {
         .grpc
         .hangup_call(v1::HangupCallRequest {
             call_id: call_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -307,13 +308,17 @@ async fn hangup_ends_the_call_everywhere_and_frees_it() {
     );
     // Idempotent for an ended call; NOT_FOUND for a call that never was.
     h.grpc
-        .hangup_call(v1::HangupCallRequest { call_id })
+        .hangup_call(v1::HangupCallRequest {
+            call_id,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let err = h
         .grpc
         .hangup_call(v1::HangupCallRequest {
             call_id: "rtc_nosuchcall".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -112,6 +112,7 @@ async fn a_client_without_udp_completes_a_call_over_ice_tcp_and_hangup_closes_it
         .grpc
         .hangup_call(v1::HangupCallRequest {
             call_id: call_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("hangup")
@@ -355,6 +356,7 @@ async fn a_tcp_client_still_sending_when_the_call_is_hung_up_sees_the_call_end()
         h.grpc
             .hangup_call(v1::HangupCallRequest {
                 call_id: call_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("hangup")

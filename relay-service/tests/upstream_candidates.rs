@@ -34,6 +34,7 @@ fn request(provider: &MockProvider, offer: &str) -> v1::CreateCallRequest {
             worker_id: "w1".into(),
         }),
         request_id: "req_test".into(),
+        principal: String::new(),
     }
 }
 

@@ -100,14 +100,20 @@ async fn run(cli: Cli) -> Result<Value> {
         }
         Command::Get { call_id } => call_json(
             &relay
-                .get_call(v1::GetCallRequest { call_id })
+                .get_call(v1::GetCallRequest {
+                    call_id,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status)?
                 .into_inner(),
         ),
         Command::Hangup { call_id } => {
             let r = relay
-                .hangup_call(v1::HangupCallRequest { call_id })
+                .hangup_call(v1::HangupCallRequest {
+                    call_id,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

@@ -72,6 +72,7 @@ impl Harness {
                 worker_id: "w1".into(),
             }),
             request_id: "req_test".into(),
+            principal: String::new(),
         }
     }
 
@@ -118,8 +119,11 @@ impl Harness {
         loop {
             let info = self
                 .grpc
+                // The test watches as an operator: it sees calls whoever owns them.
                 .get_call(v1::GetCallRequest {
                     call_id: call_id.into(),
+                    operator: true,
+                    ..Default::default()
                 })
                 .await
                 .expect("GetCall")
