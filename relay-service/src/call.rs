@@ -301,6 +301,7 @@ mod tests {
                 model: "m",
                 upstream_model: "m",
                 worker_id: "w",
+                principal: "",
             })
             .unwrap();
         let bridge = Bridge::new(

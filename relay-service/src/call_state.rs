@@ -1,5 +1,5 @@
-//! What a call is and how it ended: states, end reasons, and live counters that
-//! GetCall/ListCalls read while the bridge updates them.
+//! What a call is and how it ended: states, end reasons, live counters that
+//! GetCall/ListCalls read while the bridge updates them, and who may see and end it.
 
 use realtime_relay_proto::v1;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -90,4 +90,79 @@ impl DirectionCounters {
 pub struct CallCounters {
     pub client_to_upstream: DirectionCounters,
     pub upstream_to_client: DirectionCounters,
+}
+
+/// Who asks about a call in GetCall or HangupCall: the principal the edge named (empty:
+/// none) and whether it is an operator identity. See `HangupCallRequest` in `relay.proto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    pub principal: &'a str,
+    pub operator: bool,
+}
+
+impl Caller<'_> {
+    /// An operator with no principal of its own.
+    pub const OPERATOR: Caller<'static> = Caller {
+        principal: "",
+        operator: true,
+    };
+
+    /// Whether this caller may see and end a call created by `owner` (empty: a call created
+    /// without a principal, which anyone may manage, as before ownership existed).
+    pub fn may_act_on(&self, owner: &str) -> bool {
+        self.operator || owner.is_empty() || self.principal == owner
+    }
+
+    /// `info` as this caller is shown it: the owner's principal goes to operators only.
+    pub fn shown(&self, mut info: v1::CallInfo) -> v1::CallInfo {
+        if !self.operator {
+            info.principal.clear();
+        }
+        info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_owner_or_an_operator_may_act_on_an_owned_call() {
+        let caller = |principal, operator| Caller {
+            principal,
+            operator,
+        };
+        // (caller, owner, may act)
+        for (who, owner, allowed) in [
+            (caller("p_a", false), "p_a", true),
+            (caller("p_b", false), "p_a", false),
+            (caller("", false), "p_a", false),
+            (caller("p_A", false), "p_a", false),
+            (caller("p_a ", false), "p_a", false),
+            (caller("p_", false), "p_a", false),
+            (caller("p_b", true), "p_a", true),
+            (Caller::OPERATOR, "p_a", true),
+            (caller("", false), "", true),
+            (caller("p_b", false), "", true),
+            (Caller::OPERATOR, "", true),
+        ] {
+            assert_eq!(who.may_act_on(owner), allowed, "{who:?} on {owner:?}");
+        }
+    }
+
+    #[test]
+    fn only_operators_are_shown_the_owner() {
+        let info = v1::CallInfo {
+            call_id: "rtc_0123456789".into(),
+            principal: "p_a".into(),
+            ..Default::default()
+        };
+        let owner = Caller {
+            principal: "p_a",
+            operator: false,
+        };
+        assert_eq!(owner.shown(info.clone()).principal, "");
+        assert_eq!(owner.shown(info.clone()).call_id, info.call_id);
+        assert_eq!(Caller::OPERATOR.shown(info.clone()), info);
+    }
 }

@@ -27,6 +27,12 @@ pub enum SetupError {
     MissingUpstream,
     #[error("upstream_not_allowed: {0}")]
     UpstreamNotAllowed(String),
+    // The value is never echoed: it identifies a caller.
+    #[error(
+        "invalid_principal: a principal is 1 to {} visible ASCII characters, without spaces",
+        realtime_relay_proto::principal::MAX_LEN
+    )]
+    InvalidPrincipal,
 
     // ---- relay faults ----
     #[error("too_many_calls: the relay is at its limit of {0} concurrent calls")]
@@ -64,6 +70,7 @@ impl SetupError {
             SetupError::CallExists => ErrorCode::CallExists,
             SetupError::MissingUpstream => ErrorCode::MissingUpstream,
             SetupError::UpstreamNotAllowed(_) => ErrorCode::UpstreamNotAllowed,
+            SetupError::InvalidPrincipal => ErrorCode::InvalidPrincipal,
             SetupError::TooManyCalls(_) => ErrorCode::TooManyCalls,
             SetupError::Draining => ErrorCode::Draining,
             SetupError::Internal(_) => ErrorCode::InternalError,
@@ -88,7 +95,8 @@ impl SetupError {
             | SetupError::InvalidSessionJson(_)
             | SetupError::InvalidCallId
             | SetupError::MissingUpstream
-            | SetupError::UpstreamNotAllowed(_) => Code::InvalidArgument,
+            | SetupError::UpstreamNotAllowed(_)
+            | SetupError::InvalidPrincipal => Code::InvalidArgument,
             SetupError::CallExists => Code::AlreadyExists,
             SetupError::TooManyCalls(_) => Code::ResourceExhausted,
             SetupError::Draining | SetupError::UpstreamUnreachable(_) => Code::Unavailable,
@@ -117,6 +125,7 @@ mod tests {
             SetupError::TooManyCalls(3),
             SetupError::UpstreamTimeout,
             SetupError::UpstreamNotAllowed("http://x".into()),
+            SetupError::InvalidPrincipal,
         ];
         for e in cases {
             let status: Status = e.clone_for_test().into();
@@ -140,6 +149,7 @@ mod tests {
                 SetupError::TooManyCalls(n) => SetupError::TooManyCalls(*n),
                 SetupError::UpstreamTimeout => SetupError::UpstreamTimeout,
                 SetupError::UpstreamNotAllowed(s) => SetupError::UpstreamNotAllowed(s.clone()),
+                SetupError::InvalidPrincipal => SetupError::InvalidPrincipal,
                 _ => SetupError::Internal(String::new()),
             }
         }

@@ -1,6 +1,8 @@
 //! tonic adapter: gRPC requests onto [`Relay`]'s domain operations.
 
 use crate::budget::parse_grpc_timeout;
+use crate::call_state::Caller;
+use crate::error::SetupError;
 use crate::relay::{LookupError, Relay};
 use realtime_relay_proto::v1;
 use realtime_relay_proto::v1::relay_service_server::RelayService;
@@ -20,12 +22,21 @@ fn metadata(req: &Request<impl Sized>, key: &str) -> String {
         .to_string()
 }
 
+/// The one answer for a call the caller cannot have: unknown, or someone else's. Built from
+/// the id alone, so the two cannot differ.
 fn not_found(call_id: &str) -> Status {
     let shown: String = call_id.chars().take(80).collect();
     Status::not_found(format!(
         "{}{ERROR_CODE_SEPARATOR}no call {shown:?}",
         ErrorCode::CallNotFound
     ))
+}
+
+fn lookup_failed(e: LookupError, call_id: &str) -> Status {
+    match e {
+        LookupError::NotFound => not_found(call_id),
+        LookupError::InvalidPrincipal => SetupError::InvalidPrincipal.into(),
+    }
 }
 
 #[tonic::async_trait]
@@ -69,13 +80,17 @@ impl RelayService for RelayGrpc {
         &self,
         request: Request<v1::HangupCallRequest>,
     ) -> Result<Response<v1::HangupCallResponse>, Status> {
-        let call_id = request.into_inner().call_id;
-        match self.relay.hangup(&call_id).await {
+        let req = request.into_inner();
+        let caller = Caller {
+            principal: &req.principal,
+            operator: req.operator,
+        };
+        match self.relay.hangup(&req.call_id, caller).await {
             Ok((call, ended_now)) => Ok(Response::new(v1::HangupCallResponse {
                 call: Some(call),
                 ended_now,
             })),
-            Err(LookupError::NotFound) => Err(not_found(&call_id)),
+            Err(e) => Err(lookup_failed(e, &req.call_id)),
         }
     }
 
@@ -83,11 +98,15 @@ impl RelayService for RelayGrpc {
         &self,
         request: Request<v1::GetCallRequest>,
     ) -> Result<Response<v1::CallInfo>, Status> {
-        let call_id = request.into_inner().call_id;
+        let req = request.into_inner();
+        let caller = Caller {
+            principal: &req.principal,
+            operator: req.operator,
+        };
         self.relay
-            .get_call(&call_id)
+            .get_call(&req.call_id, caller)
             .map(Response::new)
-            .map_err(|_| not_found(&call_id))
+            .map_err(|e| lookup_failed(e, &req.call_id))
     }
 
     async fn list_calls(

@@ -30,6 +30,8 @@ pub struct CallEntry {
     pub model: String,
     pub upstream_model: String,
     pub worker_id: String,
+    /// Who created the call and so owns it (`CreateCallRequest.principal`); empty: no one.
+    pub principal: String,
     pub created_at_ms: i64,
     connected_at_ms: AtomicI64,
     state: AtomicU8,
@@ -91,7 +93,9 @@ impl CallEntry {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-            principal: String::new(),
+            // The registry's own view carries the owner; callers are shown it through
+            // `Caller::shown`.
+            principal: self.principal.clone(),
         }
     }
 
@@ -105,6 +109,7 @@ pub struct NewCall<'a> {
     pub model: &'a str,
     pub upstream_model: &'a str,
     pub worker_id: &'a str,
+    pub principal: &'a str,
 }
 
 #[derive(Default)]
@@ -153,6 +158,7 @@ impl Registry {
             model: new.model.to_string(),
             upstream_model: new.upstream_model.to_string(),
             worker_id: new.worker_id.to_string(),
+            principal: new.principal.to_string(),
             created_at_ms: unix_ms(),
             connected_at_ms: AtomicI64::new(0),
             state: AtomicU8::new(STATE_PENDING),
@@ -194,6 +200,7 @@ impl Registry {
         self.lock().live.get(call_id).cloned()
     }
 
+    /// The call's info, its owner's principal included (for operators; see `Caller::shown`).
     pub fn get(&self, call_id: &str) -> Option<v1::CallInfo> {
         let inner = self.lock();
         if let Some(e) = inner.live.get(call_id) {
@@ -202,20 +209,19 @@ impl Registry {
         inner.ended.iter().find(|c| c.call_id == call_id).cloned()
     }
 
-    /// Ends a live call and waits (bounded) until its task has freed everything.
-    /// Ends a live call and waits (bounded) for it to finish. The flag says whether this
-    /// request was the first to end it.
+    /// Ends a live call (`entry`, as [`Registry::live`] gave it: the call that was checked, not
+    /// whichever holds its id by now) and waits (bounded) until its task has freed everything.
+    /// The flag says whether this request was the first to end it.
     pub async fn end_and_wait(
         &self,
-        call_id: &str,
+        entry: &CallEntry,
         reason: EndReason,
         wait: Duration,
     ) -> Option<(v1::CallInfo, bool)> {
-        let entry = self.live(call_id)?;
         let mut done = entry.done_tx.subscribe();
         let first = entry.request_end(reason);
         let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
-        self.get(call_id).map(|info| (info, first))
+        self.get(&entry.call_id).map(|info| (info, first))
     }
 
     pub fn list(&self, include_ended: bool) -> v1::ListCallsResponse {
@@ -265,6 +271,7 @@ mod tests {
             model: "m",
             upstream_model: "m",
             worker_id: "w1",
+            principal: "",
         }
     }
 
@@ -304,6 +311,27 @@ mod tests {
         assert_eq!(all.calls.len(), 4);
         assert_eq!(all.live_calls_by_worker.get("w1"), Some(&1));
         assert_eq!(r.list(false).calls.len(), 1);
+    }
+
+    #[test]
+    fn a_call_keeps_its_owner_live_and_ended() {
+        let r = Registry::new(10, 10);
+        r.reserve(NewCall {
+            principal: "p_a",
+            ..new("rtc_owned")
+        })
+        .unwrap();
+        r.reserve(new("rtc_open")).unwrap();
+        assert_eq!(r.live("rtc_owned").unwrap().principal, "p_a");
+        assert_eq!(r.get("rtc_owned").unwrap().principal, "p_a");
+        assert_eq!(r.get("rtc_open").unwrap().principal, "");
+        r.finish("rtc_owned", EndReason::Hangup);
+        assert_eq!(r.get("rtc_owned").unwrap().principal, "p_a");
+        let listed = r.list(true);
+        assert!(listed
+            .calls
+            .iter()
+            .any(|c| c.call_id == "rtc_owned" && c.principal == "p_a"));
     }
 
     #[test]

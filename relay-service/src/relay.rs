@@ -5,7 +5,7 @@ use crate::allowlist::{self, Allowlist};
 use crate::bridge::{Bridge, BridgeLimits, BridgeTelemetry, LegSetup};
 use crate::budget::SetupBudget;
 use crate::call::CallDriver;
-use crate::call_state::EndReason;
+use crate::call_state::{Caller, EndReason};
 use crate::config::Limits;
 use crate::error::SetupError;
 use crate::ids;
@@ -58,9 +58,22 @@ pub struct Relay {
     tasks: tokio_util::task::TaskTracker,
 }
 
+/// Why GetCall or HangupCall found nothing to act on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LookupError {
+    /// No such call, or one the caller may not see: the two are never told apart.
     NotFound,
+    /// The caller's principal breaks the grammar (checked before any lookup).
+    InvalidPrincipal,
+}
+
+/// `caller`, if its principal is well formed.
+fn checked(caller: Caller<'_>) -> Result<Caller<'_>, LookupError> {
+    if realtime_relay_proto::principal::is_valid(caller.principal) {
+        Ok(caller)
+    } else {
+        Err(LookupError::InvalidPrincipal)
+    }
 }
 
 impl Relay {
@@ -192,6 +205,7 @@ impl Relay {
             model: req.model.trim(),
             upstream_model: checked.upstream_model,
             worker_id: &checked.upstream.worker_id,
+            principal: &req.principal,
         })?;
         let reservation = Reservation {
             registry: &self.registry,
@@ -264,6 +278,9 @@ impl Relay {
         self.metrics.calls_created.inc();
         self.metrics.calls_active.inc();
         tracing::info!(worker = %checked.upstream.worker_id, model = %req.model.trim(), "call set up");
+        // Who owns the call, at debug only: a stable hash per caller would let info-level
+        // logs be correlated across calls.
+        tracing::debug!(principal = %req.principal, "call owner");
         Ok(v1::CreateCallResponse {
             call_id,
             outcome: Some(v1::create_call_response::Outcome::SdpAnswer(client_answer)),
@@ -275,6 +292,9 @@ impl Relay {
         &self,
         req: &'r v1::CreateCallRequest,
     ) -> Result<CheckedRequest<'r>, SetupError> {
+        if !realtime_relay_proto::principal::is_valid(&req.principal) {
+            return Err(SetupError::InvalidPrincipal);
+        }
         peer::precheck_offer(&req.sdp_offer, self.settings.limits.max_offer_bytes)?;
         let upstream_model = if req.upstream_model.trim().is_empty() {
             req.model.trim()
@@ -570,19 +590,29 @@ impl Relay {
 
     /// Ends a call; the flag says whether this hangup ended it (false: it had ended, or another
     /// request was ending it). Callers that count calls release them only once.
-    pub async fn hangup(&self, call_id: &str) -> Result<(v1::CallInfo, bool), LookupError> {
-        if self.registry.live(call_id).is_some() {
+    ///
+    /// Only for a `caller` that may act on the call ([`Caller::may_act_on`]): to anyone else
+    /// the call is [`LookupError::NotFound`], as an unknown id, and it goes on untouched.
+    pub async fn hangup(
+        &self,
+        call_id: &str,
+        caller: Caller<'_>,
+    ) -> Result<(v1::CallInfo, bool), LookupError> {
+        let caller = checked(caller)?;
+        if let Some(entry) = self.registry.live(call_id) {
+            if !caller.may_act_on(&entry.principal) {
+                refused(call_id, caller);
+                return Err(LookupError::NotFound);
+            }
             return self
                 .registry
-                .end_and_wait(call_id, EndReason::Hangup, Duration::from_secs(5))
+                .end_and_wait(&entry, EndReason::Hangup, Duration::from_secs(5))
                 .await
+                .map(|(info, first)| (caller.shown(info), first))
                 .ok_or(LookupError::NotFound);
         }
         // Ending an ended call is not an error: hangups are retried by clients.
-        self.registry
-            .get(call_id)
-            .map(|info| (info, false))
-            .ok_or(LookupError::NotFound)
+        self.visible(call_id, caller).map(|info| (info, false))
     }
 
     /// Runs a setup detached from the request that asked for it, tracked like call tasks (a
@@ -597,14 +627,28 @@ impl Relay {
             call_id,
             "the caller left before the answer; ending the call"
         );
-        let _ = self
-            .registry
-            .end_and_wait(call_id, EndReason::Abandoned, Duration::from_secs(5))
-            .await;
+        if let Some(entry) = self.registry.live(call_id) {
+            let _ = self
+                .registry
+                .end_and_wait(&entry, EndReason::Abandoned, Duration::from_secs(5))
+                .await;
+        }
     }
 
-    pub fn get_call(&self, call_id: &str) -> Result<v1::CallInfo, LookupError> {
-        self.registry.get(call_id).ok_or(LookupError::NotFound)
+    /// One call, live or recently ended, as `caller` may see it: NOT_FOUND, as an unknown id,
+    /// for a call it may not act on ([`Caller::may_act_on`]).
+    pub fn get_call(&self, call_id: &str, caller: Caller<'_>) -> Result<v1::CallInfo, LookupError> {
+        self.visible(call_id, checked(caller)?)
+    }
+
+    /// The call's info as `caller` is shown it, if it may act on the call.
+    fn visible(&self, call_id: &str, caller: Caller<'_>) -> Result<v1::CallInfo, LookupError> {
+        let info = self.registry.get(call_id).ok_or(LookupError::NotFound)?;
+        if !caller.may_act_on(&info.principal) {
+            refused(call_id, caller);
+            return Err(LookupError::NotFound);
+        }
+        Ok(caller.shown(info))
     }
 
     pub fn list_calls(&self, include_ended: bool) -> v1::ListCallsResponse {
@@ -648,6 +692,16 @@ pub async fn run_isolated(
             EndReason::InternalError
         }
     }
+}
+
+/// Notes a GetCall or HangupCall refused because the call is someone else's (the caller got
+/// NOT_FOUND). At debug level: the principal is a stable per-caller hash.
+fn refused(call_id: &str, caller: Caller<'_>) {
+    tracing::debug!(
+        call_id,
+        principal = caller.principal,
+        "not the call's owner; answered as an unknown call"
+    );
 }
 
 fn unspecified_like(ip: IpAddr) -> IpAddr {

@@ -83,10 +83,25 @@ impl Harness {
         model: &str,
         session: &str,
     ) -> (String, ConnectedClient) {
+        self.call_owned_by("", config, model, session).await
+    }
+
+    /// A full call created by `principal` (empty: none), which then owns it.
+    pub async fn call_owned_by(
+        &mut self,
+        principal: &str,
+        config: ClientConfig,
+        model: &str,
+        session: &str,
+    ) -> (String, ConnectedClient) {
         let (client, offer) = TestClient::new(config).expect("client");
+        let request = v1::CreateCallRequest {
+            principal: principal.into(),
+            ..self.request(&offer, model, session)
+        };
         let resp = self
             .grpc
-            .create_call(self.request(&offer, model, session))
+            .create_call(request)
             .await
             .expect("CreateCall succeeds")
             .into_inner();
