@@ -187,7 +187,9 @@ extern "C" {
 }
 
 /// `relayctl` against a live relay: reflection lists the services, health is SERVING,
-/// a call created from an SDP file shows up in `list`, and `hangup` ends it.
+/// a call created from an SDP file (for a principal, which then owns it) shows up in `list`
+/// with its owner, and `get` and `hangup`, which act as an operator, see and end it. The
+/// principal reaches the relay's log at debug level only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
     let provider = MockProvider::start(ProviderConfig::local(Some(UPSTREAM_KEY)))
@@ -233,6 +235,7 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
         "--model=gpt-realtime",
         &format!("--upstream={}", provider.base_url()),
         "--api-key-env=TEST_UPSTREAM_KEY",
+        &format!("--principal={PRINCIPAL}"),
     ]);
     let _ = std::fs::remove_file(&offer_file);
     let call_id = created["call_id"].as_str().unwrap().to_string();
@@ -240,9 +243,29 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
         .connect(created["sdp_answer"].as_str().unwrap())
         .await
         .unwrap();
-    assert_eq!(ctl(&["list"])["live_calls_by_worker"]["cli"], 1);
+    let list = ctl(&["list"]);
+    assert_eq!(list["live_calls_by_worker"]["cli"], 1);
+    assert_eq!(list["calls"][0]["principal"], PRINCIPAL);
+    let got = ctl(&["get", &call_id]);
+    assert_eq!(got["call_id"], call_id.as_str());
+    assert_eq!(got["principal"], PRINCIPAL, "operators see the owner");
     let ended = ctl(&["hangup", &call_id]);
     assert_eq!(ended["state"], "CALL_STATE_ENDED");
     assert_eq!(ended["end_reason"], "hangup");
+    assert_eq!(ended["principal"], PRINCIPAL);
     assert!(client.wait_closed(Duration::from_secs(5)).await);
+
+    // The relay logs at trace: the principal is in its debug lines, never above.
+    relay.wait_for_log(PRINCIPAL, Duration::from_secs(5));
+    let log = relay.log.lock().unwrap().clone();
+    for line in log.lines().filter(|l| l.contains(PRINCIPAL)) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
+        assert!(
+            matches!(v["level"].as_str(), Some("DEBUG" | "TRACE")),
+            "the principal in a line above debug: {line}"
+        );
+    }
 }
+
+/// An owner as the filter would name one (a hash, never a credential).
+const PRINCIPAL: &str = "p_0c7f3e1d9a2b4c6e8f0a1b2c3d4e5f60";

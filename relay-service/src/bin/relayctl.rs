@@ -1,6 +1,9 @@
 //! `relayctl`: drive the relay's gRPC API from a shell — list, inspect and hang up
 //! calls, set one up from an SDP file, check health, and list services through
 //! server reflection. Output is JSON, one document per command.
+//!
+//! It is an operator's tool: `get` and `hangup` act as an operator (`operator: true`), so
+//! they reach every call whoever owns it, and calls show their owner's principal.
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
@@ -32,9 +35,9 @@ enum Command {
         #[arg(long)]
         ended: bool,
     },
-    /// One call.
+    /// One call, whoever owns it (as an operator).
     Get { call_id: String },
-    /// End a call.
+    /// End a call, whoever owns it (as an operator).
     Hangup { call_id: String },
     /// Set up a call from an SDP offer file; prints the answer (or the upstream's rejection).
     Create {
@@ -52,6 +55,10 @@ enum Command {
         /// so it stays out of shell history and process listings).
         #[arg(long)]
         api_key_env: Option<String>,
+        /// Principal that owns the call (an opaque id such as "p_<hex>", never a credential);
+        /// none by default, and then any caller may see or end it.
+        #[arg(long, default_value = "")]
+        principal: String,
     },
     /// gRPC health of the relay service.
     Health,
@@ -70,7 +77,7 @@ fn call_json(c: &v1::CallInfo) -> Value {
         "state": v1::CallState::try_from(c.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
         "model": c.model, "upstream_model": c.upstream_model, "worker_id": c.worker_id,
         "created_at_ms": c.created_at_ms, "connected_at_ms": c.connected_at_ms, "ended_at_ms": c.ended_at_ms,
-        "end_reason": c.end_reason, "upstream_call_id": c.upstream_call_id,
+        "end_reason": c.end_reason, "upstream_call_id": c.upstream_call_id, "principal": c.principal,
         "client_to_upstream": dir(c.client_to_upstream), "upstream_to_client": dir(c.upstream_to_client),
     })
 }
@@ -102,7 +109,8 @@ async fn run(cli: Cli) -> Result<Value> {
             &relay
                 .get_call(v1::GetCallRequest {
                     call_id,
-                    ..Default::default()
+                    principal: String::new(),
+                    operator: true,
                 })
                 .await
                 .map_err(status)?
@@ -112,7 +120,8 @@ async fn run(cli: Cli) -> Result<Value> {
             let r = relay
                 .hangup_call(v1::HangupCallRequest {
                     call_id,
-                    ..Default::default()
+                    principal: String::new(),
+                    operator: true,
                 })
                 .await
                 .map_err(status)?
@@ -125,6 +134,7 @@ async fn run(cli: Cli) -> Result<Value> {
             upstream,
             worker,
             api_key_env,
+            principal,
         } => {
             let sdp = if offer == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading the offer")?
@@ -148,6 +158,7 @@ async fn run(cli: Cli) -> Result<Value> {
                         worker_id: worker,
                     }),
                     request_id: "relayctl".into(),
+                    principal,
                     ..Default::default()
                 })
                 .await
