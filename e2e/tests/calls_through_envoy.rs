@@ -292,7 +292,9 @@ fn replace_policy_sends_the_worker_key_and_never_the_clients() {
         Some(format!("Bearer {KEY}").as_str())
     );
     assert!(!format!("{reqs:?}").contains(CLIENT_KEY));
-    assert_eq!(hangup(&g.envoy, &id).status, 200);
+    // The call is its creator's: a hangup without that key is answered as for an unknown id.
+    assert_eq!(hangup(&g.envoy, &id).status, 404);
+    assert_eq!(hangup_as(&g.envoy, &id, &auth).status, 200);
     drop(client);
     assert_no_key_in_logs(&g, &[KEY, CLIENT_KEY]);
 }
@@ -365,7 +367,7 @@ fn a_pool_shares_calls_by_policy_and_an_ejected_worker_gets_none() {
         e,
         "/v1/realtime/calls?model=flaky",
         &offer,
-        &[("x-realtime-route", "bad")],
+        &[("x-realtime-route", "bad"), ops_auth()],
     );
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json().unwrap()["error"]["code"], "no_healthy_worker");

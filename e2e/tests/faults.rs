@@ -388,6 +388,8 @@ fn provider_fault_at_creation(fault: Fault) {
                 ),
             ),
             (SHIPPED_EJECTION.into(), SHIPPED_EJECTION.into()),
+            // A trusted operator key, whose routing header picks the healthy or faulty worker.
+            ops_key_patch(),
         ],
     );
     let envoy = opts.start(&paths, &dir).expect("envoy starts");
@@ -439,7 +441,11 @@ fn provider_fault_at_creation(fault: Fault) {
         // Meanwhile the healthy worker serves (and its successes do not reset the faulty
         // worker's run of failures).
         let (_c, offer) = new_client();
-        let (r, _) = timed_create(&envoy, &offer, &[("x-realtime-route", "healthy")]);
+        let (r, _) = timed_create(
+            &envoy,
+            &offer,
+            &[("x-realtime-route", "healthy"), ops_auth()],
+        );
         served.push(created(&r));
     }
     eprintln!("{fault:?}: the faulty worker's creates got {observed:?}");
@@ -469,7 +475,11 @@ fn provider_fault_at_creation(fault: Fault) {
     }
     // Asking for the faulty worker by name: it is ejected, so no healthy worker.
     let (_c, offer) = new_client();
-    let (r, took) = timed_create(&envoy, &offer, &[("x-realtime-route", "faulty")]);
+    let (r, took) = timed_create(
+        &envoy,
+        &offer,
+        &[("x-realtime-route", "faulty"), ops_auth()],
+    );
     let err = openai_error(&r, "create routed to the faulty worker");
     if r.status != 503 || err["code"] != "no_healthy_worker" {
         problems.push(format!(
@@ -528,8 +538,13 @@ fn provider_fault_at_creation(fault: Fault) {
         }
     }
 
+    // Some of these calls are the operator's (it steered them): the operator ends them all.
     for id in &served {
-        assert_eq!(hangup(&envoy, id).status, 200, "hangup {id}");
+        assert_eq!(
+            hangup_as(&envoy, id, ops_auth().1).status,
+            200,
+            "hangup {id}"
+        );
     }
     assert!(
         served.len() >= 4,

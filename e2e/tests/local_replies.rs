@@ -6,6 +6,9 @@
 //! this one adds what only real Envoy decides: path normalisation, escaped slashes, routes,
 //! header and body limits, rate limits and upstream failures.
 
+mod common;
+
+use common::ops_key_patch;
 use std::net::TcpListener;
 use std::time::Duration;
 
@@ -196,7 +199,7 @@ fn rows() -> Vec<Row> {
         row("?model twice", "POST", "/v1/realtime/calls?model=a&model=b").sdp(OFFER).want(400, "invalid_model"),
         row("?model not UTF-8", "POST", "/v1/realtime/calls?model=%ff").sdp(OFFER).want(400, "invalid_model"),
         // ---- routing header
-        row("routing header naming nothing", "POST", CALLS).sdp(OFFER).header("x-realtime-route", "nowhere").want(400, "invalid_routing_header"),
+        row("routing header naming nothing", "POST", CALLS).sdp(OFFER).header("x-realtime-route", "nowhere").header("authorization", "Bearer sk-gw-e2e-operator").want(400, "invalid_routing_header"),
         // ---- pages on other origins: a multipart POST needs no preflight, CORS would not stop it
         form("multipart create from an unlisted origin", &[("sdp", OFFER)]).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
         row("sdp create from an unlisted origin", "POST", CALLS).sdp(OFFER).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
@@ -318,7 +321,11 @@ fn send(envoy: &Envoy, r: &Row) -> http::Response {
 
 #[test]
 fn hostile_requests_get_openai_json_from_envoy_and_never_reach_relay_or_provider() {
-    let s = stack("local-replies-table", &[]);
+    let (anchor, with_ops) = ops_key_patch();
+    let s = stack(
+        "local-replies-table",
+        &[(anchor.as_str(), with_ops.as_str())],
+    );
     let e = &s.envoy;
     // The counters this test relies on do move: a pass-through request reaches the provider.
     let r = http::get(e.listen(), "/v1/models").unwrap();

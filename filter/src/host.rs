@@ -108,6 +108,10 @@ impl HttpHost for Envoy<'_> {
         buffer(BufferType::HttpRequestBody, max)
     }
 
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
     fn send_reply(&mut self, reply: &HttpReply) {
         let headers: Vec<(&str, &str)> = reply
             .headers

@@ -249,6 +249,15 @@ fn up(paths: &Paths, args: UpArgs) -> Result<()> {
         );
     }
     eprintln!("  Calls endpoint:     POST {}", u.calls);
+    // The local envoy/envoy.yaml admits anonymous callers (pool main's `callers`).
+    let open = std::fs::read_to_string(&stack.config.envoy_config)
+        .is_ok_and(|t| t.contains("\"anonymous\""));
+    if open {
+        eprintln!(
+            "  Callers:            anyone who reaches {} (anonymous callers admitted: loopback only; deploy/ admits authenticated callers only)",
+            stack.config.host
+        );
+    }
     eprintln!("  Upstream:           {upstream}");
     eprintln!("  Relay metrics:      {}", u.relay_metrics);
     eprintln!(

@@ -44,10 +44,43 @@ pub fn failing_provider(rt: &Runtime, status: u16) -> MockProvider {
         .expect("mock provider starts")
 }
 
+/// A trusted operator key the tests' plugin configurations accept (its routing header counts).
+pub const OPS_KEY: &str = "sk-gw-e2e-operator";
+/// `sha256(OPS_KEY)` as `callers.api_keys[].sha256` wants it.
+pub const OPS_KEY_SHA256: &str = "e03019fc3c1273c8df89d82b4c17ac3ab054fd74eabd0e87d4fdbddba117a878";
+
+/// `Authorization` with [`OPS_KEY`].
+pub fn ops_auth() -> (&'static str, &'static str) {
+    ("authorization", "Bearer sk-gw-e2e-operator")
+}
+
+/// The `callers` section of the tests' plugin configurations: [`OPS_KEY`], an operator
+/// trusted to steer.
+pub fn callers_section() -> Value {
+    json!({"api_keys": [{"name": "e2e-operator", "sha256": OPS_KEY_SHA256, "operator": true, "trusted": true}]})
+}
+
+/// A patch of a shipped envoy/*.yaml that adds [`callers_section`] to its plugin configuration.
+pub fn ops_key_patch() -> (String, String) {
+    let anchor = r#""browser_origins": ["https://app.example.test"],"#;
+    (
+        anchor.to_string(),
+        format!(r#"{anchor} "callers": {},"#, callers_section()),
+    )
+}
+
 /// The filter's plugin configuration with these models and pools (the rest as in
-/// `envoy/envoy.yaml`).
-pub fn plugin_config(models: Value, pools: Value, extra: Value) -> String {
+/// `envoy/envoy.yaml`). Pools that say nothing of their callers admit anonymous ones, as the
+/// local envoy.yaml does; [`OPS_KEY`] is a trusted operator.
+pub fn plugin_config(models: Value, mut pools: Value, extra: Value) -> String {
+    for pool in pools.as_array_mut().into_iter().flatten() {
+        if let Some(o) = pool.as_object_mut() {
+            o.entry("callers")
+                .or_insert_with(|| json!(["anonymous", "api_key", "jwt", "ephemeral"]));
+        }
+    }
     let mut v = json!({
+        "callers": callers_section(),
         "relay_cluster": "relay",
         "create_timeout_ms": 10000,
         "hangup_timeout_ms": 3000,
@@ -199,6 +232,17 @@ pub fn created(r: &http::Response) -> String {
 
 pub fn hangup(envoy: &Envoy, call_id: &str) -> http::Response {
     post(envoy, &format!("{CALLS}/{call_id}/hangup"), &[], b"")
+}
+
+/// A hangup by the caller with this `Authorization` (a call created with a key is that key's:
+/// only its owner, or an operator, ends it).
+pub fn hangup_as(envoy: &Envoy, call_id: &str, authorization: &str) -> http::Response {
+    post(
+        envoy,
+        &format!("{CALLS}/{call_id}/hangup"),
+        &[("authorization", authorization)],
+        b"",
+    )
 }
 
 /// Connects the client with the answer and proves events and audio flow both ways.

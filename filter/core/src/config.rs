@@ -3,6 +3,7 @@
 //! Keys are never part of this text: a worker names an environment variable (`key_env`) of
 //! the Wasm VM, and the caller resolves it through a lookup function at load time.
 
+use crate::callers::{default_admission, parse_admission, Admit, Callers, RawCallers};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
@@ -88,6 +89,10 @@ pub struct RawConfig {
     /// besides the gateway's own pages; the same list as the routes' CORS policy.
     #[serde(default)]
     pub browser_origins: Vec<String>,
+    /// Who may call: operator API keys, the JWT principal, ephemeral keys
+    /// (see `crate::callers`).
+    #[serde(default)]
+    pub callers: RawCallers,
     pub models: Vec<RawModel>,
     pub pools: Vec<RawPool>,
 }
@@ -138,6 +143,10 @@ pub struct RawPool {
     pub policy: Policy,
     #[serde(default)]
     pub key_policy: KeyPolicy,
+    /// Which callers the pool lends its worker key to (see `crate::callers::Admit`); default:
+    /// every authenticated caller, no anonymous one.
+    #[serde(default)]
+    pub callers: Option<Vec<String>>,
     pub workers: Vec<RawWorker>,
 }
 
@@ -235,6 +244,8 @@ pub struct Pool {
     pub name: String,
     pub policy: Policy,
     pub key_policy: KeyPolicy,
+    /// The callers it lends its worker key to.
+    pub callers: Vec<Admit>,
     pub workers: Vec<Worker>,
     /// Smooth weighted round-robin order of worker indexes (length = sum of weights).
     pub schedule: Vec<usize>,
@@ -273,6 +284,7 @@ pub struct Config {
     pub continue_headers: bool,
     /// Normalized `browser_origins` ([`crate::origin`]).
     pub browser_origins: Vec<String>,
+    pub callers: Callers,
     pub models: Vec<Model>,
     pub pools: Vec<Pool>,
     /// Canonical names and aliases → index into `models`.
@@ -289,6 +301,14 @@ impl Config {
         let raw: RawConfig =
             serde_json::from_slice(text).map_err(|e| ConfigError(e.to_string()))?;
         raw.validate(env)
+    }
+
+    /// Whether some pool admits anonymous callers (then an anonymous hangup may end the calls
+    /// they made).
+    pub fn admits_anonymous(&self) -> bool {
+        self.pools
+            .iter()
+            .any(|p| p.callers.contains(&Admit::Anonymous))
     }
 
     /// All workers with their pool index.
@@ -477,6 +497,7 @@ impl RawConfig {
         let pods = validate_pods(&self.relay_cluster, self.relay_pods, env)?;
         let replicas = validate_replicas(&self.relay_cluster, self.relay_replicas)?;
         let browser_origins = validate_origins(&self.browser_origins)?;
+        let callers = self.callers.validate(env).map_err(ConfigError)?;
         if !(1..=300_000).contains(&self.create_timeout_ms) {
             return err("create_timeout_ms must be between 1 and 300000");
         }
@@ -616,11 +637,17 @@ impl RawConfig {
                 ));
             }
             let weights: Vec<u32> = workers.iter().map(|w| w.weight).collect();
+            let admission = match &p.callers {
+                None => default_admission(),
+                Some(list) => parse_admission(&format!("pool '{}'", p.name), list, &callers)
+                    .map_err(ConfigError)?,
+            };
             pool_index.insert(p.name.clone(), pi);
             pools.push(Pool {
                 name: p.name,
                 policy: p.policy,
                 key_policy: p.key_policy,
+                callers: admission,
                 schedule: crate::routing::smooth_schedule(&weights),
                 workers,
             });
@@ -689,6 +716,7 @@ impl RawConfig {
             load_refresh_ms: self.load_refresh_ms,
             continue_headers: self.continue_headers,
             browser_origins,
+            callers,
             models,
             pools,
             model_index,
@@ -763,6 +791,9 @@ pub(crate) mod tests {
     pub const SAMPLE: &str = r#"{
         "relay_cluster": "relay",
         "browser_origins": ["https://app.example.test", "http://localhost:5173"],
+        "callers": {"api_keys": [
+            {"name": "ops", "sha256": "426c13d44cd52ef691b00f86796c792580bb33b44d7072f5c4ee7070d233a95f", "operator": true, "trusted": true}
+        ]},
         "default_model": "gpt-realtime",
         "routing_header": "x-realtime-route",
         "models": [
@@ -770,11 +801,11 @@ pub(crate) mod tests {
             {"name": "echo", "pools": ["local"]}
         ],
         "pools": [
-            {"name": "main", "policy": "weighted_round_robin", "workers": [
+            {"name": "main", "policy": "weighted_round_robin", "callers": ["anonymous", "api_key", "jwt", "ephemeral"], "workers": [
                 {"id": "a", "base_url": "https://api.example.com", "weight": 2, "key_env": "KEY_A"},
                 {"id": "b", "base_url": "https://api2.example.com", "weight": 1, "key_env": "KEY_B", "upstream_model": "gpt-realtime-2025"}
             ]},
-            {"name": "canary", "policy": "least_outstanding", "key_policy": "replace", "workers": [
+            {"name": "canary", "policy": "least_outstanding", "key_policy": "replace", "callers": ["anonymous", "api_key"], "workers": [
                 {"id": "c", "base_url": "http://127.0.0.1:9000", "key_env": "KEY_A"}
             ]},
             {"name": "local", "key_policy": "passthrough", "workers": [

@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::content_type::{self, BodyKind};
 use crate::error::FilterError;
-use crate::keys::{self, KeySource};
+use crate::identity::Caller;
+use crate::keys::KeySource;
 use crate::model::{self, ResolvedModel};
 use crate::routing::{self, Choice, SharedStore};
 use crate::{multipart, relay, replica, sdp};
@@ -104,9 +105,12 @@ pub struct Plan {
 #[derive(Debug, Clone, Copy)]
 pub struct CreateRequest<'a> {
     pub offer: &'a Offer,
+    /// Who is calling ([`crate::identity`]).
+    pub caller: &'a Caller,
     /// The client's `Authorization` header, if any.
     pub authorization: Option<&'a str>,
-    /// The routing header's value, if the configuration names one and the request has it.
+    /// The routing header's value, if the configuration names one, the request has it and the
+    /// caller is trusted to steer.
     pub routing_value: Option<&'a str>,
     /// 128 random bits for the call id.
     pub call_random: &'a [u8; 16],
@@ -122,7 +126,31 @@ pub fn plan_create(
     now_ms: u64,
 ) -> Result<Plan, FilterError> {
     let offer = req.offer;
-    let choice = routing::pick(config, offer.model.index, req.routing_value, store, now_ms)?;
+    let admitted = |pool: &crate::config::Pool| req.caller.admitted(config, pool);
+    // A model served only by pools that pass the client's own provider key through needs
+    // that key: a gateway credential is never forwarded.
+    let own_key_only = config.models.get(offer.model.index).is_some_and(|m| {
+        m.pools.iter().all(|pi| {
+            config
+                .pools
+                .get(*pi)
+                .is_some_and(|p| p.key_policy == crate::keys::KeyPolicy::Passthrough)
+        })
+    });
+    let refused = if own_key_only {
+        FilterError::MissingApiKey
+    } else {
+        req.caller.refusal()
+    };
+    let choice = routing::pick(
+        config,
+        offer.model.index,
+        req.routing_value,
+        &admitted,
+        refused,
+        store,
+        now_ms,
+    )?;
     let (Some(pool), Some(worker), Some(model)) = (
         choice.pool(config),
         choice.worker(config),
@@ -131,7 +159,9 @@ pub fn plan_create(
         return Err(FilterError::Internal);
     };
     let (auth, key_source) =
-        match keys::upstream_authorization(pool.key_policy, req.authorization, worker.key.as_ref())
+        match req
+            .caller
+            .upstream_authorization(pool, req.authorization, worker.key.as_ref())
         {
             Ok(v) => v,
             Err(e) => {
@@ -156,6 +186,7 @@ pub fn plan_create(
         base_url: &worker.base_url,
         authorization: &auth,
         worker_id: &worker.id,
+        principal: &req.caller.principal(config),
     });
     Ok(Plan {
         call_id,

@@ -39,6 +39,12 @@ pub enum FilterError {
     InvalidRoutingHeader,
     #[error("no Authorization header and no API key configured for the worker")]
     MissingApiKey,
+    /// A credential was given but is not accepted; the text says why, never the credential.
+    #[error("invalid API key: {0}")]
+    InvalidApiKey(&'static str),
+    /// An authenticated caller that no pool of the model serves.
+    #[error("this caller may not use this model on this gateway")]
+    CallerNotAllowed,
     #[error("unknown call id")]
     CallNotFound,
     /// A path under the calls path that names no endpoint of the gateway (empty or extra
@@ -96,7 +102,8 @@ impl FilterError {
             | InvalidModel(_)
             | InvalidRoutingHeader
             | RelayRejected { .. } => 400,
-            MissingApiKey => 401,
+            MissingApiKey | InvalidApiKey(_) => 401,
+            CallerNotAllowed => 403,
             OriginNotAllowed => 403,
             ModelNotFound(_) | CallNotFound | UnknownCallsPath => 404,
             Capacity { status, .. } => *status,
@@ -125,6 +132,8 @@ impl FilterError {
             ModelNotFound(_) => "model_not_found",
             InvalidRoutingHeader => "invalid_routing_header",
             MissingApiKey => "missing_api_key",
+            InvalidApiKey(_) => "invalid_api_key",
+            CallerNotAllowed => "caller_not_allowed",
             CallNotFound => "call_not_found",
             UnknownCallsPath => "not_found",
             OriginNotAllowed => "origin_not_allowed",
@@ -142,7 +151,7 @@ impl FilterError {
     /// OpenAI error `type`.
     pub fn error_type(&self) -> &'static str {
         match self.status() {
-            401 => "authentication_error",
+            401 => "invalid_request_error",
             429 => "rate_limit_error",
             s if s >= 500 => "server_error",
             _ => "invalid_request_error",

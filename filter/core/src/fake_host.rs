@@ -44,6 +44,8 @@ pub struct FakeHost {
     counters: RefCell<HashMap<String, u64>>,
     pub histograms: RefCell<Vec<(String, u64)>>,
     pub logs: RefCell<Vec<(LogLevel, String)>>,
+    /// Request properties by path (dynamic metadata a JWT filter wrote, say).
+    pub properties: HashMap<Vec<String>, Vec<u8>>,
 }
 
 impl FakeHost {
@@ -169,6 +171,11 @@ impl HttpHost for FakeHost {
             "request header {name} read after the headers went on"
         );
         self.headers.get(name).cloned()
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let key: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        self.properties.get(&key).cloned()
     }
 
     fn request_body(&self, max: usize) -> Option<Vec<u8>> {

@@ -15,6 +15,7 @@ use crate::content_type::BodyKind;
 use crate::create::{check_create_headers, plan_create, validate_create_body, CreateRequest};
 use crate::error::FilterError;
 use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
+use crate::identity::{self, Caller};
 use crate::relay::{self, Verdict};
 use crate::replica::{self, Failover};
 use crate::reply::HttpReply;
@@ -29,8 +30,10 @@ pub struct PendingCreate {
     pub query: Option<String>,
     /// The client's `Authorization` header (a credential: never log it).
     pub authorization: Option<String>,
-    /// The routing header's value, when the configuration names one.
+    /// The routing header's value, when the configuration names one and the caller is
+    /// trusted to steer.
     pub routing_value: Option<String>,
+    pub caller: Caller,
 }
 
 impl std::fmt::Debug for PendingCreate {
@@ -127,6 +130,11 @@ impl Flow {
             Route::Reject(e) => self.fail(host, &e),
             Route::Hangup { call_id } => self.hangup(host, &call_id),
             Route::Create => {
+                // Who calls, before anything else: a bad credential costs no body and no work.
+                let caller = match self.caller(host) {
+                    Ok(c) => c,
+                    Err(e) => return self.fail(host, &e),
+                };
                 let kind = match check_create_headers(
                     &self.config,
                     host.request_header("content-type").as_deref(),
@@ -139,11 +147,8 @@ impl Flow {
                     kind,
                     query: split_path(&path).1.map(str::to_string),
                     authorization: host.request_header("authorization"),
-                    routing_value: self
-                        .config
-                        .routing_header
-                        .as_deref()
-                        .and_then(|h| host.request_header(h)),
+                    routing_value: self.routing_value(host, &caller),
+                    caller,
                 };
                 if end_of_stream {
                     return self.create(host, &pending, Vec::new());
@@ -286,6 +291,46 @@ impl Flow {
         self.reply(host, &reply)
     }
 
+    /// The caller of this request ([`identity::resolve`]).
+    fn caller(&self, host: &dyn HttpHost) -> Result<Caller, FilterError> {
+        let jwt = self
+            .config
+            .callers
+            .jwt
+            .as_ref()
+            .and_then(|j| host.property(&j.property_path()))
+            .and_then(|b| String::from_utf8(b).ok());
+        identity::resolve(
+            &self.config,
+            host.request_header("authorization").as_deref(),
+            jwt.as_deref(),
+            host.now_ms() / 1000,
+        )
+    }
+
+    /// The routing header's value, honoured only from a trusted caller: from anyone else it
+    /// could pin any pool or worker, bypassing weights, canary shares and key policies.
+    fn routing_value(&self, host: &mut dyn HttpHost, caller: &Caller) -> Option<String> {
+        let value = self
+            .config
+            .routing_header
+            .as_deref()
+            .and_then(|h| host.request_header(h))?;
+        if caller.is_trusted(&self.config) {
+            return Some(value);
+        }
+        host.increment(metrics::ROUTING_HEADER_IGNORED);
+        host.log(
+            LogLevel::Debug,
+            &format!(
+                "request_id={} routing header ignored: the caller ({}) is not trusted to steer",
+                self.request_id,
+                caller.kind()
+            ),
+        );
+        None
+    }
+
     fn relay_unavailable(&self) -> FilterError {
         FilterError::RelayUnavailable {
             retry_after_s: self.config.retry_after_s,
@@ -313,6 +358,7 @@ impl Flow {
         let now = host.now_ms();
         let request = CreateRequest {
             offer: &offer,
+            caller: &pending.caller,
             authorization: pending.authorization.as_deref(),
             routing_value: pending.routing_value.as_deref(),
             call_random: &random,
@@ -535,6 +581,15 @@ impl Flow {
             return self.fail(host, &e);
         }
         let config = Rc::clone(&self.config);
+        // Only a call's owner or an operator ends it; the relay answers anyone else as for
+        // an unknown id. Without credentials, only where anonymous callers are admitted.
+        let caller = match self.caller(host) {
+            Ok(c) => c,
+            Err(e) => return self.fail(host, &e),
+        };
+        if caller == Caller::Anonymous && !config.admits_anonymous() {
+            return self.fail(host, &FilterError::MissingApiKey);
+        }
         // The relay that holds the call: the pod its id names (verified), the replica its
         // id names, or the one relay cluster.
         let target = match &config.pods {
@@ -548,7 +603,11 @@ impl Flow {
             Ok(t) => t,
             Err(e) => return self.fail(host, &e),
         };
-        let message = relay::encode_hangup(call_id);
+        let message = relay::encode_hangup(
+            call_id,
+            &caller.principal(&config),
+            caller.is_operator(&config),
+        );
         let dispatched = host.dispatch_grpc(&GrpcCall {
             cluster,
             method: relay::METHOD_HANGUP,

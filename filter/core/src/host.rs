@@ -87,4 +87,7 @@ pub trait HttpHost: Host {
     /// Up to `max` bytes of the buffered request body; `None` if it cannot be read.
     fn request_body(&self, max: usize) -> Option<Vec<u8>>;
     fn send_reply(&mut self, reply: &HttpReply);
+    /// A property of the request (Envoy's attributes: `metadata`, `filter_metadata`, …), as
+    /// the host serializes it (a string's bytes for a string). `None` when absent.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
 }

@@ -10,13 +10,16 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(clippy::indexing_slicing)]
 
+pub mod callers;
 pub mod classify;
 pub mod config;
 pub mod content_type;
 pub mod create;
+pub mod ephemeral;
 pub mod error;
 pub mod flow;
 pub mod host;
+pub mod identity;
 pub mod keys;
 pub mod load_refresh;
 pub mod metrics;

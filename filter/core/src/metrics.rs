@@ -19,6 +19,8 @@ pub const REQ_HANGUP: &str = "realtime_filter.requests.hangup";
 /// request does not enter the Wasm VM at all.
 pub const REQ_PASSED_THROUGH: &str = "realtime_filter.requests.passed_through";
 pub const SETUP_LATENCY: &str = "realtime_filter.setup_latency_ms";
+/// Routing headers from callers not trusted to steer, ignored.
+pub const ROUTING_HEADER_IGNORED: &str = "realtime_filter.requests.routing_header_ignored";
 pub const LOAD_REFRESH: &str = "realtime_filter.load_refresh";
 pub const LOAD_REFRESH_FAILED: &str = "realtime_filter.load_refresh_failed";
 /// Prefix of the per-code error counters (`realtime_filter.errors.<code>`).
@@ -77,6 +79,7 @@ pub fn definitions(config: &Config) -> Vec<(MetricKind, String)> {
         REQ_FAILED,
         REQ_HANGUP,
         REQ_PASSED_THROUGH,
+        ROUTING_HEADER_IGNORED,
         LOAD_REFRESH,
         LOAD_REFRESH_FAILED,
     ]

@@ -53,6 +53,8 @@ pub struct CreateCall<'a> {
     pub base_url: &'a str,
     pub authorization: &'a str,
     pub worker_id: &'a str,
+    /// Who creates, and so owns, the call (empty: nobody; see `crate::identity`).
+    pub principal: &'a str,
 }
 
 pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
@@ -68,6 +70,7 @@ pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
             worker_id: c.worker_id.to_string(),
         }),
         request_id: c.request_id.to_string(),
+        principal: c.principal.to_string(),
     }
     .encode_to_vec()
 }
@@ -80,9 +83,12 @@ pub fn with_call_id(message: &[u8], call_id: &str) -> Option<Vec<u8>> {
     Some(req.encode_to_vec())
 }
 
-pub fn encode_hangup(call_id: &str) -> Vec<u8> {
+/// A hangup by `principal` (an operator may end any call).
+pub fn encode_hangup(call_id: &str, principal: &str, operator: bool) -> Vec<u8> {
     HangupCallRequest {
         call_id: call_id.to_string(),
+        principal: principal.to_string(),
+        operator,
     }
     .encode_to_vec()
 }
@@ -572,6 +578,7 @@ mod tests {
             session_json: "",
             base_url: "http://x",
             authorization: "Bearer k",
+            principal: "p_test",
             worker_id: "w",
         });
         let out =

@@ -164,16 +164,22 @@ fn is_ejected(store: &dyn SharedStore, worker: &Worker, now_ms: u64) -> bool {
 
 /// Picks a worker for `model` (index into `config.models`) and counts one outstanding call
 /// on it. `restrict` is the routing header's value, if the request had one.
+/// Picks a worker of `model`: in the first of its pools that `admitted` serves (or the pool,
+/// or the worker's pool, that `restrict` names), by the pool's policy. `refused` is the answer
+/// when no pool serves the caller.
 pub fn pick(
     config: &Config,
     model: usize,
     restrict: Option<&str>,
+    admitted: &dyn Fn(&crate::config::Pool) -> bool,
+    refused: FilterError,
     store: &dyn SharedStore,
     now_ms: u64,
 ) -> Result<Choice, FilterError> {
     let m = config.models.get(model).ok_or(FilterError::Internal)?;
+    let serves = |pi: &usize| config.pools.get(*pi).is_some_and(admitted);
     let (pool_idx, only_worker) = match restrict.map(str::trim).filter(|s| !s.is_empty()) {
-        None => (*m.pools.first().ok_or(FilterError::Internal)?, None),
+        None => (*m.pools.iter().find(|pi| serves(pi)).ok_or(refused)?, None),
         Some(name) => {
             let mut found = None;
             for &pi in &m.pools {
@@ -189,7 +195,11 @@ pub fn pick(
                     break;
                 }
             }
-            found.ok_or(FilterError::InvalidRoutingHeader)?
+            let found = found.ok_or(FilterError::InvalidRoutingHeader)?;
+            if !serves(&found.0) {
+                return Err(refused);
+            }
+            found
         }
     };
     let pool = config.pools.get(pool_idx).ok_or(FilterError::Internal)?;
@@ -307,6 +317,25 @@ pub fn apply_live_counts(store: &dyn SharedStore, config: &Config, live: &HashMa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pick` for a caller every pool serves.
+    fn pick_any(
+        c: &Config,
+        model: usize,
+        restrict: Option<&str>,
+        s: &dyn SharedStore,
+        now_ms: u64,
+    ) -> Result<Choice, FilterError> {
+        pick(
+            c,
+            model,
+            restrict,
+            &|_| true,
+            FilterError::MissingApiKey,
+            s,
+            now_ms,
+        )
+    }
     use crate::config::tests::sample;
 
     #[test]
@@ -322,7 +351,7 @@ mod tests {
         let s = MemoryStore::default();
         let ids: Vec<String> = (0..6)
             .map(|_| {
-                let ch = pick(&c, 0, None, &s, 0).unwrap();
+                let ch = pick_any(&c, 0, None, &s, 0).unwrap();
                 ch.worker(&c).unwrap().id.clone()
             })
             .collect();
@@ -339,9 +368,9 @@ mod tests {
         store_value(&s, &outstanding_key("a"), 3);
         store_value(&s, &outstanding_key("b"), 1);
         // a: 3/2 = 1.5, b: 1/1 = 1 → b
-        assert_eq!(pick(&c, 0, None, &s, 0).unwrap().worker, 1);
+        assert_eq!(pick_any(&c, 0, None, &s, 0).unwrap().worker, 1);
         // a: 1.5, b: 2 → a
-        assert_eq!(pick(&c, 0, None, &s, 0).unwrap().worker, 0);
+        assert_eq!(pick_any(&c, 0, None, &s, 0).unwrap().worker, 0);
         release(&s, "a");
         release(&s, "a");
         release(&s, "a");
@@ -358,18 +387,18 @@ mod tests {
     fn routing_header_restricts_to_pool_or_worker() {
         let c = sample();
         let s = MemoryStore::default();
-        let ch = pick(&c, 0, Some("canary"), &s, 0).unwrap();
+        let ch = pick_any(&c, 0, Some("canary"), &s, 0).unwrap();
         assert_eq!(ch.worker(&c).unwrap().id, "c");
         for _ in 0..3 {
-            let ch = pick(&c, 0, Some("b"), &s, 0).unwrap();
+            let ch = pick_any(&c, 0, Some("b"), &s, 0).unwrap();
             assert_eq!(ch.worker(&c).unwrap().id, "b");
         }
         assert_eq!(
-            pick(&c, 0, Some("echo1"), &s, 0).unwrap_err(),
+            pick_any(&c, 0, Some("echo1"), &s, 0).unwrap_err(),
             FilterError::InvalidRoutingHeader
         );
         assert_eq!(
-            pick(&c, 0, Some("nope"), &s, 0).unwrap_err(),
+            pick_any(&c, 0, Some("nope"), &s, 0).unwrap_err(),
             FilterError::InvalidRoutingHeader
         );
     }
@@ -384,18 +413,18 @@ mod tests {
         assert!(!record_upstream_failure(&s, &c, "a", 1000));
         assert!(record_upstream_failure(&s, &c, "a", 1000));
         for _ in 0..5 {
-            let ch = pick(&c, 0, None, &s, 2000).unwrap();
+            let ch = pick_any(&c, 0, None, &s, 2000).unwrap();
             assert_eq!(ch.worker(&c).unwrap().id, "b");
         }
         // restricted to the ejected worker: no healthy worker
         assert!(matches!(
-            pick(&c, 0, Some("a"), &s, 2000),
+            pick_any(&c, 0, Some("a"), &s, 2000),
             Err(FilterError::NoHealthyWorker { .. })
         ));
         // after the ejection time it is back
         let later = 1000 + c.eject_ms;
         let got: Vec<usize> = (0..3)
-            .map(|_| pick(&c, 0, None, &s, later).unwrap().worker)
+            .map(|_| pick_any(&c, 0, None, &s, later).unwrap().worker)
             .collect();
         assert!(got.contains(&0));
     }

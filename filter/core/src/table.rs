@@ -45,6 +45,8 @@ fn sdp(body: impl Into<Vec<u8>>) -> Req {
 }
 
 const B: &str = "b0undary";
+/// The sample's trusted operator key: its routing header counts.
+const OPS: &str = "Bearer sk-gw-ops";
 const MP: &str = "multipart/form-data; boundary=b0undary";
 
 fn form(parts: &[(&str, &[u8])]) -> Req {
@@ -267,9 +269,10 @@ fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
         ("no model and no default", Req { no_default_model: true, ..sdp(OFFER) }, 400, "missing_model"),
         ("blank session.model and no default", Req { no_default_model: true, ..session("{\"model\":\"   \"}") }, 400, "missing_model"),
         // ---- routing and keys
-        ("routing header naming nothing", Req { route: Some("nowhere"), ..sdp(OFFER) }, 400, "invalid_routing_header"),
-        ("routing header naming another model's worker", Req { route: Some("echo1"), ..sdp(OFFER) }, 400, "invalid_routing_header"),
+        ("routing header naming nothing", Req { route: Some("nowhere"), authorization: Some(OPS), ..sdp(OFFER) }, 400, "invalid_routing_header"),
+        ("routing header naming another model's worker", Req { route: Some("echo1"), authorization: Some(OPS), ..sdp(OFFER) }, 400, "invalid_routing_header"),
         ("passthrough pool without Authorization", Req { path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
+        ("operator key on a passthrough pool (never forwarded)", Req { authorization: Some(OPS), path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
         ("passthrough pool with blank Authorization", Req { authorization: Some("  "), path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
         // ---- browser pages the gateway does not trust (a simple POST needs no preflight)
         ("multipart create from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..form(&[("sdp", OFFER.as_bytes())]) }, 403, "origin_not_allowed"),
@@ -347,6 +350,14 @@ fn well_formed_requests_are_planned() {
             "routing header to a canary pool",
             Req {
                 route: Some("canary"),
+                authorization: Some(OPS),
+                ..sdp(OFFER)
+            },
+        ),
+        (
+            "routing header from an untrusted caller: ignored",
+            Req {
+                route: Some("nowhere"),
                 ..sdp(OFFER)
             },
         ),
@@ -382,8 +393,10 @@ fn the_create_message_carries_model_key_and_session() {
     let kind = check_create_headers(&cfg, req.content_type.as_deref(), None).unwrap();
     let offer = validate_create_body(&cfg, &kind, None, &req.body).unwrap();
     // Route to worker b (upstream_model override) with the replace-free inject policy.
+    let anonymous = crate::identity::Caller::Anonymous;
     let req9 = CreateRequest {
         offer: &offer,
+        caller: &anonymous,
         authorization: None,
         routing_value: Some("b"),
         call_random: &[1; 16],
@@ -401,7 +414,9 @@ fn the_create_message_carries_model_key_and_session() {
     assert_eq!(up.worker_id, "b");
     assert_eq!(up.base_url, "https://api2.example.com");
     // The replace policy drops the client's key.
+    let own_key = crate::identity::resolve(&cfg, Some("Bearer sk-client"), None, 0).unwrap();
     let client = CreateRequest {
+        caller: &own_key,
         authorization: Some("Bearer sk-client"),
         routing_value: Some("canary"),
         call_random: &[2; 16],

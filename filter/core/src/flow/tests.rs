@@ -44,7 +44,14 @@ fn create_host(route: Option<&str>) -> FakeHost {
         (":method", "POST"),
         (":path", path),
         ("content-type", "application/sdp"),
-        ("authorization", "Bearer sk-client-secret"),
+        (
+            "authorization",
+            if route.is_some() {
+                "Bearer sk-gw-ops"
+            } else {
+                "Bearer sk-client-secret"
+            },
+        ),
         ("x-request-id", "req-1"),
     ];
     if let Some(r) = route {
@@ -535,7 +542,7 @@ fn keys_never_reach_logs_or_replies() {
         let logs = host.log_text();
         let reply = String::from_utf8_lossy(&host.last_reply().body).into_owned();
         let headers = format!("{:?}", host.last_reply().headers);
-        for secret in ["sk-aaa", "sk-client-secret"] {
+        for secret in ["sk-aaa", "sk-client-secret", "sk-gw-ops"] {
             assert!(!logs.contains(secret), "{secret} in logs: {logs}");
             assert!(!reply.contains(secret), "{secret} in reply");
             assert!(!headers.contains(secret), "{secret} in reply headers");
@@ -642,4 +649,115 @@ fn with_continue_headers_a_create_lets_headers_go_and_holds_its_body() {
         Action::Pause
     );
     assert_eq!(host.last_dispatch().method, "HangupCall");
+}
+
+/// Who calls decides the pool and the key: a JWT principal from the request's dynamic
+/// metadata gets the worker key from a pool that admits JWT callers; an anonymous caller gets
+/// 401 there, with nothing dispatched; a routing header counts only from a trusted caller.
+#[test]
+fn the_caller_is_resolved_before_routing_and_decides_the_key() {
+    let config = Rc::new(crate::identity::tests_support::config());
+    let jwt_path: Vec<String> = config
+        .callers
+        .jwt
+        .as_ref()
+        .unwrap()
+        .property_path()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let request = |auth: Option<&str>, route: Option<&str>, jwt: Option<&str>| {
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", "/v1/realtime/calls"),
+            ("content-type", "application/sdp"),
+        ];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        if let Some(r) = route {
+            headers.push(("x-realtime-route", r));
+        }
+        let mut host = FakeHost::request(&headers, OFFER.as_bytes());
+        if let Some(sub) = jwt {
+            host.properties
+                .insert(jwt_path.clone(), sub.as_bytes().to_vec());
+        }
+        host
+    };
+    let run = |host: &mut FakeHost| {
+        let mut flow = Flow::new(Rc::clone(&config));
+        if flow.on_headers(host, false) == Action::Pause && host.replies.is_empty() {
+            let size = host.body.len();
+            flow.on_body(host, size, true);
+        }
+    };
+    // A JWT principal: main admits it (default callers), worker key injected.
+    let mut host = request(None, None, Some("alice@example.test"));
+    run(&mut host);
+    let m = CreateCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap();
+    let up = m.upstream.unwrap();
+    assert_eq!(
+        (
+            up.worker_id.as_str(),
+            up.authorization.starts_with("Bearer sk-")
+        ),
+        ("a", true)
+    );
+    // Anonymous: main's default callers do not admit it; 401 before the body, nothing sent.
+    let mut host = request(None, None, None);
+    run(&mut host);
+    assert!(host.dispatched.is_empty());
+    assert_eq!(host.last_reply().status, 401);
+    // The untrusted app key's routing header is ignored (and counted); the operator's counts.
+    let mut host = request(Some("Bearer sk-gw-app"), Some("canary"), None);
+    run(&mut host);
+    let m = CreateCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap();
+    assert_ne!(m.upstream.unwrap().worker_id, "c");
+    assert_eq!(host.counter(metrics::ROUTING_HEADER_IGNORED), 1);
+    let mut host = request(Some("Bearer sk-gw-backend"), Some("canary"), None);
+    run(&mut host);
+    let m = CreateCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap();
+    assert_eq!(m.upstream.unwrap().worker_id, "c");
+    assert_eq!(host.count(metrics::ROUTING_HEADER_IGNORED), 0);
+}
+
+/// A hangup says who asks: the caller's principal, and whether it is an operator; the relay
+/// ends only the owner's calls (or any, for an operator). Without credentials it is refused
+/// where no pool admits anonymous callers, with nothing sent to the relay.
+#[test]
+fn a_hangup_carries_the_callers_principal_and_needs_credentials() {
+    use realtime_relay_proto::v1::HangupCallRequest;
+    let config = Rc::new(crate::identity::tests_support::config());
+    let path = "/v1/realtime/calls/rtc_0123456789abcdef0123456789abcdef/hangup";
+    let hangup = |auth: Option<&str>| {
+        let mut headers = vec![(":method", "POST"), (":path", path)];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let mut host = FakeHost::request(&headers, b"");
+        Flow::new(Rc::clone(&config)).on_headers(&mut host, true);
+        host
+    };
+    let sent = |host: &FakeHost| {
+        HangupCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap()
+    };
+    let app = sent(&hangup(Some("Bearer sk-gw-app")));
+    let backend = sent(&hangup(Some("Bearer sk-gw-backend")));
+    assert!(app.principal.starts_with("p_") && !app.operator);
+    assert!(backend.operator);
+    assert_ne!(app.principal, backend.principal);
+    for m in [&app, &backend] {
+        assert!(!m.principal.contains("sk-gw"));
+    }
+    // No credentials, and this configuration admits no anonymous caller.
+    let host = hangup(None);
+    assert!(host.dispatched.is_empty());
+    assert_eq!(host.last_reply().status, 401);
+    // The sample admits anonymous callers: their hangups go out with no principal.
+    let sample = Rc::new(sample());
+    let mut host = FakeHost::request(&[(":method", "POST"), (":path", path)], b"");
+    Flow::new(Rc::clone(&sample)).on_headers(&mut host, true);
+    let m = sent(&host);
+    assert_eq!((m.principal.as_str(), m.operator), ("", false));
 }
