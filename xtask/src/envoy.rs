@@ -18,6 +18,13 @@ use crate::paths::Paths;
 /// Default model of the local demo (`?model=` default on the demo page too).
 pub const DEFAULT_MODEL: &str = "gpt-realtime";
 
+/// `${CATCH_ALL_MODEL}` with a real provider (`up --upstream`): a catch-all entry on the
+/// pool of the configs' one worker, so every model goes to the provider and the provider
+/// answers for names it does not know (its own `model_not_found`, passed on verbatim). It
+/// follows the last entry of `models` in the shipped configs, hence the leading comma; the
+/// local echo model gets none (other models get the filter's 404 `model_not_found`).
+pub const PROVIDER_CATCH_ALL: &str = r#", { "name": "*", "pools": ["main"] }"#;
+
 /// Placeholder values, by name.
 #[derive(Clone, Debug, Default)]
 pub struct Vars(pub BTreeMap<String, String>);
@@ -53,10 +60,17 @@ impl Vars {
             .set("PROVIDER_URL", "http://127.0.0.1:8089")
             .set("WORKER_URL", "http://127.0.0.1:8089")
             .set("DEFAULT_MODEL", DEFAULT_MODEL)
+            .set("CATCH_ALL_MODEL", "")
             .set("FILTER_WASM", abs(paths.filter_wasm()))
             .set("WEB_DIR", abs(paths.web_dir()))
             .set("DEMO_PAGE", abs(paths.demo_page()));
         v
+    }
+
+    /// Routes every model to the configs' worker ([`PROVIDER_CATCH_ALL`]), as
+    /// `up --upstream` does.
+    pub fn route_every_model(&mut self) -> &mut Self {
+        self.set("CATCH_ALL_MODEL", PROVIDER_CATCH_ALL)
     }
 
     /// Sets PROVIDER_* and WORKER_URL from one base URL such as `https://api.openai.com`.

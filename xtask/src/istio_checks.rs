@@ -234,7 +234,8 @@ pub fn istio_cors(p: &Yaml) -> Cors {
     }
 }
 
-/// Replaces `${NAME}` placeholders so the template parses as YAML.
+/// Replaces `${NAME}` placeholders so the template parses as YAML (and its plugin config as
+/// JSON): `0`, or nothing for `${CATCH_ALL_MODEL}`, a JSON fragment that is empty locally.
 fn without_placeholders(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -242,7 +243,9 @@ fn without_placeholders(text: &str) -> String {
         out.push_str(&rest[..i]);
         match rest[i..].find('}') {
             Some(j) => {
-                out.push('0');
+                if &rest[i..=i + j] != "${CATCH_ALL_MODEL}" {
+                    out.push('0');
+                }
                 rest = &rest[i + j + 1..];
             }
             None => {

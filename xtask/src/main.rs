@@ -82,7 +82,9 @@ enum Cmd {
 #[derive(Args)]
 struct UpArgs {
     /// Route calls to this provider instead of the local echo model, for example
-    /// https://api.openai.com (needs OPENAI_API_KEY in the environment).
+    /// https://api.openai.com (needs OPENAI_API_KEY in the environment). Every model goes
+    /// to it (a catch-all model entry), so the provider answers for the names it does not
+    /// know.
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
     /// Envoy listener port (demo page and /v1/realtime/calls).
@@ -229,17 +231,23 @@ fn up(paths: &Paths, args: UpArgs) -> Result<()> {
     let mut stack = Stack::start(paths, cfg)?;
     step.done();
     let u = stack.urls.clone();
+    let template = std::fs::read_to_string(&stack.config.envoy_config).unwrap_or_default();
     let upstream = match &stack.config.upstream {
         Upstream::Echo => format!(
             "LOCAL ECHO MODEL at {} (no provider key needed)",
             u.upstream
         ),
-        Upstream::Provider { base_url } => format!("provider {base_url} (key from OPENAI_API_KEY)"),
+        Upstream::Provider { base_url } if template.contains("${CATCH_ALL_MODEL}") => format!(
+            "provider {base_url} (key from OPENAI_API_KEY), every model (it answers for names it does not know)"
+        ),
+        Upstream::Provider { base_url } => format!(
+            "provider {base_url} (key from OPENAI_API_KEY), only the models {} lists (it has no ${{CATCH_ALL_MODEL}})",
+            stack.config.envoy_config.display()
+        ),
     };
     eprintln!();
     eprintln!("  Realtime gateway is up.");
-    let serves_page = std::fs::read_to_string(&stack.config.envoy_config)
-        .is_ok_and(|t| t.contains("${DEMO_PAGE}"));
+    let serves_page = template.contains("${DEMO_PAGE}");
     if serves_page {
         eprintln!("  Demo page:          {}", u.demo_page);
     } else {

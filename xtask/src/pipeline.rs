@@ -182,6 +182,11 @@ fn cargo_test(counts: &mut TestCounts) -> Result<String> {
 
 fn validate_envoy_configs(paths: &Paths) -> Result<String> {
     let vars = Vars::local(paths);
+    // What `cargo xtask up --upstream URL` renders: every model routed to the provider.
+    let mut upstream_vars = Vars::local(paths);
+    upstream_vars
+        .set_provider("https://api.openai.com")?
+        .route_every_model();
     let found = envoy::discover(&paths.envoy_dir(), &vars)?;
     let mut ok = 0;
     let mut problems = Vec::new();
@@ -200,6 +205,16 @@ fn validate_envoy_configs(paths: &Paths) -> Result<String> {
                 ok += 1;
             }
             Err(e) => problems.push(format!("{}: {e:#}", rel.display())),
+        }
+        let text = std::fs::read_to_string(&f.path).unwrap_or_default();
+        if text.contains("${CATCH_ALL_MODEL}") {
+            match envoy::validate(paths, &f.path, &upstream_vars) {
+                Ok(verdict) => line(format!(
+                    "    {} as `up --upstream`: {verdict}",
+                    rel.display()
+                )),
+                Err(e) => problems.push(format!("{} as `up --upstream`: {e:#}", rel.display())),
+            }
         }
     }
     if !problems.is_empty() {

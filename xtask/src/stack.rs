@@ -124,6 +124,10 @@ impl StackConfig {
             .set("RELAY_METRICS_PORT", self.relay_metrics_port.to_string())
             .set("RELAY_MEDIA_PORT", self.relay_media_port.to_string());
         v.set_provider(&self.upstream_url())?;
+        if let Upstream::Provider { .. } = self.upstream {
+            // The provider knows its models better than a list here would.
+            v.route_every_model();
+        }
         Ok(v)
     }
 
@@ -350,6 +354,82 @@ mod tests {
             vars.get("WORKER_URL"),
             Some(format!("http://127.0.0.1:{}", eph.echo_port).as_str())
         );
+    }
+
+    /// The filter configuration a shipped Envoy config gets from `envoy_vars` (the JSON in
+    /// the `google.protobuf.StringValue` of the Wasm filter), parsed by the filter's code.
+    fn plugin_config_of(template: &std::path::Path, vars: &Vars) -> realtime_filter_core::Config {
+        fn find(y: &yaml_rust2::Yaml) -> Option<String> {
+            use yaml_rust2::Yaml;
+            match y {
+                Yaml::Hash(h) => {
+                    let key = |k: &str| h.get(&Yaml::String(k.into()));
+                    if key("@type").and_then(Yaml::as_str)
+                        == Some("type.googleapis.com/google.protobuf.StringValue")
+                    {
+                        if let Some(v) = key("value").and_then(Yaml::as_str) {
+                            return Some(v.to_string());
+                        }
+                    }
+                    h.values().find_map(find)
+                }
+                Yaml::Array(a) => a.iter().find_map(find),
+                _ => None,
+            }
+        }
+        let text = envoy::render(&std::fs::read_to_string(template).unwrap(), vars).unwrap();
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+        let json = docs.iter().find_map(find).expect("a plugin config");
+        let env = |_: &str| Some(LOCAL_REPLICA_KEY.to_string());
+        realtime_filter_core::Config::from_json(json.as_bytes(), &env)
+            .unwrap_or_else(|e| panic!("{}: {e}", template.display()))
+    }
+
+    /// `up --upstream URL` sends every model to the provider (a catch-all on the worker's
+    /// pool), so the provider answers for names it does not know; the local echo stack
+    /// keeps its one model and refuses others itself. Every shipped config that `up` can run
+    /// (`--envoy-config`) behaves the same.
+    #[test]
+    fn up_with_an_upstream_routes_every_model_to_it_and_the_echo_stack_does_not() {
+        use realtime_filter_core::model::{self, Match};
+        let paths = Paths::discover();
+        let mut provider = StackConfig::local(&paths);
+        provider.upstream = Upstream::Provider {
+            base_url: "https://api.openai.com".into(),
+        };
+        let echo = StackConfig::local(&paths);
+        for name in [
+            "envoy.yaml",
+            "envoy-two-relays.yaml",
+            "envoy-relay-pods.yaml",
+        ] {
+            let template = paths.envoy_dir().join(name);
+            let c = plugin_config_of(&template, &provider.envoy_vars(&paths).unwrap());
+            for asked in ["gpt-realtime-2099-01-01", "whisper-1", "gpt-5-ultra"] {
+                let r = model::resolve(&c, Some(asked), None)
+                    .unwrap_or_else(|e| panic!("{name} with --upstream: {asked}: {e:?}"));
+                assert_eq!(r.matched, Match::CatchAll, "{name}: {asked}");
+                let entry = &c.models[r.index];
+                assert_eq!(r.upstream_default(entry), asked, "{name}");
+                let pool = &c.pools[entry.pools[0]];
+                assert_eq!(pool.workers[0].base_url, "https://api.openai.com", "{name}");
+            }
+            let r = model::resolve(&c, Some("gpt-4o-realtime-preview"), None).unwrap();
+            assert_eq!(r.matched, Match::Exact, "{name}: the alias stays");
+
+            let c = plugin_config_of(&template, &echo.envoy_vars(&paths).unwrap());
+            assert!(
+                model::resolve(&c, Some("gpt-realtime"), None).is_ok(),
+                "{name}"
+            );
+            assert_eq!(
+                model::resolve(&c, Some("gpt-5-ultra"), None),
+                Err(realtime_filter_core::FilterError::ModelNotFound(
+                    "gpt-5-ultra".into()
+                )),
+                "{name}: the echo stack serves its one model only"
+            );
+        }
     }
 
     /// Python stand-in for the relay and the echo model: listens on the addresses given by

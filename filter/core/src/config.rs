@@ -12,6 +12,7 @@ use serde::Deserialize;
 use realtime_relay_proto::replica_token::ReplicaKey;
 
 use crate::keys::{KeyPolicy, Secret};
+use crate::model::Pattern;
 use crate::pods::Pods;
 use crate::routing::Policy;
 
@@ -289,6 +290,11 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// Canonical names and aliases → index into `models`.
     pub model_index: HashMap<String, usize>,
+    /// Prefix entries (`"gpt-realtime*"` as `"gpt-realtime"`) → index into `models`, longest
+    /// prefix first.
+    pub model_prefixes: Vec<(String, usize)>,
+    /// The catch-all entry (`"*"`), if there is one: index into `models`.
+    pub model_catch_all: Option<usize>,
 }
 
 impl Config {
@@ -655,6 +661,8 @@ impl RawConfig {
 
         let mut models = Vec::new();
         let mut model_index: HashMap<String, usize> = HashMap::new();
+        let mut model_prefixes: Vec<(String, usize)> = Vec::new();
+        let mut model_catch_all: Option<usize> = None;
         for (mi, m) in self.models.into_iter().enumerate() {
             if !valid_model_name(&m.name) {
                 return err(format!(
@@ -662,6 +670,8 @@ impl RawConfig {
                     m.name.escape_debug()
                 ));
             }
+            let pattern = crate::model::pattern(&m.name)
+                .map_err(|why| ConfigError(format!("models[{mi}].name '{}' {why}", m.name)))?;
             if m.pools.is_empty() {
                 return err(format!("model '{}' has no pools", m.name));
             }
@@ -672,12 +682,45 @@ impl RawConfig {
                     None => return err(format!("model '{}' names unknown pool '{pn}'", m.name)),
                 }
             }
-            for n in std::iter::once(&m.name).chain(m.aliases.iter()) {
+            match pattern {
+                Pattern::Exact => {}
+                Pattern::Prefix(_) | Pattern::CatchAll if !m.aliases.is_empty() => {
+                    return err(format!(
+                        "models[{mi}].aliases: '{}' is a pattern and takes no aliases (list exact names as entries of their own)",
+                        m.name
+                    ));
+                }
+                Pattern::Prefix(prefix) => {
+                    if model_prefixes.iter().any(|(p, _)| p == prefix) {
+                        return err(format!(
+                            "models[{mi}].name '{}': this prefix is defined twice",
+                            m.name
+                        ));
+                    }
+                    model_prefixes.push((prefix.to_string(), mi));
+                }
+                Pattern::CatchAll => {
+                    if model_catch_all.replace(mi).is_some() {
+                        return err(format!(
+                            "models[{mi}].name '*': only one catch-all entry is allowed"
+                        ));
+                    }
+                }
+            }
+            if pattern == Pattern::Exact && model_index.insert(m.name.clone(), mi).is_some() {
+                return err(format!("model name or alias '{}' is defined twice", m.name));
+            }
+            for (ai, n) in m.aliases.iter().enumerate() {
                 if !valid_model_name(n) {
                     return err(format!(
                         "model '{}' alias '{}' is not a valid model name",
                         m.name,
                         n.escape_debug()
+                    ));
+                }
+                if n.contains('*') {
+                    return err(format!(
+                        "models[{mi}].aliases[{ai}] '{n}': an alias is an exact name, without '*' (a prefix or catch-all is an entry of its own)"
                     ));
                 }
                 if model_index.insert(n.clone(), mi).is_some() {
@@ -689,10 +732,12 @@ impl RawConfig {
                 pools: idx,
             });
         }
+        // Longest first, so the first prefix that matches a name is the longest.
+        model_prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         if let Some(d) = &self.default_model {
             if !model_index.contains_key(d) {
                 return err(format!(
-                    "default_model '{d}' is not a configured model or alias"
+                    "default_model '{d}' is not a configured model or alias (it must name one exactly: prefix and catch-all entries do not count)"
                 ));
             }
         }
@@ -720,6 +765,8 @@ impl RawConfig {
             models,
             pools,
             model_index,
+            model_prefixes,
+            model_catch_all,
         })
     }
 }
@@ -943,6 +990,100 @@ pub(crate) mod tests {
             assert!(!e.to_string().contains("sk-"), "key leaked in '{e}'");
         }
         assert!(Config::from_json(b"not json", &env).is_err());
+    }
+
+    #[test]
+    fn model_patterns_are_checked_at_load_and_refusals_name_the_field() {
+        let entry = |name: &str| serde_json::json!({"name": name, "pools": ["local"]});
+        let push = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            with(move |v| {
+                for n in &names {
+                    v["models"].as_array_mut().unwrap().push(entry(n));
+                }
+            })
+        };
+        // Accepted, and the exact entries of SAMPLE keep their meaning.
+        let ok = push(&["gpt-realtime-mini*", "gpt-*", "*"]).unwrap();
+        assert_eq!(ok.model_index["gpt-4o-realtime-preview"], 0);
+        assert!(
+            !ok.model_index.contains_key("*"),
+            "a pattern is no exact name"
+        );
+        assert!(!ok.model_index.contains_key("gpt-*"));
+        assert_eq!(
+            ok.model_prefixes,
+            vec![
+                ("gpt-realtime-mini".to_string(), 2),
+                ("gpt-".to_string(), 3)
+            ],
+            "longest prefix first"
+        );
+        assert_eq!(ok.model_catch_all, Some(4));
+        // A pattern beside the exact name it covers is fine: the exact name wins.
+        assert!(push(&["gpt-realtime*"]).is_ok());
+
+        // (names pushed after SAMPLE's two models, what the error must say)
+        let rows: &[(&[&str], &[&str])] = &[
+            (
+                &["gpt-*-mini"],
+                &["models[2].name 'gpt-*-mini'", "last character"],
+            ),
+            (&["*gpt"], &["models[2].name '*gpt'", "last character"]),
+            (&["gpt**"], &["models[2].name 'gpt**'", "one '*'"]),
+            (&["**"], &["models[2].name '**'", "one '*'"]),
+            (&["a*b*"], &["models[2].name 'a*b*'", "one '*'"]),
+            (
+                &["gpt-*", "gpt-*"],
+                &["models[3].name 'gpt-*'", "defined twice"],
+            ),
+            (&["*", "*"], &["models[3].name '*'", "one catch-all"]),
+            (&[" *"], &["models[2].name"]),
+            (&["* "], &["models[2].name"]),
+        ];
+        for (names, want) in rows {
+            let e = push(names).unwrap_err().to_string();
+            for w in *want {
+                assert!(e.contains(w), "{names:?}: expected {w:?} in {e:?}");
+            }
+        }
+
+        // Aliases are exact names; a pattern entry has none.
+        let e = with(|v| v["models"][0]["aliases"] = serde_json::json!(["gpt-x", "gpt-4o*"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("models[0].aliases[1] 'gpt-4o*'"), "{e}");
+        let e = with(|v| {
+            v["models"].as_array_mut().unwrap().push(
+                serde_json::json!({"name": "gpt-realtime-mini*", "aliases": ["mini"], "pools": ["local"]}),
+            )
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("models[2].aliases"), "{e}");
+
+        // default_model names a model exactly: a name only a pattern matches is refused.
+        for d in [
+            "gpt-realtime-mini-2025",
+            "gpt-realtime-mini*",
+            "*",
+            "anything",
+        ] {
+            let e = with(|v| {
+                v["models"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(entry("gpt-realtime-mini*"));
+                v["models"].as_array_mut().unwrap().push(entry("*"));
+                v["default_model"] = d.into();
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("default_model '{d}'")) && e.contains("exactly"),
+                "{d}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -175,7 +175,10 @@ pub fn plan_create(
         None => (config.relay_cluster.clone(), None),
     };
     let call_id = realtime_relay_proto::call_id::new(req.call_random, replica_id);
-    let upstream_model = worker.upstream_model.as_deref().unwrap_or(&model.name);
+    let upstream_model = worker
+        .upstream_model
+        .as_deref()
+        .unwrap_or(offer.model.upstream_default(model));
     let message = relay::encode_create(&relay::CreateCall {
         call_id: &call_id,
         request_id: req.request_id,

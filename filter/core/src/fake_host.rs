@@ -86,6 +86,13 @@ impl FakeHost {
         self.dispatched.last().expect("nothing was dispatched")
     }
 
+    /// The name of every counter incremented and histogram recorded.
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.counters.borrow().keys().cloned().collect();
+        names.extend(self.histograms.borrow().iter().map(|(n, _)| n.clone()));
+        names
+    }
+
     /// A counter in the shared store (outstanding calls, failures...), 0 when absent.
     pub fn stored(&self, key: &str) -> u64 {
         crate::routing::load(&self.store, key)

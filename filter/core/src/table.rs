@@ -24,6 +24,8 @@ struct Req {
     origin: Option<&'static str>,
     body: Vec<u8>,
     no_default_model: bool,
+    /// Model entries appended to the sample's (prefixes, a catch-all).
+    models: Vec<serde_json::Value>,
 }
 
 fn post(ct: &str, body: impl Into<Vec<u8>>) -> Req {
@@ -37,6 +39,34 @@ fn post(ct: &str, body: impl Into<Vec<u8>>) -> Req {
         origin: None,
         body: body.into(),
         no_default_model: false,
+        models: Vec::new(),
+    }
+}
+
+/// The prefix entry the model-route rows add: `gpt-realtime-mini*` on pool `main`.
+fn prefix() -> serde_json::Value {
+    serde_json::json!({"name": "gpt-realtime-mini*", "pools": ["main"]})
+}
+
+/// The catch-all entry: `*` on pool `local` (passthrough: the client brings its key).
+fn catch_all() -> serde_json::Value {
+    serde_json::json!({"name": "*", "pools": ["local"]})
+}
+
+/// `r` against the sample plus a prefix entry (and a catch-all when `every_model`).
+fn routed(every_model: bool, r: Req) -> Req {
+    let mut models = vec![prefix()];
+    if every_model {
+        models.push(catch_all());
+    }
+    Req { models, ..r }
+}
+
+/// A raw-SDP create asking for `model` in the query.
+fn asking(model: &str) -> Req {
+    Req {
+        path: format!("/v1/realtime/calls?model={model}"),
+        ..sdp(OFFER)
     }
 }
 
@@ -86,17 +116,24 @@ struct Refusal {
 /// dispatches, or the reply it sends. A refusal must never dispatch anything nor leave a
 /// worker counted.
 fn run(r: &Req) -> Result<CreateCallRequest, Refusal> {
-    let cfg = if r.no_default_model {
-        Config::from_json(
-            SAMPLE
-                .replace("\"default_model\": \"gpt-realtime\",", "")
-                .as_bytes(),
-            &env,
-        )
-        .unwrap()
+    run_on(r).0
+}
+
+/// The configuration a row runs against.
+fn config_of(r: &Req) -> Config {
+    let text = if r.no_default_model {
+        SAMPLE.replace("\"default_model\": \"gpt-realtime\",", "")
     } else {
-        sample()
+        SAMPLE.to_string()
     };
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["models"].as_array_mut().unwrap().extend(r.models.clone());
+    Config::from_json(v.to_string().as_bytes(), &env).unwrap()
+}
+
+/// [`run`], and the host it ran on.
+fn run_on(r: &Req) -> (Result<CreateCallRequest, Refusal>, FakeHost) {
+    let cfg = config_of(r);
     let mut headers = vec![
         (":method", r.method),
         (":path", r.path.as_str()),
@@ -114,11 +151,15 @@ fn run(r: &Req) -> Result<CreateCallRequest, Refusal> {
         }
     }
     let mut host = FakeHost::request(&headers, &r.body);
-    let mut flow = Flow::new(Rc::new(cfg));
-    let cfg = sample();
+    let mut flow = Flow::new(Rc::new(cfg.clone()));
     if flow.on_headers(&mut host, r.body.is_empty()) == Action::Pause && host.replies.is_empty() {
         flow.on_body(&mut host, r.body.len(), true);
     }
+    (verdict(&cfg, &host), host)
+}
+
+/// What the request got on `host`: the `CreateCall` dispatched or the reply sent.
+fn verdict(cfg: &Config, host: &FakeHost) -> Result<CreateCallRequest, Refusal> {
     if let Some(d) = host.dispatched.first() {
         assert!(host.replies.is_empty());
         if d.method != "CreateCall" {
@@ -268,6 +309,20 @@ fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
         ("model of 200 chars", session(&format!("{{\"model\":\"{}\"}}", "m".repeat(200))), 400, "invalid_model"),
         ("no model and no default", Req { no_default_model: true, ..sdp(OFFER) }, 400, "missing_model"),
         ("blank session.model and no default", Req { no_default_model: true, ..session("{\"model\":\"   \"}") }, 400, "missing_model"),
+        // ---- model routes: a prefix matches from the start, exactly, and no catch-all means 404
+        ("a name sharing only part of a prefix", routed(false, asking("gpt-realtime-min")), 404, "model_not_found"),
+        ("a prefix in another case", routed(false, asking("GPT-REALTIME-MINI-1")), 404, "model_not_found"),
+        ("the prefix inside the name", routed(false, asking("x-gpt-realtime-mini-1")), 404, "model_not_found"),
+        ("a literal * without a catch-all", routed(false, asking("*")), 404, "model_not_found"),
+        ("a literal %2A without a catch-all", routed(false, asking("%2A")), 404, "model_not_found"),
+        ("a session.model only a catch-all would take", routed(false, session("{\"model\":\"whisper-1\"}")), 404, "model_not_found"),
+        ("under a prefix, a control character", routed(true, asking("gpt-realtime-mini%07")), 400, "invalid_model"),
+        ("under a catch-all, a newline", routed(true, asking("whisper%0A1")), 400, "invalid_model"),
+        ("under a catch-all, a name of 200 chars", routed(true, session(&format!("{{\"model\":\"{}\"}}", "m".repeat(200)))), 400, "invalid_model"),
+        ("under a catch-all, ?model twice", routed(true, asking("a&model=b")), 400, "invalid_model"),
+        ("under a catch-all, no model and no default", Req { no_default_model: true, ..routed(true, sdp(OFFER)) }, 400, "missing_model"),
+        ("under a catch-all, a session.model number", routed(true, session("{\"model\":7}")), 400, "invalid_session_json"),
+        ("under a catch-all, a route to a pool it does not use", Req { route: Some("canary"), authorization: Some("Bearer sk-client"), ..routed(true, asking("whisper-1")) }, 400, "invalid_routing_header"),
         // ---- routing and keys
         ("routing header naming nothing", Req { route: Some("nowhere"), authorization: Some(OPS), ..sdp(OFFER) }, 400, "invalid_routing_header"),
         ("routing header naming another model's worker", Req { route: Some("echo1"), authorization: Some(OPS), ..sdp(OFFER) }, 400, "invalid_routing_header"),
@@ -375,6 +430,17 @@ fn well_formed_requests_are_planned() {
                 ..sdp(OFFER)
             },
         ),
+        (
+            "a model under a prefix",
+            routed(false, asking("gpt-realtime-mini-2099-01-01")),
+        ),
+        (
+            "an unlisted model under a catch-all",
+            Req {
+                authorization: Some("Bearer sk-client"),
+                ..routed(true, asking("whisper-1"))
+            },
+        ),
     ];
     for (name, req) in ok {
         let sent = run(&req).unwrap_or_else(|e| panic!("{name}: {} {}", e.status, e.json));
@@ -426,4 +492,108 @@ fn the_create_message_carries_model_key_and_session() {
     let plan = plan_create(&cfg, &client, &store, 0).unwrap();
     let m = CreateCallRequest::decode(plan.message.as_slice()).unwrap();
     assert_eq!(m.upstream.unwrap().authorization, "Bearer sk-aaa");
+}
+
+/// Which model goes upstream: the entry's name for an exact name or alias, the name asked
+/// for through a prefix or the catch-all, and the worker's `upstream_model` over either.
+#[test]
+fn the_upstream_model_is_the_entrys_name_or_the_name_asked_for_unless_the_worker_sets_one() {
+    // (request, routing header, worker, model sent as `model`, model sent as `upstream_model`)
+    let with_session = |m: &str| session(&format!("{{\"model\":\"{m}\"}}"));
+    #[rustfmt::skip]
+    let rows: Vec<(Req, Option<&str>, &str, &str, &str)> = vec![
+        (asking("gpt-realtime"), Some("a"), "a", "gpt-realtime", "gpt-realtime"),
+        (asking("gpt-4o-realtime-preview"), Some("a"), "a", "gpt-4o-realtime-preview", "gpt-realtime"),
+        (asking("gpt-4o-realtime-preview"), Some("b"), "b", "gpt-4o-realtime-preview", "gpt-realtime-2025"),
+        (asking("gpt-realtime-mini-2099-01-01"), Some("a"), "a", "gpt-realtime-mini-2099-01-01", "gpt-realtime-mini-2099-01-01"),
+        (asking("gpt-realtime-mini-2099-01-01"), Some("b"), "b", "gpt-realtime-mini-2099-01-01", "gpt-realtime-2025"),
+        (with_session(" gpt-realtime-mini-x "), Some("a"), "a", "gpt-realtime-mini-x", "gpt-realtime-mini-x"),
+        (asking("gpt-realtime-mini*"), Some("a"), "a", "gpt-realtime-mini*", "gpt-realtime-mini*"),
+        (asking("whisper-1"), None, "echo1", "whisper-1", "whisper-1"),
+        (with_session("some/model:v2"), None, "echo1", "some/model:v2", "some/model:v2"),
+        (asking("%2A"), None, "echo1", "*", "*"),
+    ];
+    for (req, route, worker, model, upstream) in rows {
+        let req = Req {
+            route,
+            authorization: Some("Bearer sk-client"),
+            ..routed(true, req)
+        };
+        let name = format!("{} {:?}", req.path, route);
+        let sent = run(&req).unwrap_or_else(|e| panic!("{name}: {} {}", e.status, e.json));
+        assert_eq!(sent.upstream.unwrap().worker_id, worker, "{name}");
+        assert_eq!(sent.model, model, "{name}");
+        assert_eq!(sent.upstream_model, upstream, "{name}");
+    }
+}
+
+/// Metrics stay bounded: a model name a client made up (routed by the catch-all or a
+/// prefix) never becomes part of a metric's name, whatever the relay answers.
+#[test]
+fn models_routed_by_a_pattern_name_no_metric() {
+    use prost::Message as _;
+    use realtime_relay_proto::v1::{
+        create_call_response::Outcome, CreateCallResponse, UpstreamRejection,
+    };
+    let answers = [
+        Outcome::SdpAnswer("v=0\r\n".into()),
+        Outcome::UpstreamRejection(UpstreamRejection {
+            status: 400,
+            content_type: "application/json".into(),
+            body: br#"{"error":{"code":"model_not_found"}}"#.to_vec(),
+        }),
+    ];
+    let models = [
+        "made-up-model-1",
+        "made-up-model-2",
+        "gpt-realtime-mini-zz9",
+    ];
+    let mut names_after = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for model in models {
+        for answer in &answers {
+            let req = Req {
+                authorization: Some("Bearer sk-client"),
+                ..routed(true, asking(model))
+            };
+            let mut host = FakeHost::request(
+                &[
+                    (":method", "POST"),
+                    (":path", req.path.as_str()),
+                    (":authority", "gw.example.test"),
+                    ("content-type", "application/sdp"),
+                    ("authorization", "Bearer sk-client"),
+                ],
+                &req.body,
+            );
+            let mut flow = Flow::new(Rc::new(config_of(&req)));
+            assert_eq!(flow.on_headers(&mut host, false), Action::Pause);
+            flow.on_body(&mut host, req.body.len(), true);
+            let d = host.last_dispatch().clone();
+            let call_id = CreateCallRequest::decode(d.message.as_slice())
+                .unwrap()
+                .call_id;
+            let body = CreateCallResponse {
+                call_id,
+                outcome: Some(answer.clone()),
+            }
+            .encode_to_vec();
+            flow.on_grpc_response(&mut host, d.token, 0, None, Some(&body));
+            assert!(!host.replies.is_empty(), "{model}: answered");
+            names.extend(host.metric_names());
+        }
+        names_after.push(names.clone());
+    }
+    for n in &names {
+        for m in models {
+            assert!(!n.contains(m), "metric {n} names the model {m}");
+        }
+    }
+    assert!(!names.is_empty(), "the flow counted something");
+    // The second made-up model on the same worker adds no metric to the first one's.
+    assert_eq!(
+        names_after.first(),
+        names_after.get(1),
+        "another model, no other metric"
+    );
 }
