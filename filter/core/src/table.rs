@@ -322,7 +322,7 @@ fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
         ("under a catch-all, ?model twice", routed(true, asking("a&model=b")), 400, "invalid_model"),
         ("under a catch-all, no model and no default", Req { no_default_model: true, ..routed(true, sdp(OFFER)) }, 400, "missing_model"),
         ("under a catch-all, a session.model number", routed(true, session("{\"model\":7}")), 400, "invalid_session_json"),
-        ("under a catch-all, a route to a pool it does not use", Req { route: Some("canary"), authorization: Some("Bearer sk-client"), ..routed(true, asking("whisper-1")) }, 400, "invalid_routing_header"),
+        ("under a catch-all, a route to a pool it does not use", Req { route: Some("canary"), authorization: Some(OPS), ..routed(true, asking("whisper-1")) }, 400, "invalid_routing_header"),
         // ---- routing and keys
         ("routing header naming nothing", Req { route: Some("nowhere"), authorization: Some(OPS), ..sdp(OFFER) }, 400, "invalid_routing_header"),
         ("routing header naming another model's worker", Req { route: Some("echo1"), authorization: Some(OPS), ..sdp(OFFER) }, 400, "invalid_routing_header"),
@@ -514,9 +514,14 @@ fn the_upstream_model_is_the_entrys_name_or_the_name_asked_for_unless_the_worker
         (asking("%2A"), None, "echo1", "*", "*"),
     ];
     for (req, route, worker, model, upstream) in rows {
+        // A routing header counts from a trusted caller; unrouted rows use the client's key.
         let req = Req {
             route,
-            authorization: Some("Bearer sk-client"),
+            authorization: Some(if route.is_some() {
+                OPS
+            } else {
+                "Bearer sk-client"
+            }),
             ..routed(true, req)
         };
         let name = format!("{} {:?}", req.path, route);
