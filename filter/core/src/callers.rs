@@ -12,7 +12,9 @@
 //!
 //! and per pool `"callers": ["api_key", "jwt", "ephemeral"]` (the default), or names such as
 //! `"api_key:backend"` and `"anonymous"`. No key is ever in the configuration: API keys by
-//! their SHA-256, signing keys by the name of a VM environment variable.
+//! their SHA-256 (or, for a key the deployment generates, `"key_env"`: the name of a VM
+//! environment variable holding it, hashed at load), signing keys by the name of a VM
+//! environment variable.
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -21,6 +23,8 @@ use crate::ephemeral::{Keyring, SigningKey};
 
 /// Most operator API keys.
 pub const MAX_API_KEYS: usize = 256;
+/// Fewest bytes of an API key read from the VM environment (`key_env`).
+pub const MIN_ENV_KEY_LEN: usize = 16;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,7 +42,12 @@ pub struct RawCallers {
 pub struct RawApiKey {
     pub name: String,
     /// Lowercase hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
-    pub sha256: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Instead of `sha256`: the VM environment variable holding the key itself (hashed at
+    /// load; for a key the deployment generates, as the local stack does).
+    #[serde(default)]
+    pub key_env: Option<String>,
     /// May hang up and look at any call.
     #[serde(default)]
     pub operator: bool,
@@ -198,10 +207,27 @@ impl RawCallers {
             if api_keys.iter().any(|o: &ApiKey| o.name == k.name) {
                 return Err(format!("{at}.name '{}' is used twice", k.name));
             }
-            let Some(sha256) = hex32(&k.sha256.to_ascii_lowercase()) else {
-                return Err(format!(
+            let sha256 = match (&k.sha256, &k.key_env) {
+                (Some(hex), None) => hex32(&hex.to_ascii_lowercase()).ok_or_else(|| format!(
                     "{at}.sha256 must be the 64 hex digits of the key's SHA-256 (printf %s \"$KEY\" | sha256sum), never the key"
-                ));
+                ))?,
+                (None, Some(name)) => {
+                    let value = env(name).ok_or_else(|| {
+                        format!("{at}.key_env: environment variable '{name}' is not set in the Wasm VM (vm_config.environment_variables)")
+                    })?;
+                    let key = value.trim();
+                    if key.len() < MIN_ENV_KEY_LEN || key.chars().any(char::is_whitespace) {
+                        return Err(format!(
+                            "{at}.key_env: environment variable '{name}' must hold a key of at least {MIN_ENV_KEY_LEN} bytes without whitespace"
+                        ));
+                    }
+                    Sha256::digest(key.as_bytes()).into()
+                }
+                _ => {
+                    return Err(format!(
+                        "{at}: give sha256 (the key's SHA-256) or key_env (a VM environment variable holding the key), one of them"
+                    ))
+                }
             };
             if api_keys.iter().any(|o: &ApiKey| o.sha256 == sha256) {
                 return Err(format!("{at}: the same key is listed twice"));
@@ -283,7 +309,12 @@ mod tests {
 
     fn parse(v: serde_json::Value) -> Result<Callers, String> {
         let raw: RawCallers = serde_json::from_value(v).map_err(|e| e.to_string())?;
-        raw.validate(&|name| (name == "EK").then(|| "e".repeat(40)))
+        raw.validate(&|name| match name {
+            "EK" => Some("e".repeat(40)),
+            "DEMO_KEY" => Some(" sk-gw-demo-backend-0123 \n".into()),
+            "SHORT_KEY" => Some("sk-short".into()),
+            _ => None,
+        })
     }
 
     #[test]
@@ -297,6 +328,11 @@ mod tests {
         assert_eq!(c.api_key("sk-gw-other"), Some(1));
         assert_eq!(c.api_key("sk-gw-nobody"), None);
         assert!(c.api_keys[0].operator && !c.api_keys[1].operator);
+        // A key from the VM environment (trimmed), found by value like a hashed one.
+        let c = parse(serde_json::json!({"api_keys": [{"name": "demo", "key_env": "DEMO_KEY"}]}))
+            .unwrap();
+        assert_eq!(c.api_key("sk-gw-demo-backend-0123"), Some(0));
+        assert_eq!(c.api_key(" sk-gw-demo-backend-0123 \n"), None);
     }
 
     #[test]
@@ -330,6 +366,22 @@ mod tests {
             (
                 serde_json::json!({"api_keys": [], "extra": 1}),
                 "unknown field",
+            ),
+            (
+                serde_json::json!({"api_keys": [{"name": "a"}]}),
+                "one of them",
+            ),
+            (
+                serde_json::json!({"api_keys": [{"name": "a", "sha256": key_hash_hex("k"), "key_env": "DEMO_KEY"}]}),
+                "one of them",
+            ),
+            (
+                serde_json::json!({"api_keys": [{"name": "a", "key_env": "MISSING"}]}),
+                "not set",
+            ),
+            (
+                serde_json::json!({"api_keys": [{"name": "a", "key_env": "SHORT_KEY"}]}),
+                "at least 16",
             ),
         ];
         for (v, want) in rows {
