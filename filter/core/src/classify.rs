@@ -1,4 +1,5 @@
-//! Which requests the filter handles: call creation and hangup; everything else passes.
+//! Which requests the filter handles: call creation, hangup and client secrets; everything
+//! else passes.
 
 use crate::error::FilterError;
 
@@ -8,6 +9,8 @@ pub enum Route {
     Create,
     /// `POST {calls_path}/{call_id}/hangup`.
     Hangup { call_id: String },
+    /// `POST {client_secrets_path}`: the gateway mints an ephemeral key.
+    ClientSecret,
     /// Not ours: continue to the router untouched.
     PassThrough,
     /// Ours, but not like this (405 with `Allow`).
@@ -23,9 +26,33 @@ pub fn split_path(path: &str) -> (&str, Option<&str>) {
     }
 }
 
-pub fn classify(method: &str, path: &str, calls_path: &str) -> Route {
+/// The paths the filter serves (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Paths<'a> {
+    pub calls: &'a str,
+    pub client_secrets: &'a str,
+}
+
+impl<'a> Paths<'a> {
+    pub fn of(config: &'a crate::config::Config) -> Paths<'a> {
+        Paths {
+            calls: &config.calls_path,
+            client_secrets: &config.client_secrets_path,
+        }
+    }
+}
+
+pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
     let (path, _) = split_path(path);
     let post = method == "POST";
+    let calls_path = paths.calls;
+    if path == paths.client_secrets {
+        return if post {
+            Route::ClientSecret
+        } else {
+            Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+        };
+    }
     if path == calls_path {
         return if post {
             Route::Create
@@ -92,9 +119,14 @@ pub fn request_id(header: Option<&str>, random: &[u8; 16]) -> String {
 mod tests {
     use super::*;
 
+    const P: Paths<'static> = Paths {
+        calls: "/v1/realtime/calls",
+        client_secrets: "/v1/realtime/client_secrets",
+    };
+
     #[test]
     fn routes() {
-        let c = "/v1/realtime/calls";
+        let c = P;
         assert_eq!(classify("POST", "/v1/realtime/calls", c), Route::Create);
         assert_eq!(
             classify("POST", "/v1/realtime/calls?model=x", c),
@@ -119,11 +151,30 @@ mod tests {
             classify("POST", "/v1/realtime/callsx", c),
             Route::PassThrough
         );
+        assert_eq!(
+            classify("POST", "/v1/realtime/client_secrets", c),
+            Route::ClientSecret
+        );
+        assert_eq!(
+            classify("POST", "/v1/realtime/client_secrets?x=1", c),
+            Route::ClientSecret
+        );
+        assert_eq!(
+            classify("GET", "/v1/realtime/client_secrets", c),
+            Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+        );
+        for other in [
+            "/v1/realtime/client_secretsx",
+            "/v1/realtime/client_secrets/x",
+            "/v1/realtime/sessions",
+        ] {
+            assert_eq!(classify("POST", other, c), Route::PassThrough, "{other}");
+        }
     }
 
     #[test]
     fn every_other_path_under_the_calls_path_is_refused_not_passed_through() {
-        let c = "/v1/realtime/calls";
+        let c = P;
         let nf = Route::Reject(FilterError::UnknownCallsPath);
         for (method, path) in [
             ("POST", "/v1/realtime/calls/hangup"),

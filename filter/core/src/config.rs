@@ -17,6 +17,7 @@ use crate::pods::Pods;
 use crate::routing::Policy;
 
 pub const DEFAULT_CALLS_PATH: &str = "/v1/realtime/calls";
+pub const DEFAULT_CLIENT_SECRETS_PATH: &str = "/v1/realtime/client_secrets";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_SDP_BYTES: usize = 32 * 1024;
 pub const DEFAULT_MAX_SESSION_BYTES: usize = 16 * 1024;
@@ -56,6 +57,9 @@ pub struct RawConfig {
     pub hangup_timeout_ms: u64,
     #[serde(default = "default_calls_path")]
     pub calls_path: String,
+    /// Path where the gateway mints client secrets (`crate::client_secrets`).
+    #[serde(default = "default_client_secrets_path")]
+    pub client_secrets_path: String,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default = "default_max_sdp_bytes")]
@@ -175,6 +179,9 @@ fn default_hangup_timeout_ms() -> u64 {
 fn default_calls_path() -> String {
     DEFAULT_CALLS_PATH.to_string()
 }
+fn default_client_secrets_path() -> String {
+    DEFAULT_CLIENT_SECRETS_PATH.to_string()
+}
 fn default_max_body_bytes() -> usize {
     DEFAULT_MAX_BODY_BYTES
 }
@@ -271,6 +278,7 @@ pub struct Config {
     pub create_timeout_ms: u64,
     pub hangup_timeout_ms: u64,
     pub calls_path: String,
+    pub client_secrets_path: String,
     pub max_body_bytes: usize,
     pub max_sdp_bytes: usize,
     pub max_session_bytes: usize,
@@ -510,13 +518,27 @@ impl RawConfig {
         if !(1..=60_000).contains(&self.hangup_timeout_ms) {
             return err("hangup_timeout_ms must be between 1 and 60000");
         }
-        if !self.calls_path.starts_with('/')
-            || self.calls_path.ends_with('/')
-            || self.calls_path.contains(['?', '#'])
+        for (field, path, example) in [
+            ("calls_path", &self.calls_path, DEFAULT_CALLS_PATH),
+            (
+                "client_secrets_path",
+                &self.client_secrets_path,
+                DEFAULT_CLIENT_SECRETS_PATH,
+            ),
+        ] {
+            if !path.starts_with('/') || path.ends_with('/') || path.contains(['?', '#']) {
+                return err(format!(
+                    "{field} must start with '/' and not end with '/' (e.g. {example})"
+                ));
+            }
+        }
+        let secrets = self.client_secrets_path.as_str();
+        if secrets == self.calls_path
+            || secrets
+                .strip_prefix(self.calls_path.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
         {
-            return err(
-                "calls_path must start with '/' and not end with '/' (e.g. /v1/realtime/calls)",
-            );
+            return err("client_secrets_path must lie outside calls_path (every path under calls_path is a call's)");
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
             return err("max_body_bytes must be between 1024 and 16777216");
@@ -749,6 +771,7 @@ impl RawConfig {
             create_timeout_ms: self.create_timeout_ms,
             hangup_timeout_ms: self.hangup_timeout_ms,
             calls_path: self.calls_path,
+            client_secrets_path: self.client_secrets_path,
             max_body_bytes: self.max_body_bytes,
             max_sdp_bytes: self.max_sdp_bytes,
             max_session_bytes: self.max_session_bytes,

@@ -1,8 +1,10 @@
 //! Call creation before the relay: the headers checked, the buffered body validated into an
 //! [`Offer`], and the [`Plan`] (worker, key, call id, gRPC message) made from it.
 
+use crate::client_secrets;
 use crate::config::Config;
 use crate::content_type::{self, BodyKind};
+use crate::ephemeral::Claims;
 use crate::error::FilterError;
 use crate::identity::Caller;
 use crate::keys::KeySource;
@@ -16,6 +18,15 @@ pub fn check_create_headers(
     content_type: Option<&str>,
     content_length: Option<&str>,
 ) -> Result<BodyKind, FilterError> {
+    check_content_length(config, content_length)?;
+    content_type::parse(content_type)
+}
+
+/// Refuses a declared body size over `max_body_bytes` before the body arrives.
+pub fn check_content_length(
+    config: &Config,
+    content_length: Option<&str>,
+) -> Result<(), FilterError> {
     if let Some(len) = content_length {
         // Envoy has validated the number; an absurd one is still too large.
         let too_large = len.trim().parse::<u64>().map_or(true, |n| {
@@ -27,24 +38,28 @@ pub fn check_create_headers(
             });
         }
     }
-    content_type::parse(content_type)
+    Ok(())
 }
 
 /// A validated offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
     pub sdp: String,
-    /// The session part as sent (a JSON object), or empty.
+    /// The session part as sent (a JSON object), with an ephemeral key's settings merged in
+    /// ([`client_secrets::merge_session`]), or empty.
     pub session_json: String,
     pub model: ResolvedModel,
 }
 
-/// Validates the buffered body: structure, SDP, session JSON, model.
+/// Validates the buffered body: structure, SDP, session JSON, model. `key` holds the claims
+/// of the caller's ephemeral key, when it has one: its model pin and session settings apply
+/// ([`client_secrets`]).
 pub fn validate_create_body(
     config: &Config,
     kind: &BodyKind,
     query: Option<&str>,
     body: &[u8],
+    key: Option<&Claims>,
 ) -> Result<Offer, FilterError> {
     if body.len() > config.max_body_bytes {
         return Err(FilterError::BodyTooLarge {
@@ -64,21 +79,34 @@ pub fn validate_create_body(
         }
     };
     let sdp = sdp::validate_offer(sdp_bytes, config.max_sdp_bytes)?;
-    let (session_json, session_model) = match session {
+    let (session_json, client_session) = match session {
         None => (String::new(), None),
         Some(raw) => {
             let text = std::str::from_utf8(raw)
                 .map_err(|_| FilterError::InvalidSessionJson("not UTF-8"))?;
             let value: serde_json::Value = serde_json::from_str(text)
                 .map_err(|_| FilterError::InvalidSessionJson("not valid JSON"))?;
-            let obj = value
-                .as_object()
-                .ok_or(FilterError::InvalidSessionJson("not a JSON object"))?;
-            (text.trim().to_string(), model::session_model(obj)?)
+            let serde_json::Value::Object(obj) = value else {
+                return Err(FilterError::InvalidSessionJson("not a JSON object"));
+            };
+            (text.trim().to_string(), Some(obj))
         }
     };
+    let session_model = match &client_session {
+        Some(obj) => model::session_model(obj)?,
+        None => None,
+    };
     let from_query = model::query_model(query)?;
-    let model = model::resolve(config, session_model.as_deref(), from_query.as_deref())?;
+    let model = client_secrets::resolve_model(
+        config,
+        key,
+        session_model.as_deref(),
+        from_query.as_deref(),
+    )?;
+    let session_json = match client_secrets::merge_session(client_session.as_ref(), key) {
+        Some(merged) => serde_json::to_string(&merged).map_err(|_| FilterError::Internal)?,
+        None => session_json,
+    };
     Ok(Offer {
         sdp: sdp.to_string(),
         session_json,

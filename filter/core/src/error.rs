@@ -45,6 +45,18 @@ pub enum FilterError {
     /// An authenticated caller that no pool of the model serves.
     #[error("this caller may not use this model on this gateway")]
     CallerNotAllowed,
+    /// A caller that may not mint client secrets (an ephemeral key); the text says why.
+    #[error("{0}")]
+    MintNotAllowed(&'static str),
+    /// A create with an ephemeral key pinned to another model than the one asked for.
+    #[error("this client secret was minted for the model '{pinned}', not '{asked}'")]
+    ModelNotAllowed { pinned: String, asked: String },
+    /// `POST /v1/realtime/client_secrets` where `callers.ephemeral_keys` is not configured.
+    #[error("this gateway mints no client secrets (callers.ephemeral_keys is not configured)")]
+    ClientSecretsNotEnabled,
+    /// A client-secret request the gateway refuses, with the OpenAI code and the parameter.
+    #[error(transparent)]
+    ClientSecret(crate::client_secrets::RequestError),
     #[error("unknown call id")]
     CallNotFound,
     /// A path under the calls path that names no endpoint of the gateway (empty or extra
@@ -103,9 +115,10 @@ impl FilterError {
             | InvalidRoutingHeader
             | RelayRejected { .. } => 400,
             MissingApiKey | InvalidApiKey(_) => 401,
-            CallerNotAllowed => 403,
+            CallerNotAllowed | MintNotAllowed(_) | ModelNotAllowed { .. } => 403,
             OriginNotAllowed => 403,
-            ModelNotFound(_) | CallNotFound | UnknownCallsPath => 404,
+            ModelNotFound(_) | CallNotFound | UnknownCallsPath | ClientSecretsNotEnabled => 404,
+            ClientSecret(e) => e.status(),
             Capacity { status, .. } => *status,
             NoHealthyWorker { .. } | RelayUnavailable { .. } => 503,
             RelayTimeout { .. } => 504,
@@ -133,7 +146,10 @@ impl FilterError {
             InvalidRoutingHeader => "invalid_routing_header",
             MissingApiKey => "missing_api_key",
             InvalidApiKey(_) => "invalid_api_key",
-            CallerNotAllowed => "caller_not_allowed",
+            CallerNotAllowed | MintNotAllowed(_) => "caller_not_allowed",
+            ModelNotAllowed { .. } => "model_not_allowed",
+            ClientSecretsNotEnabled => "client_secrets_not_enabled",
+            ClientSecret(e) => e.code(),
             CallNotFound => "call_not_found",
             UnknownCallsPath => "not_found",
             OriginNotAllowed => "origin_not_allowed",
@@ -159,12 +175,15 @@ impl FilterError {
     }
 
     /// OpenAI error `param`: the request field at fault, when there is one.
-    pub fn param(&self) -> Option<&'static str> {
+    pub fn param(&self) -> Option<&str> {
         use FilterError::*;
         match self {
             MissingSdp | InvalidSdp(_) => Some("sdp"),
             InvalidSessionJson(_) => Some("session"),
-            MissingModel | InvalidModel(_) | ModelNotFound(_) => Some("model"),
+            MissingModel | InvalidModel(_) | ModelNotFound(_) | ModelNotAllowed { .. } => {
+                Some("model")
+            }
+            ClientSecret(e) => e.param(),
             Multipart(MultipartError::DuplicatePart(name))
             | Multipart(MultipartError::PartTooLarge { name, .. }) => Some(name),
             _ => None,

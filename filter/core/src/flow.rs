@@ -1,5 +1,6 @@
 //! One request's life, as a state machine: headers → body buffered → validated → creating
-//! (attempts over relay replicas) or hanging up → done.
+//! (attempts over relay replicas) or hanging up → done; or, for a client secret, headers →
+//! body buffered → minted and answered here → done.
 //!
 //! The proxy-wasm glue forwards each Envoy callback to one event method here and does what it
 //! returns; everything else (reading the request, dispatching gRPC, replying, counting)
@@ -12,14 +13,16 @@ use std::rc::Rc;
 use crate::classify::{self, split_path, Route};
 use crate::config::Config;
 use crate::content_type::BodyKind;
-use crate::create::{check_create_headers, plan_create, validate_create_body, CreateRequest};
+use crate::create::{
+    check_content_length, check_create_headers, plan_create, validate_create_body, CreateRequest,
+};
 use crate::error::FilterError;
 use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
 use crate::identity::{self, Caller};
 use crate::relay::{self, Verdict};
 use crate::replica::{self, Failover};
 use crate::reply::HttpReply;
-use crate::{metrics, origin, routing};
+use crate::{client_secrets, metrics, origin, routing};
 
 /// What a create's headers said, kept for when its body is complete. Read in the headers
 /// callback: once the headers went on (`continue_headers`), Envoy no longer lets the filter
@@ -50,6 +53,15 @@ impl std::fmt::Debug for PendingCreate {
     }
 }
 
+/// A request whose body is being buffered, and what it will be once complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// A call creation.
+    Create(PendingCreate),
+    /// A client-secret request from a caller allowed to mint.
+    Mint { caller: Caller },
+}
+
 /// A create whose `CreateCall` is in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Creating {
@@ -70,8 +82,8 @@ pub struct Creating {
 pub enum State {
     /// Not ours: untouched.
     PassThrough,
-    /// A create request whose body is being buffered.
-    Body(PendingCreate),
+    /// A create or client-secret request whose body is being buffered.
+    Body(Pending),
     /// `CreateCall` dispatched.
     Creating(Creating),
     /// `HangupCall` dispatched.
@@ -108,7 +120,7 @@ impl Flow {
     pub fn on_headers(&mut self, host: &mut dyn HttpHost, end_of_stream: bool) -> Action {
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
-        let route = classify::classify(&method, &path, &self.config.calls_path);
+        let route = classify::classify(&method, &path, classify::Paths::of(&self.config));
         if route == Route::PassThrough {
             host.increment(metrics::REQ_PASSED_THROUGH);
             return Action::Continue;
@@ -150,19 +162,63 @@ impl Flow {
                     routing_value: self.routing_value(host, &caller),
                     caller,
                 };
-                if end_of_stream {
-                    return self.create(host, &pending, Vec::new());
-                }
-                self.state = State::Body(pending);
-                if self.config.continue_headers {
-                    // Headers go on to the router (the route must hold them, never answer);
-                    // the body is held in on_body, and the reply sent from there.
-                    Action::Continue
-                } else {
-                    // With allow_on_headers_stop_iteration the body still reaches on_body.
-                    Action::Pause
-                }
+                self.await_body(host, Pending::Create(pending), end_of_stream)
             }
+            Route::ClientSecret => {
+                if self.config.callers.ephemeral.is_none() {
+                    return self.fail(host, &FilterError::ClientSecretsNotEnabled);
+                }
+                // Only a backend's credential mints; a bad one costs no body.
+                let caller = match self
+                    .caller(host)
+                    .and_then(|c| client_secrets::may_mint(&c).map(|()| c))
+                {
+                    Ok(c) => c,
+                    Err(e) => return self.fail(host, &e),
+                };
+                let checked = client_secrets::check_content_type(
+                    host.request_header("content-type").as_deref(),
+                )
+                .and_then(|()| {
+                    check_content_length(
+                        &self.config,
+                        host.request_header("content-length").as_deref(),
+                    )
+                });
+                if let Err(e) = checked {
+                    return self.fail(host, &e);
+                }
+                self.await_body(host, Pending::Mint { caller }, end_of_stream)
+            }
+        }
+    }
+
+    /// Waits for the body of `pending` (or handles it now, when the request has none).
+    fn await_body(
+        &mut self,
+        host: &mut dyn HttpHost,
+        pending: Pending,
+        end_of_stream: bool,
+    ) -> Action {
+        if end_of_stream {
+            return self.complete(host, &pending, Vec::new());
+        }
+        self.state = State::Body(pending);
+        if self.config.continue_headers {
+            // Headers go on to the router (the route must hold them, never answer);
+            // the body is held in on_body, and the reply sent from there.
+            Action::Continue
+        } else {
+            // With allow_on_headers_stop_iteration the body still reaches on_body.
+            Action::Pause
+        }
+    }
+
+    /// The whole body of `pending` is here.
+    fn complete(&mut self, host: &mut dyn HttpHost, pending: &Pending, body: Vec<u8>) -> Action {
+        match pending {
+            Pending::Create(p) => self.create(host, p, body),
+            Pending::Mint { caller } => self.mint(host, caller, body),
         }
     }
 
@@ -195,7 +251,7 @@ impl Flow {
             host.request_body(body_size)
         };
         match body {
-            Some(b) => self.create(host, &pending, b),
+            Some(b) => self.complete(host, &pending, b),
             None => self.fail(host, &FilterError::Internal),
         }
     }
@@ -210,7 +266,7 @@ impl Flow {
         let body = host
             .request_body(self.config.max_body_bytes.saturating_add(1))
             .unwrap_or_default();
-        self.create(host, &pending, body)
+        self.complete(host, &pending, body)
     }
 
     /// The answer to a gRPC call this request dispatched. `message` is the gRPC status
@@ -251,10 +307,10 @@ impl Flow {
         }
     }
 
-    /// Takes the buffered-body state out of a create request. Any other state answers the
-    /// body or trailer callback itself: pass-through continues untouched, and a request
-    /// whose reply is already on its way stays paused.
-    fn take_body(&mut self) -> Result<PendingCreate, Action> {
+    /// Takes the buffered-body state out of a create or client-secret request. Any other
+    /// state answers the body or trailer callback itself: pass-through continues untouched,
+    /// and a request whose reply is already on its way stays paused.
+    fn take_body(&mut self) -> Result<Pending, Action> {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Body(pending) => Ok(pending),
             other => {
@@ -347,7 +403,11 @@ impl Flow {
     ) -> Action {
         let config = Rc::clone(&self.config);
         let query = pending.query.as_deref();
-        let offer = match validate_create_body(&config, &pending.kind, query, &body) {
+        let key = match &pending.caller {
+            Caller::Ephemeral(claims) => Some(claims.as_ref()),
+            _ => None,
+        };
+        let offer = match validate_create_body(&config, &pending.kind, query, &body, key) {
             Ok(o) => o,
             Err(e) => return self.fail(host, &e),
         };
@@ -411,6 +471,58 @@ impl Flow {
                 self.fail(host, &e)
             }
         }
+    }
+
+    /// The whole body of a client-secret request is here: validate, mint, answer. The key
+    /// goes into the answer and nowhere else (no log line, no metric).
+    fn mint(&mut self, host: &mut dyn HttpHost, caller: &Caller, body: Vec<u8>) -> Action {
+        let config = Rc::clone(&self.config);
+        if body.len() > config.max_body_bytes {
+            return self.fail(
+                host,
+                &FilterError::BodyTooLarge {
+                    limit: config.max_body_bytes,
+                },
+            );
+        }
+        let req = match client_secrets::parse(&config, &body) {
+            Ok(r) => r,
+            Err(e) => return self.fail(host, &e),
+        };
+        let Some(random) = host.random16() else {
+            host.log(LogLevel::Error, "random_get failed: cannot name a session");
+            return self.fail(host, &FilterError::Internal);
+        };
+        let session_id: String = std::iter::once("sess_".to_string())
+            .chain(random.iter().map(|b| format!("{b:02x}")))
+            .collect();
+        let now_s = host.now_ms() / 1000;
+        let minted = match client_secrets::mint(&config, caller, &req, now_s, &session_id) {
+            Ok(m) => m,
+            Err(e) => return self.fail(host, &e),
+        };
+        host.increment(metrics::REQ_CLIENT_SECRETS);
+        host.log(
+            LogLevel::Info,
+            &format!(
+                "request_id={} client secret minted for a {} caller: session={session_id} model={} ttl_s={} expires_at={}",
+                self.request_id,
+                caller.kind(),
+                req.model.as_deref().unwrap_or("-"),
+                req.ttl_s,
+                minted.expires_at
+            ),
+        );
+        let reply = HttpReply {
+            status: 200,
+            headers: vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("cache-control".to_string(), "no-store".to_string()),
+                ("x-request-id".to_string(), self.request_id.clone()),
+            ],
+            body: minted.body,
+        };
+        self.reply(host, &reply)
     }
 
     /// Dispatches `CreateCall` for `call_id` to `cluster` (replica `replica`, if any).

@@ -6,12 +6,14 @@
 //! logs). The steps it takes: [`classify`] → [`create::check_create_headers`] → body buffered
 //! → [`create::validate_create_body`] → [`create::plan_create`] (worker, key, gRPC message) →
 //! relay → [`relay::map_create_response`], with failover between relay replicas and the
-//! worker's verdict applied on the way back.
+//! worker's verdict applied on the way back. `POST /v1/realtime/client_secrets` is answered
+//! here, with no relay call: [`client_secrets`] mints the gateway's ephemeral keys.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(clippy::indexing_slicing)]
 
 pub mod callers;
 pub mod classify;
+pub mod client_secrets;
 pub mod config;
 pub mod content_type;
 pub mod create;

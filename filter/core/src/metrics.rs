@@ -14,6 +14,8 @@ pub const REQ_CREATED: &str = "realtime_filter.requests.created";
 pub const REQ_UPSTREAM_REJECTED: &str = "realtime_filter.requests.upstream_rejected";
 pub const REQ_FAILED: &str = "realtime_filter.requests.failed";
 pub const REQ_HANGUP: &str = "realtime_filter.requests.hangup";
+/// Client secrets (ephemeral keys) minted (`POST /v1/realtime/client_secrets`).
+pub const REQ_CLIENT_SECRETS: &str = "realtime_filter.requests.client_secrets";
 /// Requests on a route where the filter is enabled that it let through untouched. Routes
 /// that disable the filter (every non-realtime route in envoy/) never count here: the
 /// request does not enter the Wasm VM at all.
@@ -78,6 +80,7 @@ pub fn definitions(config: &Config) -> Vec<(MetricKind, String)> {
         REQ_UPSTREAM_REJECTED,
         REQ_FAILED,
         REQ_HANGUP,
+        REQ_CLIENT_SECRETS,
         REQ_PASSED_THROUGH,
         ROUTING_HEADER_IGNORED,
         LOAD_REFRESH,

@@ -457,7 +457,7 @@ fn the_create_message_carries_model_key_and_session() {
     let store = MemoryStore::default();
     let req = session("{\"model\":\"gpt-4o-realtime-preview\"}");
     let kind = check_create_headers(&cfg, req.content_type.as_deref(), None).unwrap();
-    let offer = validate_create_body(&cfg, &kind, None, &req.body).unwrap();
+    let offer = validate_create_body(&cfg, &kind, None, &req.body, None).unwrap();
     // Route to worker b (upstream_model override) with the replace-free inject policy.
     let anonymous = crate::identity::Caller::Anonymous;
     let req9 = CreateRequest {
