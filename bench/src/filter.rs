@@ -269,7 +269,8 @@ pub async fn run(paths: &Paths, run_dir: &Path, cpu: Option<usize>, quick: bool)
         );
         spec.concurrency = Some(1);
         spec.log_level = "warn".into();
-        spec.env = vec![("OPENAI_API_KEY".into(), LOCAL_ECHO_API_KEY.into())];
+        spec.env
+            .push(("OPENAI_API_KEY".into(), LOCAL_ECHO_API_KEY.into()));
         spec.cpu = cpu;
         let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let envoy = Envoy::start(&spec, loopback(admin), loopback(listen))?;

@@ -160,7 +160,7 @@ impl EnvoyOptions {
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut spec = EnvoySpec::new(paths, config, dir.path.join(format!("{name}.log")));
         spec.concurrency = Some(2);
-        spec.env = self.env.clone();
+        spec.env.extend(self.env.iter().cloned());
         let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
         Ok((spec, loopback(admin), loopback(listen)))
     }

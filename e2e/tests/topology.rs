@@ -294,7 +294,8 @@ fn start_envoy(paths: &Paths, dir: &RunDir, gateway: &Netns, upstream: &str) -> 
     std::fs::write(&config, text).unwrap();
     let mut spec = EnvoySpec::new(paths, config, dir.path.join("envoy.log"));
     spec.concurrency = Some(2);
-    spec.env = vec![("OPENAI_API_KEY".into(), LOCAL_ECHO_API_KEY.into())];
+    spec.env
+        .push(("OPENAI_API_KEY".into(), LOCAL_ECHO_API_KEY.into()));
     spec.netns = Some(gateway.clone());
     let mut envoy = Envoy::start(
         &spec,

@@ -2,8 +2,9 @@
 //! protocol spoken by Debian's `chromedriver` (no browser download, no driver crate: a few
 //! JSON requests over loopback HTTP).
 //!
-//! The scenario: open the page, start a call with Chromium's fake microphone, wait for the
-//! data channel and `session.created`, send `response.create` and wait for its echo, wait for
+//! The scenario: open the page, start a call with Chromium's fake microphone (the page gets a
+//! client secret from its backend route and calls with it), wait for the data channel and
+//! `session.created`, check the call used the client secret, send `response.create` and wait for its echo, wait for
 //! inbound audio packets and a non-silent level, save a screenshot, hang up, and check the relay
 //! no longer has a live call.
 
@@ -84,7 +85,7 @@ impl Session {
         self.js(
             "const d = window.demo; return {state: d.state, dc: d.dcState, callId: d.callId, \
              error: d.error, inbound: d.inboundPackets, level: d.level, maxLevel: d.maxLevel, \
-             events: d.events.map(e => e.dir + ':' + e.type)};",
+             auth: d.auth, events: d.events.map(e => e.dir + ':' + e.type)};",
         )
     }
 
@@ -262,6 +263,13 @@ fn scenario(
     )?;
     if failed(&d) {
         bail!("the call failed: {}", d["error"]);
+    }
+    // The page holds no key: its call authenticated with a client secret its backend got.
+    if d["auth"] != "client_secret" {
+        bail!(
+            "the call was not made with a client secret (auth: {})",
+            d["auth"]
+        );
     }
     s.js("window.demo.send({type: 'response.create'});")?;
     s.wait_for("echo of response.create", Duration::from_secs(5), |d| {

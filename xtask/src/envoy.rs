@@ -282,14 +282,14 @@ pub fn validate(paths: &Paths, config: &Path, vars: &Vars) -> Result<String> {
 ///
 /// Validation loads the Wasm filter and runs its `on_configure`, which refuses a config whose
 /// `key_env` variables are unset; the VM environment gets the local echo model's (non-secret)
-/// key as `OPENAI_API_KEY` and a local relay-pods key as `RELAY_REPLICA_KEY`, never the
-/// caller's real ones.
+/// key as `OPENAI_API_KEY`, a local relay-pods key as `RELAY_REPLICA_KEY` and fresh local
+/// gateway secrets ([`crate::launch::local_gateway_secrets`]), never the caller's real ones.
 pub fn validate_rendered(paths: &Paths, file: &Path, hint: &str) -> Result<String> {
     let mut log = file.as_os_str().to_owned();
     log.push(".log");
     let mut spec = EnvoySpec::new(paths, file.to_path_buf(), PathBuf::from(log));
     spec.log_level = "warn".into();
-    spec.env = vec![
+    spec.env.extend([
         (
             "OPENAI_API_KEY".into(),
             crate::stack::LOCAL_ECHO_API_KEY.into(),
@@ -298,7 +298,7 @@ pub fn validate_rendered(paths: &Paths, file: &Path, hint: &str) -> Result<Strin
             "RELAY_REPLICA_KEY".into(),
             crate::stack::LOCAL_REPLICA_KEY.into(),
         ),
-    ];
+    ]);
     let verdict = Envoy::validate(&spec)?;
     if !verdict.valid {
         bail!("{hint} Envoy said:\n{}", verdict.log.trim());

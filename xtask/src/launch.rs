@@ -238,6 +238,53 @@ impl Relay {
     }
 }
 
+/// The VM environment variable of the shipped envoy/*.yaml holding the key that signs the
+/// gateway's client secrets (`callers.ephemeral_keys.key_envs`).
+pub const EPHEMERAL_SIGNING_KEY_ENV: &str = "EPHEMERAL_SIGNING_KEY";
+/// The variable holding the API key of the demo page's backend (`callers.api_keys`,
+/// `key_env`), which envoy/*.yaml's `/demo/client_secret` route presents to mint a key.
+pub const DEMO_BACKEND_KEY_ENV: &str = "DEMO_BACKEND_KEY";
+
+/// The local gateway's secrets: a signing key for client secrets and the demo backend's API
+/// key, random for each Envoy the project starts (never a fixed value in the repository: a
+/// key minted by one run is refused by the next).
+pub fn local_gateway_secrets() -> Vec<(String, String)> {
+    vec![
+        (EPHEMERAL_SIGNING_KEY_ENV.into(), random_hex(32)),
+        (
+            DEMO_BACKEND_KEY_ENV.into(),
+            format!("sk-local-demo-backend-{}", random_hex(24)),
+        ),
+    ]
+}
+
+/// `n` random bytes as hex, from the kernel's CSPRNG (`/dev/urandom`); should that be
+/// unreadable, from std's randomly keyed SipHash (per-process OS randomness).
+fn random_hex(n: usize) -> String {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    let from_kernel = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok();
+    if !from_kernel {
+        use std::hash::{BuildHasher, Hasher};
+        let state = std::collections::hash_map::RandomState::new();
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut h = state.build_hasher();
+            h.write_usize(i);
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            for (b, x) in chunk.iter_mut().zip(h.finish().to_le_bytes()) {
+                *b = x;
+            }
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// How to run Envoy on an already rendered config (see [`crate::envoy::render_file`]).
 #[derive(Clone, Debug)]
 pub struct EnvoySpec {
@@ -248,7 +295,8 @@ pub struct EnvoySpec {
     pub log_level: String,
     /// Environment of the Envoy process. The filter reads worker keys from the VM
     /// environment (`host_env_keys`), which comes from here and from nowhere else: the
-    /// caller's own `OPENAI_API_KEY` is removed.
+    /// caller's own `OPENAI_API_KEY` and local gateway secrets are removed. [`EnvoySpec::new`]
+    /// starts it with fresh [`local_gateway_secrets`]; add to it (a later entry wins).
     pub env: Vec<(String, String)>,
     /// Pin to this CPU (`taskset`).
     pub cpu: Option<usize>,
@@ -266,7 +314,7 @@ impl EnvoySpec {
             config,
             concurrency: None,
             log_level: "info".into(),
-            env: Vec::new(),
+            env: local_gateway_secrets(),
             cpu: None,
             netns: None,
             log,
@@ -281,6 +329,8 @@ impl EnvoySpec {
             .args(["--disable-hot-restart", "--log-level"])
             .arg(&self.log_level)
             .env_remove("OPENAI_API_KEY")
+            .env_remove(EPHEMERAL_SIGNING_KEY_ENV)
+            .env_remove(DEMO_BACKEND_KEY_ENV)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(n) = self.concurrency {
             cmd.arg("--concurrency").arg(n.to_string());

@@ -266,6 +266,14 @@ fn up(paths: &Paths, args: UpArgs) -> Result<()> {
             stack.config.host
         );
     }
+    let demo_backend = std::fs::read_to_string(&stack.config.envoy_config)
+        .is_ok_and(|t| t.contains("/demo/client_secret"));
+    if demo_backend {
+        eprintln!(
+            "  Client secrets:     the demo page gets an ek_ key from POST {}demo/client_secret (Envoy as its backend, with a random key of this run)",
+            u.demo_page
+        );
+    }
     eprintln!("  Upstream:           {upstream}");
     eprintln!("  Relay metrics:      {}", u.relay_metrics);
     eprintln!(

@@ -275,7 +275,7 @@ impl Stack {
         spec.concurrency = cfg.envoy_concurrency;
         spec.log_level = cfg.envoy_log_level.clone();
         // The filter reads worker keys from the VM environment (host_env_keys).
-        spec.env = vec![("OPENAI_API_KEY".into(), provider_key)];
+        spec.env.push(("OPENAI_API_KEY".into(), provider_key));
         spec.ready_timeout = cfg.ready_timeout;
         let envoy = Envoy::start(
             &spec,

@@ -60,12 +60,13 @@ pub fn callers_section() -> Value {
     json!({"api_keys": [{"name": "e2e-operator", "sha256": OPS_KEY_SHA256, "operator": true, "trusted": true}]})
 }
 
-/// A patch of a shipped envoy/*.yaml that adds [`callers_section`] to its plugin configuration.
+/// A patch of a shipped envoy/*.yaml that adds [`OPS_KEY`] to the API keys of its plugin
+/// configuration (beside the demo backend's).
 pub fn ops_key_patch() -> (String, String) {
-    let anchor = r#""browser_origins": ["https://app.example.test"],"#;
+    let anchor = r#""api_keys": ["#;
     (
         anchor.to_string(),
-        format!(r#"{anchor} "callers": {},"#, callers_section()),
+        format!(r#"{anchor} {},"#, callers_section()["api_keys"][0]),
     )
 }
 

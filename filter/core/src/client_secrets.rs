@@ -115,7 +115,7 @@ impl From<RequestError> for FilterError {
 pub fn may_mint(caller: &Caller) -> Result<(), FilterError> {
     match caller {
         Caller::ApiKey { .. } | Caller::Jwt { .. } => Ok(()),
-        Caller::Anonymous => Err(FilterError::MissingApiKey),
+        Caller::Anonymous => Err(FilterError::MintNeedsCredential),
         Caller::ProviderKey { .. } => Err(FilterError::InvalidApiKey(
             "the key is not one this gateway accepts for minting client secrets",
         )),

@@ -45,6 +45,9 @@ pub enum FilterError {
     /// An authenticated caller that no pool of the model serves.
     #[error("this caller may not use this model on this gateway")]
     CallerNotAllowed,
+    /// A client-secret request with no credential.
+    #[error("minting a client secret needs this gateway's API key (Authorization: Bearer ...) or a verified JWT")]
+    MintNeedsCredential,
     /// A caller that may not mint client secrets (an ephemeral key); the text says why.
     #[error("{0}")]
     MintNotAllowed(&'static str),
@@ -114,7 +117,7 @@ impl FilterError {
             | InvalidModel(_)
             | InvalidRoutingHeader
             | RelayRejected { .. } => 400,
-            MissingApiKey | InvalidApiKey(_) => 401,
+            MissingApiKey | MintNeedsCredential | InvalidApiKey(_) => 401,
             CallerNotAllowed | MintNotAllowed(_) | ModelNotAllowed { .. } => 403,
             OriginNotAllowed => 403,
             ModelNotFound(_) | CallNotFound | UnknownCallsPath | ClientSecretsNotEnabled => 404,
@@ -144,7 +147,7 @@ impl FilterError {
             InvalidModel(_) => "invalid_model",
             ModelNotFound(_) => "model_not_found",
             InvalidRoutingHeader => "invalid_routing_header",
-            MissingApiKey => "missing_api_key",
+            MissingApiKey | MintNeedsCredential => "missing_api_key",
             InvalidApiKey(_) => "invalid_api_key",
             CallerNotAllowed | MintNotAllowed(_) => "caller_not_allowed",
             ModelNotAllowed { .. } => "model_not_allowed",
