@@ -46,9 +46,10 @@ fn continues_headers(in_variant: &[&Manifest]) -> bool {
     wasm || inline
 }
 
-/// With `continue_headers`, the route of `POST <calls path>` must lead to a cluster whose
-/// endpoint is an internal listener (envoy/envoy.yaml's `realtime_hold`): otherwise the router
-/// sends every create to the VirtualService's destination with the headers. Checked through
+/// With `continue_headers`, the routes of `POST <calls path>` and of the client-secrets path
+/// must lead to a cluster whose endpoint is an internal listener (envoy/envoy.yaml's
+/// `realtime_hold`): otherwise the router sends every create (or mint) to the
+/// VirtualService's destination with the headers. Checked through
 /// the chain VirtualService route (name, POST, exact path) → HTTP_ROUTE patch (cluster) →
 /// CLUSTER patch (envoy_internal_address) → LISTENER patch (internal_listener).
 pub fn check_hold(variant: &Path, in_variant: &[&Manifest], problems: &mut Vec<String>) {
@@ -88,30 +89,42 @@ pub fn check_hold(variant: &Path, in_variant: &[&Manifest], problems: &mut Vec<S
         })
         .filter_map(|p| p["match"]["routeConfiguration"]["vhost"]["route"]["name"].as_str())
         .collect();
-    let create_routes: Vec<&Yaml> = http_routes(in_variant)
-        .filter(|r| {
-            r["match"].as_vec().into_iter().flatten().any(|m| {
-                m["uri"]["exact"].as_str() == Some("/v1/realtime/calls")
-                    && m["method"]["exact"].as_str() == Some("POST")
+    // The paths whose body the filter holds: call creation (POST) and client secrets.
+    let held: [(&str, Option<&str>, &str); 2] = [
+        ("/v1/realtime/calls", Some("POST"), "creates"),
+        (
+            "/v1/realtime/client_secrets",
+            None,
+            "client-secret requests",
+        ),
+    ];
+    for (path, method, what) in held {
+        let routes: Vec<&Yaml> = http_routes(in_variant)
+            .filter(|r| {
+                r["match"].as_vec().into_iter().flatten().any(|m| {
+                    m["uri"]["exact"].as_str() == Some(path)
+                        && method.is_none_or(|x| m["method"]["exact"].as_str() == Some(x))
+                })
             })
-        })
-        .collect();
-    if create_routes.is_empty() {
-        problems.push(format!(
-            "{at}: the filter continues the headers (continue_headers: true) but no \
-             VirtualService route matches POST /v1/realtime/calls exactly, so nothing leads \
-             creates to the hold"
-        ));
-    }
-    for r in create_routes {
-        let name = r["name"].as_str().unwrap_or("");
-        if !hold_routes.contains(name) {
+            .collect();
+        let shown = method.map_or(path.to_string(), |m| format!("{m} {path}"));
+        if routes.is_empty() {
             problems.push(format!(
-                "{at}: the filter continues the headers, but the create route `{name}` is not \
-                 patched to a cluster of an internal listener (hold routes: {hold_routes:?}, \
-                 hold clusters: {hold_clusters:?}, internal listeners: {internal_listeners:?}); \
-                 creates would reach the VirtualService's destination"
+                "{at}: the filter continues the headers (continue_headers: true) but no \
+                 VirtualService route matches {shown} exactly, so nothing leads {what} to the \
+                 hold (they would fall to another route, where the filter may not run)"
             ));
+        }
+        for r in routes {
+            let name = r["name"].as_str().unwrap_or("");
+            if !hold_routes.contains(name) {
+                problems.push(format!(
+                    "{at}: the filter continues the headers, but the route `{name}` ({shown}) is \
+                     not patched to a cluster of an internal listener (hold routes: \
+                     {hold_routes:?}, hold clusters: {hold_clusters:?}, internal listeners: \
+                     {internal_listeners:?}); {what} would reach the VirtualService's destination"
+                ));
+            }
         }
     }
 }
@@ -688,6 +701,29 @@ mod tests {
         check_hold(Path::new("deploy"), &without_hold, &mut problems);
         assert!(
             problems.iter().any(|p| p.contains("realtime-calls")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("realtime-client-secrets")),
+            "{problems:?}"
+        );
+        // A VirtualService without a client-secrets route: the path would be the
+        // pass-through's, where the filter is off.
+        let mut problems = Vec::new();
+        let drifted = drifted(
+            &all,
+            |m| m.kind == "VirtualService",
+            "exact: /v1/realtime/client_secrets",
+            "exact: /v1/realtime/client_secretz",
+        );
+        let variant = in_variant(&drifted, &paths, "kustomization.yaml");
+        check_hold(Path::new("deploy"), &variant, &mut problems);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("no VirtualService route matches /v1/realtime/client_secrets")),
             "{problems:?}"
         );
     }
