@@ -133,6 +133,17 @@ pub fn gateway_with(
     gateway_with_relay_args(name, upstreams, plugin_config, patches, &[])
 }
 
+/// [`gateway`] with more variables in Envoy's environment (a later one wins over the local
+/// defaults, e.g. `DEMO_BACKEND_KEY`).
+pub fn gateway_with_env(
+    name: &str,
+    upstreams: &[String],
+    plugin_config: String,
+    env: Vec<(String, String)>,
+) -> Gateway {
+    gateway_full(name, upstreams, plugin_config, Vec::new(), &[], env)
+}
+
 /// [`gateway_with`], the relay started with `relay_args` appended.
 pub fn gateway_with_relay_args(
     name: &str,
@@ -140,6 +151,24 @@ pub fn gateway_with_relay_args(
     plugin_config: String,
     patches: Vec<(String, String)>,
     relay_args: &[String],
+) -> Gateway {
+    gateway_full(
+        name,
+        upstreams,
+        plugin_config,
+        patches,
+        relay_args,
+        Vec::new(),
+    )
+}
+
+fn gateway_full(
+    name: &str,
+    upstreams: &[String],
+    plugin_config: String,
+    patches: Vec<(String, String)>,
+    relay_args: &[String],
+    env: Vec<(String, String)>,
 ) -> Gateway {
     let paths = Paths::discover();
     let dir = RunDir::new(name).expect("run dir");
@@ -150,7 +179,10 @@ pub fn gateway_with_relay_args(
     let opts = EnvoyOptions {
         relay_port: Some(relay.grpc.port()),
         plugin_config: Some(plugin_config),
-        env: vec![("OPENAI_API_KEY".into(), KEY.into())],
+        env: [("OPENAI_API_KEY".to_string(), KEY.to_string())]
+            .into_iter()
+            .chain(env)
+            .collect(),
         patches,
         ..Default::default()
     };
