@@ -185,3 +185,70 @@ fn a_principal_envoys_jwt_filter_verified_calls_and_owns_its_calls() {
         );
     }
 }
+
+/// The number of connections Envoy worker thread `n` accepted on the listener.
+fn worker_connections(envoy: &e2e::Envoy, n: usize) -> f64 {
+    let text = e2e::http::get(envoy.admin(), "/stats?filter=worker_")
+        .unwrap()
+        .text();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("listener.") && l.contains(&format!(".worker_{n}.downstream_cx_total:"))
+        })
+        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Per-caller limits hold across Envoy's two worker threads (`--concurrency 2`: every e2e
+/// Envoy runs so): a principal's third live call is refused on whichever thread it lands, and
+/// its hangup makes room again.
+#[test]
+fn concurrent_calls_per_caller_hold_across_envoys_worker_threads() {
+    let rt = runtime();
+    let p = provider(&rt, KEY);
+    let config = plugin_config(
+        json!([{ "name": "gpt-realtime", "pools": ["main"] }]),
+        json!([{ "name": "main", "key_policy": "replace", "callers": ["api_key"],
+                 "limits": { "calls_per_caller": 2 },
+                 "workers": [{ "id": "w1", "base_url": p.base_url(), "key_env": "OPENAI_API_KEY" }] }]),
+        json!({}),
+    );
+    let g = gateway("callers-limits", &[p.base_url()], config);
+    let ops = ops_auth();
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        let (_c, offer) = new_client();
+        live.push(created(&post_sdp(&g.envoy, CALLS, &offer, &[ops])));
+    }
+    // More creates, each on a new connection, until both worker threads have taken some:
+    // every one is refused, whichever thread counted the first two.
+    let mut refused = 0;
+    for _ in 0..40 {
+        let (_c, offer) = new_client();
+        let r = post_sdp(&g.envoy, CALLS, &offer, &[ops]);
+        assert_eq!(r.status, 429, "{}", r.text());
+        let json = r.json().unwrap();
+        assert_eq!(json["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(json["error"]["type"], "rate_limit_error");
+        assert!(r.header("retry-after").is_some());
+        refused += 1;
+        if refused >= 4
+            && worker_connections(&g.envoy, 0) > 0.0
+            && worker_connections(&g.envoy, 1) > 0.0
+        {
+            break;
+        }
+    }
+    assert!(
+        worker_connections(&g.envoy, 0) > 0.0 && worker_connections(&g.envoy, 1) > 0.0,
+        "both worker threads took connections"
+    );
+    assert_eq!(p.requests().len(), 2, "refused creates reach no provider");
+    // One ends: room for one more.
+    assert_eq!(hangup_as(&g.envoy, &live[0], ops.1).status, 200);
+    let (_c, offer) = new_client();
+    let third = created(&post_sdp(&g.envoy, CALLS, &offer, &[ops]));
+    for id in [&live[1], &third] {
+        assert_eq!(hangup_as(&g.envoy, id, ops.1).status, 200);
+    }
+}
