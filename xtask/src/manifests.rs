@@ -852,7 +852,7 @@ mod tests {
     use super::*;
 
     /// The plugin configurations shipped in deploy/ are accepted by the filter's own parser
-    /// (so Envoy/Istio would not reject them at load).
+    /// (so Envoy/Istio would not reject them at load), and admit no anonymous caller.
     #[test]
     fn shipped_plugin_configs_are_accepted_by_the_filter() {
         let paths = crate::paths::Paths::discover();
@@ -883,7 +883,14 @@ mod tests {
             };
             let parsed = realtime_filter_core::config::Config::from_json(json.as_bytes(), &env);
             match parsed {
-                Ok(_) => {}
+                // deploy/ admits authenticated callers only (docs/operations.md "Securing
+                // the gateway"): no pool may lend its key to anonymous callers.
+                Ok(cfg) => assert!(
+                    !cfg.admits_anonymous(),
+                    "{} {}: a pool admits anonymous callers",
+                    m.kind,
+                    m.name
+                ),
                 Err(e) => panic!("{} {}: plugin config refused: {e:?}", m.kind, m.name),
             }
             checked += 1;

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::ephemeral::{Keyring, SigningKey};
+use crate::limits::Limits;
 
 /// Most operator API keys.
 pub const MAX_API_KEYS: usize = 256;
@@ -54,6 +55,10 @@ pub struct RawApiKey {
     /// Its routing header is honoured.
     #[serde(default)]
     pub trusted: bool,
+    /// Its own per-caller limits, overriding the pool's field by field (a backend that
+    /// proxies many users under one key needs more).
+    #[serde(default)]
+    pub limits: Option<Limits>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +99,7 @@ pub struct ApiKey {
     pub sha256: [u8; 32],
     pub operator: bool,
     pub trusted: bool,
+    pub limits: Option<Limits>,
 }
 
 /// Where the JWT principal is read (dynamic metadata written by `jwt_authn`).
@@ -232,11 +238,15 @@ impl RawCallers {
             if api_keys.iter().any(|o: &ApiKey| o.sha256 == sha256) {
                 return Err(format!("{at}: the same key is listed twice"));
             }
+            if let Some(l) = &k.limits {
+                l.validate(&at)?;
+            }
             api_keys.push(ApiKey {
                 name: k.name,
                 sha256,
                 operator: k.operator,
                 trusted: k.trusted,
+                limits: k.limits,
             });
         }
         let jwt = match self.jwt {

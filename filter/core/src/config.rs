@@ -4,6 +4,7 @@
 //! the Wasm VM, and the caller resolves it through a lookup function at load time.
 
 use crate::callers::{default_admission, parse_admission, Admit, Callers, RawCallers};
+use crate::limits::Limits;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
@@ -152,6 +153,9 @@ pub struct RawPool {
     /// every authenticated caller, no anonymous one.
     #[serde(default)]
     pub callers: Option<Vec<String>>,
+    /// Per-caller limits of this pool's calls (`crate::limits`).
+    #[serde(default)]
+    pub limits: Limits,
     pub workers: Vec<RawWorker>,
 }
 
@@ -254,6 +258,8 @@ pub struct Pool {
     pub key_policy: KeyPolicy,
     /// The callers it lends its worker key to.
     pub callers: Vec<Admit>,
+    /// Per-caller limits (an operator key's own override them).
+    pub limits: Limits,
     pub workers: Vec<Worker>,
     /// Smooth weighted round-robin order of worker indexes (length = sum of weights).
     pub schedule: Vec<usize>,
@@ -670,12 +676,16 @@ impl RawConfig {
                 Some(list) => parse_admission(&format!("pool '{}'", p.name), list, &callers)
                     .map_err(ConfigError)?,
             };
+            p.limits
+                .validate(&format!("pool '{}'", p.name))
+                .map_err(ConfigError)?;
             pool_index.insert(p.name.clone(), pi);
             pools.push(Pool {
                 name: p.name,
                 policy: p.policy,
                 key_policy: p.key_policy,
                 callers: admission,
+                limits: p.limits,
                 schedule: crate::routing::smooth_schedule(&weights),
                 workers,
             });

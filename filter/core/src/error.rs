@@ -42,6 +42,13 @@ pub enum FilterError {
     /// A credential was given but is not accepted; the text says why, never the credential.
     #[error("invalid API key: {0}")]
     InvalidApiKey(&'static str),
+    /// A per-caller limit ([`crate::limits`]): `what` names it.
+    #[error("rate limit exceeded: at most {limit} {what} for this caller")]
+    RateLimited {
+        what: &'static str,
+        limit: u32,
+        retry_after_s: u32,
+    },
     /// An authenticated caller that no pool of the model serves.
     #[error("this caller may not use this model on this gateway")]
     CallerNotAllowed,
@@ -119,6 +126,7 @@ impl FilterError {
             | RelayRejected { .. } => 400,
             MissingApiKey | MintNeedsCredential | InvalidApiKey(_) => 401,
             CallerNotAllowed | MintNotAllowed(_) | ModelNotAllowed { .. } => 403,
+            RateLimited { .. } => 429,
             OriginNotAllowed => 403,
             ModelNotFound(_) | CallNotFound | UnknownCallsPath | ClientSecretsNotEnabled => 404,
             ClientSecret(e) => e.status(),
@@ -153,6 +161,7 @@ impl FilterError {
             ModelNotAllowed { .. } => "model_not_allowed",
             ClientSecretsNotEnabled => "client_secrets_not_enabled",
             ClientSecret(e) => e.code(),
+            RateLimited { .. } => "rate_limit_exceeded",
             CallNotFound => "call_not_found",
             UnknownCallsPath => "not_found",
             OriginNotAllowed => "origin_not_allowed",
@@ -198,6 +207,7 @@ impl FilterError {
         use FilterError::*;
         match self {
             NoHealthyWorker { retry_after_s }
+            | RateLimited { retry_after_s, .. }
             | RelayUnavailable { retry_after_s, .. }
             | Capacity { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,

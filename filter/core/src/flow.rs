@@ -22,7 +22,7 @@ use crate::identity::{self, Caller};
 use crate::relay::{self, Verdict};
 use crate::replica::{self, Failover};
 use crate::reply::HttpReply;
-use crate::{client_secrets, metrics, origin, routing};
+use crate::{client_secrets, limits, metrics, origin, routing};
 
 /// What a create's headers said, kept for when its body is complete. Read in the headers
 /// callback: once the headers went on (`continue_headers`), Envoy no longer lets the filter
@@ -76,6 +76,9 @@ pub struct Creating {
     pub tried: Vec<usize>,
     /// The call id's random part, kept when a failover renames the call for another replica.
     pub random: [u8; 16],
+    /// The subject whose live-call count this create holds (`crate::limits`), if counted:
+    /// released unless the call is set up.
+    pub live_subject: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +90,9 @@ pub enum State {
     /// `CreateCall` dispatched.
     Creating(Creating),
     /// `HangupCall` dispatched.
-    HangingUp { token: u32 },
+    /// `HangupCall` dispatched by a caller with this principal (empty: an operator, or
+    /// anonymous).
+    HangingUp { token: u32, principal: String },
     /// Replied (or the client left).
     Done,
 }
@@ -289,8 +294,11 @@ impl Flow {
                     self.finish_create(host, &c, status, message.as_deref(), body);
                 }
             }
-            State::HangingUp { token: t } if t == token => {
-                self.finish_hangup(host, status, message.as_deref(), body);
+            State::HangingUp {
+                token: t,
+                principal,
+            } if t == token => {
+                self.finish_hangup(host, &principal, status, message.as_deref(), body);
             }
             other => self.state = other,
         }
@@ -303,6 +311,9 @@ impl Flow {
         if let State::Creating(c) = &self.state {
             host.cancel_grpc(c.token);
             routing::release(host.store(), &c.worker_id);
+            if let Some(s) = &c.live_subject {
+                limits::release_call(host.store(), s);
+            }
             self.state = State::Done;
         }
     }
@@ -345,6 +356,57 @@ impl Flow {
         );
         let reply = e.to_reply(&self.request_id);
         self.reply(host, &reply)
+    }
+
+    /// The pool's per-caller limits (or the caller's own, for an operator key that has them):
+    /// one more creation this minute, one more live call. On success, the subject whose live
+    /// call is now counted (released if the call is not set up).
+    fn check_limits(
+        &self,
+        host: &mut dyn HttpHost,
+        caller: &Caller,
+        plan: &crate::create::Plan,
+        now_ms: u64,
+    ) -> Result<Option<String>, FilterError> {
+        let config = &self.config;
+        let Some(pool) = plan.choice.pool(config) else {
+            return Ok(None);
+        };
+        let limits = pool.limits.overridden_by(caller.own_limits(config));
+        if limits == limits::Limits::default() {
+            return Ok(None);
+        }
+        let principal = caller.principal(config);
+        let address = host
+            .property(&["source", "address"])
+            .and_then(|b| String::from_utf8(b).ok());
+        let Some(subject) = limits::subject(&principal, address.as_deref()) else {
+            return Ok(None);
+        };
+        if let Some(n) = limits.creates_per_minute {
+            limits::take_create(host.store(), &subject, n, now_ms).map_err(|o| {
+                FilterError::RateLimited {
+                    what: "call creations per minute",
+                    limit: o.limit,
+                    retry_after_s: o.retry_after_s,
+                }
+            })?;
+        }
+        // Live calls are counted for callers with a principal: the relays report live calls
+        // by owner, which corrects the count for calls that end by themselves.
+        match limits.calls_per_caller {
+            Some(n) if !principal.is_empty() => {
+                limits::acquire_call(host.store(), &subject, Some(n)).map_err(|o| {
+                    FilterError::RateLimited {
+                        what: "concurrent calls",
+                        limit: o.limit,
+                        retry_after_s: o.retry_after_s,
+                    }
+                })?;
+                Ok(Some(subject))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The caller of this request ([`identity::resolve`]).
@@ -428,6 +490,13 @@ impl Flow {
             Ok(p) => p,
             Err(e) => return self.fail(host, &e),
         };
+        let live_subject = match self.check_limits(host, &pending.caller, &plan, now) {
+            Ok(s) => s,
+            Err(e) => {
+                routing::release(host.store(), &plan.worker_id);
+                return self.fail(host, &e);
+            }
+        };
         match self.dispatch_create(
             host,
             &plan.cluster,
@@ -455,6 +524,7 @@ impl Flow {
                     message: plan.message,
                     tried: plan.replica.into_iter().collect(),
                     random,
+                    live_subject,
                 });
                 Action::Pause
             }
@@ -618,6 +688,10 @@ impl Flow {
             &self.request_id,
         );
         self.apply_verdict(host, &c.worker_id, r.verdict, c.started_ms);
+        let set_up = r.error_code.is_none() && r.upstream_status.is_none();
+        if let (Some(s), false) = (&c.live_subject, set_up) {
+            limits::release_call(host.store(), s);
+        }
         if r.error_code.as_deref() == Some(relay::UNNAMED_POD_CALL) {
             host.log(
                 LogLevel::Error,
@@ -731,7 +805,14 @@ impl Flow {
         });
         match dispatched {
             Ok(token) => {
-                self.state = State::HangingUp { token };
+                self.state = State::HangingUp {
+                    token,
+                    principal: if caller.is_operator(&config) {
+                        String::new()
+                    } else {
+                        caller.principal(&config)
+                    },
+                };
                 Action::Pause
             }
             Err(_) => {
@@ -744,6 +825,7 @@ impl Flow {
     fn finish_hangup(
         &mut self,
         host: &mut dyn HttpHost,
+        principal: &str,
         status: u32,
         message: Option<&str>,
         body: Option<&[u8]>,
@@ -751,6 +833,16 @@ impl Flow {
         let r = relay::map_hangup_response(&self.config, status, message, body, &self.request_id);
         if let Some(w) = &r.worker_id {
             routing::release(host.store(), w);
+            // The owner's live-call count: the caller's own, or the one the relay shows an
+            // operator.
+            let owner = if principal.is_empty() {
+                &r.owner
+            } else {
+                principal
+            };
+            if !owner.is_empty() {
+                limits::release_call(host.store(), owner);
+            }
         }
         match &r.error_code {
             Some(code) => {

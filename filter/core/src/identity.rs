@@ -136,6 +136,14 @@ impl Caller {
         }
     }
 
+    /// An operator key's own limits, which override its pool's.
+    pub fn own_limits(&self, config: &Config) -> Option<crate::limits::Limits> {
+        match self {
+            Caller::ApiKey { index } => config.callers.api_keys.get(*index).and_then(|k| k.limits),
+            _ => None,
+        }
+    }
+
     /// The caller kind, for metrics (bounded).
     pub fn kind(&self) -> &'static str {
         match self {

@@ -23,6 +23,7 @@ pub mod flow;
 pub mod host;
 pub mod identity;
 pub mod keys;
+pub mod limits;
 pub mod load_refresh;
 pub mod metrics;
 pub mod model;

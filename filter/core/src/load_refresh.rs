@@ -22,6 +22,7 @@ pub const REFRESH_KEY: &str = "realtime.v1.load_refresh_at_ms";
 struct Round {
     pending: Vec<u32>,
     live: HashMap<String, u32>,
+    live_principals: HashMap<String, u32>,
     answered: usize,
     /// With relay pods: whether the other pods have been asked (once per round).
     fanned_out: bool,
@@ -106,6 +107,10 @@ impl LoadRefresh {
                     let e = round.live.entry(w.clone()).or_insert(0);
                     *e = e.saturating_add(*n);
                 }
+                for (p, n) in &l.live_principals {
+                    let e = round.live_principals.entry(p.clone()).or_insert(0);
+                    *e = e.saturating_add(*n);
+                }
                 if config.pods.is_some() && !round.fanned_out {
                     round.fanned_out = true;
                     if l.replica_addr.is_empty() {
@@ -135,6 +140,7 @@ impl LoadRefresh {
         // A relay that did not answer holds no calls we can count; the others' counts stand.
         if done.answered > 0 {
             routing::apply_live_counts(host.store(), config, &done.live);
+            crate::limits::apply_live_principals(host.store(), &done.live_principals);
             host.increment(metrics::LOAD_REFRESH);
         } else {
             host.increment(metrics::LOAD_REFRESH_FAILED);

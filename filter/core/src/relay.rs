@@ -336,7 +336,10 @@ pub fn map_create_response(
 #[derive(Debug, Clone, PartialEq)]
 pub struct HangupResult {
     pub reply: HttpReply,
+    /// The worker to release: set only when this hangup ended the call.
     pub worker_id: Option<String>,
+    /// The call's owner as the relay showed it (to operators only; empty otherwise).
+    pub owner: String,
     pub error_code: Option<String>,
 }
 
@@ -351,17 +354,21 @@ pub fn map_hangup_response(
         error_code: Some(e.code().to_string()),
         reply: e.to_reply(request_id),
         worker_id: None,
+        owner: String::new(),
     };
     match status {
         grpc::OK => {
             // Released once per call: a repeated hangup (clients retry) of a call that had
             // already ended answers OK too, and must not release the worker again.
-            let worker_id = HangupCallResponse::decode(body.unwrap_or(&[]))
+            let ended = HangupCallResponse::decode(body.unwrap_or(&[]))
                 .ok()
                 .filter(|r| r.ended_now)
-                .and_then(|r| r.call)
-                .map(|c| c.worker_id)
-                .filter(|w| !w.is_empty());
+                .and_then(|r| r.call);
+            let owner = ended
+                .as_ref()
+                .map(|c| c.principal.clone())
+                .unwrap_or_default();
+            let worker_id = ended.map(|c| c.worker_id).filter(|w| !w.is_empty());
             HangupResult {
                 reply: HttpReply {
                     status: 200,
@@ -372,6 +379,7 @@ pub fn map_hangup_response(
                     body: Vec::new(),
                 },
                 worker_id,
+                owner,
                 error_code: None,
             }
         }
@@ -386,15 +394,29 @@ pub fn map_hangup_response(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listed {
     pub live: HashMap<String, u32>,
+    /// Live calls per owner (`CallInfo.principal`, which ListCalls shows); calls without one
+    /// are not counted.
+    pub live_principals: HashMap<String, u32>,
     pub replica_addr: String,
     pub replicas: Vec<String>,
 }
 
 pub fn decode_list(body: &[u8]) -> Option<Listed> {
-    ListCallsResponse::decode(body).ok().map(|r| Listed {
-        live: r.live_calls_by_worker,
-        replica_addr: r.replica_addr,
-        replicas: r.replicas,
+    ListCallsResponse::decode(body).ok().map(|r| {
+        let mut live_principals: HashMap<String, u32> = HashMap::new();
+        for c in &r.calls {
+            if !c.principal.is_empty()
+                && c.state != realtime_relay_proto::v1::CallState::Ended as i32
+            {
+                *live_principals.entry(c.principal.clone()).or_default() += 1;
+            }
+        }
+        Listed {
+            live: r.live_calls_by_worker,
+            live_principals,
+            replica_addr: r.replica_addr,
+            replicas: r.replicas,
+        }
     })
 }
 
@@ -587,6 +609,31 @@ mod tests {
         assert_eq!(out.sdp_offer, "v=0");
         assert_eq!(out.upstream.unwrap().authorization, "Bearer k");
         assert!(with_call_id(b"\xff\xff", "x").is_none());
+    }
+
+    #[test]
+    fn a_list_counts_live_calls_per_owner_for_the_limits() {
+        use realtime_relay_proto::v1::{CallInfo, CallState, ListCallsResponse};
+        let call = |p: &str, state: CallState| CallInfo {
+            principal: p.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let body = ListCallsResponse {
+            calls: vec![
+                call("p_a", CallState::Connected),
+                call("p_a", CallState::Pending),
+                call("p_a", CallState::Ended),
+                call("p_b", CallState::Connected),
+                call("", CallState::Connected),
+            ],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let l = decode_list(&body).unwrap();
+        assert_eq!(l.live_principals.get("p_a"), Some(&2));
+        assert_eq!(l.live_principals.get("p_b"), Some(&1));
+        assert_eq!(l.live_principals.len(), 2, "no owner, no count");
     }
 
     #[test]

@@ -35,7 +35,19 @@ pub trait SharedStore {
 /// In-memory store with CAS semantics like Envoy's (for tests and native use).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    map: std::rc::Rc<RefCell<Entries>>,
+}
+
+/// Value and CAS version by key.
+type Entries = HashMap<String, (Vec<u8>, u32)>;
+
+impl MemoryStore {
+    /// Another handle on the same store (as every context of a VM sees one shared data).
+    pub fn share(&self) -> MemoryStore {
+        MemoryStore {
+            map: std::rc::Rc::clone(&self.map),
+        }
+    }
 }
 
 impl SharedStore for MemoryStore {

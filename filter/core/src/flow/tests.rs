@@ -761,3 +761,116 @@ fn a_hangup_carries_the_callers_principal_and_needs_credentials() {
     let m = sent(&host);
     assert_eq!((m.principal.as_str(), m.operator), ("", false));
 }
+
+/// Per-caller limits across the VM's shared store: concurrent calls per principal (held
+/// from dispatch, released by a failed setup or the owner's hangup) and creations per minute;
+/// over either: 429 rate_limit_exceeded with Retry-After, nothing dispatched, nothing held.
+#[test]
+fn per_caller_limits_hold_calls_and_creations_and_release_them() {
+    let mut v: serde_json::Value = serde_json::from_str(crate::config::tests::SAMPLE).unwrap();
+    v["pools"][0]["limits"] = serde_json::json!({"calls_per_caller": 2, "creates_per_minute": 4});
+    let config = Rc::new(Config::from_json(v.to_string().as_bytes(), &env).unwrap());
+    let store_host = FakeHost::default();
+    let create = |auth: Option<&str>, addr: &str| {
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", "/v1/realtime/calls"),
+            ("content-type", "application/sdp"),
+        ];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let mut host = FakeHost::request(&headers, OFFER.as_bytes());
+        host.store = store_host.store.share();
+        host.properties.insert(
+            vec!["source".to_string(), "address".to_string()],
+            addr.as_bytes().to_vec(),
+        );
+        let mut flow = Flow::new(Rc::clone(&config));
+        if flow.on_headers(&mut host, false) == Action::Pause && host.replies.is_empty() {
+            let size = host.body.len();
+            flow.on_body(&mut host, size, true);
+        }
+        (flow, host)
+    };
+    let ops = Some("Bearer sk-gw-ops");
+    // Two live calls for the operator key's principal.
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        let (mut flow, mut host) = create(ops, "192.0.2.1:1000");
+        let id = sent_call_id(&host);
+        respond(&mut flow, &mut host, OK, None, &answer_sdp(&id));
+        assert_eq!(host.last_reply().status, 201);
+        live.push(id);
+    }
+    // A third: 429, concurrent calls, nothing dispatched, no worker held.
+    let (_f, host) = create(ops, "192.0.2.1:1001");
+    assert!(host.dispatched.is_empty());
+    let reply = host.last_reply();
+    assert_eq!(reply.status, 429);
+    let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(json["error"]["code"], "rate_limit_exceeded");
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("concurrent"));
+    assert!(reply.header("retry-after").is_some());
+    let outstanding: u64 = ["a", "b"]
+        .iter()
+        .map(|w| host.stored(&outstanding_key(w)))
+        .sum();
+    assert_eq!(outstanding, 2, "the refused create holds no worker");
+    // The owner hangs one up: room for one more, which fails at the relay (released again).
+    let path = format!("/v1/realtime/calls/{}/hangup", live[0]);
+    let mut host = FakeHost::request(
+        &[
+            (":method", "POST"),
+            (":path", &path),
+            ("authorization", "Bearer sk-gw-ops"),
+        ],
+        b"",
+    );
+    host.store = store_host.store.share();
+    let mut flow = Flow::new(Rc::clone(&config));
+    flow.on_headers(&mut host, true);
+    let body = HangupCallResponse {
+        // An operator's answer shows the call's owner.
+        call: Some(CallInfo {
+            worker_id: "a".into(),
+            principal: crate::identity::principal_of("api_key", "ops"),
+            ..Default::default()
+        }),
+        ended_now: true,
+    }
+    .encode_to_vec();
+    respond(&mut flow, &mut host, OK, None, &body);
+    let (mut flow, mut host) = create(ops, "192.0.2.1:1002");
+    respond(
+        &mut flow,
+        &mut host,
+        UNAVAILABLE,
+        Some("upstream_unreachable: x"),
+        &[],
+    );
+    assert_eq!(host.last_reply().status, 502);
+    // That was the fourth creation this minute: the fifth is refused per minute.
+    let (_f, host) = create(ops, "192.0.2.1:1003");
+    assert_eq!(host.last_reply().status, 429);
+    let json: serde_json::Value = serde_json::from_slice(&host.last_reply().body).unwrap();
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per minute"),
+        "{json}"
+    );
+    // Anonymous callers are counted per address: another address is unaffected.
+    for _ in 0..4 {
+        let (_f, host) = create(None, "198.51.100.7:2000");
+        assert!(!host.dispatched.is_empty());
+    }
+    let (_f, host) = create(None, "198.51.100.7:2001");
+    assert_eq!(host.last_reply().status, 429);
+    let (_f, host) = create(None, "198.51.100.8:2000");
+    assert_eq!(host.dispatched.len(), 1);
+}
