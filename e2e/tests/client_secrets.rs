@@ -3,8 +3,8 @@
 //! backend mints a key with `client.realtime.client_secrets.create`, a page opens a call with
 //! it through `client.realtime.calls.create(sdp=...)`, and the str0m test client proves
 //! events and audio flow on the call. Also: the key opens its model only, mints nothing, and
-//! stops working when it expires; and the local demo's backend route mints for a page that
-//! holds no key.
+//! stops working when it expires; the local demo's backend route mints for a page that
+//! holds no key; and without Envoy's pause flag (Istio's shape) a mint is held and answered.
 
 mod common;
 
@@ -237,4 +237,62 @@ fn the_local_demo_backend_route_mints_for_a_page_that_holds_no_key() {
         !log.contains(demo_key) && !log.contains(&key),
         "a key in Envoy's log"
     );
+}
+
+/// Istio's shape: no `allow_on_headers_stop_iteration`, so the filter lets a client-secret
+/// request's headers go on (to `realtime_hold`, which answers nothing before the body), holds
+/// the body, and answers from the body callback.
+#[test]
+fn without_the_pause_flag_a_mint_is_held_and_answered_from_its_body() {
+    let paths = Paths::discover();
+    let dir = RunDir::new("client-secrets-held").unwrap();
+    let cfg = plugin_config(
+        json!([{ "name": "gpt-realtime", "pools": ["main"] }]),
+        json!([{ "name": "main", "workers": [
+            { "id": "worker-1", "base_url": "http://127.0.0.1:9", "key_env": "OPENAI_API_KEY" }
+        ]}]),
+        json!({ "continue_headers": true, "callers": {
+            "api_keys": [{ "name": "backend", "key_env": "DEMO_BACKEND_KEY" }],
+            "ephemeral_keys": { "gateway": "e2e", "key_envs": ["EPHEMERAL_SIGNING_KEY"] }
+        }}),
+    );
+    let envoy = EnvoyOptions {
+        env: vec![
+            ("OPENAI_API_KEY".into(), KEY.into()),
+            ("DEMO_BACKEND_KEY".into(), BACKEND_KEY.into()),
+        ],
+        plugin_config: Some(cfg),
+        patches: vec![(
+            "allow_on_headers_stop_iteration: true".into(),
+            "allow_on_headers_stop_iteration: false".into(),
+        )],
+        ..Default::default()
+    }
+    .start(&paths, &dir)
+    .unwrap();
+    let auth = format!("Bearer {BACKEND_KEY}");
+    let r = http::request(
+        envoy.listen(),
+        "POST",
+        "/v1/realtime/client_secrets",
+        &[("content-type", "application/json"), ("authorization", &auth)],
+        br#"{"expires_after": {"seconds": 60}, "session": {"type": "realtime", "model": "gpt-realtime"}}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    assert!(v["value"].as_str().unwrap().starts_with("ek_"), "{v}");
+    // The router headed for the hold with the headers (its request there was still pending
+    // when the filter's answer cancelled it: a mint is answered at once).
+    let name = "cluster.realtime_hold.upstream_rq_pending_total";
+    let stats = http::get(envoy.admin(), &format!("/stats?filter=^{name}$"))
+        .unwrap()
+        .text();
+    let held: f64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {stats:?}"));
+    assert_eq!(held, 1.0, "{stats}");
+    assert!(!envoy.log_text().contains(BACKEND_KEY));
 }
