@@ -7,6 +7,7 @@ mod common;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use common::*;
+use e2e::Paths;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
@@ -250,5 +251,184 @@ fn concurrent_calls_per_caller_hold_across_envoys_worker_threads() {
     let third = created(&post_sdp(&g.envoy, CALLS, &offer, &[ops]));
     for id in [&live[1], &third] {
         assert_eq!(hangup_as(&g.envoy, id, ops.1).status, 200);
+    }
+}
+
+/// A global rate-limit service as Envoy's API defines it (envoyproxy/ratelimit stands here):
+/// `limit` creations per principal, counted over the whole test, and the requests it got.
+mod fake_rls {
+    use realtime_relay_proto::rls::rate_limit_response::{Code, DescriptorStatus};
+    use realtime_relay_proto::rls::rate_limit_service_server::{
+        RateLimitService, RateLimitServiceServer,
+    };
+    use realtime_relay_proto::rls::{Duration, RateLimitRequest, RateLimitResponse};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub struct Rls {
+        pub limit: u32,
+        pub seen: Arc<Mutex<Vec<RateLimitRequest>>>,
+        pub counts: Arc<Mutex<HashMap<String, u32>>>,
+    }
+
+    #[tonic::async_trait]
+    impl RateLimitService for Rls {
+        async fn should_rate_limit(
+            &self,
+            request: tonic::Request<RateLimitRequest>,
+        ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+            let req = request.into_inner();
+            self.seen.lock().unwrap().push(req.clone());
+            let principal = req
+                .descriptors
+                .first()
+                .and_then(|d| d.entries.iter().find(|e| e.key == "principal"))
+                .map(|e| e.value.clone())
+                .unwrap_or_default();
+            let mut counts = self.counts.lock().unwrap();
+            let n = counts.entry(principal).or_default();
+            *n += req.hits_addend.max(1);
+            let code = if *n > self.limit {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            };
+            let mut r = RateLimitResponse::default();
+            r.set_overall_code(code);
+            let mut s = DescriptorStatus::default();
+            s.set_code(code);
+            s.duration_until_reset = Some(Duration {
+                seconds: 17,
+                nanos: 0,
+            });
+            r.statuses.push(s);
+            Ok(tonic::Response::new(r))
+        }
+    }
+
+    /// Serves `rls` on a loopback port (for the life of the runtime).
+    pub fn start(rt: &tokio::runtime::Runtime, rls: Rls) -> u16 {
+        // A free port, then the server on it (loopback: nobody else takes it in between).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        rt.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(RateLimitServiceServer::new(rls))
+                .serve(addr)
+                .await
+                .unwrap();
+        });
+        port
+    }
+}
+
+/// Fleet-wide limits: the filter asks a global rate-limit service before each create, with
+/// descriptors keyed by the caller's principal (a hash, never a credential); over the service's
+/// limit the caller gets 429 with the service's Retry-After, and other callers are not affected.
+#[test]
+fn a_global_rate_limit_service_keyed_by_principal_caps_a_caller_fleet_wide() {
+    // The shipped example configures the same domain and descriptor keys.
+    let example = std::fs::read_to_string(
+        Paths::discover()
+            .root
+            .join("examples/ratelimit/config.yaml"),
+    )
+    .expect("examples/ratelimit/config.yaml");
+    for want in ["domain: realtime", "key: principal", "key: model"] {
+        assert!(example.contains(want), "the example lacks {want}");
+    }
+    let rt = runtime();
+    let p = provider(&rt, KEY);
+    let rls = fake_rls::Rls {
+        limit: 2,
+        ..Default::default()
+    };
+    let rls_port = fake_rls::start(&rt, rls.clone());
+    let config = plugin_config(
+        json!([{ "name": "gpt-realtime", "pools": ["main"] }]),
+        json!([{ "name": "main", "key_policy": "replace", "callers": ["jwt", "api_key"],
+                 "workers": [{ "id": "w1", "base_url": p.base_url(), "key_env": "OPENAI_API_KEY" }] }]),
+        json!({
+            "callers": { "api_keys": callers_section()["api_keys"], "jwt": { "payload_key": "jwt_payload" } },
+            "global_rate_limit": { "cluster": "ratelimit", "domain": "realtime", "timeout_ms": 1000 }
+        }),
+    );
+    let cluster = format!(
+        r#"    - name: ratelimit
+      type: STATIC
+      connect_timeout: 0.25s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {{}}
+      load_assignment:
+        cluster_name: ratelimit
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: 127.0.0.1, port_value: {rls_port} }}
+"#
+    );
+    let anchor = "    # The relay's gRPC endpoint.";
+    let g = gateway_with(
+        "callers-global-limit",
+        &[p.base_url()],
+        config,
+        vec![
+            jwt_filter_patch(),
+            (anchor.to_string(), format!("{cluster}{anchor}")),
+        ],
+    );
+    let alice = bearer(&jwt("alice@example.test", JWT_SECRET));
+    let bob = bearer(&jwt("bob@example.test", JWT_SECRET));
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_c, offer) = new_client();
+        ids.push(created(&post_sdp(
+            &g.envoy,
+            CALLS,
+            &offer,
+            &[("authorization", &alice)],
+        )));
+    }
+    let (_c, offer) = new_client();
+    let r = post_sdp(&g.envoy, CALLS, &offer, &[("authorization", &alice)]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json().unwrap()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(r.header("retry-after"), Some("17"));
+    // Bob has his own budget.
+    let (_c, offer) = new_client();
+    ids.push(created(&post_sdp(
+        &g.envoy,
+        CALLS,
+        &offer,
+        &[("authorization", &bob)],
+    )));
+    assert_eq!(
+        p.requests().len(),
+        3,
+        "the refused create reached no provider"
+    );
+    // The service saw principals (hashes), never a token, and the model.
+    let seen = rls.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    for req in &seen {
+        assert_eq!(req.domain, "realtime");
+        let text = format!("{req:?}");
+        assert!(
+            text.contains("p_") && text.contains("gpt-realtime"),
+            "{text}"
+        );
+        assert!(!text.contains("alice") && !text.contains(alice.trim_start_matches("Bearer ")));
+    }
+    for id in &ids {
+        assert_eq!(hangup_as(&g.envoy, id, ops_auth().1).status, 200);
     }
 }

@@ -48,7 +48,7 @@ impl Host for Envoy<'_> {
     fn dispatch_grpc(&mut self, call: &GrpcCall<'_>) -> Result<u32, DispatchFailed> {
         hostcalls::dispatch_grpc_call(
             call.cluster,
-            realtime_filter_core::relay::SERVICE_NAME,
+            call.service,
             call.method,
             call.metadata(),
             Some(call.message),

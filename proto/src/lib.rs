@@ -11,6 +11,12 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/realtime.relay.v1.rs"));
 }
 
+/// Envoy's global rate-limit service API, the part the filter uses
+/// (`proto/envoy_rls.proto`).
+pub mod rls {
+    include!(concat!(env!("OUT_DIR"), "/envoy.service.ratelimit.v3.rs"));
+}
+
 pub mod call_id;
 pub mod error_code;
 pub mod metadata;

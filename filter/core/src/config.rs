@@ -4,6 +4,7 @@
 //! the Wasm VM, and the caller resolves it through a lookup function at load time.
 
 use crate::callers::{default_admission, parse_admission, Admit, Callers, RawCallers};
+use crate::global_limit::GlobalRateLimit;
 use crate::limits::Limits;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -99,6 +100,9 @@ pub struct RawConfig {
     /// (see `crate::callers`).
     #[serde(default)]
     pub callers: RawCallers,
+    /// Fleet-wide per-caller limits from a global rate-limit service (`crate::global_limit`).
+    #[serde(default)]
+    pub global_rate_limit: Option<GlobalRateLimit>,
     pub models: Vec<RawModel>,
     pub pools: Vec<RawPool>,
 }
@@ -300,6 +304,7 @@ pub struct Config {
     /// Normalized `browser_origins` ([`crate::origin`]).
     pub browser_origins: Vec<String>,
     pub callers: Callers,
+    pub global_rate_limit: Option<GlobalRateLimit>,
     pub models: Vec<Model>,
     pub pools: Vec<Pool>,
     /// Canonical names and aliases → index into `models`.
@@ -518,6 +523,9 @@ impl RawConfig {
         let replicas = validate_replicas(&self.relay_cluster, self.relay_replicas)?;
         let browser_origins = validate_origins(&self.browser_origins)?;
         let callers = self.callers.validate(env).map_err(ConfigError)?;
+        if let Some(g) = &self.global_rate_limit {
+            g.validate().map_err(ConfigError)?;
+        }
         if !(1..=300_000).contains(&self.create_timeout_ms) {
             return err("create_timeout_ms must be between 1 and 300000");
         }
@@ -795,6 +803,7 @@ impl RawConfig {
             continue_headers: self.continue_headers,
             browser_origins,
             callers,
+            global_rate_limit: self.global_rate_limit,
             models,
             pools,
             model_index,

@@ -14,6 +14,7 @@ use crate::routing::{MemoryStore, SharedStore};
 pub struct Dispatched {
     pub token: u32,
     pub cluster: String,
+    pub service: &'static str,
     pub method: &'static str,
     pub metadata: Vec<(String, String)>,
     pub message: Vec<u8>,
@@ -118,6 +119,7 @@ impl Host for FakeHost {
         self.dispatched.push(Dispatched {
             token: self.next_token,
             cluster: call.cluster.to_string(),
+            service: call.service,
             method: call.method,
             metadata: call
                 .metadata()

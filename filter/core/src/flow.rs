@@ -17,6 +17,7 @@ use crate::create::{
     check_content_length, check_create_headers, plan_create, validate_create_body, CreateRequest,
 };
 use crate::error::FilterError;
+use crate::global_limit::{self, GlobalRateLimit};
 use crate::host::{Action, GrpcCall, HttpHost, LogLevel};
 use crate::identity::{self, Caller};
 use crate::relay::{self, Verdict};
@@ -81,12 +82,32 @@ pub struct Creating {
     pub live_subject: Option<String>,
 }
 
+/// A create planned and within the local limits, ready to go out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub plan: crate::create::Plan,
+    pub live_subject: Option<String>,
+    pub random: [u8; 16],
+    pub started_ms: u64,
+    pub model: String,
+    pub principal: String,
+}
+
+/// A create waiting for the global rate-limit service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateCheck {
+    pub token: u32,
+    pub ready: Ready,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     /// Not ours: untouched.
     PassThrough,
     /// A create or client-secret request whose body is being buffered.
     Body(Pending),
+    /// Asking the global rate-limit service.
+    RateChecking(Box<RateCheck>),
     /// `CreateCall` dispatched.
     Creating(Creating),
     /// `HangupCall` dispatched.
@@ -294,6 +315,10 @@ impl Flow {
                     self.finish_create(host, &c, status, message.as_deref(), body);
                 }
             }
+            State::RateChecking(check) if check.token == token => {
+                let decision = global_limit::decide(status, body);
+                self.after_global(host, decision, check.ready);
+            }
             State::HangingUp {
                 token: t,
                 principal,
@@ -308,6 +333,12 @@ impl Flow {
     /// flight will never get the reply, so the call stops counting against its worker now
     /// (the ListCalls refresh counts it again if the relay set it up anyway).
     pub fn on_done(&mut self, host: &mut dyn HttpHost) {
+        if let State::RateChecking(check) = &self.state {
+            host.cancel_grpc(check.token);
+            self.release_ready(host, &check.ready);
+            self.state = State::Done;
+            return;
+        }
         if let State::Creating(c) = &self.state {
             host.cancel_grpc(c.token);
             routing::release(host.store(), &c.worker_id);
@@ -497,6 +528,117 @@ impl Flow {
                 return self.fail(host, &e);
             }
         };
+        let ready = Ready {
+            plan,
+            live_subject,
+            random,
+            started_ms: now,
+            model: offer.model.requested.clone(),
+            principal: pending.caller.principal(&config),
+        };
+        match &config.global_rate_limit {
+            Some(global) => self.check_global(host, global, ready),
+            None => self.dispatch_ready(host, ready),
+        }
+    }
+
+    /// Asks the global rate-limit service about `ready`'s caller before its create goes out.
+    fn check_global(
+        &mut self,
+        host: &mut dyn HttpHost,
+        global: &GlobalRateLimit,
+        ready: Ready,
+    ) -> Action {
+        let subject = if ready.principal.is_empty() {
+            ready.live_subject.clone().unwrap_or_default()
+        } else {
+            ready.principal.clone()
+        };
+        if subject.is_empty() {
+            return self.dispatch_ready(host, ready);
+        }
+        let message = global_limit::encode_request(&global.domain, &subject, &ready.model);
+        match host.dispatch_grpc(&GrpcCall {
+            cluster: &global.cluster,
+            service: global_limit::SERVICE_NAME,
+            method: global_limit::METHOD,
+            call_id: "",
+            request_id: &self.request_id,
+            message: &message,
+            timeout_ms: global.timeout_ms,
+            original_dst: "",
+        }) {
+            Ok(token) => {
+                self.state = State::RateChecking(Box::new(RateCheck { token, ready }));
+                Action::Pause
+            }
+            Err(e) => {
+                host.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "request_id={} rate-limit service dispatch failed: {}",
+                        self.request_id, e.0
+                    ),
+                );
+                self.after_global(host, global_limit::Decision::Failed, ready)
+            }
+        }
+    }
+
+    /// The global rate-limit service's decision for `ready`.
+    fn after_global(
+        &mut self,
+        host: &mut dyn HttpHost,
+        decision: global_limit::Decision,
+        ready: Ready,
+    ) -> Action {
+        let deny_on_failure = self
+            .config
+            .global_rate_limit
+            .as_ref()
+            .is_some_and(|g| g.deny_on_failure);
+        let refused = match decision {
+            global_limit::Decision::Allow => None,
+            global_limit::Decision::Deny { retry_after_s } => Some(FilterError::RateLimited {
+                what: "calls in the fleet's budget",
+                limit: 0,
+                retry_after_s,
+            }),
+            global_limit::Decision::Failed if deny_on_failure => {
+                Some(FilterError::RelayUnavailable {
+                    retry_after_s: self.config.retry_after_s,
+                    code: Some("rate_limit_unavailable".to_string()),
+                })
+            }
+            global_limit::Decision::Failed => None,
+        };
+        match refused {
+            None => self.dispatch_ready(host, ready),
+            Some(e) => {
+                self.release_ready(host, &ready);
+                self.fail(host, &e)
+            }
+        }
+    }
+
+    /// A create that will not go out gives back what it holds.
+    fn release_ready(&self, host: &mut dyn HttpHost, ready: &Ready) {
+        routing::release(host.store(), &ready.plan.worker_id);
+        if let Some(s) = &ready.live_subject {
+            limits::release_call(host.store(), s);
+        }
+    }
+
+    /// Dispatches the planned `CreateCall`.
+    fn dispatch_ready(&mut self, host: &mut dyn HttpHost, ready: Ready) -> Action {
+        let Ready {
+            plan,
+            live_subject,
+            random,
+            started_ms: now,
+            model,
+            ..
+        } = ready;
         match self.dispatch_create(
             host,
             &plan.cluster,
@@ -509,11 +651,7 @@ impl Flow {
                     LogLevel::Debug,
                     &format!(
                         "request_id={} call_id={} model={} worker={} CreateCall dispatched to {}",
-                        self.request_id,
-                        plan.call_id,
-                        offer.model.requested,
-                        plan.worker_id,
-                        plan.cluster
+                        self.request_id, plan.call_id, model, plan.worker_id, plan.cluster
                     ),
                 );
                 self.state = State::Creating(Creating {
@@ -530,6 +668,9 @@ impl Flow {
             }
             Err(e) => {
                 routing::release(host.store(), &plan.worker_id);
+                if let Some(s) = &live_subject {
+                    limits::release_call(host.store(), s);
+                }
                 host.log(
                     LogLevel::Warn,
                     &format!(
@@ -609,6 +750,7 @@ impl Flow {
         }
         host.dispatch_grpc(&GrpcCall {
             cluster,
+            service: relay::SERVICE_NAME,
             method: relay::METHOD_CREATE,
             call_id,
             request_id: &self.request_id,
@@ -796,6 +938,7 @@ impl Flow {
         );
         let dispatched = host.dispatch_grpc(&GrpcCall {
             cluster,
+            service: relay::SERVICE_NAME,
             method: relay::METHOD_HANGUP,
             call_id,
             request_id: &self.request_id,

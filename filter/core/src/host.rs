@@ -29,6 +29,8 @@ pub enum LogLevel {
 #[derive(Debug, Clone, Copy)]
 pub struct GrpcCall<'a> {
     pub cluster: &'a str,
+    /// The gRPC service (the relay's, or the rate-limit service's).
+    pub service: &'static str,
     pub method: &'static str,
     pub call_id: &'a str,
     pub request_id: &'a str,

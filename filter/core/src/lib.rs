@@ -20,6 +20,7 @@ pub mod create;
 pub mod ephemeral;
 pub mod error;
 pub mod flow;
+pub mod global_limit;
 pub mod host;
 pub mod identity;
 pub mod keys;

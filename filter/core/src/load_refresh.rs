@@ -158,6 +158,7 @@ fn dispatch_list(
 ) -> Option<u32> {
     let call = GrpcCall {
         cluster,
+        service: relay::SERVICE_NAME,
         method: relay::METHOD_LIST,
         call_id: "",
         request_id: "",

@@ -12,6 +12,7 @@ use realtime_relay_proto::v1::{
 use super::*;
 use crate::config::tests::{env, sample, SAMPLE};
 use crate::fake_host::FakeHost;
+use crate::global_limit;
 use crate::host::Action;
 use crate::load_refresh::LoadRefresh;
 use crate::routing::{ejected_until_key, failures_key, outstanding_key};
@@ -873,4 +874,90 @@ fn per_caller_limits_hold_calls_and_creations_and_release_them() {
     assert_eq!(host.last_reply().status, 429);
     let (_f, host) = create(None, "198.51.100.8:2000");
     assert_eq!(host.dispatched.len(), 1);
+}
+
+/// With a global rate-limit service, a create asks it first (descriptors keyed by the
+/// caller's principal): OVER_LIMIT is 429 with the service's Retry-After and nothing held; OK
+/// sends the create; a failing service lets it through, or refuses it with deny_on_failure.
+#[test]
+fn a_global_rate_limit_service_is_asked_before_the_create() {
+    use realtime_relay_proto::rls::{
+        rate_limit_response::{Code, DescriptorStatus},
+        Duration as RlsDuration, RateLimitRequest, RateLimitResponse,
+    };
+    let config_with = |deny: bool| {
+        let mut v: serde_json::Value = serde_json::from_str(crate::config::tests::SAMPLE).unwrap();
+        v["global_rate_limit"] = serde_json::json!({"cluster": "ratelimit", "domain": "realtime", "deny_on_failure": deny});
+        Rc::new(Config::from_json(v.to_string().as_bytes(), &env).unwrap())
+    };
+    let answer = |code: Code, reset_s: i64| {
+        let mut r = RateLimitResponse::default();
+        r.set_overall_code(code);
+        let mut s = DescriptorStatus::default();
+        s.set_code(code);
+        s.duration_until_reset = Some(RlsDuration {
+            seconds: reset_s,
+            nanos: 0,
+        });
+        r.statuses.push(s);
+        r.encode_to_vec()
+    };
+    let start_create = |config: &Rc<Config>| {
+        let mut host = FakeHost::request(
+            &[
+                (":method", "POST"),
+                (":path", "/v1/realtime/calls"),
+                ("content-type", "application/sdp"),
+                ("authorization", "Bearer sk-gw-ops"),
+            ],
+            OFFER.as_bytes(),
+        );
+        let mut flow = Flow::new(Rc::clone(config));
+        assert_eq!(flow.on_headers(&mut host, false), Action::Pause);
+        let size = host.body.len();
+        flow.on_body(&mut host, size, true);
+        (flow, host)
+    };
+    let config = config_with(false);
+    // Over the limit.
+    let (mut flow, mut host) = start_create(&config);
+    let ask = host.last_dispatch().clone();
+    assert_eq!(
+        (ask.service, ask.method, ask.cluster.as_str()),
+        (global_limit::SERVICE_NAME, "ShouldRateLimit", "ratelimit")
+    );
+    let req = RateLimitRequest::decode(ask.message.as_slice()).unwrap();
+    assert_eq!(
+        req.descriptors[0].entries[0].value,
+        crate::identity::principal_of("api_key", "ops")
+    );
+    respond(&mut flow, &mut host, OK, None, &answer(Code::OverLimit, 30));
+    assert_eq!(host.dispatched.len(), 1, "no create after OVER_LIMIT");
+    assert_eq!(host.last_reply().status, 429);
+    assert_eq!(host.last_reply().header("retry-after"), Some("30"));
+    assert_eq!(
+        host.stored(&outstanding_key("a")) + host.stored(&outstanding_key("b")),
+        0
+    );
+    // Within the limit: the create goes out.
+    let (mut flow, mut host) = start_create(&config);
+    respond(&mut flow, &mut host, OK, None, &answer(Code::Ok, 0));
+    assert_eq!(host.last_dispatch().method, "CreateCall");
+    // The service fails: through by default, 503 with deny_on_failure.
+    let (mut flow, mut host) = start_create(&config);
+    respond(&mut flow, &mut host, UNAVAILABLE, None, &[]);
+    assert_eq!(host.last_dispatch().method, "CreateCall");
+    let denying = config_with(true);
+    let (mut flow, mut host) = start_create(&denying);
+    respond(&mut flow, &mut host, UNAVAILABLE, None, &[]);
+    assert_eq!(host.dispatched.len(), 1);
+    assert_eq!(host.last_reply().status, 503);
+    // A client that leaves while the service is asked holds nothing.
+    let (mut flow, mut host) = start_create(&config);
+    flow.on_done(&mut host);
+    assert_eq!(host.cancelled.len(), 1);
+    assert_eq!(
+        host.stored(&outstanding_key("a")) + host.stored(&outstanding_key("b")),
+        0
+    );
 }
