@@ -218,6 +218,7 @@ pub fn plan_create(
         authorization: &auth,
         worker_id: &worker.id,
         principal: &req.caller.principal(config),
+        api: realtime_relay_proto::v1::Api::Realtime,
     });
     Ok(Plan {
         call_id,

@@ -55,6 +55,8 @@ pub struct CreateCall<'a> {
     pub worker_id: &'a str,
     /// Who creates, and so owns, the call (empty: nobody; see `crate::identity`).
     pub principal: &'a str,
+    /// The API the client speaks (Realtime or GPT-Live).
+    pub api: realtime_relay_proto::v1::Api,
 }
 
 pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
@@ -71,6 +73,7 @@ pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
         }),
         request_id: c.request_id.to_string(),
         principal: c.principal.to_string(),
+        api: c.api as i32,
     }
     .encode_to_vec()
 }
@@ -601,6 +604,7 @@ mod tests {
             base_url: "http://x",
             authorization: "Bearer k",
             principal: "p_test",
+            api: realtime_relay_proto::v1::Api::Realtime,
             worker_id: "w",
         });
         let out =
