@@ -7,10 +7,16 @@ use crate::error::FilterError;
 pub enum Route {
     /// `POST {calls_path}`.
     Create,
-    /// `POST {calls_path}/{call_id}/hangup`.
-    Hangup { call_id: String },
+    /// `POST {calls_path}/{call_id}/hangup` (`kind` Realtime) or `POST {live_path}/{id}/hangup`
+    /// (`kind` Live): an id of the other API's kind is nobody's here.
+    Hangup {
+        call_id: String,
+        kind: realtime_relay_proto::call_id::Kind,
+    },
     /// `POST {client_secrets_path}`: the gateway mints an ephemeral key.
     ClientSecret,
+    /// `POST {live_path}`: a GPT-Live session.
+    LiveCreate,
     /// Not ours: continue to the router untouched.
     PassThrough,
     /// Ours, but not like this (405 with `Allow`).
@@ -31,6 +37,7 @@ pub fn split_path(path: &str) -> (&str, Option<&str>) {
 pub struct Paths<'a> {
     pub calls: &'a str,
     pub client_secrets: &'a str,
+    pub live: &'a str,
 }
 
 impl<'a> Paths<'a> {
@@ -38,6 +45,7 @@ impl<'a> Paths<'a> {
         Paths {
             calls: &config.calls_path,
             client_secrets: &config.client_secrets_path,
+            live: &config.live_path,
         }
     }
 }
@@ -60,6 +68,19 @@ pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
             Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
         };
     }
+    if path == paths.live {
+        return if post {
+            Route::LiveCreate
+        } else {
+            Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+        };
+    }
+    if let Some(rest) = path
+        .strip_prefix(paths.live)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        return classify_live_control(rest, post);
+    }
     if let Some(rest) = path
         .strip_prefix(calls_path)
         .and_then(|r| r.strip_prefix('/'))
@@ -69,6 +90,7 @@ pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
                 return if post {
                     Route::Hangup {
                         call_id: id.to_string(),
+                        kind: realtime_relay_proto::call_id::Kind::Realtime,
                     }
                 } else {
                     Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
@@ -83,15 +105,42 @@ pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
     Route::PassThrough
 }
 
+/// `{live_path}/{id}/{verb}`: hangup as for Realtime calls; the SIP controls are refused (this
+/// gateway's sessions are WebRTC); anything else is an unknown path, never the provider's.
+fn classify_live_control(rest: &str, post: bool) -> Route {
+    let Some((id, verb)) = rest.split_once('/') else {
+        return Route::Reject(FilterError::UnknownCallsPath);
+    };
+    if id.is_empty() || verb.contains('/') {
+        return Route::Reject(FilterError::UnknownCallsPath);
+    }
+    match (verb, post) {
+        ("hangup", true) => Route::Hangup {
+            call_id: id.to_string(),
+            kind: realtime_relay_proto::call_id::Kind::Live,
+        },
+        ("accept" | "reject" | "refer", true) => Route::Reject(FilterError::NotSipSession),
+        ("hangup" | "accept" | "reject" | "refer", false) => {
+            Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+        }
+        _ => Route::Reject(FilterError::UnknownCallsPath),
+    }
+}
+
 /// A call id the relay could have issued: the contract's grammar
 /// (`realtime_relay_proto::call_id`).
 pub fn is_valid_call_id(id: &str) -> bool {
     realtime_relay_proto::call_id::is_valid(id)
 }
 
-/// Refuses a hangup for a call id the relay cannot know, without asking it.
-pub fn check_call_id(id: &str) -> Result<(), FilterError> {
-    if is_valid_call_id(id) {
+/// Refuses a hangup for a call id the relay cannot know, or of the other API's kind, without
+/// asking it.
+pub fn check_call_id(
+    id: &str,
+    kind: realtime_relay_proto::call_id::Kind,
+) -> Result<(), FilterError> {
+    let same_kind = realtime_relay_proto::call_id::split(id).is_some_and(|(k, _)| k == kind);
+    if is_valid_call_id(id) && same_kind {
         Ok(())
     } else {
         Err(FilterError::CallNotFound)
@@ -122,7 +171,56 @@ mod tests {
     const P: Paths<'static> = Paths {
         calls: "/v1/realtime/calls",
         client_secrets: "/v1/realtime/client_secrets",
+        live: "/v1/live/sessions",
     };
+
+    #[test]
+    fn live_sessions_are_created_hung_up_and_never_passed_through() {
+        use realtime_relay_proto::call_id::Kind;
+        let c = P;
+        assert_eq!(classify("POST", "/v1/live/sessions", c), Route::LiveCreate);
+        assert_eq!(
+            classify("POST", "/v1/live/sessions/live_12345678/hangup", c),
+            Route::Hangup {
+                call_id: "live_12345678".into(),
+                kind: Kind::Live
+            }
+        );
+        for verb in ["accept", "reject", "refer"] {
+            let r = classify(
+                "POST",
+                &format!("/v1/live/sessions/live_12345678/{verb}"),
+                c,
+            );
+            assert_eq!(r, Route::Reject(FilterError::NotSipSession), "{verb}");
+        }
+        for path in [
+            "/v1/live/sessions/live_12345678",
+            "/v1/live/sessions/live_12345678/attach",
+            "/v1/live/sessions/live_12345678/fork",
+            "/v1/live/sessions//hangup",
+            "/v1/live/sessions/a/b/hangup",
+            "/v1/live/sessions/",
+        ] {
+            assert_eq!(
+                classify("POST", path, c),
+                Route::Reject(FilterError::UnknownCallsPath),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            classify("GET", "/v1/live/sessions", c),
+            Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
+        );
+        assert_eq!(
+            classify("POST", "/v1/live/sessionsx", c),
+            Route::PassThrough
+        );
+        // An id of the other API's kind is nobody's under this path.
+        assert!(check_call_id("live_12345678", Kind::Live).is_ok());
+        assert!(check_call_id("rtc_12345678", Kind::Live).is_err());
+        assert!(check_call_id("live_12345678", Kind::Realtime).is_err());
+    }
 
     #[test]
     fn routes() {
@@ -139,7 +237,8 @@ mod tests {
         assert_eq!(
             classify("POST", "/v1/realtime/calls/rtc_1/hangup", c),
             Route::Hangup {
-                call_id: "rtc_1".into()
+                call_id: "rtc_1".into(),
+                kind: realtime_relay_proto::call_id::Kind::Realtime,
             }
         );
         assert!(matches!(

@@ -24,6 +24,34 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_SDP_BYTES: usize = 32 * 1024;
 pub const DEFAULT_MAX_SESSION_BYTES: usize = 16 * 1024;
 pub const DEFAULT_CREATE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_LIVE_PATH: &str = "/v1/live/sessions";
+
+/// The API a model's workers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelApi {
+    /// `POST /v1/realtime/calls` (SDP or multipart), ids `rtc_…`.
+    #[default]
+    Realtime,
+    /// GPT-Live: `POST /v1/live/sessions` (JSON), ids `live_…`.
+    Live,
+}
+
+impl ModelApi {
+    pub fn proto(self) -> realtime_relay_proto::v1::Api {
+        match self {
+            ModelApi::Realtime => realtime_relay_proto::v1::Api::Realtime,
+            ModelApi::Live => realtime_relay_proto::v1::Api::Live,
+        }
+    }
+
+    pub fn id_kind(self) -> realtime_relay_proto::call_id::Kind {
+        match self {
+            ModelApi::Realtime => realtime_relay_proto::call_id::Kind::Realtime,
+            ModelApi::Live => realtime_relay_proto::call_id::Kind::Live,
+        }
+    }
+}
 pub const DEFAULT_HANGUP_TIMEOUT_MS: u64 = 3_000;
 /// Upper bound on the sum of weights in one pool (the round-robin schedule has this length).
 pub const MAX_POOL_WEIGHT: u32 = 10_000;
@@ -62,6 +90,9 @@ pub struct RawConfig {
     /// Path where the gateway mints client secrets (`crate::client_secrets`).
     #[serde(default = "default_client_secrets_path")]
     pub client_secrets_path: String,
+    /// Path of GPT-Live session creation; controls are `{live_path}/{id}/{verb}`.
+    #[serde(default = "default_live_path")]
+    pub live_path: String,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default = "default_max_sdp_bytes")]
@@ -139,6 +170,9 @@ impl Default for RawEjection {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub name: String,
+    /// The API its workers speak: `realtime` (default) or `live` (GPT-Live).
+    #[serde(default)]
+    pub api: ModelApi,
     #[serde(default)]
     pub aliases: Vec<String>,
     /// Pools serving this model; the first is used unless the routing header picks another.
@@ -186,6 +220,9 @@ fn default_hangup_timeout_ms() -> u64 {
 }
 fn default_calls_path() -> String {
     DEFAULT_CALLS_PATH.to_string()
+}
+fn default_live_path() -> String {
+    DEFAULT_LIVE_PATH.to_string()
 }
 fn default_client_secrets_path() -> String {
     DEFAULT_CLIENT_SECRETS_PATH.to_string()
@@ -272,6 +309,8 @@ pub struct Pool {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub name: String,
+    /// The API its workers speak.
+    pub api: ModelApi,
     /// Indexes into `Config::pools`; the first is the default.
     pub pools: Vec<usize>,
 }
@@ -289,6 +328,7 @@ pub struct Config {
     pub hangup_timeout_ms: u64,
     pub calls_path: String,
     pub client_secrets_path: String,
+    pub live_path: String,
     pub max_body_bytes: usize,
     pub max_sdp_bytes: usize,
     pub max_session_bytes: usize,
@@ -539,6 +579,7 @@ impl RawConfig {
                 &self.client_secrets_path,
                 DEFAULT_CLIENT_SECRETS_PATH,
             ),
+            ("live_path", &self.live_path, DEFAULT_LIVE_PATH),
         ] {
             if !path.starts_with('/') || path.ends_with('/') || path.contains(['?', '#']) {
                 return err(format!(
@@ -553,6 +594,11 @@ impl RawConfig {
                 .is_some_and(|rest| rest.starts_with('/'))
         {
             return err("client_secrets_path must lie outside calls_path (every path under calls_path is a call's)");
+        }
+        let nested =
+            |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('/'));
+        if nested(&self.live_path, &self.calls_path) || nested(&self.calls_path, &self.live_path) {
+            return err("live_path and calls_path must not contain each other");
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
             return err("max_body_bytes must be between 1024 and 16777216");
@@ -769,6 +815,7 @@ impl RawConfig {
             }
             models.push(Model {
                 name: m.name,
+                api: m.api,
                 pools: idx,
             });
         }
@@ -790,6 +837,7 @@ impl RawConfig {
             hangup_timeout_ms: self.hangup_timeout_ms,
             calls_path: self.calls_path,
             client_secrets_path: self.client_secrets_path,
+            live_path: self.live_path,
             max_body_bytes: self.max_body_bytes,
             max_sdp_bytes: self.max_sdp_bytes,
             max_session_bytes: self.max_session_bytes,
@@ -887,7 +935,8 @@ pub(crate) mod tests {
         "routing_header": "x-realtime-route",
         "models": [
             {"name": "gpt-realtime", "aliases": ["gpt-4o-realtime-preview"], "pools": ["main", "canary"]},
-            {"name": "echo", "pools": ["local"]}
+            {"name": "echo", "pools": ["local"]},
+            {"name": "gpt-live-1", "api": "live", "pools": ["main"]}
         ],
         "pools": [
             {"name": "main", "policy": "weighted_round_robin", "callers": ["anonymous", "api_key", "jwt", "ephemeral"], "workers": [
@@ -1040,6 +1089,11 @@ pub(crate) mod tests {
         let push = |names: &[&str]| {
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             with(move |v| {
+                // SAMPLE's two Realtime models only (its Live model is beside the point here).
+                v["models"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|m| m["api"] != "live");
                 for n in &names {
                     v["models"].as_array_mut().unwrap().push(entry(n));
                 }
@@ -1102,7 +1156,7 @@ pub(crate) mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("models[2].aliases"), "{e}");
+        assert!(e.contains("models[3].aliases"), "{e}");
 
         // default_model names a model exactly: a name only a pattern matches is refused.
         for d in [

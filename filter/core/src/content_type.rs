@@ -9,6 +9,8 @@ pub enum BodyKind {
     Sdp,
     /// `multipart/form-data` with this boundary.
     Multipart { boundary: String },
+    /// A GPT-Live create: JSON `{session, transport: {type: "webrtc", sdp}}` ([`crate::live`]).
+    LiveJson,
 }
 
 const MAX_CONTENT_TYPE_LEN: usize = 512;

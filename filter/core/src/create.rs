@@ -66,7 +66,12 @@ pub fn validate_create_body(
             limit: config.max_body_bytes,
         });
     }
-    let (sdp_bytes, session) = match kind {
+    // The offer and the client's session object, from the body's form.
+    let live_body = match kind {
+        BodyKind::LiveJson => Some(crate::live::parse(body)?),
+        _ => None,
+    };
+    let (sdp_bytes, session): (&[u8], Option<&[u8]>) = match kind {
         BodyKind::Sdp => (body, None),
         BodyKind::Multipart { boundary } => {
             let p = multipart::parse(
@@ -77,11 +82,25 @@ pub fn validate_create_body(
             )?;
             (p.sdp, p.session)
         }
+        BodyKind::LiveJson => (
+            live_body.as_ref().map_or(&[][..], |b| b.sdp.as_bytes()),
+            None,
+        ),
     };
     let sdp = sdp::validate_offer(sdp_bytes, config.max_sdp_bytes)?;
-    let (session_json, client_session) = match session {
-        None => (String::new(), None),
-        Some(raw) => {
+    let (session_json, client_session) = match (&live_body, session) {
+        (Some(live), _) => {
+            let obj = live.session.clone();
+            let text = serde_json::to_string(&obj).map_err(|_| FilterError::Internal)?;
+            if text.len() > config.max_session_bytes {
+                return Err(FilterError::InvalidSessionJson(
+                    "larger than max_session_bytes",
+                ));
+            }
+            (text, Some(obj))
+        }
+        (_, None) => (String::new(), None),
+        (_, Some(raw)) => {
             let text = std::str::from_utf8(raw)
                 .map_err(|_| FilterError::InvalidSessionJson("not UTF-8"))?;
             let value: serde_json::Value = serde_json::from_str(text)
@@ -97,12 +116,24 @@ pub fn validate_create_body(
         None => None,
     };
     let from_query = model::query_model(query)?;
+    // A Live session names its model (the `openai` package requires `session.model`).
+    if live_body.is_some() && session_model.is_none() && key.is_none_or(|k| k.mdl.is_none()) {
+        return Err(FilterError::MissingModel);
+    }
     let model = client_secrets::resolve_model(
         config,
         key,
         session_model.as_deref(),
         from_query.as_deref(),
     )?;
+    // A model is served for one API: a Live model is not a Realtime call's, nor the reverse.
+    let wanted = match kind {
+        BodyKind::LiveJson => crate::config::ModelApi::Live,
+        _ => crate::config::ModelApi::Realtime,
+    };
+    if config.models.get(model.index).map(|m| m.api) != Some(wanted) {
+        return Err(FilterError::ModelNotFound(model.requested.clone()));
+    }
     let session_json = match client_secrets::merge_session(client_session.as_ref(), key) {
         Some(merged) => serde_json::to_string(&merged).map_err(|_| FilterError::Internal)?,
         None => session_json,
@@ -127,6 +158,8 @@ pub struct Plan {
     pub key_source: KeySource,
     /// Encoded `CreateCallRequest` (holds the key: never log it).
     pub message: Vec<u8>,
+    /// The API the call speaks (its model's).
+    pub api: crate::config::ModelApi,
 }
 
 /// What the caller brings to a create besides the offer.
@@ -202,7 +235,8 @@ pub fn plan_create(
         Some(r) => (r.cluster.clone(), Some(r.id.as_str())),
         None => (config.relay_cluster.clone(), None),
     };
-    let call_id = realtime_relay_proto::call_id::new(req.call_random, replica_id);
+    let call_id =
+        realtime_relay_proto::call_id::new_of(model.api.id_kind(), req.call_random, replica_id);
     let upstream_model = worker
         .upstream_model
         .as_deref()
@@ -218,7 +252,7 @@ pub fn plan_create(
         authorization: &auth,
         worker_id: &worker.id,
         principal: &req.caller.principal(config),
-        api: realtime_relay_proto::v1::Api::Realtime,
+        api: model.api.proto(),
     });
     Ok(Plan {
         call_id,
@@ -228,5 +262,6 @@ pub fn plan_create(
         worker_id: worker.id.clone(),
         key_source,
         message,
+        api: model.api,
     })
 }

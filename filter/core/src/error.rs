@@ -49,6 +49,17 @@ pub enum FilterError {
         limit: u32,
         retry_after_s: u32,
     },
+    /// A GPT-Live create body without what the gateway needs ([`crate::live`]).
+    #[error("{message}")]
+    LiveBody {
+        code: &'static str,
+        message: &'static str,
+        param: &'static str,
+    },
+    /// A SIP control (accept, reject, refer) for a session this gateway made: its sessions
+    /// are WebRTC.
+    #[error("accept, reject and refer control SIP sessions; this gateway's sessions are WebRTC")]
+    NotSipSession,
     /// An authenticated caller that no pool of the model serves.
     #[error("this caller may not use this model on this gateway")]
     CallerNotAllowed,
@@ -128,6 +139,7 @@ impl FilterError {
             CallerNotAllowed | MintNotAllowed(_) | ModelNotAllowed { .. } => 403,
             RateLimited { .. } => 429,
             OriginNotAllowed => 403,
+            LiveBody { .. } | NotSipSession => 400,
             ModelNotFound(_) | CallNotFound | UnknownCallsPath | ClientSecretsNotEnabled => 404,
             ClientSecret(e) => e.status(),
             Capacity { status, .. } => *status,
@@ -165,6 +177,8 @@ impl FilterError {
             CallNotFound => "call_not_found",
             UnknownCallsPath => "not_found",
             OriginNotAllowed => "origin_not_allowed",
+            LiveBody { code, .. } => code,
+            NotSipSession => "not_a_sip_session",
             NoHealthyWorker { .. } => "no_healthy_worker",
             RelayUnavailable { code, .. } => code.as_deref().unwrap_or("relay_unavailable"),
             RelayTimeout { code } => code.as_deref().unwrap_or("relay_timeout"),
@@ -196,6 +210,7 @@ impl FilterError {
                 Some("model")
             }
             ClientSecret(e) => e.param(),
+            LiveBody { param, .. } => Some(param),
             Multipart(MultipartError::DuplicatePart(name))
             | Multipart(MultipartError::PartTooLarge { name, .. }) => Some(name),
             _ => None,

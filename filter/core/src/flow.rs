@@ -80,6 +80,8 @@ pub struct Creating {
     /// The subject whose live-call count this create holds (`crate::limits`), if counted:
     /// released unless the call is set up.
     pub live_subject: Option<String>,
+    /// The API the call speaks: its answer's shape.
+    pub api: crate::config::ModelApi,
 }
 
 /// A create planned and within the local limits, ready to go out.
@@ -166,7 +168,7 @@ impl Flow {
         match route {
             Route::PassThrough => Action::Continue,
             Route::Reject(e) => self.fail(host, &e),
-            Route::Hangup { call_id } => self.hangup(host, &call_id),
+            Route::Hangup { call_id, kind } => self.hangup(host, &call_id, kind),
             Route::Create => {
                 // Who calls, before anything else: a bad credential costs no body and no work.
                 let caller = match self.caller(host) {
@@ -184,6 +186,31 @@ impl Flow {
                 let pending = PendingCreate {
                     kind,
                     query: split_path(&path).1.map(str::to_string),
+                    authorization: host.request_header("authorization"),
+                    routing_value: self.routing_value(host, &caller),
+                    caller,
+                };
+                self.await_body(host, Pending::Create(pending), end_of_stream)
+            }
+            Route::LiveCreate => {
+                let caller = match self.caller(host) {
+                    Ok(c) => c,
+                    Err(e) => return self.fail(host, &e),
+                };
+                let checked =
+                    crate::live::check_content_type(host.request_header("content-type").as_deref())
+                        .and_then(|()| {
+                            check_content_length(
+                                &self.config,
+                                host.request_header("content-length").as_deref(),
+                            )
+                        });
+                if let Err(e) = checked {
+                    return self.fail(host, &e);
+                }
+                let pending = PendingCreate {
+                    kind: BodyKind::LiveJson,
+                    query: None,
                     authorization: host.request_header("authorization"),
                     routing_value: self.routing_value(host, &caller),
                     caller,
@@ -663,6 +690,7 @@ impl Flow {
                     tried: plan.replica.into_iter().collect(),
                     random,
                     live_subject,
+                    api: plan.api,
                 });
                 Action::Pause
             }
@@ -789,7 +817,10 @@ impl Flow {
         else {
             return false;
         };
-        let call_id = realtime_relay_proto::call_id::new(&c.random, Some(&r.id));
+        let kind = realtime_relay_proto::call_id::split(&c.call_id)
+            .map(|(k, _)| k)
+            .unwrap_or_default();
+        let call_id = realtime_relay_proto::call_id::new_of(kind, &c.random, Some(&r.id));
         let Some(message) = relay::with_call_id(&c.message, &call_id) else {
             return false;
         };
@@ -863,6 +894,20 @@ impl Flow {
                 r.error_code.as_deref().unwrap_or("-")
             ),
         );
+        // A Live session is answered in its API's shape: JSON with the session id (the id the
+        // relay named, from Location) and the SDP answer.
+        if set_up && c.api == crate::config::ModelApi::Live {
+            let id = r
+                .reply
+                .header("location")
+                .and_then(|l| l.rsplit('/').next())
+                .unwrap_or(&c.call_id)
+                .to_string();
+            let answer = String::from_utf8_lossy(&r.reply.body).into_owned();
+            let reply = crate::live::created_reply(&id, &answer, &self.request_id);
+            self.reply(host, &reply);
+            return;
+        }
         self.reply(host, &r.reply);
     }
 
@@ -904,8 +949,13 @@ impl Flow {
         }
     }
 
-    fn hangup(&mut self, host: &mut dyn HttpHost, call_id: &str) -> Action {
-        if let Err(e) = classify::check_call_id(call_id) {
+    fn hangup(
+        &mut self,
+        host: &mut dyn HttpHost,
+        call_id: &str,
+        kind: realtime_relay_proto::call_id::Kind,
+    ) -> Action {
+        if let Err(e) = classify::check_call_id(call_id, kind) {
             return self.fail(host, &e);
         }
         let config = Rc::clone(&self.config);

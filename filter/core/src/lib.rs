@@ -25,6 +25,7 @@ pub mod host;
 pub mod identity;
 pub mod keys;
 pub mod limits;
+pub mod live;
 pub mod load_refresh;
 pub mod metrics;
 pub mod model;

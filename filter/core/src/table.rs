@@ -89,6 +89,20 @@ fn session(json: &str) -> Req {
     form(&[("sdp", OFFER.as_bytes()), ("session", json.as_bytes())])
 }
 
+/// A GPT-Live create with this JSON body.
+fn live(body: &str) -> Req {
+    Req {
+        path: "/v1/live/sessions".into(),
+        ..post("application/json", body.as_bytes().to_vec())
+    }
+}
+
+/// A well-formed Live body with `session` and the test offer.
+fn live_with(session: &str) -> Req {
+    let body = serde_json::json!({"session": serde_json::from_str::<serde_json::Value>(session).unwrap(), "transport": {"type": "webrtc", "sdp": OFFER}});
+    live(&body.to_string())
+}
+
 /// An empty POST to `path`.
 fn at(path: &str) -> Req {
     Req {
@@ -329,6 +343,33 @@ fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
         ("passthrough pool without Authorization", Req { path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
         ("operator key on a passthrough pool (never forwarded)", Req { authorization: Some(OPS), path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
         ("passthrough pool with blank Authorization", Req { authorization: Some("  "), path: "/v1/realtime/calls?model=echo".into(), ..sdp(OFFER) }, 401, "missing_api_key"),
+        // ---- GPT-Live sessions
+        ("live: not JSON", live("{"), 400, "invalid_json"),
+        ("live: JSON array", live("[]"), 400, "invalid_json"),
+        ("live: JSON string", live("\"x\""), 400, "invalid_json"),
+        ("live: no session", live(&serde_json::json!({"transport": {"type": "webrtc", "sdp": OFFER}}).to_string()), 400, "missing_session"),
+        ("live: session not an object", live(&serde_json::json!({"session": "gpt-live-1", "transport": {"type": "webrtc", "sdp": OFFER}}).to_string()), 400, "invalid_session"),
+        ("live: no transport", live(r#"{"session": {"model": "gpt-live-1"}}"#), 400, "missing_transport"),
+        ("live: transport not an object", live(r#"{"session": {"model": "gpt-live-1"}, "transport": "webrtc"}"#), 400, "invalid_transport"),
+        ("live: websocket transport", live(&serde_json::json!({"session": {"model": "gpt-live-1"}, "transport": {"type": "websocket", "sdp": OFFER}}).to_string()), 400, "unsupported_transport"),
+        ("live: no sdp", live(r#"{"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc"}}"#), 400, "missing_sdp"),
+        ("live: empty sdp", live(r#"{"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc", "sdp": ""}}"#), 400, "missing_sdp"),
+        ("live: sdp not an offer", live(r#"{"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc", "sdp": "hello"}}"#), 400, "invalid_sdp"),
+        ("live: no model", live_with("{}"), 400, "missing_model"),
+        ("live: model with a control character", live_with(r#"{"model": "gpt\nlive"}"#), 400, "invalid_model"),
+        ("live: model of 200 chars", live_with(&format!("{{\"model\": \"{}\"}}", "m".repeat(200))), 400, "invalid_model"),
+        ("live: unknown model", live_with(r#"{"model": "gpt-live-9"}"#), 404, "model_not_found"),
+        ("live: a Realtime model", live_with(r#"{"model": "gpt-realtime"}"#), 404, "model_not_found"),
+        ("realtime: a Live model", Req { path: "/v1/realtime/calls?model=gpt-live-1".into(), ..sdp(OFFER) }, 404, "model_not_found"),
+        ("live: SDP content type", Req { path: "/v1/live/sessions".into(), ..sdp(OFFER) }, 415, "invalid_content_type"),
+        ("live: no content type", Req { content_type: None, ..live_with(r#"{"model": "gpt-live-1"}"#) }, 400, "invalid_content_type"),
+        ("live: body too large", Req { content_length: Some("999999999".into()), ..live_with(r#"{"model": "gpt-live-1"}"#) }, 413, "request_too_large"),
+        ("live: GET", Req { method: "GET", ..live_with(r#"{"model": "gpt-live-1"}"#) }, 405, "method_not_allowed"),
+        ("live: accept (SIP only)", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/accept"), 400, "not_a_sip_session"),
+        ("live: refer (SIP only)", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/refer"), 400, "not_a_sip_session"),
+        ("live: unknown verb", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/attach"), 404, "not_found"),
+        ("live: hangup of an rtc_ id", at("/v1/live/sessions/rtc_0123456789abcdef0123456789abcdef/hangup"), 404, "call_not_found"),
+        ("realtime: hangup of a live_ id", at("/v1/realtime/calls/live_0123456789abcdef0123456789abcdef/hangup"), 404, "call_not_found"),
         // ---- browser pages the gateway does not trust (a simple POST needs no preflight)
         ("multipart create from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..form(&[("sdp", OFFER.as_bytes())]) }, 403, "origin_not_allowed"),
         ("sdp create from an unlisted origin", Req { origin: Some("https://evil.example.test"), ..sdp(OFFER) }, 403, "origin_not_allowed"),
@@ -415,6 +456,10 @@ fn well_formed_requests_are_planned() {
                 route: Some("nowhere"),
                 ..sdp(OFFER)
             },
+        ),
+        (
+            "a Live session",
+            live_with(r#"{"model": "gpt-live-1", "instructions": "be brief"}"#),
         ),
         (
             "multipart from a listed origin",

@@ -961,3 +961,49 @@ fn a_global_rate_limit_service_is_asked_before_the_create() {
         0
     );
 }
+
+/// A GPT-Live session: the create goes to the relay as a Live call with a `live_` id, and the
+/// answer is the Live JSON shape with that id; its hangup is under the Live path.
+#[test]
+fn a_live_session_is_created_answered_in_its_shape_and_hung_up() {
+    use realtime_relay_proto::v1::Api;
+    let config = Rc::new(sample());
+    let body = serde_json::json!({
+        "session": {"model": "gpt-live-1", "instructions": "be brief"},
+        "transport": {"type": "webrtc", "sdp": OFFER}
+    })
+    .to_string();
+    let mut host = FakeHost::request(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/live/sessions"),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    let mut flow = start(&config, &mut host);
+    let sent = CreateCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap();
+    assert_eq!(sent.api(), Api::Live);
+    assert!(sent.call_id.starts_with("live_"), "{}", sent.call_id);
+    assert_eq!(sent.model, "gpt-live-1");
+    let session: serde_json::Value = serde_json::from_str(&sent.session_json).unwrap();
+    assert_eq!(session["instructions"], "be brief");
+    respond(&mut flow, &mut host, OK, None, &answer_sdp(&sent.call_id));
+    let reply = host.last_reply();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(v["session"]["id"], sent.call_id.as_str());
+    assert_eq!(
+        (
+            v["transport"]["type"].as_str(),
+            v["transport"]["sdp"].as_str()
+        ),
+        (Some("webrtc"), Some("v=0\r\n"))
+    );
+
+    let path = format!("/v1/live/sessions/{}/hangup", sent.call_id);
+    let mut host = FakeHost::request(&[(":method", "POST"), (":path", &path)], b"");
+    Flow::new(Rc::clone(&config)).on_headers(&mut host, true);
+    assert_eq!(host.last_dispatch().method, "HangupCall");
+}
