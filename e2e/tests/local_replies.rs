@@ -200,6 +200,16 @@ fn rows() -> Vec<Row> {
         row("?model not UTF-8", "POST", "/v1/realtime/calls?model=%ff").sdp(OFFER).want(400, "invalid_model"),
         // ---- routing header
         row("routing header naming nothing", "POST", CALLS).sdp(OFFER).header("x-realtime-route", "nowhere").header("authorization", "Bearer sk-gw-e2e-operator").want(400, "invalid_routing_header"),
+        // ---- GPT-Live sessions: the filter answers every path under /v1/live/sessions
+        row("live: not JSON", "POST", "/v1/live/sessions").header("content-type", "application/json").body("{").want(400, "invalid_json"),
+        row("live: no session", "POST", "/v1/live/sessions").header("content-type", "application/json").body(format!(r#"{{"transport": {{"type": "webrtc", "sdp": {}}}}}"#, serde_json::to_string(OFFER).unwrap())).want(400, "missing_session"),
+        row("live: websocket transport", "POST", "/v1/live/sessions").header("content-type", "application/json").body(format!(r#"{{"session": {{"model": "gpt-live-1"}}, "transport": {{"type": "websocket", "sdp": {}}}}}"#, serde_json::to_string(OFFER).unwrap())).want(400, "unsupported_transport"),
+        row("live: a Realtime model", "POST", "/v1/live/sessions").header("content-type", "application/json").body(format!(r#"{{"session": {{"model": "gpt-realtime"}}, "transport": {{"type": "webrtc", "sdp": {}}}}}"#, serde_json::to_string(OFFER).unwrap())).want(404, "model_not_found"),
+        row("live: SDP body", "POST", "/v1/live/sessions").sdp(OFFER).want(415, "invalid_content_type"),
+        row("live: GET", "GET", "/v1/live/sessions").want(405, "method_not_allowed"),
+        row("live: accept (SIP only)", "POST", "/v1/live/sessions/live_0123456789abcdef0123456789abcdef/accept").want(400, "not_a_sip_session"),
+        row("live: attach is not served here", "POST", "/v1/live/sessions/live_0123456789abcdef0123456789abcdef/attach").want(404, "not_found"),
+        row("live: hangup of an unknown id", "POST", "/v1/live/sessions/live_nope/hangup").want(404, "call_not_found"),
         // ---- pages on other origins: a multipart POST needs no preflight, CORS would not stop it
         form("multipart create from an unlisted origin", &[("sdp", OFFER)]).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
         row("sdp create from an unlisted origin", "POST", CALLS).sdp(OFFER).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
