@@ -46,8 +46,15 @@ fn continues_headers(in_variant: &[&Manifest]) -> bool {
     wasm || inline
 }
 
-/// With `continue_headers`, the routes of `POST <calls path>` and of the client-secrets path
-/// must lead to a cluster whose endpoint is an internal listener (envoy/envoy.yaml's
+/// How a VirtualService route must match a held path.
+#[derive(Clone, Copy)]
+enum Match {
+    Exact,
+    Prefix,
+}
+
+/// With `continue_headers`, the routes of `POST <calls path>`, of the client-secrets path and
+/// of the GPT-Live sessions prefix must lead to a cluster whose endpoint is an internal listener (envoy/envoy.yaml's
 /// `realtime_hold`): otherwise the router sends every create (or mint) to the
 /// VirtualService's destination with the headers. Checked through
 /// the chain VirtualService route (name, POST, exact path) → HTTP_ROUTE patch (cluster) →
@@ -89,20 +96,32 @@ pub fn check_hold(variant: &Path, in_variant: &[&Manifest], problems: &mut Vec<S
         })
         .filter_map(|p| p["match"]["routeConfiguration"]["vhost"]["route"]["name"].as_str())
         .collect();
-    // The paths whose body the filter holds: call creation (POST) and client secrets.
-    let held: [(&str, Option<&str>, &str); 2] = [
-        ("/v1/realtime/calls", Some("POST"), "creates"),
+    // The paths whose body the filter holds: call creation (POST), client secrets and
+    // everything under the GPT-Live sessions path (the filter answers all of it).
+    let held: [(Match, &str, Option<&str>, &str); 3] = [
+        (Match::Exact, "/v1/realtime/calls", Some("POST"), "creates"),
         (
+            Match::Exact,
             "/v1/realtime/client_secrets",
             None,
             "client-secret requests",
         ),
+        (
+            Match::Prefix,
+            "/v1/live/sessions",
+            None,
+            "GPT-Live requests",
+        ),
     ];
-    for (path, method, what) in held {
+    for (kind, path, method, what) in held {
+        let key = match kind {
+            Match::Exact => "exact",
+            Match::Prefix => "prefix",
+        };
         let routes: Vec<&Yaml> = http_routes(in_variant)
             .filter(|r| {
                 r["match"].as_vec().into_iter().flatten().any(|m| {
-                    m["uri"]["exact"].as_str() == Some(path)
+                    m["uri"][key].as_str() == Some(path)
                         && method.is_none_or(|x| m["method"]["exact"].as_str() == Some(x))
                 })
             })
@@ -111,7 +130,7 @@ pub fn check_hold(variant: &Path, in_variant: &[&Manifest], problems: &mut Vec<S
         if routes.is_empty() {
             problems.push(format!(
                 "{at}: the filter continues the headers (continue_headers: true) but no \
-                 VirtualService route matches {shown} exactly, so nothing leads {what} to the \
+                 VirtualService route matches {shown} ({key}), so nothing leads {what} to the \
                  hold (they would fall to another route, where the filter may not run)"
             ));
         }
@@ -405,7 +424,13 @@ pub fn check_local_replies_match_envoy(all: &[Manifest], envoy_yaml: &Path) -> R
     }
 }
 
-/// The CORS policies on the `/v1/realtime/calls` routes of an Envoy bootstrap.
+/// Paths browser pages call directly, which therefore carry the CORS policy: Realtime calls
+/// and GPT-Live sessions (not client secrets: backends mint them).
+fn is_browser_path(path: &str) -> bool {
+    path.starts_with("/v1/realtime/calls") || path.starts_with("/v1/live/sessions")
+}
+
+/// The CORS policies on the routes of an Envoy bootstrap that browsers call.
 pub fn envoy_calls_cors(envoy_yaml: &Path) -> Result<Vec<Cors>> {
     let doc = load_envoy(envoy_yaml)?;
     let mut out = Vec::new();
@@ -422,7 +447,7 @@ pub fn envoy_calls_cors(envoy_yaml: &Path) -> Result<Vec<Cors>> {
                         let m = &r["match"];
                         let path = m["path"].as_str().or(m["prefix"].as_str()).unwrap_or("");
                         let cors = &r["typed_per_filter_config"]["envoy.filters.http.cors"];
-                        if path.starts_with("/v1/realtime/calls") && !cors.is_badvalue() {
+                        if is_browser_path(path) && !cors.is_badvalue() {
                             out.push(envoy_cors(cors));
                         }
                     }
@@ -542,7 +567,7 @@ pub fn check_cors(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
                 mt["uri"]["exact"]
                     .as_str()
                     .or(mt["uri"]["prefix"].as_str())
-                    .is_some_and(|p| p.starts_with("/v1/realtime/calls"))
+                    .is_some_and(is_browser_path)
             });
             let at = format!(
                 "VirtualService {} ({}) route {name}",
@@ -552,7 +577,8 @@ pub fn check_cors(all: &[Manifest], envoy_yaml: &Path) -> Result<String> {
             if r["corsPolicy"].is_badvalue() {
                 if calls {
                     problems.push(format!(
-                        "{at}: matches /v1/realtime/calls but has no corsPolicy ({} has one)",
+                        "{at}: matches a path browsers call (/v1/realtime/calls, \
+                         /v1/live/sessions) but has no corsPolicy ({} has one)",
                         envoy_yaml.display()
                     ));
                 }
@@ -617,7 +643,21 @@ mod tests {
         let envoy_yaml = paths.envoy_dir().join("envoy.yaml");
         let all = crate::manifests::load(&paths.deploy_dir()).unwrap();
         let ok = check_cors(&all, &envoy_yaml).unwrap();
-        assert!(ok.starts_with('2'), "{ok}");
+        assert!(ok.starts_with('3'), "{ok}");
+        // The GPT-Live route without its policy: browsers could not read its answers.
+        let drifted_live = drifted(
+            &all,
+            |m| m.kind == "VirtualService",
+            "      corsPolicy: *cors\n    - name: realtime-call-control",
+            "    - name: realtime-call-control",
+        );
+        let err = check_cors(&drifted_live, &envoy_yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("realtime-live-sessions") && err.contains("no corsPolicy"),
+            "{err}"
+        );
         for (from, to) in [
             ("https://app.example.test", "https://other.example.test"),
             ("600s", "60s"),
@@ -707,6 +747,10 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.contains("realtime-client-secrets")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("realtime-live-sessions")),
             "{problems:?}"
         );
         // A VirtualService without a client-secrets route: the path would be the
