@@ -210,6 +210,9 @@ fn rows() -> Vec<Row> {
         row("live: accept (SIP only)", "POST", "/v1/live/sessions/live_0123456789abcdef0123456789abcdef/accept").want(400, "not_a_sip_session"),
         row("live: attach is not served here", "POST", "/v1/live/sessions/live_0123456789abcdef0123456789abcdef/attach").want(404, "not_found"),
         row("live: hangup of an unknown id", "POST", "/v1/live/sessions/live_nope/hangup").want(404, "call_not_found"),
+        row("live: fork", "POST", "/v1/live/sessions/live_0123456789abcdef0123456789abcdef/fork").header("content-type", "application/json").body("{}").want(400, "unsupported_session_control"),
+        row("live: recording download", "GET", "/v1/live/sessions/live_0123456789abcdef0123456789abcdef/content").want(400, "unsupported_session_control"),
+        row("live: a path that only starts like it", "POST", "/v1/live/sessionsx").want(404, "not_found"),
         // ---- pages on other origins: a multipart POST needs no preflight, CORS would not stop it
         form("multipart create from an unlisted origin", &[("sdp", OFFER)]).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),
         row("sdp create from an unlisted origin", "POST", CALLS).sdp(OFFER).header("origin", "https://evil.example.test").want(403, "origin_not_allowed"),

@@ -750,7 +750,9 @@ mod tests {
             "{problems:?}"
         );
         assert!(
-            problems.iter().any(|p| p.contains("realtime-live-sessions")),
+            problems
+                .iter()
+                .any(|p| p.contains("realtime-live-sessions")),
             "{problems:?}"
         );
         // A VirtualService without a client-secrets route: the path would be the

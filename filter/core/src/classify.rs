@@ -75,11 +75,13 @@ pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
             Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
         };
     }
-    if let Some(rest) = path
-        .strip_prefix(paths.live)
-        .and_then(|r| r.strip_prefix('/'))
-    {
-        return classify_live_control(rest, post);
+    if let Some(rest) = path.strip_prefix(paths.live) {
+        // The whole prefix is ours (`/v1/live/sessionsx` too): Envoy and Istio route it by
+        // prefix to the hold, where a request passed through would only meet a 503.
+        return match rest.strip_prefix('/') {
+            Some(rest) => classify_live_control(rest, post),
+            None => Route::Reject(FilterError::UnknownCallsPath),
+        };
     }
     if let Some(rest) = path
         .strip_prefix(calls_path)
@@ -120,9 +122,14 @@ fn classify_live_control(rest: &str, post: bool) -> Route {
             kind: realtime_relay_proto::call_id::Kind::Live,
         },
         ("accept" | "reject" | "refer", true) => Route::Reject(FilterError::NotSipSession),
-        ("hangup" | "accept" | "reject" | "refer", false) => {
+        ("hangup" | "accept" | "reject" | "refer" | "fork", false) => {
             Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
         }
+        // Forking a stored session and downloading its recording (the SDK's `fork` and
+        // `download_recording`) address the provider's session, which only the relay knows.
+        ("fork", true) => Route::Reject(FilterError::LiveControlUnsupported("fork")),
+        ("content", false) => Route::Reject(FilterError::LiveControlUnsupported("content")),
+        ("content", true) => Route::Reject(FilterError::MethodNotAllowed { allow: "GET" }),
         _ => Route::Reject(FilterError::UnknownCallsPath),
     }
 }
@@ -197,7 +204,7 @@ mod tests {
         for path in [
             "/v1/live/sessions/live_12345678",
             "/v1/live/sessions/live_12345678/attach",
-            "/v1/live/sessions/live_12345678/fork",
+            "/v1/live/sessionsx",
             "/v1/live/sessions//hangup",
             "/v1/live/sessions/a/b/hangup",
             "/v1/live/sessions/",
@@ -212,9 +219,14 @@ mod tests {
             classify("GET", "/v1/live/sessions", c),
             Route::Reject(FilterError::MethodNotAllowed { allow: "POST" })
         );
+        // The SDK's fork and download_recording: refused by name, not a bare 404.
         assert_eq!(
-            classify("POST", "/v1/live/sessionsx", c),
-            Route::PassThrough
+            classify("POST", "/v1/live/sessions/live_12345678/fork", c),
+            Route::Reject(FilterError::LiveControlUnsupported("fork"))
+        );
+        assert_eq!(
+            classify("GET", "/v1/live/sessions/live_12345678/content", c),
+            Route::Reject(FilterError::LiveControlUnsupported("content"))
         );
         // An id of the other API's kind is nobody's under this path.
         assert!(check_call_id("live_12345678", Kind::Live).is_ok());

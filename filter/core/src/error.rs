@@ -60,6 +60,10 @@ pub enum FilterError {
     /// are WebRTC.
     #[error("accept, reject and refer control SIP sessions; this gateway's sessions are WebRTC")]
     NotSipSession,
+    /// A Live session control the official SDK has (`fork`, `content`) that needs the
+    /// provider's stored session: not served for sessions this gateway relays.
+    #[error("{0} is not served for Live sessions relayed by this gateway (the provider's session lives behind the relay)")]
+    LiveControlUnsupported(&'static str),
     /// An authenticated caller that no pool of the model serves.
     #[error("this caller may not use this model on this gateway")]
     CallerNotAllowed,
@@ -139,7 +143,7 @@ impl FilterError {
             CallerNotAllowed | MintNotAllowed(_) | ModelNotAllowed { .. } => 403,
             RateLimited { .. } => 429,
             OriginNotAllowed => 403,
-            LiveBody { .. } | NotSipSession => 400,
+            LiveBody { .. } | NotSipSession | LiveControlUnsupported(_) => 400,
             ModelNotFound(_) | CallNotFound | UnknownCallsPath | ClientSecretsNotEnabled => 404,
             ClientSecret(e) => e.status(),
             Capacity { status, .. } => *status,
@@ -179,6 +183,7 @@ impl FilterError {
             OriginNotAllowed => "origin_not_allowed",
             LiveBody { code, .. } => code,
             NotSipSession => "not_a_sip_session",
+            LiveControlUnsupported(_) => "unsupported_session_control",
             NoHealthyWorker { .. } => "no_healthy_worker",
             RelayUnavailable { code, .. } => code.as_deref().unwrap_or("relay_unavailable"),
             RelayTimeout { code } => code.as_deref().unwrap_or("relay_timeout"),

@@ -368,6 +368,8 @@ fn cases() -> Vec<(&'static str, Req, u16, &'static str)> {
         ("live: accept (SIP only)", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/accept"), 400, "not_a_sip_session"),
         ("live: refer (SIP only)", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/refer"), 400, "not_a_sip_session"),
         ("live: unknown verb", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/attach"), 404, "not_found"),
+        ("live: fork", at("/v1/live/sessions/live_0123456789abcdef0123456789abcdef/fork"), 400, "unsupported_session_control"),
+        ("live: a path that only starts like the sessions path", at("/v1/live/sessionsx"), 404, "not_found"),
         ("live: hangup of an rtc_ id", at("/v1/live/sessions/rtc_0123456789abcdef0123456789abcdef/hangup"), 404, "call_not_found"),
         ("realtime: hangup of a live_ id", at("/v1/realtime/calls/live_0123456789abcdef0123456789abcdef/hangup"), 404, "call_not_found"),
         // ---- browser pages the gateway does not trust (a simple POST needs no preflight)
