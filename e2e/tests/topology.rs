@@ -576,6 +576,7 @@ fn browser_call(topo: &Topology) -> Option<(usize, String)> {
     let page = format!("http://{GATEWAY}:{LISTEN_PORT}/");
     let report = xtask::browser::demo_call_in(
         Some(&topo.client),
+        xtask::browser::DemoApi::Realtime,
         &page,
         None,
         &topo.dir.path.join("browser"),

@@ -2,11 +2,13 @@
 //! protocol spoken by Debian's `chromedriver` (no browser download, no driver crate: a few
 //! JSON requests over loopback HTTP).
 //!
-//! The scenario: open the page, start a call with Chromium's fake microphone (the page gets a
-//! client secret from its backend route and calls with it), wait for the data channel and
-//! `session.created`, check the call used the client secret, send `response.create` and wait for its echo, wait for
-//! inbound audio packets and a non-silent level, save a screenshot, hang up, and check the relay
-//! no longer has a live call.
+//! The scenario, in either of the page's APIs: open the page, start a call with Chromium's
+//! fake microphone, wait for the data channel and the server's first event, check how the
+//! page authenticated (Realtime: a client secret its backend route got; GPT-Live: a session its
+//! backend route created), send `response.create` and wait for its echo, wait for inbound
+//! audio packets and a non-silent level (Live: and a running `usage.seconds`), save a
+//! screenshot, hang up (Live: and see `session.closed`), and check the relay no longer has a
+//! live call.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,14 +23,58 @@ use crate::process::{command_in, ChildGuard};
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
+/// Which of the page's APIs a scenario uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoApi {
+    /// `POST /v1/realtime/calls` with a client secret; first event `session.created`.
+    Realtime,
+    /// `POST /v1/live/sessions` through the page's backend; first event `session.started`.
+    Live,
+}
+
+impl DemoApi {
+    fn name(self) -> &'static str {
+        match self {
+            DemoApi::Realtime => "realtime",
+            DemoApi::Live => "live",
+        }
+    }
+}
+
 /// What the browser saw, for the summary.
 #[derive(Debug, Clone)]
 pub struct DemoReport {
+    pub api: DemoApi,
     pub call_id: String,
     pub events_in: usize,
     pub inbound_packets: u64,
     pub max_level: f64,
+    /// Live: the last `usage.seconds` the page showed (from `session.closed` when it came).
+    pub usage_seconds: Option<f64>,
+    /// Live: the `reason` of `session.closed`.
+    pub closed_reason: Option<String>,
     pub screenshot: PathBuf,
+}
+
+impl std::fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} call {}, {} events in, {} audio packets in, max level {:.2}",
+            self.api.name(),
+            self.call_id,
+            self.events_in,
+            self.inbound_packets,
+            self.max_level
+        )?;
+        if let Some(u) = self.usage_seconds {
+            write!(f, ", usage {u:.1} s")?;
+        }
+        if let Some(r) = &self.closed_reason {
+            write!(f, ", closed ({r})")?;
+        }
+        write!(f, "; screenshot {}", self.screenshot.display())
+    }
 }
 
 /// One WebDriver request (JSON body) to a chromedriver in `netns` (or here); returns status
@@ -85,7 +131,8 @@ impl Session {
         self.js(
             "const d = window.demo; return {state: d.state, dc: d.dcState, callId: d.callId, \
              error: d.error, inbound: d.inboundPackets, level: d.level, maxLevel: d.maxLevel, \
-             auth: d.auth, events: d.events.map(e => e.dir + ':' + e.type)};",
+             auth: d.auth, api: d.api, usage: d.usageSeconds, closedReason: d.closedReason, \
+             events: d.events.map(e => e.dir + ':' + e.type)};",
         )
     }
 
@@ -181,11 +228,12 @@ fn insecure_origin(page_url: &str) -> Option<String> {
 /// Runs the demo scenario against `page_url`. `relay_metrics` (an address) lets it check that
 /// hang-up ended the call on the relay. Artifacts (screenshot, chromedriver log) go to `out`.
 pub fn demo_call(
+    api: DemoApi,
     page_url: &str,
     relay_metrics: Option<SocketAddr>,
     out: &Path,
 ) -> Result<DemoReport> {
-    demo_call_in(None, page_url, relay_metrics, out)
+    demo_call_in(None, api, page_url, relay_metrics, out)
 }
 
 /// [`demo_call`] with chromedriver (and so Chromium) started inside network namespace `netns`
@@ -193,6 +241,7 @@ pub fn demo_call(
 /// here, not from `netns`.
 pub fn demo_call_in(
     netns: Option<&Netns>,
+    api: DemoApi,
     page_url: &str,
     relay_metrics: Option<SocketAddr>,
     out: &Path,
@@ -234,9 +283,9 @@ pub fn demo_call_in(
         addr,
         id,
     };
-    let result = scenario(&session, page_url, relay_metrics, out);
+    let result = scenario(&session, api, page_url, relay_metrics, out);
     if result.is_err() {
-        let _ = session.screenshot(&out.join("demo-failure.png"));
+        let _ = session.screenshot(&out.join(format!("demo-{}-failure.png", api.name())));
     }
     let _ = session.call("DELETE", "", None);
     result
@@ -244,11 +293,22 @@ pub fn demo_call_in(
 
 fn scenario(
     s: &Session,
+    api: DemoApi,
     page_url: &str,
     relay_metrics: Option<SocketAddr>,
     out: &Path,
 ) -> Result<DemoReport> {
     s.call("POST", "/url", Some(json!({"url": page_url})))?;
+    // The switch as a person uses it: the select changes, the page reacts.
+    s.js(&format!(
+        "const a = document.getElementById('api'); a.value = '{}'; \
+         a.dispatchEvent(new Event('change'));",
+        api.name()
+    ))?;
+    let (first_event, auth) = match api {
+        DemoApi::Realtime => ("in:session.created", "client_secret"),
+        DemoApi::Live => ("in:session.started", "backend"),
+    };
     s.js("document.getElementById('start').click();")?;
     let has = |d: &Value, e: &str| {
         d["events"]
@@ -257,19 +317,20 @@ fn scenario(
     };
     let failed = |d: &Value| !d["error"].is_null();
     let d = s.wait_for(
-        "data channel open + session.created",
+        &format!("data channel open + {first_event}"),
         Duration::from_secs(20),
-        |d| failed(d) || (d["dc"] == "open" && has(d, "in:session.created")),
+        |d| failed(d) || (d["dc"] == "open" && has(d, first_event)),
     )?;
     if failed(&d) {
         bail!("the call failed: {}", d["error"]);
     }
-    // The page holds no key: its call authenticated with a client secret its backend got.
-    if d["auth"] != "client_secret" {
-        bail!(
-            "the call was not made with a client secret (auth: {})",
-            d["auth"]
-        );
+    if d["api"] != api.name() {
+        bail!("the page did not switch to {} (api: {})", api.name(), d["api"]);
+    }
+    // The page holds no key: Realtime calls with a client secret its backend got; a Live
+    // session is created by its backend.
+    if d["auth"] != auth {
+        bail!("the call was not authenticated by `{auth}` (auth: {})", d["auth"]);
     }
     s.js("window.demo.send({type: 'response.create'});")?;
     s.wait_for("echo of response.create", Duration::from_secs(5), |d| {
@@ -290,16 +351,33 @@ fn scenario(
         Duration::from_secs(3),
         |d| d["level"].as_f64().unwrap_or(0.0) > 0.02,
     );
-    let screenshot = out.join("demo.png");
+    let d = match api {
+        DemoApi::Realtime => d,
+        // Cumulative seconds, at least one report of them (the provider sends one a second).
+        DemoApi::Live => s.wait_for(
+            "session.usage.updated with usage.seconds shown",
+            Duration::from_secs(5),
+            |d| has(d, "in:session.usage.updated") && d["usage"].as_f64().unwrap_or(0.0) > 0.0,
+        )?,
+    };
+    let screenshot = out.join(format!("demo-{}.png", api.name()));
     s.screenshot(&screenshot)?;
     s.js("document.getElementById('hangup').click();")?;
-    s.wait_for("closed after hang-up", Duration::from_secs(5), |d| {
+    let closed = s.wait_for("closed after hang-up", Duration::from_secs(5), |d| {
         d["state"] == "closed"
     })?;
+    if !closed["error"].is_null() {
+        bail!("the hang-up failed: {}", closed["error"]);
+    }
+    let closed_reason = closed["closedReason"].as_str().map(str::to_string);
+    if api == DemoApi::Live && !has(&closed, "in:session.closed") {
+        bail!("no session.closed reached the page after the hang-up: {closed}");
+    }
     if let Some(addr) = relay_metrics {
         wait_no_live_calls(addr)?;
     }
     Ok(DemoReport {
+        api,
         call_id: d["callId"].as_str().unwrap_or_default().to_string(),
         events_in: d["events"]
             .as_array()
@@ -311,6 +389,8 @@ fn scenario(
             .unwrap_or(0),
         inbound_packets: d["inbound"].as_u64().unwrap_or(0),
         max_level: d["maxLevel"].as_f64().unwrap_or(0.0),
+        usage_seconds: closed["usage"].as_f64(),
+        closed_reason,
         screenshot,
     })
 }
@@ -333,15 +413,19 @@ fn wait_no_live_calls(addr: SocketAddr) -> Result<()> {
 }
 
 /// Starts a stack on ephemeral ports (echo model, relay, Envoy with `envoy/envoy.yaml`) and
-/// runs [`demo_call`] against it. Artifacts go to `<target>/xtask/browser/`.
-pub fn demo_call_on_stack(paths: &crate::paths::Paths) -> Result<DemoReport> {
+/// runs [`demo_call`] against it, a Realtime call then a GPT-Live session. Artifacts go to
+/// `<target>/xtask/browser/`.
+pub fn demo_call_on_stack(paths: &crate::paths::Paths) -> Result<Vec<DemoReport>> {
     let cfg = crate::stack::StackConfig::ephemeral(paths, "browser")?;
     let out = paths.scratch().join("browser");
     let stack = crate::stack::Stack::start(paths, cfg)?;
     let metrics: SocketAddr = format!("{}:{}", stack.config.host, stack.config.relay_metrics_port)
         .parse()
         .context("relay metrics address")?;
-    demo_call(&stack.urls.demo_page, Some(metrics), &out)
+    [DemoApi::Realtime, DemoApi::Live]
+        .into_iter()
+        .map(|api| demo_call(api, &stack.urls.demo_page, Some(metrics), &out))
+        .collect()
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use xtask::browser::DemoApi;
 use xtask::compile::{build_binaries, build_filter};
 use xtask::paths::{Paths, Profile};
 use xtask::pipeline::{self, TestOptions};
@@ -159,15 +160,23 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Up(args) => up(&paths, args)?,
         Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
         Cmd::BrowserTest { url, relay_metrics } => {
-            let report = match url {
-                Some(url) => xtask::browser::demo_call(
-                    &url,
-                    relay_metrics,
-                    &paths.scratch().join("browser"),
-                )?,
+            let reports = match url {
+                Some(url) => [DemoApi::Realtime, DemoApi::Live]
+                    .into_iter()
+                    .map(|api| {
+                        xtask::browser::demo_call(
+                            api,
+                            &url,
+                            relay_metrics,
+                            &paths.scratch().join("browser"),
+                        )
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?,
                 None => xtask::browser::demo_call_on_stack(&paths)?,
             };
-            ui::line(format!("browser test passed: {report:?}"));
+            for r in reports {
+                ui::line(format!("browser test passed: {r}"));
+            }
         }
         Cmd::CheckDeploy => {
             setup::envoy(&paths)?;

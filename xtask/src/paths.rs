@@ -9,8 +9,9 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 pub const JSONSCHEMA_VERSION: &str = "4.26.0";
 /// Pinned PyPI `openai` (the official Python SDK), installed into the project venv: the
-/// end-to-end test of client secrets drives the gateway with it as an OpenAI client would.
-pub const OPENAI_PY_VERSION: &str = "3.51.0";
+/// end-to-end tests of client secrets and of GPT-Live sessions drive the gateway with it as an
+/// OpenAI client would (3.54 is the first with `client.live`).
+pub const OPENAI_PY_VERSION: &str = "3.63.0";
 /// Rust target of the Wasm filter.
 pub const WASM_TARGET: &str = "wasm32-wasip1";
 /// Cargo package and artifact names.

@@ -419,15 +419,12 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     } else {
         p.step("browser demo (headless Chromium)", || {
             setup::chromium()?;
-            let r = crate::browser::demo_call_on_stack(paths)?;
-            Ok(format!(
-                "call {}, {} events in, {} audio packets in, max level {:.2}; screenshot {}",
-                r.call_id,
-                r.events_in,
-                r.inbound_packets,
-                r.max_level,
-                r.screenshot.display()
-            ))
+            let reports = crate::browser::demo_call_on_stack(paths)?;
+            Ok(reports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"))
         });
     }
     p.summary(Some(counts));
