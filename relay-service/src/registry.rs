@@ -208,7 +208,7 @@ impl Registry {
     pub fn release(&self, call_id: &str) {
         let entry = self.lock().live.remove(call_id);
         if let Some(e) = entry {
-            let _ = e.done_tx.send(true);
+            e.done_tx.send_replace(true);
         }
     }
 
@@ -224,7 +224,10 @@ impl Registry {
             inner.ended.push_front(info.clone());
         }
         drop(inner);
-        let _ = entry.done_tx.send(true);
+        // Not `send`: with no receiver yet it would leave the value unchanged, and whoever
+        // waits afterwards (a hangup that looked the call up just before it ended) would wait
+        // out its whole timeout.
+        entry.done_tx.send_replace(true);
         Some(info)
     }
 
@@ -364,6 +367,29 @@ mod tests {
             .calls
             .iter()
             .any(|c| c.call_id == "rtc_owned" && c.principal == "p_a"));
+    }
+
+    /// A call that ended before anyone waited for it is seen as ended at once: a hangup that
+    /// found it live a moment earlier does not wait out its timeout (before, it waited the
+    /// whole of it: the end was signalled to no receiver and lost).
+    #[tokio::test]
+    async fn a_wait_that_starts_after_the_end_returns_at_once() {
+        let r = Registry::new(10, 10);
+        let entry = r.reserve(new("rtc_early")).unwrap();
+        r.finish("rtc_early", EndReason::UpstreamClosed);
+        let started = std::time::Instant::now();
+        assert!(entry.wait_ended(Duration::from_secs(2)).await);
+        let (info, first) = r
+            .end_and_wait(&entry, EndReason::Hangup, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(info.end_reason, "upstream_closed");
+        assert!(first, "no end had been requested");
     }
 
     #[test]
