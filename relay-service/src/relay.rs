@@ -648,6 +648,9 @@ impl Relay {
     /// was the first to end the call.
     async fn close_live_session(&self, entry: &CallEntry, upstream: &UpstreamCall) -> bool {
         let first = entry.announce_end(EndReason::Hangup);
+        // If whoever asked goes away meanwhile (its gRPC call cancelled, so this future is
+        // dropped), the call must still end, not stay announced and running.
+        let _ended_if_abandoned = EndOnDrop(entry);
         let deadline = Instant::now() + LIVE_CLOSE_WAIT;
         if upstream.claim_hangup() {
             let asked = tokio::time::timeout(LIVE_CLOSE_WAIT, self.upstream.hangup(upstream)).await;
@@ -755,6 +758,16 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Ends its call as `hangup` when dropped: the Live close that holds it was either finished
+/// (the caller then ends the call anyway, so this changes nothing) or abandoned.
+struct EndOnDrop<'a>(&'a CallEntry);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.request_end(EndReason::Hangup);
     }
 }
 
