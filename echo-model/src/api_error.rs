@@ -13,6 +13,17 @@ pub(crate) enum ApiError {
     MissingSdp,
     InvalidSdp(String),
     InvalidSessionJson(String),
+    /// GPT-Live: a body with another content type than `application/json`.
+    InvalidJsonContentType,
+    /// GPT-Live: a body that is not a JSON object.
+    InvalidJson(String),
+    /// GPT-Live: a required parameter is absent (`session.model`, `transport.sdp`, …).
+    MissingParameter(&'static str),
+    /// GPT-Live: a parameter has a value the API does not take.
+    InvalidValue {
+        param: &'static str,
+        why: String,
+    },
     CallNotFound,
     /// Our own fault (e.g. no UDP port available).
     Internal(String),
@@ -36,6 +47,10 @@ impl ApiError {
             ApiError::MissingSdp => "missing_sdp",
             ApiError::InvalidSdp(_) => "invalid_sdp",
             ApiError::InvalidSessionJson(_) => "invalid_session_json",
+            ApiError::InvalidJsonContentType => "invalid_content_type",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::MissingParameter(_) => "missing_required_parameter",
+            ApiError::InvalidValue { .. } => "invalid_value",
             ApiError::CallNotFound => "call_not_found",
             ApiError::Internal(_) => "server_error",
         }
@@ -61,8 +76,26 @@ impl ApiError {
             ApiError::MissingSdp => "The request has no SDP offer.".into(),
             ApiError::InvalidSdp(why) => format!("Invalid SDP offer: {why}."),
             ApiError::InvalidSessionJson(why) => format!("Invalid session JSON: {why}."),
+            ApiError::InvalidJsonContentType => {
+                "Unsupported Content-Type: expected application/json.".into()
+            }
+            ApiError::InvalidJson(why) => {
+                format!("We could not parse the JSON body of your request: {why}.")
+            }
+            ApiError::MissingParameter(param) => format!("Missing required parameter: '{param}'."),
+            ApiError::InvalidValue { param, why } => {
+                format!("Invalid value for '{param}': {why}.")
+            }
             ApiError::CallNotFound => "No such call.".into(),
             ApiError::Internal(why) => format!("Internal error: {why}."),
+        }
+    }
+
+    /// The parameter at fault, where one is.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::MissingParameter(param) | ApiError::InvalidValue { param, .. } => Some(param),
+            _ => None,
         }
     }
 
@@ -71,7 +104,7 @@ impl ApiError {
             "error": {
                 "message": self.message(),
                 "type": self.error_type(),
-                "param": serde_json::Value::Null,
+                "param": self.param(),
                 "code": self.code(),
             }
         })

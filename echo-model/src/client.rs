@@ -434,6 +434,25 @@ impl ConnectedClient {
         }
     }
 
+    /// The next JSON text event, whatever its type (binary messages and text that is not
+    /// JSON are skipped): for tests of what comes first, such as GPT-Live's
+    /// `session.started`.
+    pub async fn next_event(&mut self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_message(left).await {
+                Some(DcMessage::Text(t)) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
+                        return Ok(v);
+                    }
+                }
+                Some(DcMessage::Binary(_)) => {}
+                None => bail!("no event within {timeout:?} (alive: {})", self.is_alive()),
+            }
+        }
+    }
+
     /// Send `frames` audio frames, one every `interval` (20 ms frames, RTP time += 960).
     pub async fn send_audio(&self, frames: usize, interval: Duration) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(interval.max(Duration::from_micros(100)));

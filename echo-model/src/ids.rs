@@ -1,4 +1,4 @@
-//! Identifiers in the shapes OpenAI uses (`rtc_…`, `sess_…`, `event_…`).
+//! Identifiers in the shapes OpenAI uses (`rtc_…`, `live_…`, `sess_…`, `event_…`).
 
 use rand::Rng;
 
@@ -12,6 +12,12 @@ fn hex(bytes: usize) -> String {
 /// Call id for the `Location` header. One widely used client requires the `rtc_` prefix.
 pub(crate) fn call_id() -> String {
     format!("rtc_{}", hex(16))
+}
+
+/// GPT-Live session id (the `session.id` of the create answer). Clients keep it unchanged,
+/// prefix included.
+pub(crate) fn live_session_id() -> String {
+    format!("live_{}", hex(16))
 }
 
 pub(crate) fn session_id() -> String {

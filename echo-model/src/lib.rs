@@ -1,10 +1,13 @@
 //! Local echo model.
 //!
-//! Two things live here, both speaking the OpenAI Realtime WebRTC wire format:
+//! Two things live here, both speaking the OpenAI WebRTC wire formats:
 //!
 //! * [`provider::MockProvider`]: an HTTP + WebRTC peer that behaves like the model provider's
-//!   `POST /v1/realtime/calls` endpoint. It answers offers, sends `session.created` when the
-//!   `oai-events` data channel opens, and echoes every data-channel message and RTP packet back.
+//!   Realtime endpoint `POST /v1/realtime/calls` and its GPT-Live endpoint
+//!   `POST /v1/live/sessions`. It answers offers, sends `session.created` (Realtime) or
+//!   `session.started` (GPT-Live, then `session.usage.updated` every second and
+//!   `session.closed` at the end) when the `oai-events` data channel opens, and echoes every
+//!   data-channel message and RTP packet back.
 //!   Tests, benchmarks and the product's embedded "local echo model" all use it.
 //! * [`client::TestClient`]: a str0m offerer (full ICE, RTP mode, Opus only) that plays the
 //!   browser/SDK side in tests and benchmarks.
@@ -23,4 +26,4 @@ mod session;
 pub use client::{
     AudioStats, ClientConfig, ClientTransport, ConnectedClient, DcMessage, RttSummary, TestClient,
 };
-pub use provider::{MockProvider, ProviderConfig, ProviderStats, RecordedRequest};
+pub use provider::{Api, MockProvider, ProviderConfig, ProviderStats, RecordedRequest};

@@ -1,4 +1,5 @@
-//! `echo-model`: run the local echo model (mock OpenAI Realtime WebRTC provider) standalone.
+//! `echo-model`: run the local echo model (mock OpenAI Realtime and GPT-Live WebRTC provider)
+//! standalone.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -10,10 +11,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(
     name = "echo-model",
-    about = "LOCAL ECHO MODEL: a mock OpenAI Realtime WebRTC provider that echoes audio and events. Not a real model."
+    about = "LOCAL ECHO MODEL: a mock OpenAI Realtime and GPT-Live WebRTC provider that echoes audio and events. Not a real model."
 )]
 struct Args {
-    /// HTTP address for `POST /v1/realtime/calls`.
+    /// HTTP address for `POST /v1/realtime/calls` and `POST /v1/live/sessions`.
     #[arg(long, default_value = "127.0.0.1:8089")]
     http_addr: SocketAddr,
     /// IP to bind per-call UDP sockets on and advertise in ICE host candidates.
@@ -81,9 +82,10 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("==================================================================");
     eprintln!(" LOCAL ECHO MODEL - this is NOT a real model.");
-    eprintln!(" It speaks the OpenAI Realtime WebRTC protocol and echoes back");
-    eprintln!(" every audio packet and data-channel event it receives.");
+    eprintln!(" It speaks the OpenAI Realtime and GPT-Live WebRTC protocols and");
+    eprintln!(" echoes back every audio packet and data-channel event it receives.");
     eprintln!(" POST {}/v1/realtime/calls", provider.base_url());
+    eprintln!(" POST {}/v1/live/sessions", provider.base_url());
     eprintln!(
         " media on {} (UDP, one ephemeral port per call)",
         args.media_ip

@@ -1,15 +1,29 @@
-//! The mock model provider: `POST /v1/realtime/calls` + one str0m peer per call that echoes.
+//! The mock model provider: the Realtime API's `POST /v1/realtime/calls` and GPT-Live's
+//! `POST /v1/live/sessions`, each with one str0m peer per call that echoes.
 //!
-//! HTTP side (axum): authenticate, record, parse (`application/sdp` or `multipart/form-data`),
-//! validate the offer with str0m *before* allocating anything, then answer `201` with the SDP
-//! answer and `Location: /v1/realtime/calls/rtc_…`.
+//! HTTP side (axum): authenticate, record, parse, validate the offer with str0m *before*
+//! allocating anything, then answer. Realtime: `application/sdp` or `multipart/form-data`,
+//! answered `201` with the SDP answer and `Location: /v1/realtime/calls/rtc_…`. GPT-Live:
+//! JSON `{session: {model, …}, transport: {type: "webrtc", sdp}}` (the `openai` package's
+//! `LiveCreateParams`), answered `200` with `{session: {id: "live_…"}, transport: {type:
+//! "webrtc", sdp}}` (`LiveCreateResponse`). Hangups: `POST /v1/realtime/calls/{id}/hangup`
+//! and `POST /v1/live/sessions/{id}/hangup`, each for its own API's calls.
 //!
 //! Media side: each call owns a UDP socket on `media_ip:0` and a tokio task running the str0m
-//! loop (ICE-lite answerer, RTP mode, Opus only). The task sends `session.created` when the
-//! `oai-events` channel opens, echoes every data-channel message (same kind, same bytes) and
-//! every RTP packet (on its own send stream, with the payload type it negotiated for the
-//! packet's codec). It ends on hangup, peer close/disconnect, no connection within
-//! [`CallLimits::connect_timeout`], or no datagram from the peer for [`CallLimits::idle_timeout`].
+//! loop (ICE-lite answerer, RTP mode, Opus only). The task echoes every data-channel message
+//! (same kind, same bytes) and every RTP packet (on its own send stream, with the payload type
+//! it negotiated for the packet's codec). A Realtime call sends `session.created` when the
+//! `oai-events` channel opens. A GPT-Live session sends `session.started` then, and
+//! `session.usage.updated` (cumulative seconds) every [`CallLimits::usage_interval`]; it takes
+//! `session.close` (not echoed) and refuses `session.start` (WebRTC creation started the
+//! session already) with an `error` event. It ends on hangup, peer close/disconnect, no
+//! connection within [`CallLimits::connect_timeout`], or no datagram from the peer for
+//! [`CallLimits::idle_timeout`]; a GPT-Live session first sends `session.closed` where its peer
+//! can still get it: reason `close_requested` on the client's `session.close` and on a hangup
+//! (the package: "for an application close or hangup request"), `connection_lost` on the idle
+//! timeout or an ICE disconnect (best effort: the peer may be gone). `remote_hangup` (the peer
+//! closed) and `expired` are never sent: the peer that closed cannot read it, and the echo model
+//! enforces no session duration.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -37,7 +51,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api_error::ApiError;
 use crate::peer::{self, DEFAULT_QUEUE_CAP};
-use crate::session::{session_created, DEFAULT_MODEL};
+use crate::session::{
+    live_error, live_session, session_closed, session_created, session_started, usage_updated,
+    DEFAULT_LIVE_MODEL, DEFAULT_MODEL,
+};
 use rtc_peer::dc_queue::{DcQueue, FlushStep, Message};
 use rtc_peer::multipart::{self, Limits, MultipartError};
 use rtc_peer::udp::{self, UdpPeer, MAX_DATAGRAM};
@@ -110,6 +127,8 @@ pub struct CallLimits {
     /// instead of the bound `media_ip`, to show a relay an answer pointing its media
     /// elsewhere. Media only flows when it is an address that reaches the socket.
     pub advertised_ip: Option<IpAddr>,
+    /// GPT-Live: how often a session reports its cumulative usage (`session.usage.updated`).
+    pub usage_interval: Duration,
 }
 
 impl Default for CallLimits {
@@ -120,18 +139,41 @@ impl Default for CallLimits {
             dc_queue_cap: DEFAULT_QUEUE_CAP,
             max_calls: 10_000,
             advertised_ip: None,
+            usage_interval: Duration::from_secs(1),
         }
     }
 }
 
-/// One `POST /v1/realtime/calls` as received (recorded before authentication and validation).
+/// How long a GPT-Live session that is closing waits for its peer to acknowledge
+/// `session.closed` before it closes anyway.
+const LIVE_CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// The same when the peer seems gone (idle timeout, ICE disconnect): a short best effort.
+const LIVE_LOST_LINGER: Duration = Duration::from_millis(250);
+
+/// Which API a call was created through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /v1/realtime/calls`
+    Realtime,
+    /// `POST /v1/live/sessions`
+    Live,
+}
+
+/// One create (`POST /v1/realtime/calls` or `POST /v1/live/sessions`) as received (recorded
+/// before authentication and validation).
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
+    /// The path it was posted to.
+    pub path: String,
     pub content_type: String,
     pub query_model: Option<String>,
+    /// Realtime: the multipart `session` part. GPT-Live: the body's `session` object.
     pub session: Option<Value>,
     pub authorization: Option<String>,
+    /// The offer (GPT-Live: `transport.sdp`); the raw body when it could not be read.
     pub sdp: String,
+    /// GPT-Live: the whole JSON body, when it was JSON.
+    pub json: Option<Value>,
 }
 
 /// Totals across all calls since start.
@@ -196,7 +238,10 @@ impl Counters {
 }
 
 struct CallEntry {
+    api: Api,
     cancel: CancellationToken,
+    /// GPT-Live: a hangup asks the session to close (it sends `session.closed` first).
+    close: CancellationToken,
     /// Becomes `true` when the call's task has finished and freed its socket.
     done: watch::Receiver<bool>,
 }
@@ -282,7 +327,7 @@ impl MockProvider {
         self.local_addr
     }
 
-    /// Every `POST /v1/realtime/calls` received, in order.
+    /// Every create (`POST /v1/realtime/calls`, `POST /v1/live/sessions`) received, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).clone()
     }
@@ -292,7 +337,8 @@ impl MockProvider {
         lock(&self.shared.calls).len()
     }
 
-    /// Ids of calls hung up via `POST /v1/realtime/calls/{id}/hangup`.
+    /// Ids of calls hung up via `POST /v1/realtime/calls/{id}/hangup` (`rtc_…`) or
+    /// `POST /v1/live/sessions/{id}/hangup` (`live_…`), in order.
     pub fn hangups(&self) -> Vec<String> {
         lock(&self.shared.hangups).clone()
     }
@@ -347,6 +393,8 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/realtime/calls", post(create_call))
         .route("/v1/realtime/calls/{call_id}/hangup", post(hangup))
+        .route("/v1/live/sessions", post(create_live_session))
+        .route("/v1/live/sessions/{session_id}/hangup", post(hangup_live))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }
@@ -458,11 +506,13 @@ async fn create_call(
         Err(_) => (String::from_utf8_lossy(&body).into_owned(), None),
     };
     lock(&shared.requests).push(RecordedRequest {
+        path: "/v1/realtime/calls".into(),
         content_type: content_type.clone(),
         query_model: query_model.clone(),
         session: session_for_record,
         authorization: authorization.clone(),
         sdp: sdp_for_record,
+        json: None,
     });
 
     if let Err(e) = check_auth(&shared, authorization.as_deref()) {
@@ -491,7 +541,7 @@ async fn create_call(
         .or(query_model)
         .unwrap_or_else(|| DEFAULT_MODEL.to_string());
 
-    match start_call(&shared, &sdp, model, session) {
+    match start_call(&shared, &sdp, model, session, Api::Realtime) {
         Ok((call_id, answer)) => (
             StatusCode::CREATED,
             [
@@ -505,14 +555,154 @@ async fn create_call(
             tracing::info!(code = e.code(), "offer refused");
             e.into_response()
         }
-        Err(CallStartError::Busy) => (
-            StatusCode::SERVICE_UNAVAILABLE,
+        Err(CallStartError::Busy) => busy(),
+    }
+}
+
+fn busy() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"error": {"message": "Too many concurrent calls.",
+            "type": "server_error", "param": null, "code": "too_many_calls"}})
+        .to_string(),
+    )
+        .into_response()
+}
+
+/// A GPT-Live create body, checked as the Live API checks it.
+struct LiveBody {
+    model: String,
+    session: Value,
+    sdp: String,
+}
+
+/// Checks a GPT-Live create body (`LiveCreateParams`): JSON, `session` an object with a
+/// non-empty string `model`, `transport.type` `"webrtc"` and a `transport.sdp` string. The
+/// offer itself is checked afterwards, as for Realtime.
+fn parse_live_body(content_type: &str, body: &[u8]) -> Result<LiveBody, ApiError> {
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime != "application/json" {
+        return Err(ApiError::InvalidJsonContentType);
+    }
+    let json: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut json) = json else {
+        return Err(ApiError::InvalidJson(
+            "the body is not a JSON object".into(),
+        ));
+    };
+    let invalid = |param, why: &str| ApiError::InvalidValue {
+        param,
+        why: why.to_string(),
+    };
+    let session = json
+        .remove("session")
+        .ok_or(ApiError::MissingParameter("session"))?;
+    if !session.is_object() {
+        return Err(invalid("session", "expected an object"));
+    }
+    let model = match session.get("model") {
+        None | Some(Value::Null) => return Err(ApiError::MissingParameter("session.model")),
+        Some(Value::String(m)) if m.trim().is_empty() => {
+            return Err(ApiError::MissingParameter("session.model"))
+        }
+        Some(Value::String(m)) => m.trim().to_string(),
+        Some(_) => return Err(invalid("session.model", "expected a string")),
+    };
+    let transport = json
+        .remove("transport")
+        .ok_or(ApiError::MissingParameter("transport"))?;
+    let Value::Object(transport) = transport else {
+        return Err(invalid("transport", "expected an object"));
+    };
+    match transport.get("type") {
+        None | Some(Value::Null) => return Err(ApiError::MissingParameter("transport.type")),
+        Some(Value::String(t)) if t == "webrtc" => {}
+        Some(_) => return Err(invalid("transport.type", "expected 'webrtc'")),
+    }
+    let sdp = match transport.get("sdp") {
+        None | Some(Value::Null) => return Err(ApiError::MissingParameter("transport.sdp")),
+        Some(Value::String(sdp)) if sdp.trim().is_empty() => return Err(ApiError::MissingSdp),
+        Some(Value::String(sdp)) => sdp.clone(),
+        Some(_) => return Err(invalid("transport.sdp", "expected a string")),
+    };
+    Ok(LiveBody {
+        model,
+        session,
+        sdp,
+    })
+}
+
+/// `POST /v1/live/sessions`: a GPT-Live WebRTC session.
+async fn create_live_session(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = header_str(&headers, header::CONTENT_TYPE).unwrap_or_default();
+    let authorization = header_str(&headers, header::AUTHORIZATION);
+    let json = serde_json::from_slice::<Value>(&body).ok();
+    let transport_sdp = json
+        .as_ref()
+        .and_then(|j| j.pointer("/transport/sdp"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    lock(&shared.requests).push(RecordedRequest {
+        path: "/v1/live/sessions".into(),
+        content_type: content_type.clone(),
+        query_model: None,
+        session: json.as_ref().and_then(|j| j.get("session")).cloned(),
+        authorization: authorization.clone(),
+        sdp: transport_sdp.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+        json,
+    });
+
+    if let Err(e) = check_auth(&shared, authorization.as_deref()) {
+        tracing::info!(code = e.code(), "Live session refused: authentication");
+        return e.into_response();
+    }
+    if let Some((status, ct, body)) = &shared.reject_with {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, [(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response();
+    }
+    let LiveBody {
+        model,
+        session,
+        sdp,
+    } = match parse_live_body(&content_type, &body) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::info!(code = e.code(), "Live session refused");
+            return e.into_response();
+        }
+    };
+    let model = if model.is_empty() {
+        DEFAULT_LIVE_MODEL.to_string()
+    } else {
+        model
+    };
+    match start_call(&shared, &sdp, model, Some(session), Api::Live) {
+        Ok((session_id, answer)) => (
+            StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({"error": {"message": "Too many concurrent calls.",
-                "type": "server_error", "param": null, "code": "too_many_calls"}})
+            serde_json::json!({
+                "session": {"id": session_id},
+                "transport": {"type": "webrtc", "sdp": answer},
+            })
             .to_string(),
         )
             .into_response(),
+        Err(CallStartError::Api(e)) => {
+            tracing::info!(code = e.code(), "Live session refused");
+            e.into_response()
+        }
+        Err(CallStartError::Busy) => busy(),
     }
 }
 
@@ -533,6 +723,7 @@ fn start_call(
     sdp: &str,
     model: String,
     session: Option<Value>,
+    api: Api,
 ) -> Result<(String, String), CallStartError> {
     if !sdp.trim_start().starts_with("v=0") {
         return Err(ApiError::InvalidSdp("must start with v=0".into()).into());
@@ -566,20 +757,26 @@ fn start_call(
         .map_err(|e| ApiError::InvalidSdp(e.to_string()))?;
 
     let udp = UdpPeer::new(rtc, socket).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let call_id = crate::ids::call_id();
+    let call_id = match api {
+        Api::Realtime => crate::ids::call_id(),
+        Api::Live => crate::ids::live_session_id(),
+    };
     let cancel = shared.shutdown.child_token();
+    let close = CancellationToken::new();
     let (done_tx, done_rx) = watch::channel(false);
     lock(&shared.calls).insert(
         call_id.clone(),
         CallEntry {
+            api,
             cancel: cancel.clone(),
+            close: close.clone(),
             done: done_rx,
         },
     );
     add(&shared.counters.calls_created, 1);
-    tracing::info!(call_id = %call_id, model = %model, media = %local, "call created");
+    tracing::info!(call_id = %call_id, model = %model, media = %local, ?api, "call created");
 
-    let call = Call::new(call_id.clone(), model, session, shared.clone(), udp);
+    let call = Call::new(call_id.clone(), model, session, shared.clone(), udp, api);
     let task_shared = shared.clone();
     let mut tasks = lock(&shared.tasks);
     // Reap finished tasks so the set does not grow with every call ever made.
@@ -592,7 +789,7 @@ fn start_call(
             call_id: call.call_id.clone(),
             done: done_tx,
         };
-        call.run(cancel).await;
+        call.run(cancel, close).await;
     });
     Ok((call_id, answer.to_sdp_string()))
 }
@@ -610,22 +807,51 @@ impl Drop for CallGuard {
     }
 }
 
+/// `POST /v1/realtime/calls/{id}/hangup`
 async fn hangup(
     State(shared): State<Arc<Shared>>,
     Path(call_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let authorization = header_str(&headers, header::AUTHORIZATION);
-    if let Err(e) = check_auth(&shared, authorization.as_deref()) {
+    hang_up(&shared, Api::Realtime, call_id, &headers).await
+}
+
+/// `POST /v1/live/sessions/{id}/hangup`: the session sends `session.closed` (reason
+/// `close_requested`) to its peer, waits (briefly) for it to be acknowledged, then closes.
+async fn hangup_live(
+    State(shared): State<Arc<Shared>>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    hang_up(&shared, Api::Live, session_id, &headers).await
+}
+
+async fn hang_up(shared: &Shared, api: Api, call_id: String, headers: &HeaderMap) -> Response {
+    let authorization = header_str(headers, header::AUTHORIZATION);
+    if let Err(e) = check_auth(shared, authorization.as_deref()) {
         return e.into_response();
     }
+    // Each API's hangup finds only its own calls.
     let entry = lock(&shared.calls)
         .get(&call_id)
-        .map(|e| (e.cancel.clone(), e.done.clone()));
-    let Some((cancel, mut done)) = entry else {
+        .filter(|e| e.api == api)
+        .map(|e| (e.cancel.clone(), e.close.clone(), e.done.clone()));
+    let Some((cancel, close, mut done)) = entry else {
         return ApiError::CallNotFound.into_response();
     };
     lock(&shared.hangups).push(call_id.clone());
+    if api == Api::Live {
+        // Politely first: the session says goodbye.
+        close.cancel();
+        let wait = LIVE_CLOSE_LINGER + Duration::from_millis(500);
+        if tokio::time::timeout(wait, done.wait_for(|d| *d))
+            .await
+            .is_ok()
+        {
+            tracing::info!(call_id = %call_id, "Live session hung up");
+            return StatusCode::OK.into_response();
+        }
+    }
     cancel.cancel();
     // Answer once the call is really gone, so callers can rely on active_calls() right away.
     if tokio::time::timeout(Duration::from_secs(2), done.wait_for(|d| *d))
@@ -642,6 +868,8 @@ async fn hangup(
 #[derive(Debug, Clone, Copy)]
 enum EndReason {
     HungUp,
+    /// GPT-Live: the client's `session.close`.
+    SessionClosed,
     PeerClosed,
     IceDisconnected,
     ConnectTimeout,
@@ -659,9 +887,89 @@ struct Call {
     state: CallState,
 }
 
+/// A GPT-Live session's own state on top of the echo.
+#[derive(Default)]
+struct LiveState {
+    /// The resolved session, once `session.started` is queued.
+    resolved: Option<Value>,
+    /// When `session.started` was queued: usage counts from there.
+    started_at: Option<Instant>,
+    /// When the next `session.usage.updated` is due.
+    next_usage: Option<Instant>,
+    /// Asked to close (by the client, a hangup, a lost peer), `session.closed` not queued yet.
+    close_asked: Option<CloseAsk>,
+    /// `session.closed` is queued: the call ends once the peer acknowledged it, or then.
+    closing: Option<(EndReason, Instant)>,
+    /// Client events refused with an `error` event: their `event_id`s.
+    refused: Vec<Option<String>>,
+}
+
+struct CloseAsk {
+    /// `session.closed`'s reason.
+    reason: &'static str,
+    client_event_id: Option<String>,
+    /// How long to wait for the peer's acknowledgement.
+    linger: Duration,
+    /// What the call's end is logged as.
+    end: EndReason,
+}
+
+impl LiveState {
+    fn usage_seconds(&self, now: Instant) -> f64 {
+        let secs = self
+            .started_at
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        // Milliseconds: a stable, readable total.
+        (secs * 1000.0).round() / 1000.0
+    }
+
+    /// Whether the session can still say goodbye: it started, and is not saying it already.
+    fn can_close(&self) -> bool {
+        self.started_at.is_some() && self.close_asked.is_none() && self.closing.is_none()
+    }
+
+    /// The earliest of the session's own timers.
+    fn next_timer(&self) -> Option<Instant> {
+        match self.closing {
+            Some((_, until)) => Some(until),
+            None => self.next_usage,
+        }
+    }
+}
+
+/// A GPT-Live client command the session acts on instead of echoing.
+enum LiveCommand {
+    Close(Option<String>),
+    /// `session.start`: only a primary WebSocket sends it; WebRTC creation started the session.
+    Start(Option<String>),
+}
+
+/// What a GPT-Live session makes of a client text event: only `session.close` and
+/// `session.start` are commands (a byte search first, so other events are not parsed).
+fn live_command(data: &[u8]) -> Option<LiveCommand> {
+    if !data.windows(b"session.".len()).any(|w| w == b"session.") {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        event_id: Option<String>,
+    }
+    let head: Head = serde_json::from_slice(data).ok()?;
+    match head.kind.as_deref() {
+        Some("session.close") => Some(LiveCommand::Close(head.event_id)),
+        Some("session.start") => Some(LiveCommand::Start(head.event_id)),
+        _ => None,
+    }
+}
+
 /// The echo logic, separate from the socket so the event callback can borrow it while the
 /// driver borrows the `Rtc`.
 struct CallState {
+    api: Api,
+    /// GPT-Live only.
+    live: LiveState,
     audio_mid: Option<Mid>,
     events_channel: Option<ChannelId>,
     connected: bool,
@@ -681,6 +989,7 @@ impl Call {
         session: Option<Value>,
         shared: Arc<Shared>,
         udp: UdpPeer,
+        api: Api,
     ) -> Self {
         let mut rng = rand::rng();
         let queue = peer::dc_queue(shared.limits.dc_queue_cap);
@@ -691,6 +1000,8 @@ impl Call {
             shared,
             udp,
             state: CallState {
+                api,
+                live: LiveState::default(),
                 audio_mid: None,
                 events_channel: None,
                 connected: false,
@@ -706,7 +1017,7 @@ impl Call {
         }
     }
 
-    async fn run(mut self, cancel: CancellationToken) {
+    async fn run(mut self, cancel: CancellationToken, close: CancellationToken) {
         let started = Instant::now();
         let mut last_rx = started;
         let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -722,22 +1033,57 @@ impl Call {
                 }
             };
             if let Some(r) = self.state.ended {
+                // A GPT-Live session whose peer may still listen says goodbye first.
+                if matches!(r, EndReason::IceDisconnected) && self.state.live.can_close() {
+                    self.state.ended = None;
+                    self.state
+                        .ask_close("connection_lost", None, LIVE_LOST_LINGER, r);
+                    continue;
+                }
                 break r;
             }
             if !self.udp.shell.rtc().is_alive() {
                 break EndReason::PeerClosed;
             }
             let now = Instant::now();
+            if let Some((end, until)) = self.state.live.closing {
+                if now >= until || self.state.goodbye_delivered(self.udp.rtc()) {
+                    break end;
+                }
+            }
             if !self.state.connected && now >= started + self.shared.limits.connect_timeout {
                 break EndReason::ConnectTimeout;
             }
-            if now >= last_rx + self.shared.limits.idle_timeout {
+            if now >= last_rx + self.shared.limits.idle_timeout && self.state.live.closing.is_none()
+            {
+                if self.state.live.can_close() {
+                    self.state.ask_close(
+                        "connection_lost",
+                        None,
+                        LIVE_LOST_LINGER,
+                        EndReason::IdleTimeout,
+                    );
+                    continue;
+                }
                 break EndReason::IdleTimeout;
             }
+            let deadline = match self.state.live.next_timer() {
+                Some(t) => deadline.min(t),
+                None => deadline,
+            };
             sleep.as_mut().reset(udp::next_wake(deadline, now));
 
+            let live = self.state.api == Api::Live;
             tokio::select! {
                 _ = cancel.cancelled() => break EndReason::HungUp,
+                // A GPT-Live hangup: `session.closed` first, where the session has started.
+                _ = close.cancelled(), if live && self.state.live.close_asked.is_none()
+                    && self.state.live.closing.is_none() => {
+                    if !self.state.live.can_close() {
+                        break EndReason::HungUp;
+                    }
+                    self.state.ask_close("close_requested", None, LIVE_CLOSE_LINGER, EndReason::HungUp);
+                }
                 r = self.udp.socket.recv_from(&mut buf) => match r {
                     Ok((n, source)) => {
                         last_rx = Instant::now();
@@ -798,12 +1144,26 @@ impl Call {
             }
             if state.pending_session_created {
                 state.pending_session_created = false;
-                let event = session_created(model, session.as_ref()).to_string();
+                let event = match state.api {
+                    Api::Realtime => session_created(model, session.as_ref()),
+                    Api::Live => {
+                        let resolved = live_session(call_id, model, session.as_ref());
+                        let event = session_started(&resolved);
+                        let now = Instant::now();
+                        state.live.resolved = Some(resolved);
+                        state.live.started_at = Some(now);
+                        state.live.next_usage = Some(now + shared.limits.usage_interval);
+                        event
+                    }
+                };
                 let message = Message {
                     binary: false,
-                    data: event.into_bytes(),
+                    data: event.to_string().into_bytes(),
                 };
                 state.enqueue(message, &ctx);
+            }
+            if state.api == Api::Live {
+                state.live_events(shared.limits.usage_interval, &ctx);
             }
             let Some(channel) = state.events_channel else {
                 return Ok(deadline);
@@ -827,6 +1187,82 @@ struct EventCtx<'a> {
 }
 
 impl CallState {
+    /// GPT-Live: asks the session to close with `reason` (`session.closed` is queued on the
+    /// next drive).
+    fn ask_close(
+        &mut self,
+        reason: &'static str,
+        client_event_id: Option<String>,
+        linger: Duration,
+        end: EndReason,
+    ) {
+        if self.live.closing.is_none() {
+            self.live.close_asked.get_or_insert(CloseAsk {
+                reason,
+                client_event_id,
+                linger,
+                end,
+            });
+        }
+    }
+
+    /// GPT-Live: queues what the session has to say now: `error` events for refused
+    /// commands, `session.closed` when asked to close, `session.usage.updated` when due.
+    fn live_events(&mut self, usage_interval: Duration, ctx: &EventCtx<'_>) {
+        let now = Instant::now();
+        for id in std::mem::take(&mut self.live.refused) {
+            let event = live_error(
+                "session_already_started",
+                "WebRTC session creation already started this session; session.start is \
+                 for primary WebSocket connections only.",
+                id.as_deref(),
+            );
+            self.enqueue_event(&event, ctx);
+        }
+        if let Some(ask) = self.live.close_asked.take() {
+            let seconds = self.live.usage_seconds(now);
+            let session = self.live.resolved.clone().unwrap_or(Value::Null);
+            let event = session_closed(
+                ask.reason,
+                &session,
+                seconds,
+                ask.client_event_id.as_deref(),
+            );
+            self.enqueue_event(&event, ctx);
+            self.live.next_usage = None;
+            self.live.closing = Some((ask.end, now + ask.linger));
+            tracing::info!(call_id = %ctx.call_id, reason = ask.reason, seconds, "Live session closing");
+            return;
+        }
+        if let Some(due) = self.live.next_usage.filter(|due| *due <= now) {
+            let event = usage_updated(self.live.usage_seconds(now));
+            self.enqueue_event(&event, ctx);
+            // The next report is one interval after this one was due, but never in the past
+            // (a stalled loop does not burst reports).
+            self.live.next_usage = Some((due + usage_interval).max(now));
+        }
+    }
+
+    fn enqueue_event(&mut self, event: &Value, ctx: &EventCtx<'_>) {
+        let message = Message {
+            binary: false,
+            data: event.to_string().into_bytes(),
+        };
+        self.enqueue(message, ctx);
+    }
+
+    /// GPT-Live, closing: whether `session.closed` (and all before it) left the queue and the
+    /// peer acknowledged every byte.
+    fn goodbye_delivered(&self, rtc: &mut Rtc) -> bool {
+        let Some(channel) = self.events_channel else {
+            return true;
+        };
+        self.queue.is_empty()
+            && rtc
+                .channel(channel)
+                .is_none_or(|mut ch| ch.buffered_amount() == 0)
+    }
+
     fn on_event(&mut self, rtc: &mut Rtc, ev: Event, ctx: &EventCtx<'_>) {
         match ev {
             Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
@@ -855,6 +1291,28 @@ impl CallState {
                     data: d.data,
                 };
                 if Some(d.id) == self.events_channel {
+                    if self.api == Api::Live {
+                        if self.live.close_asked.is_some() || self.live.closing.is_some() {
+                            // The session is over: nothing more is echoed.
+                            return;
+                        }
+                        match (message.binary, live_command(&message.data)) {
+                            (false, Some(LiveCommand::Close(id))) => {
+                                self.ask_close(
+                                    "close_requested",
+                                    id,
+                                    LIVE_CLOSE_LINGER,
+                                    EndReason::SessionClosed,
+                                );
+                                return;
+                            }
+                            (false, Some(LiveCommand::Start(id))) => {
+                                self.live.refused.push(id);
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
                     // Written by `Call::drive` after this drain, one message per mutation.
                     self.enqueue(message, ctx);
                 } else {
@@ -1001,6 +1459,122 @@ mod tests {
         for (ct, body, want) in rows {
             let got = parse_body(ct, body).and_then(|p| p.sdp.map(|_| ()));
             assert_eq!(got.map_err(|e| e.code()), want, "content type {ct:?}");
+        }
+    }
+
+    /// One row per GPT-Live create body: what the Live API makes of it (the model, or the
+    /// error code and parameter).
+    #[test]
+    fn live_body_table() {
+        let ok = r#"{"session":{"model":" gpt-live-1 ","instructions":"hi"},"transport":{"type":"webrtc","sdp":"v=0\r\n"}}"#;
+        // (content type, body, the model or (code, parameter at fault))
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            Result<&'a str, (&'a str, Option<&'a str>)>,
+        );
+        let rows: &[Row] = &[
+            ("application/json", ok, Ok("gpt-live-1")),
+            ("application/json; charset=utf-8", ok, Ok("gpt-live-1")),
+            ("application/sdp", ok, Err(("invalid_content_type", None))),
+            ("", ok, Err(("invalid_content_type", None))),
+            ("application/json", "{", Err(("invalid_json", None))),
+            ("application/json", "[1]", Err(("invalid_json", None))),
+            (
+                "application/json",
+                r#"{"transport":{"type":"webrtc","sdp":"v=0"}}"#,
+                Err(("missing_required_parameter", Some("session"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":"gpt-live-1","transport":{"type":"webrtc","sdp":"v=0"}}"#,
+                Err(("invalid_value", Some("session"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{},"transport":{"type":"webrtc","sdp":"v=0"}}"#,
+                Err(("missing_required_parameter", Some("session.model"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":" "},"transport":{"type":"webrtc","sdp":"v=0"}}"#,
+                Err(("missing_required_parameter", Some("session.model"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":1},"transport":{"type":"webrtc","sdp":"v=0"}}"#,
+                Err(("invalid_value", Some("session.model"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":"m"}}"#,
+                Err(("missing_required_parameter", Some("transport"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":"m"},"transport":{"sdp":"v=0"}}"#,
+                Err(("missing_required_parameter", Some("transport.type"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":"m"},"transport":{"type":"websocket","sdp":"v=0"}}"#,
+                Err(("invalid_value", Some("transport.type"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":"m"},"transport":{"type":"webrtc"}}"#,
+                Err(("missing_required_parameter", Some("transport.sdp"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":"m"},"transport":{"type":"webrtc","sdp":7}}"#,
+                Err(("invalid_value", Some("transport.sdp"))),
+            ),
+            (
+                "application/json",
+                r#"{"session":{"model":"m"},"transport":{"type":"webrtc","sdp":""}}"#,
+                Err(("missing_sdp", None)),
+            ),
+        ];
+        for (ct, body, want) in rows {
+            let got = parse_live_body(ct, body.as_bytes());
+            match (got, want) {
+                (Ok(b), Ok(model)) => assert_eq!(b.model, *model, "{body}"),
+                (Err(e), Err((code, param))) => {
+                    assert_eq!(
+                        (e.code(), e.body()["error"]["param"].as_str()),
+                        (*code, *param),
+                        "{ct} {body}"
+                    );
+                    assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
+                }
+                (Ok(_), Err(_)) => panic!("accepted: {ct} {body}"),
+                (Err(e), Ok(_)) => panic!("refused ({}): {ct} {body}", e.code()),
+            }
+        }
+    }
+
+    #[test]
+    fn only_session_close_and_start_are_live_commands() {
+        assert!(matches!(
+            live_command(br#"{"type":"session.close","event_id":"c1"}"#),
+            Some(LiveCommand::Close(Some(id))) if id == "c1"
+        ));
+        assert!(matches!(
+            live_command(br#"{"type":"session.start","session":{}}"#),
+            Some(LiveCommand::Start(None))
+        ));
+        for other in [
+            &br#"{"type":"session.update","session":{}}"#[..],
+            br#"{"type":"response.create","text":"session.close"}"#,
+            b"session.close",
+            b"",
+        ] {
+            assert!(
+                live_command(other).is_none(),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
         }
     }
 

@@ -67,6 +67,11 @@ error_codes! {
     // The request's `principal` breaks its grammar (`principal`): a fault of the edge that
     // sent it, before any lookup, so it says nothing about whether a call exists.
     InvalidPrincipal = "invalid_principal", Client;
+    // The call id's prefix names the other API than the request's `api` (a GPT-Live create
+    // with an `rtc_` id, a Realtime one with a `live_` id): a fault of the edge that chose it.
+    CallIdApiMismatch = "call_id_api_mismatch", Client;
+    // The request's `api` is a value this relay does not know (a newer edge).
+    UnsupportedApi = "unsupported_api", Client;
     TooManyCalls = "too_many_calls", Relay;
     Draining = "draining", Relay;
     InternalError = "internal_error", Relay;
@@ -125,6 +130,8 @@ mod tests {
                 "missing_upstream",
                 "upstream_not_allowed",
                 "invalid_principal",
+                "call_id_api_mismatch",
+                "unsupported_api",
                 "too_many_calls",
                 "draining",
                 "internal_error",
@@ -135,6 +142,8 @@ mod tests {
             ]
         );
         assert_eq!(ErrorCode::InvalidPrincipal.class(), ErrorClass::Client);
+        assert_eq!(ErrorCode::CallIdApiMismatch.class(), ErrorClass::Client);
+        assert_eq!(ErrorCode::UnsupportedApi.class(), ErrorClass::Client);
     }
 
     #[test]

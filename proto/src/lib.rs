@@ -25,6 +25,32 @@ pub mod replica_token;
 
 pub use error_code::{ErrorClass, ErrorCode};
 
+/// The API a `CreateCallRequest` speaks is the kind of id its call gets: `rtc_` for the
+/// Realtime API, `live_` for GPT-Live.
+impl From<v1::Api> for call_id::Kind {
+    fn from(api: v1::Api) -> Self {
+        match api {
+            v1::Api::Realtime => call_id::Kind::Realtime,
+            v1::Api::Live => call_id::Kind::Live,
+        }
+    }
+}
+
+impl From<call_id::Kind> for v1::Api {
+    fn from(kind: call_id::Kind) -> Self {
+        match kind {
+            call_id::Kind::Realtime => v1::Api::Realtime,
+            call_id::Kind::Live => v1::Api::Live,
+        }
+    }
+}
+
+/// The kind of call a `CreateCallRequest.api` value asks for; `None` for a value this
+/// contract does not define (prost keeps unknown enum values as their number).
+pub fn api_kind(api: i32) -> Option<call_id::Kind> {
+    v1::Api::try_from(api).ok().map(call_id::Kind::from)
+}
+
 /// Fully-qualified gRPC service name, as used in `:path` and by `dispatch_grpc_call`.
 pub const SERVICE_NAME: &str = "realtime.relay.v1.RelayService";
 
@@ -67,6 +93,19 @@ mod tests {
             split_status_message("Not A Code: x"),
             (None, "Not A Code: x")
         );
+    }
+
+    #[test]
+    fn each_api_names_its_id_kind() {
+        assert_eq!(
+            api_kind(v1::Api::Realtime as i32),
+            Some(call_id::Kind::Realtime)
+        );
+        assert_eq!(api_kind(v1::Api::Live as i32), Some(call_id::Kind::Live));
+        assert_eq!(api_kind(7), None);
+        for kind in [call_id::Kind::Realtime, call_id::Kind::Live] {
+            assert_eq!(call_id::Kind::from(v1::Api::from(kind)), kind);
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::gateway_event::{self, Sender};
 use crate::metrics::DirectionMetrics;
 use crate::peer::DataChannelTerms;
 use crate::pt_map::PtMap;
+use realtime_relay_proto::call_id::Kind;
 use rtc_peer::dc_queue::{DcQueue, Message};
 use rtc_peer::shell::{self, Drained};
 use rtc_peer::EVENTS_CHANNEL;
@@ -167,6 +168,11 @@ pub struct Bridge {
     finished: bool,
     /// Events the relay wrote itself, for their ids.
     notices: u64,
+    /// The API the call speaks (the bridge relays both alike; only how it ends differs).
+    api: Kind,
+    /// GPT-Live: the provider sent `session.closed`, so its close that follows is the
+    /// session's announced end ([`EndReason::SessionClosed`]), not a dying worker.
+    session_closed_by_upstream: bool,
     /// The latest time the driver gave us.
     now: Instant,
     events: VecDeque<(Leg, Event)>,
@@ -228,6 +234,8 @@ impl Bridge {
             close_by: None,
             finished: false,
             notices: 0,
+            api: Kind::Realtime,
+            session_closed_by_upstream: false,
             now,
             events: VecDeque::new(),
             transmits: Vec::new(),
@@ -238,6 +246,21 @@ impl Bridge {
         bridge.drain(Leg::Upstream);
         bridge.process_events(now);
         bridge
+    }
+
+    /// The bridge of a call that speaks `api` (default: Realtime).
+    pub fn with_api(mut self, api: Kind) -> Self {
+        self.api = api;
+        self
+    }
+
+    /// Why the call ends when `leg`'s peer closes: it closed, or, for the provider of a
+    /// GPT-Live session that sent `session.closed` first, the session ended as announced.
+    fn closed(&self, leg: Leg) -> EndReason {
+        match leg {
+            Leg::Upstream if self.session_closed_by_upstream => EndReason::SessionClosed,
+            _ => leg.closed(),
+        }
     }
 
     fn leg(&self, leg: Leg) -> &LegState {
@@ -418,7 +441,7 @@ impl Bridge {
             if self.leg(leg).next_timeout <= now {
                 if let Err(e) = self.leg_mut(leg).rtc.handle_input(Input::Timeout(now)) {
                     tracing::warn!(?leg, error = %e, "timeout handling failed");
-                    self.end(leg.closed());
+                    self.end(self.closed(leg));
                 }
                 self.drain(leg);
             }
@@ -505,7 +528,7 @@ impl Bridge {
                 // Keep time moving so the driver doesn't spin on this leg. The time comes
                 // from the driver's inputs, never the wall clock.
                 state.next_timeout = self.now + Duration::from_secs(3600);
-                self.end(leg.closed());
+                self.end(self.closed(leg));
             }
         }
     }
@@ -552,6 +575,13 @@ impl Bridge {
                 m.dc_messages.inc();
                 m.dc_bytes.inc_by(d.data.len() as u64);
                 self.last_activity = now;
+                if leg == Leg::Upstream
+                    && self.api == Kind::Live
+                    && !d.binary
+                    && gateway_event::is_session_closed(&d.data)
+                {
+                    self.session_closed_by_upstream = true;
+                }
                 self.send_message(
                     leg.other(),
                     Message {
@@ -565,12 +595,12 @@ impl Bridge {
             }
             Event::ChannelClose(id) if self.leg(leg).channel == Some(id) => {
                 self.leg_mut(leg).gone = true;
-                self.end(leg.closed());
+                self.end(self.closed(leg));
             }
             Event::RtpPacket(p) => self.forward_rtp(leg, p, now),
             Event::Closed => {
                 self.leg_mut(leg).gone = true;
-                self.end(leg.closed());
+                self.end(self.closed(leg));
             }
             _ => {}
         }

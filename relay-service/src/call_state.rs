@@ -12,6 +12,10 @@ pub enum EndReason {
     ClientTimeout,
     /// Nothing arrived from the provider for the peer timeout: its media stopped.
     UpstreamGone,
+    /// A GPT-Live session the provider closed after announcing it with `session.closed`
+    /// (the client's `session.close`, the session's expiry, a safety stop): the Live API's
+    /// own end of a session, not a failure of the worker.
+    SessionClosed,
     IceTimeout,
     IdleTimeout,
     MaxDuration,
@@ -24,12 +28,13 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 12] = [
+    pub const ALL: [EndReason; 13] = [
         EndReason::Hangup,
         EndReason::ClientClosed,
         EndReason::UpstreamClosed,
         EndReason::ClientTimeout,
         EndReason::UpstreamGone,
+        EndReason::SessionClosed,
         EndReason::IceTimeout,
         EndReason::IdleTimeout,
         EndReason::MaxDuration,
@@ -47,6 +52,7 @@ impl EndReason {
             EndReason::UpstreamClosed => "upstream_closed",
             EndReason::ClientTimeout => "client_timeout",
             EndReason::UpstreamGone => "upstream_gone",
+            EndReason::SessionClosed => "session_closed",
             EndReason::IceTimeout => "ice_timeout",
             EndReason::IdleTimeout => "idle_timeout",
             EndReason::MaxDuration => "max_duration",
@@ -60,6 +66,14 @@ impl EndReason {
     /// The upstream died while the client was still there: a worker failure.
     pub fn is_worker_failure(self) -> bool {
         matches!(self, EndReason::UpstreamClosed | EndReason::UpstreamGone)
+    }
+
+    /// The provider ended the call itself: it needs no hangup from the relay.
+    pub fn ended_by_provider(self) -> bool {
+        matches!(
+            self,
+            EndReason::UpstreamClosed | EndReason::UpstreamGone | EndReason::SessionClosed
+        )
     }
 }
 
@@ -125,6 +139,17 @@ impl Caller<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_announced_live_close_is_the_providers_end_but_no_worker_failure() {
+        let r = EndReason::SessionClosed;
+        assert_eq!(r.code(), "session_closed");
+        assert!(r.ended_by_provider() && !r.is_worker_failure());
+        assert!(EndReason::UpstreamClosed.is_worker_failure());
+        assert!(EndReason::ALL.contains(&r));
+        let codes: std::collections::HashSet<_> = EndReason::ALL.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), EndReason::ALL.len(), "codes are distinct");
+    }
 
     #[test]
     fn only_the_owner_or_an_operator_may_act_on_an_owned_call() {

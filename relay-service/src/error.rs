@@ -19,8 +19,17 @@ pub enum SetupError {
     MissingModel,
     #[error("invalid_session_json: {0}")]
     InvalidSessionJson(String),
-    #[error("invalid_call_id: call ids are rtc_ followed by 8 to 64 letters, digits, '_' or '-'")]
+    #[error(
+        "invalid_call_id: call ids are rtc_ or live_ followed by {} to {} letters, digits, '_' or '-'",
+        realtime_relay_proto::call_id::MIN_SUFFIX,
+        realtime_relay_proto::call_id::MAX_SUFFIX
+    )]
     InvalidCallId,
+    /// The id's prefix names the other API: `{0}` is the prefix the request's API needs.
+    #[error("call_id_api_mismatch: this call's API takes call ids that start with {0}")]
+    CallIdApiMismatch(&'static str),
+    #[error("unsupported_api: the request's api ({0}) is not one this relay knows")]
+    UnsupportedApi(i32),
     #[error("call_exists: a call with this id already exists")]
     CallExists,
     #[error("missing_upstream: the request names no upstream base URL")]
@@ -67,6 +76,8 @@ impl SetupError {
             SetupError::MissingModel => ErrorCode::MissingModel,
             SetupError::InvalidSessionJson(_) => ErrorCode::InvalidSessionJson,
             SetupError::InvalidCallId => ErrorCode::InvalidCallId,
+            SetupError::CallIdApiMismatch(_) => ErrorCode::CallIdApiMismatch,
+            SetupError::UnsupportedApi(_) => ErrorCode::UnsupportedApi,
             SetupError::CallExists => ErrorCode::CallExists,
             SetupError::MissingUpstream => ErrorCode::MissingUpstream,
             SetupError::UpstreamNotAllowed(_) => ErrorCode::UpstreamNotAllowed,
@@ -94,6 +105,8 @@ impl SetupError {
             | SetupError::MissingModel
             | SetupError::InvalidSessionJson(_)
             | SetupError::InvalidCallId
+            | SetupError::CallIdApiMismatch(_)
+            | SetupError::UnsupportedApi(_)
             | SetupError::MissingUpstream
             | SetupError::UpstreamNotAllowed(_)
             | SetupError::InvalidPrincipal => Code::InvalidArgument,

@@ -50,6 +50,17 @@ fn head(data: &[u8]) -> EventHead {
     serde_json::from_slice(data).unwrap_or_default()
 }
 
+/// The GPT-Live server event that ends a session: its reason and final usage.
+pub const SESSION_CLOSED: &str = "session.closed";
+
+/// Whether a message from the provider of a GPT-Live session is its `session.closed` event.
+/// A byte search first, so only that rare event is parsed.
+pub fn is_session_closed(data: &[u8]) -> bool {
+    let needle = SESSION_CLOSED.as_bytes();
+    data.windows(needle.len()).any(|w| w == needle)
+        && head(data).kind.as_deref() == Some(SESSION_CLOSED)
+}
+
 /// Which peer sent an event the relay could not deliver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sender {
@@ -141,6 +152,36 @@ mod tests {
         // All four keys of an OpenAI error object, always.
         for key in ["type", "code", "message", "param", "event_id"] {
             assert!(error.get(key).is_some(), "{key}");
+        }
+    }
+
+    #[test]
+    fn only_a_session_closed_event_is_one() {
+        for (data, want) in [
+            (
+                &br#"{"type":"session.closed","reason":"close_requested","usage":{"seconds":3.5}}"#
+                    [..],
+                true,
+            ),
+            (br#"{"event_id":"e1","type":"session.closed"}"#, true),
+            (
+                br#"{"type":"session.usage.updated","usage":{"seconds":1}}"#,
+                false,
+            ),
+            (
+                br#"{"type":"conversation.item","text":"session.closed"}"#,
+                false,
+            ),
+            (br#"{"type":"session.closed""#, false),
+            (b"session.closed", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                is_session_closed(data),
+                want,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
         }
     }
 

@@ -1,13 +1,36 @@
-//! Call ids (`rtc_` + 32 hex characters, 128 random bits; the grammar is the contract's)
-//! and ICE credentials.
+//! Call ids (`rtc_` or `live_` + 32 hex characters, 128 random bits; the grammar is the
+//! contract's) and ICE credentials.
 
+use crate::error::SetupError;
 use rand::RngCore;
-use realtime_relay_proto::call_id;
+use realtime_relay_proto::call_id::{self, Kind};
 
+/// A new Realtime call id, `rtc_<32 hex>`.
 pub fn new_call_id() -> String {
+    new_call_id_of(Kind::Realtime)
+}
+
+/// A new id for a call of `kind`: `rtc_<32 hex>` or `live_<32 hex>`.
+pub fn new_call_id_of(kind: Kind) -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
-    call_id::new(&bytes, None)
+    call_id::new_of(kind, &bytes, None)
+}
+
+/// Checks a caller-chosen id (empty: none, the relay makes one) for a call of `kind`: it
+/// must fit the grammar, and its prefix must name the call's API, since each API's clients
+/// keep the id as given and look for their own prefix.
+pub fn check_requested(kind: Kind, requested: &str) -> Result<(), SetupError> {
+    if requested.is_empty() {
+        return Ok(());
+    }
+    if !is_valid_call_id(requested) {
+        return Err(SetupError::InvalidCallId);
+    }
+    match call_id::split(requested) {
+        Some((k, _)) if k == kind => Ok(()),
+        _ => Err(SetupError::CallIdApiMismatch(kind.prefix())),
+    }
 }
 
 /// Caller-chosen ids must fit the contract's grammar (`realtime_relay_proto::call_id`):
@@ -39,6 +62,41 @@ mod tests {
         assert!(is_valid_call_id(&a), "{a}");
         assert_eq!(a.len(), 36);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn requested_ids_must_name_the_calls_api() {
+        let rtc = "rtc_0123456789abcdef0123456789abcdef";
+        let live = "live_0123456789abcdef0123456789abcdef";
+        // (kind, requested id, expected code)
+        for (kind, id, want) in [
+            (Kind::Realtime, "", None),
+            (Kind::Live, "", None),
+            (Kind::Realtime, rtc, None),
+            (Kind::Live, live, None),
+            (Kind::Live, "live_custom-id-1", None),
+            (Kind::Live, rtc, Some("call_id_api_mismatch")),
+            (Kind::Realtime, live, Some("call_id_api_mismatch")),
+            (Kind::Live, "live_short", Some("invalid_call_id")),
+            (Kind::Live, "sess_0123456789abcdef", Some("invalid_call_id")),
+            (Kind::Realtime, "rtc_../../x", Some("invalid_call_id")),
+        ] {
+            let got = check_requested(kind, id).err().map(|e| e.code());
+            assert_eq!(got, want, "{kind:?} {id:?}");
+        }
+        let e = check_requested(Kind::Live, rtc).unwrap_err();
+        assert!(e.to_string().contains("live_"), "{e}");
+    }
+
+    #[test]
+    fn generated_ids_carry_their_apis_prefix() {
+        let live = new_call_id_of(Kind::Live);
+        assert!(
+            live.starts_with("live_") && is_valid_call_id(&live),
+            "{live}"
+        );
+        assert_eq!(live.len(), 37);
+        assert!(new_call_id().starts_with("rtc_"));
     }
 
     #[test]

@@ -6,10 +6,11 @@
 
 use crate::call_state::{CallCounters, EndReason};
 use crate::error::SetupError;
+use crate::signaling::UpstreamCall;
 use realtime_relay_proto::v1;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,8 @@ pub struct CallEntry {
     pub cancel: CancellationToken,
     end_request: Mutex<Option<EndReason>>,
     upstream_call_id: Mutex<String>,
+    /// The provider's side, once it answered: where the relay hangs it up.
+    upstream: OnceLock<Arc<UpstreamCall>>,
     done_tx: watch::Sender<bool>,
 }
 
@@ -55,15 +58,43 @@ impl CallEntry {
             .unwrap_or_else(|p| p.into_inner()) = id.to_string();
     }
 
-    /// Asks the call's task to end with `reason` (the first request wins).
+    pub fn is_connected(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == STATE_CONNECTED
+    }
+
+    /// Records the provider's side of the call (once; later calls are ignored).
+    pub fn set_upstream_call(&self, call: Arc<UpstreamCall>) {
+        self.set_upstream_call_id(&call.id);
+        let _ = self.upstream.set(call);
+    }
+
+    pub fn upstream_call(&self) -> Option<&Arc<UpstreamCall>> {
+        self.upstream.get()
+    }
+
     /// Asks the call's driver to end it for `reason`. True for the first request: later ones
     /// (a retried hangup, a drain racing a hangup) keep the first reason.
     pub fn request_end(&self, reason: EndReason) -> bool {
+        let first = self.announce_end(reason);
+        self.cancel.cancel();
+        first
+    }
+
+    /// Records why the call is ending without stopping it yet: the relay asked the provider
+    /// to end it (a GPT-Live hangup), and the provider's close, when it comes, is this end,
+    /// not the provider's failure. True for the first request, as [`Self::request_end`].
+    pub fn announce_end(&self, reason: EndReason) -> bool {
         let mut r = self.end_request.lock().unwrap_or_else(|p| p.into_inner());
         let first = r.is_none();
         r.get_or_insert(reason);
-        self.cancel.cancel();
         first
+    }
+
+    /// Waits at most `wait` for the call's task to finish; true if it has.
+    pub async fn wait_ended(&self, wait: Duration) -> bool {
+        let mut done = self.done_tx.subscribe();
+        let ended = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+        matches!(ended, Ok(Ok(_)))
     }
 
     pub fn requested_end(&self) -> Option<EndReason> {
@@ -166,6 +197,7 @@ impl Registry {
             cancel: CancellationToken::new(),
             end_request: Mutex::new(None),
             upstream_call_id: Mutex::new(String::new()),
+            upstream: OnceLock::new(),
             done_tx,
         });
         inner.live.insert(new.call_id.to_string(), entry.clone());
@@ -176,7 +208,7 @@ impl Registry {
     pub fn release(&self, call_id: &str) {
         let entry = self.lock().live.remove(call_id);
         if let Some(e) = entry {
-            let _ = e.done_tx.send(true);
+            e.done_tx.send_replace(true);
         }
     }
 
@@ -192,7 +224,10 @@ impl Registry {
             inner.ended.push_front(info.clone());
         }
         drop(inner);
-        let _ = entry.done_tx.send(true);
+        // Not `send`: with no receiver yet it would leave the value unchanged, and whoever
+        // waits afterwards (a hangup that looked the call up just before it ended) would wait
+        // out its whole timeout.
+        entry.done_tx.send_replace(true);
         Some(info)
     }
 
@@ -332,6 +367,29 @@ mod tests {
             .calls
             .iter()
             .any(|c| c.call_id == "rtc_owned" && c.principal == "p_a"));
+    }
+
+    /// A call that ended before anyone waited for it is seen as ended at once: a hangup that
+    /// found it live a moment earlier does not wait out its timeout (before, it waited the
+    /// whole of it: the end was signalled to no receiver and lost).
+    #[tokio::test]
+    async fn a_wait_that_starts_after_the_end_returns_at_once() {
+        let r = Registry::new(10, 10);
+        let entry = r.reserve(new("rtc_early")).unwrap();
+        r.finish("rtc_early", EndReason::UpstreamClosed);
+        let started = std::time::Instant::now();
+        assert!(entry.wait_ended(Duration::from_secs(2)).await);
+        let (info, first) = r
+            .end_and_wait(&entry, EndReason::Hangup, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(info.end_reason, "upstream_closed");
+        assert!(first, "no end had been requested");
     }
 
     #[test]

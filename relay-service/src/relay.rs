@@ -15,9 +15,10 @@ use crate::metrics::Metrics;
 use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
 use crate::replica::{Peers, ReplicaIdentity};
-use crate::signaling::{ExchangeOutcome, UpstreamClient, UpstreamClientError};
-use crate::upstream_body;
+use crate::signaling::{ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError};
+use crate::upstream_body::UpstreamSession;
 use futures::FutureExt;
+use realtime_relay_proto::call_id::Kind;
 use realtime_relay_proto::v1;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
@@ -29,6 +30,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use url::Url;
+
+/// How long a hangup of a connected GPT-Live session waits for the provider to close it
+/// itself (its hangup answered, its `session.closed` delivered to the client) before the relay
+/// ends the call anyway. Short of the filter's hangup deadline (3 s by default), which also
+/// has to cover the forced end's own close.
+pub const LIVE_CLOSE_WAIT: Duration = Duration::from_millis(1_500);
 
 pub struct RelaySettings {
     pub limits: Limits,
@@ -133,12 +140,7 @@ impl Relay {
     ) -> Result<v1::CreateCallResponse, SetupError> {
         let started = Instant::now();
         let budget = SetupBudget::new(started, grpc_timeout, self.setup_ceiling());
-        let call_id = match &self.settings.replica {
-            Some((me, _)) => me.name_call(&req.call_id).map_err(|e| self.failed(e, ""))?,
-            None if req.call_id.is_empty() => ids::new_call_id(),
-            None if ids::is_valid_call_id(&req.call_id) => req.call_id.clone(),
-            None => return Err(self.failed(SetupError::InvalidCallId, "")),
-        };
+        let call_id = self.call_id_for(&req).map_err(|e| self.failed(e, ""))?;
         let span = tracing::info_span!("call", call_id = %call_id, request_id = %req.request_id);
         let worker_id = req
             .upstream
@@ -166,6 +168,19 @@ impl Relay {
                 });
                 Err(self.failed(e, &worker_id))
             }
+        }
+    }
+
+    /// The id of the call `req` sets up: the caller's, checked against the grammar and the
+    /// request's API (`rtc_` for Realtime, `live_` for GPT-Live), or a new one of that API;
+    /// named after this replica when it is one.
+    fn call_id_for(&self, req: &v1::CreateCallRequest) -> Result<String, SetupError> {
+        let kind = request_kind(req)?;
+        ids::check_requested(kind, &req.call_id)?;
+        match &self.settings.replica {
+            Some((me, _)) => me.name_call(&req.call_id, kind),
+            None if req.call_id.is_empty() => Ok(ids::new_call_id_of(kind)),
+            None => Ok(req.call_id.clone()),
         }
     }
 
@@ -259,21 +274,18 @@ impl Relay {
                 .peer_max_message
                 .map_or(max_message, |m| m.min(max_message)),
         );
-        if let Some(id) = &upstream_call_id {
-            entry.set_upstream_call_id(id);
+        if let Some(id) = upstream_call_id {
+            entry.set_upstream_call(Arc::new(UpstreamCall::new(
+                checked.kind,
+                checked.base.clone(),
+                authorization,
+                id,
+            )));
         }
-        let bridge = self.bridge(client.leg, upstream.leg, upstream.channel, &entry, now);
-        self.start_call(
-            bridge,
-            &client.ice,
-            entry,
-            upstream.socket,
-            UpstreamSession {
-                base: checked.base,
-                authorization: authorization.map(str::to_string),
-                upstream_call_id,
-            },
-        );
+        let bridge = self
+            .bridge(client.leg, upstream.leg, upstream.channel, &entry, now)
+            .with_api(checked.kind);
+        self.start_call(bridge, &client.ice, entry, upstream.socket);
         reservation.disarm();
         self.metrics.calls_created.inc();
         self.metrics.calls_active.inc();
@@ -295,6 +307,7 @@ impl Relay {
         if !realtime_relay_proto::principal::is_valid(&req.principal) {
             return Err(SetupError::InvalidPrincipal);
         }
+        let kind = request_kind(req)?;
         peer::precheck_offer(&req.sdp_offer, self.settings.limits.max_offer_bytes)?;
         let upstream_model = if req.upstream_model.trim().is_empty() {
             req.model.trim()
@@ -304,13 +317,14 @@ impl Relay {
         let session = (!req.session_json.trim().is_empty()).then_some(req.session_json.as_str());
         // The session JSON is checked (and merged with the model) now, once; the body is
         // built from it once our offer exists.
-        let session = upstream_body::session_for_upstream(session, Some(upstream_model))?;
+        let session = UpstreamSession::new(kind, session, Some(upstream_model))?;
         let upstream = req.upstream.as_ref().ok_or(SetupError::MissingUpstream)?;
         if upstream.base_url.trim().is_empty() {
             return Err(SetupError::MissingUpstream);
         }
         let base = self.allowlist.check(upstream.base_url.trim())?;
         Ok(CheckedRequest {
+            kind,
             upstream_model,
             session,
             upstream,
@@ -400,11 +414,11 @@ impl Relay {
         offer_sdp: &str,
         budget: SetupBudget,
     ) -> Result<Negotiated, SetupError> {
-        let body = upstream_body::encode(offer_sdp, checked.session.as_ref());
+        let body = checked.session.encode(offer_sdp);
         let timeout = budget.limit(self.settings.limits.upstream_timeout, Instant::now());
         let outcome = self
             .upstream
-            .exchange(&checked.base, authorization, body, timeout)
+            .exchange(&checked.base, checked.kind, authorization, body, timeout)
             .await?;
         Ok(match outcome {
             ExchangeOutcome::Answer {
@@ -488,7 +502,6 @@ impl Relay {
         ice: &IceCreds,
         entry: Arc<CallEntry>,
         upstream_socket: UdpSocket,
-        session: UpstreamSession,
     ) {
         let (tx, rx) = mpsc::channel(self.settings.limits.call_queue_datagrams);
         let tcp_route = self
@@ -508,7 +521,7 @@ impl Relay {
             connected_gauge: self.metrics.calls_connected.clone(),
             _route: route,
         };
-        self.spawn_call(driver, session);
+        self.spawn_call(driver);
     }
     /// Binds the upstream leg's socket on the configured IP, or on the address the
     /// kernel would use to reach the upstream host (no packet is sent to find it).
@@ -555,7 +568,7 @@ impl Relay {
         })
     }
 
-    fn spawn_call(&self, driver: CallDriver, session: UpstreamSession) {
+    fn spawn_call(&self, driver: CallDriver) {
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
         let upstream = self.upstream.clone();
@@ -566,6 +579,12 @@ impl Relay {
         self.tasks.spawn(
             async move {
                 let reason = run_isolated(driver.run(), &metrics).await;
+                // The provider closing a call the relay asked it to end (a GPT-Live hangup)
+                // is that end, not the provider's doing.
+                let reason = match (reason, entry.requested_end()) {
+                    (EndReason::UpstreamClosed | EndReason::SessionClosed, Some(asked)) => asked,
+                    _ => reason,
+                };
                 registry.finish(&call_id, reason);
                 metrics.calls_active.dec();
                 metrics.ended(reason);
@@ -573,14 +592,12 @@ impl Relay {
                     metrics.worker_failed(&entry.worker_id);
                 }
                 tracing::info!(reason = reason.code(), "call ended");
-                // Tell the provider when the end was ours, so it frees its side now.
-                if !matches!(reason, EndReason::UpstreamClosed | EndReason::UpstreamGone) {
-                    if let Some(id) = session.upstream_call_id {
-                        tasks.spawn(async move {
-                            upstream
-                                .hangup(&session.base, session.authorization.as_deref(), &id)
-                                .await;
-                        });
+                // Tell the provider when the end was ours, so it frees its side now (unless
+                // it was told already: a GPT-Live hangup asks it first).
+                if !reason.ended_by_provider() {
+                    if let Some(call) = entry.upstream_call().filter(|c| c.claim_hangup()) {
+                        let call = call.clone();
+                        tasks.spawn(async move { upstream.hangup(&call).await });
                     }
                 }
             }
@@ -604,15 +621,48 @@ impl Relay {
                 refused(call_id, caller);
                 return Err(LookupError::NotFound);
             }
+            let live_first = match entry.upstream_call() {
+                Some(upstream) if upstream.kind == Kind::Live && entry.is_connected() => {
+                    let upstream = upstream.clone();
+                    Some(self.close_live_session(&entry, &upstream).await)
+                }
+                _ => None,
+            };
             return self
                 .registry
                 .end_and_wait(&entry, EndReason::Hangup, Duration::from_secs(5))
                 .await
-                .map(|(info, first)| (caller.shown(info), first))
+                .map(|(info, first)| (caller.shown(info), live_first.unwrap_or(first)))
                 .ok_or(LookupError::NotFound);
         }
         // Ending an ended call is not an error: hangups are retried by clients.
         self.visible(call_id, caller).map(|info| (info, false))
+    }
+
+    /// Hangs up a connected GPT-Live session the way the Live API ends one, so that its client
+    /// gets `session.closed` (reason and final usage) on the data channel: the relay asks the
+    /// provider to hang up (`POST {base}/v1/live/sessions/{id}/hangup`) while the bridge still
+    /// runs; the provider sends `session.closed` and closes; the bridge delivers the event and
+    /// ends the call (recorded as `hangup`: the relay asked for it). At most
+    /// [`LIVE_CLOSE_WAIT`]; the caller then ends whatever is left. Returns whether this request
+    /// was the first to end the call.
+    async fn close_live_session(&self, entry: &CallEntry, upstream: &UpstreamCall) -> bool {
+        let first = entry.announce_end(EndReason::Hangup);
+        // If whoever asked goes away meanwhile (its gRPC call cancelled, so this future is
+        // dropped), the call must still end, not stay announced and running.
+        let _ended_if_abandoned = EndOnDrop(entry);
+        let deadline = Instant::now() + LIVE_CLOSE_WAIT;
+        if upstream.claim_hangup() {
+            let asked = tokio::time::timeout(LIVE_CLOSE_WAIT, self.upstream.hangup(upstream)).await;
+            if asked.is_err() {
+                tracing::info!(call_id = %entry.call_id, "the provider did not answer the Live hangup in time");
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !entry.wait_ended(left).await {
+            tracing::info!(call_id = %entry.call_id, "the provider did not close the Live session in time; ending it");
+        }
+        first
     }
 
     /// Runs a setup detached from the request that asked for it, tracked like call tasks (a
@@ -711,11 +761,29 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Ends its call as `hangup` when dropped: the Live close that holds it was either finished
+/// (the caller then ends the call anyway, so this changes nothing) or abandoned.
+struct EndOnDrop<'a>(&'a CallEntry);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.request_end(EndReason::Hangup);
+    }
+}
+
+/// The API a request speaks; an `api` value the contract does not define is the caller's
+/// fault.
+fn request_kind(req: &v1::CreateCallRequest) -> Result<Kind, SetupError> {
+    realtime_relay_proto::api_kind(req.api).ok_or(SetupError::UnsupportedApi(req.api))
+}
+
 /// A CreateCall request that passed every check needing no network.
 struct CheckedRequest<'r> {
+    /// The API it speaks, and so the upstream's path and body.
+    kind: Kind,
     upstream_model: &'r str,
     /// The session for the upstream: the client's, with the upstream model set.
-    session: Option<serde_json::Map<String, serde_json::Value>>,
+    session: UpstreamSession,
     upstream: &'r v1::Upstream,
     /// The upstream's base URL, on the allowlist.
     base: Url,
@@ -771,13 +839,6 @@ enum Negotiated {
     },
     /// The provider refused the call; the client gets its reply verbatim.
     Rejected(v1::UpstreamRejection),
-}
-
-/// What the relay needs to hang up the provider's side when the call ends.
-struct UpstreamSession {
-    base: Url,
-    authorization: Option<String>,
-    upstream_call_id: Option<String>,
 }
 
 /// Frees a registry reservation if setup fails after it.

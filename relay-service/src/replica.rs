@@ -9,7 +9,7 @@
 
 use crate::error::SetupError;
 use crate::ids;
-use realtime_relay_proto::call_id;
+use realtime_relay_proto::call_id::{self, Kind};
 use realtime_relay_proto::replica_token::ReplicaKey;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -43,12 +43,14 @@ impl ReplicaIdentity {
         self.addr
     }
 
-    /// The id of a call set up here: `rtc_<token>_<32 hex>`, from the caller's plain id
-    /// (`rtc_<32 hex>`) or, when it sent none, a new one. Any other caller-chosen id is
-    /// refused: it could not carry this replica's name and the gateway would lose the call.
-    pub fn name_call(&self, requested: &str) -> Result<String, SetupError> {
+    /// The id of a call of `kind` set up here: `rtc_<token>_<32 hex>` (or `live_…`), from
+    /// the caller's plain id (`rtc_<32 hex>`, `live_<32 hex>`) or, when it sent none, a new
+    /// one of `kind`. Any other caller-chosen id is refused: it could not carry this
+    /// replica's name and the gateway would lose the call. (The caller's id was checked
+    /// against `kind` first: [`ids::check_requested`].)
+    pub fn name_call(&self, requested: &str, kind: Kind) -> Result<String, SetupError> {
         let plain = if requested.is_empty() {
-            ids::new_call_id()
+            ids::new_call_id_of(kind)
         } else {
             requested.to_owned()
         };
@@ -147,24 +149,41 @@ mod tests {
         let addr: SocketAddr = "10.0.0.5:50051".parse().unwrap();
         let me = ReplicaIdentity::new(addr, &key());
         let id = me
-            .name_call("rtc_0123456789abcdef0123456789abcdef")
+            .name_call("rtc_0123456789abcdef0123456789abcdef", Kind::Realtime)
             .unwrap();
         assert!(call_id::is_valid(&id), "{id}");
         assert!(id.ends_with("_0123456789abcdef0123456789abcdef"));
         let token = call_id::replica_segment(&id).unwrap();
         assert_eq!(key().open(token), Some(addr));
-        let fresh = me.name_call("").unwrap();
+        let fresh = me.name_call("", Kind::Realtime).unwrap();
         assert_eq!(
             key().open(call_id::replica_segment(&fresh).unwrap()),
             Some(addr)
         );
+        // A GPT-Live call keeps its prefix: its client gets its session id back unchanged.
+        let live = me.name_call("", Kind::Live).unwrap();
+        assert!(
+            live.starts_with("live_") && call_id::is_valid(&live),
+            "{live}"
+        );
+        assert_eq!(
+            key().open(call_id::replica_segment(&live).unwrap()),
+            Some(addr)
+        );
+        let named = me
+            .name_call("live_0123456789abcdef0123456789abcdef", Kind::Live)
+            .unwrap();
+        assert!(named.starts_with("live_") && named.ends_with("_0123456789abcdef0123456789abcdef"));
         for refused in [
             "rtc_custom-id-1",
             "rtc_r1_0123456789abcdef0123456789abcdef",
             &id,
         ] {
             assert!(
-                matches!(me.name_call(refused), Err(SetupError::InvalidCallId)),
+                matches!(
+                    me.name_call(refused, Kind::Realtime),
+                    Err(SetupError::InvalidCallId)
+                ),
                 "{refused}"
             );
         }

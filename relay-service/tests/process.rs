@@ -255,6 +255,42 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
     assert_eq!(ended["principal"], PRINCIPAL);
     assert!(client.wait_closed(Duration::from_secs(5)).await);
 
+    // A GPT-Live call by hand: a live_ id, the Live exchange upstream, session.started.
+    let (client, offer) = TestClient::new(ClientConfig::default()).unwrap();
+    std::fs::write(&offer_file, offer).unwrap();
+    let created = ctl(&[
+        "create",
+        "--api=live",
+        &format!("--offer={}", offer_file.display()),
+        "--model=gpt-live-1",
+        r#"--session={"instructions":"be brief"}"#,
+        &format!("--upstream={}", provider.base_url()),
+        "--api-key-env=TEST_UPSTREAM_KEY",
+    ]);
+    let _ = std::fs::remove_file(&offer_file);
+    let live_id = created["call_id"].as_str().unwrap().to_string();
+    assert!(live_id.starts_with("live_"), "{live_id}");
+    let upstream = provider.requests().pop().unwrap();
+    assert_eq!(upstream.path, "/v1/live/sessions");
+    assert_eq!(
+        upstream.session,
+        Some(serde_json::json!({"model": "gpt-live-1", "instructions": "be brief"}))
+    );
+    let mut client = client
+        .connect(created["sdp_answer"].as_str().unwrap())
+        .await
+        .unwrap();
+    client
+        .wait_for_event_type("session.started", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ended = ctl(&["hangup", &live_id]);
+    assert_eq!(ended["end_reason"], "hangup");
+    client
+        .wait_for_event_type("session.closed", Duration::from_secs(5))
+        .await
+        .unwrap();
+
     // The relay logs at trace: the principal is in its debug lines, never above.
     relay.wait_for_log(PRINCIPAL, Duration::from_secs(5));
     let log = relay.log.lock().unwrap().clone();

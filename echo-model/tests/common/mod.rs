@@ -110,3 +110,49 @@ pub fn assert_openai_error(answer: &Answer, status: u16, code: &str) {
     assert_eq!(err["code"], code, "{v}");
     assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
 }
+
+/// A GPT-Live create body (`LiveCreateParams`) with this offer and session.
+pub fn live_body(sdp: &str, session: serde_json::Value) -> Vec<u8> {
+    serde_json::json!({"session": session, "transport": {"type": "webrtc", "sdp": sdp}})
+        .to_string()
+        .into_bytes()
+}
+
+/// POST a GPT-Live create with the test key.
+pub async fn post_live(provider: &MockProvider, body: Vec<u8>) -> Answer {
+    post(
+        &format!("{}/v1/live/sessions", provider.base_url()),
+        Some(&format!("Bearer {KEY}")),
+        Some("application/json"),
+        body,
+    )
+    .await
+}
+
+pub async fn hangup_live(provider: &MockProvider, session_id: &str) -> Answer {
+    post(
+        &format!(
+            "{}/v1/live/sessions/{session_id}/hangup",
+            provider.base_url()
+        ),
+        Some(&format!("Bearer {KEY}")),
+        None,
+        Vec::new(),
+    )
+    .await
+}
+
+/// Offer → GPT-Live create → answer → connected client, plus the session id.
+pub async fn connect_live(
+    provider: &MockProvider,
+    session: serde_json::Value,
+) -> (ConnectedClient, String) {
+    let (client, offer) = TestClient::new(ClientConfig::default()).expect("client offer");
+    let answer = post_live(provider, live_body(&offer, session)).await;
+    assert_eq!(answer.status, 200, "Live create refused: {}", answer.body);
+    let v = answer.json();
+    let id = v["session"]["id"].as_str().expect("session.id").to_string();
+    let sdp = v["transport"]["sdp"].as_str().expect("transport.sdp");
+    let connected = client.connect(sdp).await.expect("connect");
+    (connected, id)
+}

@@ -6,7 +6,7 @@
 //! they reach every call whoever owns it, and calls show their owner's principal.
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use realtime_relay_proto::v1;
 use realtime_relay_proto::v1::relay_service_client::RelayServiceClient;
 use serde_json::{json, Value};
@@ -28,6 +28,24 @@ struct Cli {
     command: Command,
 }
 
+/// Which API the call speaks (`CreateCallRequest.api`).
+#[derive(Clone, Copy, ValueEnum)]
+enum Api {
+    /// The Realtime API: `rtc_` ids, the offer to {upstream}/v1/realtime/calls.
+    Realtime,
+    /// GPT-Live: `live_` ids, JSON to {upstream}/v1/live/sessions.
+    Live,
+}
+
+impl From<Api> for v1::Api {
+    fn from(api: Api) -> Self {
+        match api {
+            Api::Realtime => v1::Api::Realtime,
+            Api::Live => v1::Api::Live,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Live calls (and recently ended ones with --ended), with live calls per worker.
@@ -46,6 +64,13 @@ enum Command {
         offer: String,
         #[arg(long)]
         model: String,
+        /// Which API the call speaks: its id's prefix and how the relay talks to the upstream.
+        #[arg(long, value_enum, default_value = "realtime")]
+        api: Api,
+        /// The client's session, a JSON object (for example '{"instructions":"be brief"}');
+        /// its model is replaced by --model upstream. None by default.
+        #[arg(long, default_value = "")]
+        session: String,
         /// Upstream base URL (must be on the relay's allowlist).
         #[arg(long)]
         upstream: String,
@@ -131,6 +156,8 @@ async fn run(cli: Cli) -> Result<Value> {
         Command::Create {
             offer,
             model,
+            api,
+            session,
             upstream,
             worker,
             api_key_env,
@@ -151,6 +178,8 @@ async fn run(cli: Cli) -> Result<Value> {
             let r = relay
                 .create_call(v1::CreateCallRequest {
                     model,
+                    api: v1::Api::from(api) as i32,
+                    session_json: session,
                     sdp_offer: sdp,
                     upstream: Some(v1::Upstream {
                         base_url: upstream,

@@ -703,3 +703,46 @@ fn delivery_on_the_way_out_waits_at_most_the_grace_period() {
         at - ended
     );
 }
+
+/// A GPT-Live provider ends a session by sending `session.closed` (its reason and final
+/// usage) and closing: the client gets the event before its leg closes, and the call ends as
+/// `session_closed`, the session's announced end, not as a worker that died. The same close
+/// without the event, or on a Realtime call, stays `upstream_closed`.
+#[test]
+fn a_live_provider_that_announces_its_close_ends_the_session_not_as_a_failure() {
+    use realtime_relay_proto::call_id::Kind;
+    let closed = r#"{"type":"session.closed","event_id":"event_1","reason":"close_requested","usage":{"seconds":2.5}}"#;
+    let usage = r#"{"type":"session.usage.updated","event_id":"event_0","usage":{"seconds":2.0}}"#;
+    let rows = [
+        (Kind::Live, Some(closed), EndReason::SessionClosed),
+        (Kind::Live, Some(usage), EndReason::UpstreamClosed),
+        (Kind::Live, None, EndReason::UpstreamClosed),
+        (Kind::Realtime, Some(closed), EndReason::UpstreamClosed),
+    ];
+    for (api, last, expected) in rows {
+        let mut call = VirtualCall::connected(Options {
+            api,
+            ..Options::default()
+        });
+        if let Some(text) = last {
+            call.send_text(Side::Provider, text);
+            let limit = call.now + secs(1);
+            call.run_while(limit, |c| {
+                c.counters.upstream_to_client.dc_messages.load(Relaxed) < 1
+            });
+        }
+        call.close(Side::Provider);
+        let (_, reason) = call.run_until_stopped(secs(5));
+        assert_eq!(reason, expected, "{api:?} {last:?}");
+        assert!(!reason.is_worker_failure() || expected == EndReason::UpstreamClosed);
+        call.run_for(secs(1));
+        if let Some(text) = last {
+            assert_eq!(
+                call.client.messages(),
+                vec![text.as_bytes().to_vec()],
+                "{api:?}: delivered before the close"
+            );
+        }
+        assert!(call.client.saw_end());
+    }
+}

@@ -69,6 +69,8 @@ pub struct Options {
     /// A peer that ignores the size the relay advertises to it and sends larger messages
     /// (it is shown 16 MiB).
     pub ignores_max_message: Option<Side>,
+    /// The API the call speaks.
+    pub api: realtime_relay_proto::call_id::Kind,
 }
 
 impl Default for Options {
@@ -90,6 +92,7 @@ impl Default for Options {
             provider_max_message: 256 * 1024,
             client_rejects_data_channel: false,
             ignores_max_message: None,
+            api: realtime_relay_proto::call_id::Kind::Realtime,
         }
     }
 }
@@ -417,7 +420,8 @@ impl VirtualCall {
             options.limits,
             telemetry,
             now,
-        );
+        )
+        .with_api(options.api);
         let mut call = VirtualCall {
             start,
             now,
