@@ -16,6 +16,7 @@ use crate::gateway_event::{self, Sender};
 use crate::metrics::DirectionMetrics;
 use crate::peer::DataChannelTerms;
 use crate::pt_map::PtMap;
+use crate::session_ids::SessionIds;
 use realtime_relay_proto::call_id::Kind;
 use rtc_peer::dc_queue::{DcQueue, Message};
 use rtc_peer::shell::{self, Drained};
@@ -173,6 +174,8 @@ pub struct Bridge {
     /// GPT-Live: the provider sent `session.closed`, so its close that follows is the
     /// session's announced end ([`EndReason::SessionClosed`]), not a dying worker.
     session_closed_by_upstream: bool,
+    /// GPT-Live: the provider's session id, renamed to the gateway's in its events.
+    session_ids: Option<SessionIds>,
     /// The latest time the driver gave us.
     now: Instant,
     events: VecDeque<(Leg, Event)>,
@@ -236,6 +239,7 @@ impl Bridge {
             notices: 0,
             api: Kind::Realtime,
             session_closed_by_upstream: false,
+            session_ids: None,
             now,
             events: VecDeque::new(),
             transmits: Vec::new(),
@@ -251,6 +255,12 @@ impl Bridge {
     /// The bridge of a call that speaks `api` (default: Realtime).
     pub fn with_api(mut self, api: Kind) -> Self {
         self.api = api;
+        self
+    }
+
+    /// Events from the provider name its session by the gateway's id (see [`SessionIds`]).
+    pub fn with_session_ids(mut self, ids: Option<SessionIds>) -> Self {
+        self.session_ids = ids;
         self
     }
 
@@ -317,7 +327,11 @@ impl Bridge {
     /// close that follows.
     fn tell_client_upstream_gone(&mut self) {
         self.notices += 1;
-        let notice = gateway_event::upstream_gone(self.limits.peer_timeout.as_secs(), self.notices);
+        let notice = gateway_event::upstream_gone(
+            self.api,
+            self.limits.peer_timeout.as_secs(),
+            self.notices,
+        );
         self.send_message(
             Leg::Client,
             Message {
@@ -582,11 +596,17 @@ impl Bridge {
                 {
                     self.session_closed_by_upstream = true;
                 }
+                let data = match &self.session_ids {
+                    Some(ids) if leg == Leg::Upstream && !d.binary => {
+                        ids.rename(&d.data).unwrap_or(d.data)
+                    }
+                    _ => d.data,
+                };
                 self.send_message(
                     leg.other(),
                     Message {
                         binary: d.binary,
-                        data: d.data,
+                        data,
                     },
                 );
             }
@@ -681,8 +701,13 @@ impl Bridge {
         self.telemetry.dropped(to.other());
         self.telemetry.dc_too_large.inc();
         self.notices += 1;
-        let notice =
-            gateway_event::event_too_large(to.other().sender(), &message.data, max, self.notices);
+        let notice = gateway_event::event_too_large(
+            self.api,
+            to.other().sender(),
+            &message.data,
+            max,
+            self.notices,
+        );
         if self.client.data_channel.takes(notice.len()) {
             self.send_message(
                 Leg::Client,

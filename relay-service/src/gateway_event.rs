@@ -1,13 +1,54 @@
 //! Events the relay itself writes on a client's `oai-events` channel, in the provider's
 //! own shape, so a client learns what happened to its call from the stream it already reads.
 //!
-//! The shape is the Realtime API's server `error` event (the `openai` package's
-//! `RealtimeErrorEvent`): `{"type":"error","event_id","error":{"type","code","message",
-//! "param","event_id"}}`. `error.event_id` names the client event that caused it, when there
-//! was one and it carried an id.
+//! The shape is the server `error` event of the call's API (the `openai` package's types):
+//! Realtime's `RealtimeErrorEvent`, `{"type":"error","event_id","error":{"type","code",
+//! "message","param","event_id"}}`, where `error.event_id` names the client event that caused
+//! it; GPT-Live's `ErrorEvent`, `{"type":"error","event_id","client_event_id","error":{"type",
+//! "code","message","param","client_event_id"}}`, where both `client_event_id`s name it. Null
+//! when there was no such event or it carried no id.
 
+use realtime_relay_proto::call_id::Kind;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// An `error` event in `api`'s shape, caused by the client event `caused_by` if any.
+fn error_event(
+    api: Kind,
+    seq: u64,
+    error_type: &str,
+    code: &str,
+    message: String,
+    caused_by: Option<&str>,
+) -> Vec<u8> {
+    let event_id = format!("event_relay_{seq}");
+    let event: Value = match api {
+        Kind::Realtime => json!({
+            "type": "error",
+            "event_id": event_id,
+            "error": {
+                "type": error_type,
+                "code": code,
+                "message": message,
+                "param": null,
+                "event_id": caused_by,
+            },
+        }),
+        Kind::Live => json!({
+            "type": "error",
+            "event_id": event_id,
+            "client_event_id": caused_by,
+            "error": {
+                "type": error_type,
+                "code": code,
+                "message": message,
+                "param": null,
+                "client_event_id": caused_by,
+            },
+        }),
+    };
+    event.to_string().into_bytes()
+}
 
 /// The stable code of an event that did not fit the receiving peer's `max-message-size`.
 pub const EVENT_TOO_LARGE: &str = "event_too_large";
@@ -18,23 +59,18 @@ pub const UPSTREAM_GONE: &str = "upstream_gone";
 /// The `error` event telling the client that the model's connection stopped: nothing arrived
 /// from the provider for `silent_secs`, so the call ends (`server_error`, as OpenAI reports
 /// its own failures).
-pub fn upstream_gone(silent_secs: u64, seq: u64) -> Vec<u8> {
-    json!({
-        "type": "error",
-        "event_id": format!("event_relay_{seq}"),
-        "error": {
-            "type": "server_error",
-            "code": UPSTREAM_GONE,
-            "message": format!(
-                "The model's connection stopped: nothing arrived from it for {silent_secs} s. \
-                 The call is ending."
-            ),
-            "param": null,
-            "event_id": null,
-        },
-    })
-    .to_string()
-    .into_bytes()
+pub fn upstream_gone(api: Kind, silent_secs: u64, seq: u64) -> Vec<u8> {
+    error_event(
+        api,
+        seq,
+        "server_error",
+        UPSTREAM_GONE,
+        format!(
+            "The model's connection stopped: nothing arrived from it for {silent_secs} s. \
+             The call is ending."
+        ),
+        None,
+    )
 }
 
 /// What the relay reads of an event it could not deliver: its `type` and `event_id`. Only on
@@ -71,7 +107,7 @@ pub enum Sender {
 /// The `error` event telling the client that an event of `len` bytes from `sender` was not
 /// delivered because the receiving peer takes at most `max` bytes per message. `seq` makes
 /// the relay's event ids unique within the call.
-pub fn event_too_large(sender: Sender, data: &[u8], max: usize, seq: u64) -> Vec<u8> {
+pub fn event_too_large(api: Kind, sender: Sender, data: &[u8], max: usize, seq: u64) -> Vec<u8> {
     let head = head(data);
     let len = data.len();
     let what = match head.kind.as_deref() {
@@ -94,18 +130,14 @@ pub fn event_too_large(sender: Sender, data: &[u8], max: usize, seq: u64) -> Vec
             None,
         ),
     };
-    let event = json!({
-        "type": "error",
-        "event_id": format!("event_relay_{seq}"),
-        "error": {
-            "type": "invalid_request_error",
-            "code": EVENT_TOO_LARGE,
-            "message": message,
-            "param": null,
-            "event_id": caused_by,
-        },
-    });
-    event.to_string().into_bytes()
+    error_event(
+        api,
+        seq,
+        "invalid_request_error",
+        EVENT_TOO_LARGE,
+        message,
+        caused_by,
+    )
 }
 
 /// A peer's string, bounded: an event type or id is short, anything longer is not echoed in
@@ -134,7 +166,13 @@ mod tests {
     #[test]
     fn a_client_event_that_does_not_fit_is_reported_with_its_id() {
         let sent = br#"{"type":"conversation.item.create","event_id":"evt_42","item":{}}"#;
-        let e = parse(&event_too_large(Sender::Client, sent, 10, 3));
+        let e = parse(&event_too_large(
+            Kind::Realtime,
+            Sender::Client,
+            sent,
+            10,
+            3,
+        ));
         assert_eq!(e["type"], "error");
         assert_eq!(e["event_id"], "event_relay_3");
         let error = &e["error"];
@@ -187,7 +225,7 @@ mod tests {
 
     #[test]
     fn the_provider_going_silent_is_a_server_error_with_a_stable_code() {
-        let e = parse(&upstream_gone(15, 2));
+        let e = parse(&upstream_gone(Kind::Realtime, 15, 2));
         assert_eq!(
             (e["type"].as_str(), e["event_id"].as_str()),
             (Some("error"), Some("event_relay_2"))
@@ -202,13 +240,25 @@ mod tests {
     #[test]
     fn a_model_event_or_anything_unreadable_is_reported_without_a_cause_id() {
         let sent = br#"{"type":"response.done","event_id":"event_9"}"#;
-        let e = parse(&event_too_large(Sender::Model, sent, 65_536, 0));
+        let e = parse(&event_too_large(
+            Kind::Realtime,
+            Sender::Model,
+            sent,
+            65_536,
+            0,
+        ));
         assert!(e["error"]["event_id"].is_null());
         assert!(e["error"]["message"]
             .as_str()
             .unwrap()
             .contains("response.done"));
-        let e = parse(&event_too_large(Sender::Client, &[0xff; 100], 10, 1));
+        let e = parse(&event_too_large(
+            Kind::Realtime,
+            Sender::Client,
+            &[0xff; 100],
+            10,
+            1,
+        ));
         assert!(e["error"]["event_id"].is_null());
         assert!(e["error"]["message"]
             .as_str()
@@ -219,8 +269,35 @@ mod tests {
             "t".repeat(500),
             "i".repeat(500)
         );
-        let e = parse(&event_too_large(Sender::Client, long.as_bytes(), 10, 1));
+        let e = parse(&event_too_large(
+            Kind::Realtime,
+            Sender::Client,
+            long.as_bytes(),
+            10,
+            1,
+        ));
         assert_eq!(e["error"]["event_id"].as_str().unwrap().len(), 64);
         assert!(e["error"]["message"].as_str().unwrap().len() < 300);
+    }
+
+    /// A GPT-Live client gets the error in Live's shape: the causing event's id under
+    /// `client_event_id`, at the top and in `error`, as the package's `ErrorEvent` reads it.
+    #[test]
+    fn a_live_client_gets_the_error_in_lives_shape() {
+        let sent = br#"{"type":"response.create","event_id":"evt_7"}"#;
+        let e = parse(&event_too_large(Kind::Live, Sender::Client, sent, 10, 1));
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["event_id"], "event_relay_1");
+        assert_eq!(e["client_event_id"], "evt_7");
+        let error = &e["error"];
+        assert_eq!(error["client_event_id"], "evt_7");
+        assert_eq!(error["code"], EVENT_TOO_LARGE);
+        assert!(error.get("event_id").is_none(), "{e}");
+        for key in ["type", "code", "message", "param"] {
+            assert!(error.get(key).is_some(), "{key}");
+        }
+        let gone = parse(&upstream_gone(Kind::Live, 15, 2));
+        assert_eq!(gone["error"]["code"], UPSTREAM_GONE);
+        assert!(gone["client_event_id"].is_null() && gone["error"]["client_event_id"].is_null());
     }
 }

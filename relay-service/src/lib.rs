@@ -24,6 +24,7 @@ pub mod registry;
 pub mod relay;
 pub mod replica;
 pub mod server;
+pub mod session_ids;
 pub mod signaling;
 pub mod stun;
 pub mod upstream_body;

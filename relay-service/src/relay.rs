@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
 use crate::replica::{Peers, ReplicaIdentity};
+use crate::session_ids::SessionIds;
 use crate::signaling::{ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError};
 use crate::upstream_body::UpstreamSession;
 use futures::FutureExt;
@@ -274,6 +275,11 @@ impl Relay {
                 .peer_max_message
                 .map_or(max_message, |m| m.min(max_message)),
         );
+        // A Live client must only ever see the gateway's id, also inside the provider's events.
+        let session_ids = match (&upstream_call_id, checked.kind) {
+            (Some(id), Kind::Live) => SessionIds::new(id, &call_id),
+            _ => None,
+        };
         if let Some(id) = upstream_call_id {
             entry.set_upstream_call(Arc::new(UpstreamCall::new(
                 checked.kind,
@@ -284,7 +290,8 @@ impl Relay {
         }
         let bridge = self
             .bridge(client.leg, upstream.leg, upstream.channel, &entry, now)
-            .with_api(checked.kind);
+            .with_api(checked.kind)
+            .with_session_ids(session_ids);
         self.start_call(bridge, &client.ice, entry, upstream.socket);
         reservation.disarm();
         self.metrics.calls_created.inc();

@@ -114,13 +114,20 @@ async fn a_live_call_runs_from_create_to_session_closed_on_hangup() {
     let first = client.next_event(T).await.expect("a first event");
     assert_eq!(first["type"], "session.started", "{first}");
     assert_eq!(first["session"]["model"], "gpt-live-1");
-    let upstream_id = first["session"]["id"].as_str().unwrap().to_string();
+    // The client sees the session by the gateway's id only, even in the provider's events;
+    // the provider's own id is kept for its hangup.
+    assert_eq!(
+        first["session"]["id"],
+        call_id.as_str(),
+        "the client sees the gateway's id: {first}"
+    );
     let info = h
         .wait_for_state(&call_id, v1::CallState::Connected, T)
         .await;
-    assert_eq!(
-        info.upstream_call_id, upstream_id,
-        "the provider's session id is the call's upstream id"
+    let upstream_id = info.upstream_call_id.clone();
+    assert!(
+        upstream_id.starts_with("live_") && upstream_id != call_id,
+        "the provider's session id is the call's upstream id: {upstream_id}"
     );
 
     client
@@ -172,7 +179,11 @@ async fn a_live_call_runs_from_create_to_session_closed_on_hangup() {
         .await
         .expect("the provider's session.closed reaches the client");
     assert_eq!(closed["reason"], "close_requested");
-    assert_eq!(closed["session"]["id"], upstream_id.as_str());
+    assert_eq!(
+        closed["session"]["id"],
+        call_id.as_str(),
+        "the gateway's id"
+    );
     assert!(closed["usage"]["seconds"].as_f64().unwrap() >= totals[1]);
     assert!(client.wait_closed(T).await, "then the connection closes");
     assert!(h.provider.wait_for_active_calls(0, T).await);

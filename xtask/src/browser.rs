@@ -325,12 +325,19 @@ fn scenario(
         bail!("the call failed: {}", d["error"]);
     }
     if d["api"] != api.name() {
-        bail!("the page did not switch to {} (api: {})", api.name(), d["api"]);
+        bail!(
+            "the page did not switch to {} (api: {})",
+            api.name(),
+            d["api"]
+        );
     }
     // The page holds no key: Realtime calls with a client secret its backend got; a Live
     // session is created by its backend.
     if d["auth"] != auth {
-        bail!("the call was not authenticated by `{auth}` (auth: {})", d["auth"]);
+        bail!(
+            "the call was not authenticated by `{auth}` (auth: {})",
+            d["auth"]
+        );
     }
     s.js("window.demo.send({type: 'response.create'});")?;
     s.wait_for("echo of response.create", Duration::from_secs(5), |d| {
