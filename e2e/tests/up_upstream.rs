@@ -2,7 +2,8 @@
 //! upstream, the shipped `envoy/envoy.yaml` rendered the way `up` renders it, the real relay
 //! and Envoy with the filter), in front of a provider that knows no model: every model,
 //! listed or not, reaches the provider, and its own 400 `model_not_found` reaches the client
-//! verbatim.
+//! verbatim; and `gpt-live-1` stays a GPT-Live model there, set up on the provider's
+//! `/v1/live/sessions`.
 //!
 //! Alone in its file on purpose: `Stack` takes the provider key from `OPENAI_API_KEY` in the
 //! environment, which this test sets, and no other test of this process may run meanwhile.
@@ -68,5 +69,35 @@ fn up_with_an_upstream_sends_every_model_to_it_and_passes_its_refusal_on() {
             "{model}: the provider key is injected"
         );
     }
+
+    // GPT-Live: the Live model goes to the same provider's Live endpoint as JSON, with the
+    // provider key, and its refusal comes back verbatim too.
+    let body = serde_json::json!({ "session": { "model": "gpt-live-1" },
+                                   "transport": { "type": "webrtc", "sdp": offer } });
+    let r = http::request(
+        listen,
+        "POST",
+        "/v1/live/sessions",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .expect("HTTP to Envoy");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.text(), REFUSAL, "the provider's answer, verbatim");
+    let heard = provider.recorded();
+    assert_eq!(heard.len(), 4, "the provider was asked");
+    let last = heard.last().unwrap();
+    assert!(
+        last.head.starts_with("POST /v1/live/sessions "),
+        "{}",
+        last.head.lines().next().unwrap_or_default()
+    );
+    let sent: serde_json::Value = serde_json::from_slice(&last.body).expect("JSON upstream");
+    assert_eq!(sent["session"]["model"], "gpt-live-1");
+    assert_eq!(sent["transport"]["type"], "webrtc");
+    assert!(last
+        .head
+        .to_ascii_lowercase()
+        .contains(&format!("authorization: bearer {}", KEY.to_ascii_lowercase())));
     drop(stack);
 }

@@ -266,7 +266,12 @@ fn up(paths: &Paths, args: UpArgs) -> Result<()> {
             stack.config.envoy_config.display()
         );
     }
-    eprintln!("  Calls endpoint:     POST {}", u.calls);
+    eprintln!("  Calls endpoint:     POST {} (Realtime)", u.calls);
+    let template_live = std::fs::read_to_string(&stack.config.envoy_config)
+        .is_ok_and(|t| t.contains("/v1/live/sessions"));
+    if template_live {
+        eprintln!("  Live endpoint:      POST {} (GPT-Live, JSON)", u.live_sessions);
+    }
     // The local envoy/envoy.yaml admits anonymous callers (pool main's `callers`).
     let open = std::fs::read_to_string(&stack.config.envoy_config)
         .is_ok_and(|t| t.contains("\"anonymous\""));

@@ -136,6 +136,7 @@ impl StackConfig {
         Urls {
             demo_page: format!("http://{h}:{}/", self.listen_port),
             calls: format!("http://{h}:{}/v1/realtime/calls", self.listen_port),
+            live_sessions: format!("http://{h}:{}/v1/live/sessions", self.listen_port),
             envoy_admin: format!("http://{h}:{}/", self.admin_port),
             envoy_stats: format!("http://{h}:{}/stats/prometheus", self.admin_port),
             relay_metrics: format!("http://{h}:{}/metrics", self.relay_metrics_port),
@@ -150,6 +151,8 @@ impl StackConfig {
 pub struct Urls {
     pub demo_page: String,
     pub calls: String,
+    /// GPT-Live session creation (`POST`, JSON).
+    pub live_sessions: String,
     pub envoy_admin: String,
     pub envoy_stats: String,
     pub relay_metrics: String,
