@@ -95,9 +95,9 @@ fn up_with_an_upstream_sends_every_model_to_it_and_passes_its_refusal_on() {
     let sent: serde_json::Value = serde_json::from_slice(&last.body).expect("JSON upstream");
     assert_eq!(sent["session"]["model"], "gpt-live-1");
     assert_eq!(sent["transport"]["type"], "webrtc");
-    assert!(last
-        .head
-        .to_ascii_lowercase()
-        .contains(&format!("authorization: bearer {}", KEY.to_ascii_lowercase())));
+    assert!(last.head.to_ascii_lowercase().contains(&format!(
+        "authorization: bearer {}",
+        KEY.to_ascii_lowercase()
+    )));
     drop(stack);
 }

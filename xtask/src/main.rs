@@ -270,7 +270,10 @@ fn up(paths: &Paths, args: UpArgs) -> Result<()> {
     let template_live = std::fs::read_to_string(&stack.config.envoy_config)
         .is_ok_and(|t| t.contains("/v1/live/sessions"));
     if template_live {
-        eprintln!("  Live endpoint:      POST {} (GPT-Live, JSON)", u.live_sessions);
+        eprintln!(
+            "  Live endpoint:      POST {} (GPT-Live, JSON)",
+            u.live_sessions
+        );
     }
     // The local envoy/envoy.yaml admits anonymous callers (pool main's `callers`).
     let open = std::fs::read_to_string(&stack.config.envoy_config)

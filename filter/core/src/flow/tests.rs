@@ -18,6 +18,51 @@ use crate::load_refresh::LoadRefresh;
 use crate::routing::{ejected_until_key, failures_key, outstanding_key};
 use crate::sdp::tests::OFFER;
 
+/// With relay replicas, a Live session's id names its replica as a Realtime call's does
+/// (`live_<replica>_…`), and its hangup reaches that replica.
+#[test]
+fn a_live_session_id_names_its_replica_and_its_hangup_goes_there() {
+    let config = Rc::new(replicas_config());
+    let body = serde_json::json!({
+        "session": {"model": "gpt-live-1"},
+        "transport": {"type": "webrtc", "sdp": OFFER}
+    })
+    .to_string();
+    let mut host = FakeHost::request(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/live/sessions"),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    let _flow = start(&config, &mut host);
+    let d = host.last_dispatch().clone();
+    let sent = CreateCallRequest::decode(d.message.as_slice()).unwrap();
+    let replica = d.cluster.strip_prefix("relay_").unwrap();
+    assert!(
+        sent.call_id.starts_with(&format!("live_{replica}_")),
+        "{} on {}",
+        sent.call_id,
+        d.cluster
+    );
+
+    let path = "/v1/live/sessions/live_r2_0123456789abcdef0123456789abcdef/hangup";
+    let mut host = FakeHost::request(&[(":method", "POST"), (":path", path)], b"");
+    assert_eq!(
+        Flow::new(Rc::clone(&config)).on_headers(&mut host, true),
+        Action::Pause
+    );
+    let d = host.last_dispatch();
+    assert_eq!((d.cluster.as_str(), d.method), ("relay_r2", "HangupCall"));
+    // A Live id naming no configured replica is nobody's.
+    let path = "/v1/live/sessions/live_r9_0123456789abcdef0123456789abcdef/hangup";
+    let mut host = FakeHost::request(&[(":method", "POST"), (":path", path)], b"");
+    Flow::new(Rc::clone(&config)).on_headers(&mut host, true);
+    assert!(host.dispatched.is_empty());
+    assert_eq!(host.last_reply().status, 404);
+}
+
 const OK: u32 = 0;
 const UNAVAILABLE: u32 = 14;
 const RESOURCE_EXHAUSTED: u32 = 8;
