@@ -24,6 +24,11 @@ pub(crate) fn session_id() -> String {
     format!("sess_{}", hex(12))
 }
 
+/// A Realtime response id (`resp_…`).
+pub(crate) fn response_id() -> String {
+    format!("resp_{}", hex(12))
+}
+
 pub(crate) fn event_id() -> String {
     format!("event_{}", hex(12))
 }

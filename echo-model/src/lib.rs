@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod provider;
+pub mod responses;
 
 mod api_error;
 mod ids;

@@ -970,6 +970,8 @@ struct CallState {
     api: Api,
     /// GPT-Live only.
     live: LiveState,
+    /// Realtime only: responses answered (`response.create` → `response.done` with usage).
+    responses: crate::responses::Responses,
     audio_mid: Option<Mid>,
     events_channel: Option<ChannelId>,
     connected: bool,
@@ -1002,6 +1004,7 @@ impl Call {
             state: CallState {
                 api,
                 live: LiveState::default(),
+                responses: Default::default(),
                 audio_mid: None,
                 events_channel: None,
                 connected: false,
@@ -1313,8 +1316,17 @@ impl CallState {
                             _ => {}
                         }
                     }
+                    // A Realtime response.create: after its echo, the response's own events
+                    // (rate limits, created, done with usage), as OpenAI sends them.
+                    let answer = match (self.api, message.binary) {
+                        (Api::Realtime, false) => self.responses.answer(&message.data),
+                        _ => None,
+                    };
                     // Written by `Call::drive` after this drain, one message per mutation.
                     self.enqueue(message, ctx);
+                    for event in answer.into_iter().flatten() {
+                        self.enqueue_event(&event, ctx);
+                    }
                 } else {
                     // The Realtime API speaks only on oai-events; anything else is echoed
                     // if the send buffer has room at once, and counted as dropped if not.

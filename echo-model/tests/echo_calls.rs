@@ -111,9 +111,12 @@ async fn text_event_is_echoed_unchanged() {
     bounded(async {
         let p = provider().await;
         let (mut c, _) = connect(&p, ClientConfig::default()).await;
-        c.wait_for_event_type("session.created", STEP).await.unwrap();
+        c.wait_for_event_type("session.created", STEP)
+            .await
+            .unwrap();
 
-        let event = r#"{"type":"response.create","event_id":"evt_1","response":{"instructions":"héllo ✓"}}"#;
+        let event =
+            r#"{"type":"conversation.item.create","event_id":"evt_1","item":{"text":"héllo ✓"}}"#;
         c.send_text(event).await.unwrap();
         assert_eq!(
             c.recv_message(STEP).await,
@@ -122,6 +125,43 @@ async fn text_event_is_echoed_unchanged() {
         let s = p.stats();
         assert_eq!(s.dc_messages_received, 1);
         assert_eq!(s.dc_messages_sent, 2, "session.created + echo");
+        c.close().await;
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// A `response.create` is echoed, then answered as OpenAI answers it: `rate_limits.updated`,
+/// `response.created`, `response.done` with the deterministic usage of `usage_for`.
+#[tokio::test]
+async fn a_response_create_is_answered_with_a_priced_response() {
+    bounded(async {
+        let p = provider().await;
+        let (mut c, _) = connect(&p, ClientConfig::default()).await;
+        c.wait_for_event_type("session.created", STEP).await.unwrap();
+        let event = r#"{"type":"response.create","event_id":"evt_1","response":{"instructions":"héllo ✓"}}"#;
+        for index in 0..2 {
+            c.send_text(event).await.unwrap();
+            let mut types = Vec::new();
+            let mut done = None;
+            for _ in 0..4 {
+                let v = c.next_event(STEP).await.unwrap();
+                types.push(v["type"].as_str().unwrap().to_string());
+                if v["type"] == "response.done" {
+                    done = Some(v);
+                }
+            }
+            assert_eq!(
+                types,
+                ["response.create", "rate_limits.updated", "response.created", "response.done"]
+            );
+            let done = done.unwrap();
+            assert_eq!(
+                done["response"]["usage"],
+                echo_model::responses::usage_for(event.len(), index)
+            );
+        }
+        assert_eq!(p.stats().dc_messages_sent, 9, "session.created + 2 × 4");
         c.close().await;
         p.shutdown().await;
     })
