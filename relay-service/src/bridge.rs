@@ -17,6 +17,7 @@ use crate::metrics::DirectionMetrics;
 use crate::peer::DataChannelTerms;
 use crate::pt_map::PtMap;
 use crate::session_ids::SessionIds;
+use crate::usage_tap::UsageTap;
 use realtime_relay_proto::call_id::Kind;
 use rtc_peer::dc_queue::{DcQueue, Message};
 use rtc_peer::shell::{self, Drained};
@@ -101,6 +102,8 @@ pub struct BridgeTelemetry {
     pub dc_write_errors: prometheus_client::metrics::counter::Counter,
     pub buffer_overflows: prometheus_client::metrics::counter::Counter,
     pub dc_too_large: prometheus_client::metrics::counter::Counter,
+    /// Where the provider's events are metered (none: not metered, as in most bridge tests).
+    pub usage: Option<std::sync::Arc<UsageTap>>,
 }
 
 impl BridgeTelemetry {
@@ -113,7 +116,14 @@ impl BridgeTelemetry {
             dc_write_errors: metrics.dc_write_errors.clone(),
             buffer_overflows: metrics.buffer_overflows.clone(),
             dc_too_large: metrics.dc_too_large.clone(),
+            usage: None,
         }
+    }
+
+    /// Meters the provider's events through `tap`.
+    pub fn with_usage(mut self, tap: UsageTap) -> Self {
+        self.usage = Some(std::sync::Arc::new(tap));
+        self
     }
 
     /// Counters for traffic that arrived on `from`.
@@ -602,6 +612,14 @@ impl Bridge {
                     }
                     _ => d.data,
                 };
+                // Usage: only the provider's text events that pass the prefilter are kept
+                // (copied) to be read, after the event is on its way.
+                let metered = match &self.telemetry.usage {
+                    Some(_) if leg == Leg::Upstream && !d.binary && UsageTap::wants(&data) => {
+                        Some(data.clone())
+                    }
+                    _ => None,
+                };
                 self.send_message(
                     leg.other(),
                     Message {
@@ -609,6 +627,9 @@ impl Bridge {
                         data,
                     },
                 );
+                if let (Some(tap), Some(event)) = (&self.telemetry.usage, metered) {
+                    tap.observe(&event);
+                }
             }
             Event::ChannelBufferedAmountLow(id) if self.leg(leg).channel == Some(id) => {
                 self.flush(leg);

@@ -298,6 +298,7 @@ mod tests {
         let entry = registry
             .reserve(NewCall {
                 call_id: "rtc_flood",
+                api: realtime_relay_proto::call_id::Kind::Realtime,
                 model: "m",
                 upstream_model: "m",
                 worker_id: "w",

@@ -109,6 +109,19 @@ impl RelayService for RelayGrpc {
             .map_err(|e| lookup_failed(e, &req.call_id))
     }
 
+    type WatchCallsStream = WatchStream;
+
+    async fn watch_calls(
+        &self,
+        _request: Request<v1::WatchCallsRequest>,
+    ) -> Result<Response<Self::WatchCallsStream>, Status> {
+        let registry = self.relay.registry();
+        Ok(Response::new(watch_stream(
+            registry.watch(),
+            registry.watchers_done(),
+        )))
+    }
+
     async fn list_calls(
         &self,
         request: Request<v1::ListCallsRequest>,
@@ -117,4 +130,38 @@ impl RelayService for RelayGrpc {
             self.relay.list_calls(request.into_inner().include_ended),
         ))
     }
+}
+
+/// The stream of a `WatchCalls` request.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::CallEvent, Status>> + Send>>;
+
+/// The registry's call events as a gRPC stream: a watcher that fell behind gets one `LAGGED`
+/// event with the number it missed and goes on; the stream ends when the relay stops.
+fn watch_stream(
+    rx: tokio::sync::broadcast::Receiver<v1::CallEvent>,
+    done: tokio_util::sync::CancellationToken,
+) -> WatchStream {
+    use tokio::sync::broadcast::error::RecvError;
+    Box::pin(futures::stream::unfold(
+        (rx, done),
+        |(mut rx, done)| async move {
+            let next = tokio::select! {
+                biased;
+                r = rx.recv() => r,
+                _ = done.cancelled() => return None,
+            };
+            let event = match next {
+                Ok(e) => e,
+                Err(RecvError::Lagged(missed)) => v1::CallEvent {
+                    kind: v1::call_event::Kind::Lagged as i32,
+                    at_ms: crate::registry::unix_ms(),
+                    call: None,
+                    missed,
+                },
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok(event), (rx, done)))
+        },
+    ))
 }

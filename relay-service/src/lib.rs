@@ -28,3 +28,7 @@ pub mod session_ids;
 pub mod signaling;
 pub mod stun;
 pub mod upstream_body;
+pub mod usage;
+pub mod usage_metrics;
+pub mod usage_record;
+pub mod usage_tap;

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub client_to_upstream: DirectionMetrics,
     pub upstream_to_client: DirectionMetrics,
     pub media_tcp: TcpMetrics,
+    /// What calls used (tokens, Live seconds, provider errors, rate limits).
+    pub usage: std::sync::Arc<crate::usage_metrics::UsageMetrics>,
 }
 
 /// The ICE-TCP listener's counters (`media_tcp`).
@@ -140,8 +142,10 @@ impl Metrics {
             client_to_upstream: DirectionMetrics::default(),
             upstream_to_client: DirectionMetrics::default(),
             media_tcp: TcpMetrics::default(),
+            usage: Default::default(),
             registry: Registry::default(),
         };
+        m.usage.register(&mut registry);
         registry.register(
             "upstream_addresses_refused",
             "Upstream-leg addresses refused by the private-address policy: candidates dropped from answers (candidate_not_public, candidate_not_ip) and datagrams dropped (datagram_from_not_public, datagram_to_not_public)",

@@ -3,16 +3,23 @@
 //!
 //! A call is reserved at the start of CreateCall, so calls still in setup count
 //! toward the concurrency limit (a flood of slow setups cannot exceed it).
+//!
+//! It also publishes each call's life (created, connected, usage updated, ended) to the
+//! watchers of `WatchCalls`, through a bounded broadcast channel: a summary is built only
+//! while someone watches, and a watcher that falls behind is told how much it missed.
 
 use crate::call_state::{CallCounters, EndReason};
 use crate::error::SetupError;
 use crate::signaling::UpstreamCall;
+use crate::usage::{CallUsage, UsageDelta, UsageEvent};
+use realtime_relay_proto::call_id::Kind;
 use realtime_relay_proto::v1;
+use realtime_relay_proto::v1::call_event::Kind as EventKind;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 pub fn unix_ms() -> i64 {
@@ -21,6 +28,9 @@ pub fn unix_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Events a `WatchCalls` watcher may fall behind by before it is told it lagged.
+pub const WATCH_BUFFER: usize = 4096;
 
 const STATE_PENDING: u8 = 1;
 const STATE_CONNECTED: u8 = 2;
@@ -43,12 +53,54 @@ pub struct CallEntry {
     /// The provider's side, once it answered: where the relay hangs it up.
     upstream: OnceLock<Arc<UpstreamCall>>,
     done_tx: watch::Sender<bool>,
+    /// The API the call speaks.
+    pub api: Kind,
+    /// What the provider reported the call used ([`CallEntry::record_usage`]).
+    usage: Mutex<CallUsage>,
+    /// Where the call's life is published for `WatchCalls`.
+    events: broadcast::Sender<v1::CallEvent>,
 }
 
 impl CallEntry {
     pub fn mark_connected(&self) {
         self.connected_at_ms.store(unix_ms(), Ordering::Relaxed);
         self.state.store(STATE_CONNECTED, Ordering::Relaxed);
+        self.publish(EventKind::Connected, || self.live_info());
+    }
+
+    /// Takes a usage event of the call's provider into account; the increments it added (for
+    /// the metrics). Watchers hear of a change to the figures.
+    pub fn record_usage(&self, event: &UsageEvent) -> UsageDelta {
+        let delta = self
+            .usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(event);
+        if !matches!(
+            event,
+            UsageEvent::ResponseCreated | UsageEvent::Error { .. }
+        ) {
+            self.publish(EventKind::UsageUpdated, || self.live_info());
+        }
+        delta
+    }
+
+    pub fn usage(&self) -> CallUsage {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends `kind` with the call's summary to the watchers, if there are any (the summary
+    /// is only built then).
+    fn publish(&self, kind: EventKind, call: impl FnOnce() -> v1::CallInfo) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.events.send(v1::CallEvent {
+            kind: kind as i32,
+            at_ms: unix_ms(),
+            call: Some(call()),
+            missed: 0,
+        });
     }
 
     pub fn set_upstream_call_id(&self, id: &str) {
@@ -127,6 +179,8 @@ impl CallEntry {
             // The registry's own view carries the owner; callers are shown it through
             // `Caller::shown`.
             principal: self.principal.clone(),
+            api: v1::Api::from(self.api) as i32,
+            usage: Some(usage_proto(&self.usage(), self.api == Kind::Live)),
         }
     }
 
@@ -135,8 +189,44 @@ impl CallEntry {
     }
 }
 
+/// The contract's form of a call's usage.
+pub fn usage_proto(u: &CallUsage, live: bool) -> v1::CallUsage {
+    let t = &u.tokens;
+    v1::CallUsage {
+        tokens: Some(v1::TokenUsage {
+            total_tokens: t.total,
+            input_tokens: t.input,
+            output_tokens: t.output,
+            input_text_tokens: t.input_text,
+            input_audio_tokens: t.input_audio,
+            input_image_tokens: t.input_image,
+            input_cached_tokens: t.input_cached,
+            cached_text_tokens: t.cached_text,
+            cached_audio_tokens: t.cached_audio,
+            cached_image_tokens: t.cached_image,
+            output_text_tokens: t.output_text,
+            output_audio_tokens: t.output_audio,
+        }),
+        responses: u.responses,
+        rate_limits: u
+            .rate_limits
+            .iter()
+            .map(|r| v1::RateLimit {
+                name: r.name.clone(),
+                limit: r.limit,
+                remaining: r.remaining,
+                reset_seconds: r.reset_seconds,
+            })
+            .collect(),
+        audio_seconds: u.audio_seconds,
+        partial: u.partial(live),
+        error_events: u.error_events,
+    }
+}
+
 pub struct NewCall<'a> {
     pub call_id: &'a str,
+    pub api: Kind,
     pub model: &'a str,
     pub upstream_model: &'a str,
     pub worker_id: &'a str,
@@ -154,6 +244,10 @@ pub struct Registry {
     max_calls: usize,
     ended_kept: usize,
     draining: AtomicBool,
+    events: broadcast::Sender<v1::CallEvent>,
+    /// Cancelled when the relay stops: watch streams end (a graceful gRPC shutdown would
+    /// otherwise wait for them).
+    watchers_done: CancellationToken,
 }
 
 impl Registry {
@@ -163,7 +257,25 @@ impl Registry {
             max_calls,
             ended_kept,
             draining: AtomicBool::new(false),
+            events: broadcast::channel(WATCH_BUFFER).0,
+            watchers_done: CancellationToken::new(),
         }
+    }
+
+    /// Cancelled when the relay has stopped (every call ended): watchers end their streams.
+    pub fn watchers_done(&self) -> CancellationToken {
+        self.watchers_done.clone()
+    }
+
+    /// A new watcher of every call's life (`WatchCalls`).
+    pub fn watch(&self) -> broadcast::Receiver<v1::CallEvent> {
+        self.events.subscribe()
+    }
+
+    /// A reserved call is set up (its answer is on the way to the client): watchers hear of
+    /// it. Reservations that fail are never published.
+    pub fn announce_created(&self, entry: &CallEntry) {
+        entry.publish(EventKind::Created, || entry.live_info());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -199,6 +311,9 @@ impl Registry {
             upstream_call_id: Mutex::new(String::new()),
             upstream: OnceLock::new(),
             done_tx,
+            api: new.api,
+            usage: Mutex::new(CallUsage::default()),
+            events: self.events.clone(),
         });
         inner.live.insert(new.call_id.to_string(), entry.clone());
         Ok(entry)
@@ -224,6 +339,7 @@ impl Registry {
             inner.ended.push_front(info.clone());
         }
         drop(inner);
+        entry.publish(EventKind::Ended, || info.clone());
         // Not `send`: with no receiver yet it would leave the value unchanged, and whoever
         // waits afterwards (a hangup that looked the call up just before it ended) would wait
         // out its whole timeout.
@@ -303,6 +419,7 @@ mod tests {
     fn new<'a>(id: &'a str) -> NewCall<'a> {
         NewCall {
             call_id: id,
+            api: Kind::Realtime,
             model: "m",
             upstream_model: "m",
             worker_id: "w1",
@@ -397,5 +514,70 @@ mod tests {
         let r = Registry::new(10, 10);
         r.start_draining();
         assert_eq!(r.reserve(new("rtc_x")).unwrap_err().code(), "draining");
+    }
+
+    /// A watcher hears a call's life in order, each event with the call's summary (usage
+    /// included); nothing is built while no one watches; a watcher that falls behind learns
+    /// it lagged.
+    #[test]
+    fn watchers_hear_created_connected_usage_and_ended() {
+        use crate::usage::{Tokens, UsageEvent};
+        let r = Registry::new(10, 10);
+        let mut w = r.watch();
+        let e = r
+            .reserve(NewCall {
+                api: Kind::Live,
+                ..new("live_watched")
+            })
+            .unwrap();
+        assert!(w.try_recv().is_err(), "a reservation is not a call yet");
+        r.announce_created(&e);
+        e.mark_connected();
+        e.record_usage(&UsageEvent::ResponseCreated);
+        e.record_usage(&UsageEvent::LiveSeconds {
+            seconds: 2.5,
+            closed: false,
+        });
+        e.record_usage(&UsageEvent::ResponseDone(Tokens {
+            total: 7,
+            ..Tokens::default()
+        }));
+        r.finish("live_watched", EndReason::Hangup);
+        let mut seen = Vec::new();
+        while let Ok(ev) = w.try_recv() {
+            seen.push(ev);
+        }
+        let kinds: Vec<i32> = seen.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::Created,
+                EventKind::Connected,
+                EventKind::UsageUpdated,
+                EventKind::UsageUpdated,
+                EventKind::Ended
+            ]
+            .map(|k| k as i32)
+        );
+        let ended = seen.last().unwrap().call.as_ref().unwrap();
+        assert_eq!(ended.api, v1::Api::Live as i32);
+        assert_eq!(ended.end_reason, "hangup");
+        let usage = ended.usage.as_ref().unwrap();
+        assert_eq!(usage.audio_seconds, 2.5);
+        assert_eq!(usage.tokens.as_ref().unwrap().total_tokens, 7);
+        assert!(usage.partial, "a Live session without session.closed");
+
+        // Falling behind: the receiver reports how much it missed.
+        let mut slow = r.watch();
+        for i in 0..WATCH_BUFFER + 10 {
+            let e = r.reserve(new(&format!("rtc_{i:08}"))).unwrap();
+            r.announce_created(&e);
+            r.release(&e.call_id);
+        }
+        drop(w);
+        match slow.try_recv() {
+            Err(broadcast::error::TryRecvError::Lagged(n)) => assert_eq!(n, 10),
+            other => panic!("{other:?}"),
+        }
     }
 }

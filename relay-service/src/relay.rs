@@ -18,6 +18,7 @@ use crate::replica::{Peers, ReplicaIdentity};
 use crate::session_ids::SessionIds;
 use crate::signaling::{ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError};
 use crate::upstream_body::UpstreamSession;
+use crate::usage_tap::UsageTap;
 use futures::FutureExt;
 use realtime_relay_proto::call_id::Kind;
 use realtime_relay_proto::v1;
@@ -218,6 +219,7 @@ impl Relay {
         // again if a later stage fails.
         let entry = self.registry.reserve(NewCall {
             call_id: &call_id,
+            api: checked.kind,
             model: req.model.trim(),
             upstream_model: checked.upstream_model,
             worker_id: &checked.upstream.worker_id,
@@ -292,6 +294,7 @@ impl Relay {
             .bridge(client.leg, upstream.leg, upstream.channel, &entry, now)
             .with_api(checked.kind)
             .with_session_ids(session_ids);
+        self.registry.announce_created(&entry);
         self.start_call(bridge, &client.ice, entry, upstream.socket);
         reservation.disarm();
         self.metrics.calls_created.inc();
@@ -481,11 +484,12 @@ impl Relay {
         client: LegSetup,
         upstream: LegSetup,
         upstream_channel: ChannelId,
-        entry: &CallEntry,
+        entry: &Arc<CallEntry>,
         now: Instant,
     ) -> Bridge {
         let limits = &self.settings.limits;
-        let telemetry = BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone());
+        let telemetry = BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone())
+            .with_usage(UsageTap::new(entry.clone(), self.metrics.usage.clone()));
         Bridge::new(
             client,
             upstream,
@@ -592,7 +596,9 @@ impl Relay {
                     (EndReason::UpstreamClosed | EndReason::SessionClosed, Some(asked)) => asked,
                     _ => reason,
                 };
-                registry.finish(&call_id, reason);
+                if let Some(info) = registry.finish(&call_id, reason) {
+                    crate::usage_record::log(&info);
+                }
                 metrics.calls_active.dec();
                 metrics.ended(reason);
                 if reason.is_worker_failure() {
@@ -731,6 +737,8 @@ impl Relay {
         self.registry.end_all(EndReason::Drain);
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        // Every call has ended (and was published): watch streams may end.
+        self.registry.watchers_done().cancel();
     }
 }
 

@@ -225,6 +225,15 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
     assert_eq!(ctl(&["health"])["status"], "SERVING");
 
+    // A watcher from the start: the first call's life, one JSON object per line.
+    let watch = std::process::Command::new(env!("CARGO_BIN_EXE_relayctl"))
+        .arg(format!("--relay={url}"))
+        .args(["watch", "--count=3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run relayctl watch");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     let (client, offer) = TestClient::new(ClientConfig::default()).unwrap();
     let offer_file =
         std::env::temp_dir().join(format!("relayctl-offer-{}.sdp", std::process::id()));
@@ -254,6 +263,25 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
     assert_eq!(ended["end_reason"], "hangup");
     assert_eq!(ended["principal"], PRINCIPAL);
     assert!(client.wait_closed(Duration::from_secs(5)).await);
+    let out = tokio::task::spawn_blocking(move || watch.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["created", "connected", "ended"], "{events:?}");
+    assert!(events
+        .iter()
+        .all(|e| e["call"]["call_id"] == call_id.as_str()));
+    assert_eq!(events[2]["call"]["end_reason"], "hangup");
+    assert_eq!(events[2]["call"]["usage"]["partial"], false);
 
     // A GPT-Live call by hand: a live_ id, the Live exchange upstream, session.started.
     let (client, offer) = TestClient::new(ClientConfig::default()).unwrap();
@@ -290,6 +318,23 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
         .wait_for_event_type("session.closed", Duration::from_secs(5))
         .await
         .unwrap();
+
+    // The call.usage record of the first call: one JSON object with flat fields, the owner
+    // named by a hash only.
+    let record = relay.wait_for_log("\"call.usage\"", Duration::from_secs(5));
+    let record: serde_json::Value = record
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "call.usage" && v["call_id"] == call_id.as_str())
+        .expect("the call.usage record of the first call");
+    assert_eq!(record["end_reason"], "hangup");
+    assert_eq!(record["api"], "realtime");
+    assert_eq!(record["tokens_total"], 0);
+    assert_eq!(
+        record["principal_hash"].as_str().map(str::len),
+        Some(16),
+        "{record}"
+    );
 
     // The relay logs at trace: the principal is in its debug lines, never above.
     relay.wait_for_log(PRINCIPAL, Duration::from_secs(5));

@@ -1,6 +1,7 @@
 //! `relayctl`: drive the relay's gRPC API from a shell — list, inspect and hang up
 //! calls, set one up from an SDP file, check health, and list services through
-//! server reflection. Output is JSON, one document per command.
+//! server reflection, and follow every call's life (`watch`). Output is JSON, one document
+//! per command; `watch` prints one JSON object per line as events come.
 //!
 //! It is an operator's tool: `get` and `hangup` act as an operator (`operator: true`), so
 //! they reach every call whoever owns it, and calls show their owner's principal.
@@ -85,6 +86,13 @@ enum Command {
         #[arg(long, default_value = "")]
         principal: String,
     },
+    /// Follow every call's life (WatchCalls): one JSON object per line, as events come
+    /// (created, connected, usage_updated, ended; lagged when this watcher fell behind).
+    Watch {
+        /// Stop after this many events (default: until the relay stops or Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// gRPC health of the relay service.
     Health,
     /// Services the relay exposes, through gRPC server reflection.
@@ -104,10 +112,44 @@ fn call_json(c: &v1::CallInfo) -> Value {
         "created_at_ms": c.created_at_ms, "connected_at_ms": c.connected_at_ms, "ended_at_ms": c.ended_at_ms,
         "end_reason": c.end_reason, "upstream_call_id": c.upstream_call_id, "principal": c.principal,
         "client_to_upstream": dir(c.client_to_upstream), "upstream_to_client": dir(c.upstream_to_client),
+        "api": v1::Api::try_from(c.api).map(|a| a.as_str_name()).unwrap_or("UNKNOWN"),
+        "usage": usage_json(c.usage.clone().unwrap_or_default()),
     })
 }
 
-async fn run(cli: Cli) -> Result<Value> {
+fn usage_json(u: v1::CallUsage) -> Value {
+    let t = u.tokens.unwrap_or_default();
+    json!({
+        "tokens": {"total": t.total_tokens, "input": t.input_tokens, "output": t.output_tokens,
+                   "input_text": t.input_text_tokens, "input_audio": t.input_audio_tokens,
+                   "input_image": t.input_image_tokens, "input_cached": t.input_cached_tokens,
+                   "cached_text": t.cached_text_tokens, "cached_audio": t.cached_audio_tokens,
+                   "cached_image": t.cached_image_tokens, "output_text": t.output_text_tokens,
+                   "output_audio": t.output_audio_tokens},
+        "responses": u.responses,
+        "rate_limits": u.rate_limits.iter().map(|r| json!({"name": r.name, "limit": r.limit,
+            "remaining": r.remaining, "reset_seconds": r.reset_seconds})).collect::<Vec<_>>(),
+        "audio_seconds": u.audio_seconds,
+        "partial": u.partial,
+        "error_events": u.error_events,
+    })
+}
+
+fn event_json(e: &v1::CallEvent) -> Value {
+    let kind = v1::call_event::Kind::try_from(e.kind)
+        .map(|k| k.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| "unknown".into());
+    let mut v = json!({"event": kind, "at_ms": e.at_ms});
+    if let Some(c) = &e.call {
+        v["call"] = call_json(c);
+    }
+    if e.missed > 0 {
+        v["missed"] = json!(e.missed);
+    }
+    v
+}
+
+async fn run(cli: Cli) -> Result<Option<Value>> {
     let channel = Channel::from_shared(cli.relay.clone())
         .context("bad --relay URL")?
         .connect_timeout(Duration::from_secs(3))
@@ -118,7 +160,30 @@ async fn run(cli: Cli) -> Result<Value> {
     let mut relay = RelayServiceClient::new(channel.clone());
     // The relay's answer in one line: the gRPC code and its message.
     let status = |s: tonic::Status| anyhow!("{}: {}", s.code(), s.message());
-    Ok(match cli.command {
+    if let Command::Watch { count } = cli.command {
+        // A stream with no end of its own: no request timeout on this channel.
+        let channel = Channel::from_shared(cli.relay.clone())
+            .context("bad --relay URL")?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the relay at {}", cli.relay))?;
+        let mut stream = RelayServiceClient::new(channel)
+            .watch_calls(v1::WatchCallsRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut seen = 0u64;
+        while count.is_none_or(|n| seen < n) {
+            let Some(event) = stream.message().await.map_err(status)? else {
+                break;
+            };
+            println!("{}", event_json(&event));
+            seen += 1;
+        }
+        return Ok(None);
+    }
+    Ok(Some(match cli.command {
         Command::List { ended } => {
             let r = relay
                 .list_calls(v1::ListCallsRequest {
@@ -244,14 +309,17 @@ async fn run(cli: Cli) -> Result<Value> {
             names.sort();
             json!({"services": names})
         }
-    })
+        Command::Watch { .. } => unreachable!("handled above"),
+    }))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            if let Some(v) = v {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
