@@ -132,6 +132,7 @@ impl Session {
             "const d = window.demo; return {state: d.state, dc: d.dcState, callId: d.callId, \
              error: d.error, inbound: d.inboundPackets, level: d.level, maxLevel: d.maxLevel, \
              auth: d.auth, api: d.api, usage: d.usageSeconds, closedReason: d.closedReason, \
+             tokens: d.tokens, responses: d.responses, \
              events: d.events.map(e => e.dir + ':' + e.type)};",
         )
     }
@@ -343,6 +344,14 @@ fn scenario(
     s.wait_for("echo of response.create", Duration::from_secs(5), |d| {
         has(d, "in:response.create")
     })?;
+    if api == DemoApi::Realtime {
+        // The response's usage, summed by the page from response.done.
+        s.wait_for(
+            "response.done counted as usage",
+            Duration::from_secs(5),
+            |d| d["responses"].as_u64() == Some(1) && d["tokens"].as_u64().unwrap_or(0) > 0,
+        )?;
+    }
     let d = s.wait_for(
         "inbound audio packets and a non-silent level",
         Duration::from_secs(10),
