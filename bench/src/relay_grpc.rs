@@ -28,6 +28,7 @@ pub fn create_request(offer: &str, base_url: &str, authorization: &str) -> v1::C
         request_id: "bench".into(),
         principal: String::new(),
         api: v1::Api::Realtime as i32,
+        budget: None,
     }
 }
 

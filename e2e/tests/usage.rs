@@ -348,3 +348,144 @@ fn live_seconds_are_a_running_total_final_at_session_closed() {
         "{line}"
     );
 }
+
+/// A call's budget, through the real Envoy: the pool's token budget ends a Realtime call once
+/// its responses reach it (the provider gets `response.cancel`, the client the
+/// `budget_exceeded` error event first, its later events go nowhere, and the call ends as
+/// `budget_exceeded`); an audio-seconds budget ends a GPT-Live session the same way, the
+/// provider asked with `session.close`.
+#[test]
+fn a_budget_ends_the_call_after_telling_the_client() {
+    let rt = runtime();
+    let p = provider(&rt, KEY);
+    let cfg = plugin_config(
+        json!([
+            { "name": "gpt-realtime", "pools": ["main"] },
+            { "name": "gpt-live-1", "api": "live", "pools": ["main"] }
+        ]),
+        json!([{ "name": "main", "key_policy": "inject_if_missing",
+                 "budget": { "tokens_per_call": 100, "audio_seconds_per_call": 1.5 },
+                 "workers": [{ "id": "worker-1", "base_url": p.base_url(), "key_env": "OPENAI_API_KEY" }] }]),
+        json!({}),
+    );
+    let g = gateway("budget", &[p.base_url()], cfg);
+
+    // Realtime: `exercise` spends one response's tokens; the next response crosses 100.
+    let first = r#"{"type":"response.create","event_id":"e2e-1"}"#;
+    let second = r#"{"type":"response.create","event_id":"e2e-2"}"#;
+    let total = |len: usize, i: u64| usage_for(len, i)["total_tokens"].as_u64().unwrap();
+    let spent = total(first.len(), 0) + total(second.len(), 1);
+    assert!(
+        total(first.len(), 0) < 100 && spent >= 100,
+        "the test's own premise"
+    );
+    let (c, offer) = new_client();
+    let r = post_sdp(&g.envoy, CALLS, &offer, &[]);
+    let id = created(&r);
+    let mut c = exercise(&rt, c, &r.text());
+    let (seen, late_echo) = rt.block_on(async {
+        c.send_text(second).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let e = c.next_event(T).await.expect("events until the error");
+            let kind = e["type"].as_str().unwrap_or_default().to_string();
+            seen.push(e.clone());
+            if kind == "error" {
+                break;
+            }
+        }
+        // Over budget: the client's next event is not forwarded (no echo comes back).
+        c.send_text(r#"{"type":"response.create","event_id":"too-late"}"#)
+            .await
+            .unwrap();
+        let late = c
+            .wait_for_event_type("response.create", Duration::from_millis(1500))
+            .await
+            .ok();
+        (seen, late)
+    });
+    let error = seen.last().unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{spent} tokens")),
+        "{error}"
+    );
+    assert!(
+        seen.iter().any(|e| e["type"] == "response.done"),
+        "the response that crossed the budget came first: {seen:?}"
+    );
+    assert!(
+        late_echo.is_none(),
+        "an event after the budget went through"
+    );
+    assert!(rt.block_on(c.wait_closed(T)), "the call ends");
+    g.relay
+        .wait_metric("realtime_relay_calls_active", 0.0, T)
+        .unwrap();
+    let info = get_call(&rt, &g.relay, &id);
+    assert_eq!(info.end_reason, "budget_exceeded");
+    assert_eq!(info.usage.unwrap().tokens.unwrap().total_tokens, spent);
+    // The provider was asked to stop: it echoes what it gets, so its echo of response.cancel
+    // is in its own counters (one more event than the client sent).
+    let upstream = p.stats();
+    assert_eq!(upstream.dc_messages_received, 3, "{upstream:?}");
+
+    // GPT-Live: 1.5 audio seconds.
+    let (c, offer) = new_client();
+    let body = json!({ "session": { "model": "gpt-live-1" },
+                       "transport": { "type": "webrtc", "sdp": offer } });
+    let r = post(
+        &g.envoy,
+        "/v1/live/sessions",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: Value = serde_json::from_str(&r.text()).unwrap();
+    let id = v["session"]["id"].as_str().unwrap().to_string();
+    let mut c = rt
+        .block_on(c.connect(v["transport"]["sdp"].as_str().unwrap()))
+        .unwrap();
+    let (error, closed) = rt.block_on(async {
+        let error = c
+            .wait_for_event_type("error", T)
+            .await
+            .expect("budget error");
+        let closed = c
+            .wait_for_event_type("session.closed", T)
+            .await
+            .expect("the provider's session.closed after the relay's session.close");
+        (error, closed)
+    });
+    assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
+    assert!(
+        error.get("client_event_id").is_some(),
+        "Live's shape: {error}"
+    );
+    assert_eq!(closed["reason"], "close_requested");
+    assert!(rt.block_on(c.wait_closed(T)));
+    g.relay
+        .wait_metric("realtime_relay_calls_active", 0.0, T)
+        .unwrap();
+    let info = get_call(&rt, &g.relay, &id);
+    assert_eq!(info.end_reason, "budget_exceeded");
+    assert!(info.usage.unwrap().audio_seconds >= 1.5);
+    let text = g.relay.metrics_text().unwrap();
+    assert_eq!(
+        series(
+            &text,
+            "realtime_relay_calls_ended_total",
+            &[r#"reason="budget_exceeded""#]
+        ),
+        2.0
+    );
+    assert_eq!(
+        series(&text, "realtime_relay_worker_failures_total", &[]),
+        0.0,
+        "a budget end is no worker failure"
+    );
+}

@@ -41,6 +41,11 @@ const CHANNEL_LOW_WATER: usize = 64 * 1024;
 /// peer acknowledged it, or this long, whichever comes first.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a call that reached its budget goes on: the provider's answer to the stop (the
+/// cancelled `response.done`, `session.closed`) and the client's `budget_exceeded` event get
+/// through meanwhile; then the call ends as `budget_exceeded`.
+pub const BUDGET_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Leg {
     Client,
@@ -186,6 +191,9 @@ pub struct Bridge {
     session_closed_by_upstream: bool,
     /// GPT-Live: the provider's session id, renamed to the gateway's in its events.
     session_ids: Option<SessionIds>,
+    /// The call reached its budget: it ends as `budget_exceeded` at this time (or when a leg
+    /// closes first); the client's further events are no longer forwarded.
+    budget_end_at: Option<Instant>,
     /// The latest time the driver gave us.
     now: Instant,
     events: VecDeque<(Leg, Event)>,
@@ -250,6 +258,7 @@ impl Bridge {
             api: Kind::Realtime,
             session_closed_by_upstream: false,
             session_ids: None,
+            budget_end_at: None,
             now,
             events: VecDeque::new(),
             transmits: Vec::new(),
@@ -278,9 +287,42 @@ impl Bridge {
     /// GPT-Live session that sent `session.closed` first, the session ended as announced.
     fn closed(&self, leg: Leg) -> EndReason {
         match leg {
+            // Whoever closes once the budget is reached (a Live provider answering the
+            // relay's session.close, most likely), the budget ended the call.
+            _ if self.budget_end_at.is_some() => EndReason::BudgetExceeded,
             Leg::Upstream if self.session_closed_by_upstream => EndReason::SessionClosed,
             _ => leg.closed(),
         }
+    }
+
+    /// The call's usage reached its budget (`what` says how, for the client): the provider is
+    /// asked to stop (Realtime `response.cancel`, GPT-Live `session.close`), the client gets
+    /// an `error` event (`invalid_request_error`, `budget_exceeded`), and the call ends after
+    /// [`BUDGET_GRACE`].
+    fn budget_reached(&mut self, what: &str, now: Instant) {
+        if self.budget_end_at.is_some() || self.end.is_some() {
+            return;
+        }
+        self.budget_end_at = Some(now + BUDGET_GRACE);
+        tracing::info!(what, "call budget reached; ending the call");
+        self.notices += 1;
+        let stop = gateway_event::stop_for_budget(self.api, self.notices);
+        self.send_message(
+            Leg::Upstream,
+            Message {
+                binary: false,
+                data: stop,
+            },
+        );
+        self.notices += 1;
+        let notice = gateway_event::budget_exceeded(self.api, what, self.notices);
+        self.send_message(
+            Leg::Client,
+            Message {
+                binary: false,
+                data: notice,
+            },
+        );
     }
 
     fn leg(&self, leg: Leg) -> &LegState {
@@ -494,6 +536,9 @@ impl Bridge {
             return t.min(self.close_by.unwrap_or(self.now));
         }
         t = t.min(self.created + self.limits.max_duration);
+        if let Some(at) = self.budget_end_at {
+            t = t.min(at);
+        }
         match self.connected_at {
             None => t = t.min(self.created + self.limits.ice_timeout),
             Some(_) => {
@@ -513,6 +558,9 @@ impl Bridge {
     fn check_deadlines(&mut self, now: Instant) {
         if now >= self.created + self.limits.max_duration {
             self.end(EndReason::MaxDuration);
+        }
+        if self.budget_end_at.is_some_and(|at| now >= at) {
+            self.end(EndReason::BudgetExceeded);
         }
         match self.connected_at {
             None if now >= self.created + self.limits.ice_timeout => {
@@ -587,8 +635,13 @@ impl Bridge {
                 }
             }
             Event::ChannelOpen(id, label) => self.channel_opened(leg, id, &label),
-            // The call is over: nothing new is forwarded while what was queued drains.
-            Event::ChannelData(d) if self.end.is_some() && self.leg(leg).channel == Some(d.id) => {
+            // The call is over: nothing new is forwarded while what was queued drains. Once
+            // the budget is reached, the client's events stop too (a new response.create
+            // would spend more), while the provider's answer to the stop still goes through.
+            Event::ChannelData(d)
+                if (self.end.is_some() || (leg == Leg::Client && self.budget_end_at.is_some()))
+                    && self.leg(leg).channel == Some(d.id) =>
+            {
                 self.telemetry.dropped(leg);
             }
             Event::RtpPacket(_) if self.end.is_some() => self.telemetry.dropped(leg),
@@ -627,8 +680,12 @@ impl Bridge {
                         data,
                     },
                 );
-                if let (Some(tap), Some(event)) = (&self.telemetry.usage, metered) {
-                    tap.observe(&event);
+                let reached = match (&self.telemetry.usage, metered) {
+                    (Some(tap), Some(event)) => tap.observe(&event),
+                    _ => None,
+                };
+                if let Some(what) = reached {
+                    self.budget_reached(&what, now);
                 }
             }
             Event::ChannelBufferedAmountLow(id) if self.leg(leg).channel == Some(id) => {

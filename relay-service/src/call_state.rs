@@ -24,11 +24,14 @@ pub enum EndReason {
     /// Set up, but whoever asked had gone by the time the answer was ready (its deadline
     /// passed or its client left): nobody holds the SDP answer, so the call is ended at once.
     Abandoned,
+    /// The call used its budget (`CreateCallRequest.budget`): the provider was asked to stop,
+    /// the client told, and the call ended after a short grace.
+    BudgetExceeded,
     InternalError,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 13] = [
+    pub const ALL: [EndReason; 14] = [
         EndReason::Hangup,
         EndReason::ClientClosed,
         EndReason::UpstreamClosed,
@@ -41,6 +44,7 @@ impl EndReason {
         EndReason::BufferOverflow,
         EndReason::Drain,
         EndReason::Abandoned,
+        EndReason::BudgetExceeded,
         EndReason::InternalError,
     ];
 
@@ -59,6 +63,7 @@ impl EndReason {
             EndReason::BufferOverflow => "buffer_overflow",
             EndReason::Drain => "drain",
             EndReason::Abandoned => "abandoned",
+            EndReason::BudgetExceeded => "budget_exceeded",
             EndReason::InternalError => "internal_error",
         }
     }

@@ -53,6 +53,34 @@ fn error_event(
 /// The stable code of an event that did not fit the receiving peer's `max-message-size`.
 pub const EVENT_TOO_LARGE: &str = "event_too_large";
 
+/// The stable code of the event sent when a call reached its budget.
+pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+
+/// The `error` event telling the client its call reached its budget (`what`: how) and ends.
+pub fn budget_exceeded(api: Kind, what: &str, seq: u64) -> Vec<u8> {
+    error_event(
+        api,
+        seq,
+        "invalid_request_error",
+        BUDGET_EXCEEDED,
+        format!("{what} The call is ending."),
+        None,
+    )
+}
+
+/// The event the relay sends the provider to stop spending on a call over its budget: the
+/// Realtime client event `response.cancel` (cancels the response in progress, if any), the
+/// GPT-Live client event `session.close` (the session ends with `session.closed`).
+pub fn stop_for_budget(api: Kind, seq: u64) -> Vec<u8> {
+    let kind = match api {
+        Kind::Realtime => "response.cancel",
+        Kind::Live => "session.close",
+    };
+    json!({ "type": kind, "event_id": format!("event_relay_{seq}") })
+        .to_string()
+        .into_bytes()
+}
+
 /// The stable code of the event sent when the provider's side went silent mid-call.
 pub const UPSTREAM_GONE: &str = "upstream_gone";
 

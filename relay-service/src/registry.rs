@@ -11,7 +11,7 @@
 use crate::call_state::{CallCounters, EndReason};
 use crate::error::SetupError;
 use crate::signaling::UpstreamCall;
-use crate::usage::{CallUsage, UsageDelta, UsageEvent};
+use crate::usage::{Budget, CallUsage, UsageDelta, UsageEvent};
 use realtime_relay_proto::call_id::Kind;
 use realtime_relay_proto::v1;
 use realtime_relay_proto::v1::call_event::Kind as EventKind;
@@ -69,20 +69,25 @@ impl CallEntry {
     }
 
     /// Takes a usage event of the call's provider into account; the increments it added (for
-    /// the metrics). Watchers hear of a change to the figures.
-    pub fn record_usage(&self, event: &UsageEvent) -> UsageDelta {
-        let delta = self
-            .usage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(event);
+    /// the metrics), and what of the call's `budget` its usage reached, if it did. Watchers
+    /// hear of a change to the figures.
+    pub fn record_usage(
+        &self,
+        event: &UsageEvent,
+        budget: &Budget,
+    ) -> (UsageDelta, Option<String>) {
+        let (delta, reached) = {
+            let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            let delta = usage.apply(event);
+            (delta, budget.reached(&usage))
+        };
         if !matches!(
             event,
             UsageEvent::ResponseCreated | UsageEvent::Error { .. }
         ) {
             self.publish(EventKind::UsageUpdated, || self.live_info());
         }
-        delta
+        (delta, reached)
     }
 
     pub fn usage(&self) -> CallUsage {
@@ -533,15 +538,22 @@ mod tests {
         assert!(w.try_recv().is_err(), "a reservation is not a call yet");
         r.announce_created(&e);
         e.mark_connected();
-        e.record_usage(&UsageEvent::ResponseCreated);
-        e.record_usage(&UsageEvent::LiveSeconds {
-            seconds: 2.5,
-            closed: false,
-        });
-        e.record_usage(&UsageEvent::ResponseDone(Tokens {
-            total: 7,
-            ..Tokens::default()
-        }));
+        let none = Budget::default();
+        e.record_usage(&UsageEvent::ResponseCreated, &none);
+        e.record_usage(
+            &UsageEvent::LiveSeconds {
+                seconds: 2.5,
+                closed: false,
+            },
+            &none,
+        );
+        e.record_usage(
+            &UsageEvent::ResponseDone(Tokens {
+                total: 7,
+                ..Tokens::default()
+            }),
+            &none,
+        );
         r.finish("live_watched", EndReason::Hangup);
         let mut seen = Vec::new();
         while let Ok(ev) = w.try_recv() {

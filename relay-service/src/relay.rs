@@ -18,6 +18,7 @@ use crate::replica::{Peers, ReplicaIdentity};
 use crate::session_ids::SessionIds;
 use crate::signaling::{ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError};
 use crate::upstream_body::UpstreamSession;
+use crate::usage::Budget;
 use crate::usage_tap::UsageTap;
 use futures::FutureExt;
 use realtime_relay_proto::call_id::Kind;
@@ -291,7 +292,14 @@ impl Relay {
             )));
         }
         let bridge = self
-            .bridge(client.leg, upstream.leg, upstream.channel, &entry, now)
+            .bridge(
+                client.leg,
+                upstream.leg,
+                upstream.channel,
+                &entry,
+                Budget::from_proto(req.budget.as_ref()),
+                now,
+            )
             .with_api(checked.kind)
             .with_session_ids(session_ids);
         self.registry.announce_created(&entry);
@@ -485,11 +493,14 @@ impl Relay {
         upstream: LegSetup,
         upstream_channel: ChannelId,
         entry: &Arc<CallEntry>,
+        budget: Budget,
         now: Instant,
     ) -> Bridge {
         let limits = &self.settings.limits;
-        let telemetry = BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone())
-            .with_usage(UsageTap::new(entry.clone(), self.metrics.usage.clone()));
+        let telemetry =
+            BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone()).with_usage(
+                UsageTap::new(entry.clone(), self.metrics.usage.clone(), budget),
+            );
         Bridge::new(
             client,
             upstream,

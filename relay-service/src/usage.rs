@@ -250,6 +250,49 @@ pub fn read(event: &[u8]) -> Option<UsageEvent> {
     }
 }
 
+/// What a call may use (`CreateCallRequest.budget`); `None`: no limit of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Budget {
+    pub max_tokens: Option<u64>,
+    pub max_audio_seconds: Option<f64>,
+}
+
+impl Budget {
+    /// From the contract: zero (or a value that is not a positive number) is no limit.
+    pub fn from_proto(b: Option<&realtime_relay_proto::v1::CallBudget>) -> Budget {
+        let Some(b) = b else {
+            return Budget::default();
+        };
+        Budget {
+            max_tokens: (b.max_tokens > 0).then_some(b.max_tokens),
+            max_audio_seconds: (b.max_audio_seconds.is_finite() && b.max_audio_seconds > 0.0)
+                .then_some(b.max_audio_seconds),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.max_tokens.is_none() && self.max_audio_seconds.is_none()
+    }
+
+    /// What of `usage` reached this budget, for the client's error message; `None` while
+    /// within it.
+    pub fn reached(&self, usage: &CallUsage) -> Option<String> {
+        if let Some(max) = self.max_tokens.filter(|m| usage.tokens.total >= *m) {
+            return Some(format!(
+                "This call used {} tokens; its budget is {max}.",
+                usage.tokens.total
+            ));
+        }
+        if let Some(max) = self.max_audio_seconds.filter(|m| usage.audio_seconds >= *m) {
+            return Some(format!(
+                "This session used {:.1} audio seconds; its budget is {max}.",
+                usage.audio_seconds
+            ));
+        }
+        None
+    }
+}
+
 /// One call's usage so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallUsage {
@@ -445,6 +488,37 @@ mod tests {
             panic!()
         };
         assert_eq!(l.len(), MAX_RATE_LIMITS);
+    }
+
+    #[test]
+    fn a_budget_is_reached_by_the_calls_totals_and_zero_means_none() {
+        let b = Budget::from_proto(Some(&realtime_relay_proto::v1::CallBudget {
+            max_tokens: 500,
+            max_audio_seconds: 0.0,
+        }));
+        assert_eq!((b.max_tokens, b.max_audio_seconds), (Some(500), None));
+        let mut u = CallUsage::default();
+        let done = read(DONE.as_bytes()).unwrap(); // 253 tokens
+        u.apply(&done);
+        assert!(b.reached(&u).is_none());
+        u.apply(&done);
+        assert!(b.reached(&u).unwrap().contains("506 tokens"));
+        let live = Budget::from_proto(Some(&realtime_relay_proto::v1::CallBudget {
+            max_tokens: 0,
+            max_audio_seconds: 3.0,
+        }));
+        let mut s = CallUsage::default();
+        s.apply(&UsageEvent::LiveSeconds {
+            seconds: 2.9,
+            closed: false,
+        });
+        assert!(live.reached(&s).is_none());
+        s.apply(&UsageEvent::LiveSeconds {
+            seconds: 3.0,
+            closed: false,
+        });
+        assert!(live.reached(&s).is_some());
+        assert!(Budget::from_proto(None).is_none());
     }
 
     #[test]

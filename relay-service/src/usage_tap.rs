@@ -4,7 +4,7 @@
 //! the event, and only for text messages from the provider that pass the prefilter.
 
 use crate::registry::CallEntry;
-use crate::usage::{self, UsageEvent};
+use crate::usage::{self, Budget, UsageEvent};
 use crate::usage_metrics::{CallUsageMetrics, UsageMetrics};
 use std::sync::Arc;
 
@@ -12,15 +12,17 @@ pub struct UsageTap {
     entry: Arc<CallEntry>,
     call_metrics: CallUsageMetrics,
     metrics: Arc<UsageMetrics>,
+    budget: Budget,
 }
 
 impl UsageTap {
-    pub fn new(entry: Arc<CallEntry>, metrics: Arc<UsageMetrics>) -> UsageTap {
+    pub fn new(entry: Arc<CallEntry>, metrics: Arc<UsageMetrics>, budget: Budget) -> UsageTap {
         let call_metrics = metrics.for_call(&entry.model, &entry.worker_id);
         UsageTap {
             entry,
             call_metrics,
             metrics,
+            budget,
         }
     }
 
@@ -29,17 +31,17 @@ impl UsageTap {
         usage::may_carry_usage(event)
     }
 
-    /// Accounts for one text event from the provider.
-    pub fn observe(&self, event: &[u8]) {
-        let Some(ev) = usage::read(event) else {
-            return;
-        };
-        let delta = self.entry.record_usage(&ev);
+    /// Accounts for one text event from the provider; what of the call's budget its usage
+    /// has reached, if it has (the bridge then ends the call: `Bridge::budget_reached`).
+    pub fn observe(&self, event: &[u8]) -> Option<String> {
+        let ev = usage::read(event)?;
+        let (delta, reached) = self.entry.record_usage(&ev, &self.budget);
         self.call_metrics.add(&delta);
         match &ev {
             UsageEvent::Error { kind, code } => self.metrics.error_event(kind, code),
             UsageEvent::RateLimits(l) => self.metrics.rate_limits(&self.entry.worker_id, l),
             _ => {}
         }
+        reached
     }
 }

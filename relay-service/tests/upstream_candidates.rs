@@ -36,6 +36,7 @@ fn request(provider: &MockProvider, offer: &str) -> v1::CreateCallRequest {
         request_id: "req_test".into(),
         principal: String::new(),
         api: v1::Api::Realtime as i32,
+        budget: None,
     }
 }
 

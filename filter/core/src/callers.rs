@@ -19,6 +19,7 @@
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::budget::Budget;
 use crate::ephemeral::{Keyring, SigningKey};
 use crate::limits::Limits;
 
@@ -59,6 +60,10 @@ pub struct RawApiKey {
     /// proxies many users under one key needs more).
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// Its own per-call usage budget, overriding the pool's field by field; the ephemeral
+    /// keys it mints carry it (`crate::budget`).
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +105,7 @@ pub struct ApiKey {
     pub operator: bool,
     pub trusted: bool,
     pub limits: Option<Limits>,
+    pub budget: Option<Budget>,
 }
 
 /// Where the JWT principal is read (dynamic metadata written by `jwt_authn`).
@@ -241,12 +247,16 @@ impl RawCallers {
             if let Some(l) = &k.limits {
                 l.validate(&at)?;
             }
+            if let Some(b) = &k.budget {
+                b.validate(&at)?;
+            }
             api_keys.push(ApiKey {
                 name: k.name,
                 sha256,
                 operator: k.operator,
                 trusted: k.trusted,
                 limits: k.limits,
+                budget: k.budget,
             });
         }
         let jwt = match self.jwt {

@@ -310,6 +310,8 @@ pub fn mint(
             iat: now_s,
             exp: expires_at,
             ses: req.session.clone(),
+            // The minter's budget goes with the key (the page's calls are the backend's).
+            bud: caller.own_budget(config),
         })
         .ok_or(FilterError::Internal)?;
     let mut session = req.session.clone().unwrap_or_default();

@@ -3,6 +3,7 @@
 //! Keys are never part of this text: a worker names an environment variable (`key_env`) of
 //! the Wasm VM, and the caller resolves it through a lookup function at load time.
 
+use crate::budget::Budget;
 use crate::callers::{default_admission, parse_admission, Admit, Callers, RawCallers};
 use crate::global_limit::GlobalRateLimit;
 use crate::limits::Limits;
@@ -194,6 +195,9 @@ pub struct RawPool {
     /// Per-caller limits of this pool's calls (`crate::limits`).
     #[serde(default)]
     pub limits: Limits,
+    /// What one call of this pool may use (`crate::budget`); an API key's own overrides it.
+    #[serde(default)]
+    pub budget: Budget,
     pub workers: Vec<RawWorker>,
 }
 
@@ -301,6 +305,8 @@ pub struct Pool {
     pub callers: Vec<Admit>,
     /// Per-caller limits (an operator key's own override them).
     pub limits: Limits,
+    /// Per-call usage budget (an operator key's own, or an ephemeral key's, overrides it).
+    pub budget: Budget,
     pub workers: Vec<Worker>,
     /// Smooth weighted round-robin order of worker indexes (length = sum of weights).
     pub schedule: Vec<usize>,
@@ -733,6 +739,9 @@ impl RawConfig {
             p.limits
                 .validate(&format!("pool '{}'", p.name))
                 .map_err(ConfigError)?;
+            p.budget
+                .validate(&format!("pool '{}'", p.name))
+                .map_err(ConfigError)?;
             pool_index.insert(p.name.clone(), pi);
             pools.push(Pool {
                 name: p.name,
@@ -740,6 +749,7 @@ impl RawConfig {
                 key_policy: p.key_policy,
                 callers: admission,
                 limits: p.limits,
+                budget: p.budget,
                 schedule: crate::routing::smooth_schedule(&weights),
                 workers,
             });

@@ -253,6 +253,7 @@ pub fn plan_create(
         worker_id: &worker.id,
         principal: &req.caller.principal(config),
         api: model.api.proto(),
+        budget: pool.budget.overridden_by(req.caller.own_budget(config)),
     });
     Ok(Plan {
         call_id,

@@ -55,6 +55,10 @@ pub struct Claims {
     /// Session settings merged into the call's session (a JSON object), when any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ses: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The minting key's per-call budget (`crate::budget`), when it has one: the key's calls
+    /// get it instead of their pool's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bud: Option<crate::budget::Budget>,
 }
 
 /// One signing key: its bytes and their fingerprint.
@@ -192,6 +196,7 @@ mod tests {
             iat: 1_000,
             exp,
             ses: serde_json::json!({"voice": "alloy"}).as_object().cloned(),
+            bud: None,
         }
     }
 

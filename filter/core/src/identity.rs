@@ -137,6 +137,16 @@ impl Caller {
     }
 
     /// An operator key's own limits, which override its pool's.
+    /// The caller's own per-call budget: an operator API key's, or the one an ephemeral key
+    /// carries from the key that minted it.
+    pub fn own_budget(&self, config: &Config) -> Option<crate::budget::Budget> {
+        match self {
+            Caller::ApiKey { index } => config.callers.api_keys.get(*index).and_then(|k| k.budget),
+            Caller::Ephemeral(claims) => claims.bud,
+            _ => None,
+        }
+    }
+
     pub fn own_limits(&self, config: &Config) -> Option<crate::limits::Limits> {
         match self {
             Caller::ApiKey { index } => config.callers.api_keys.get(*index).and_then(|k| k.limits),
@@ -275,6 +285,7 @@ pub(crate) mod tests {
                 iat: 0,
                 exp,
                 ses: None,
+                bud: None,
             })
             .unwrap()
     }

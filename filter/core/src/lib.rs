@@ -11,6 +11,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(clippy::indexing_slicing)]
 
+pub mod budget;
 pub mod callers;
 pub mod classify;
 pub mod client_secrets;

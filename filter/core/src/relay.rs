@@ -57,6 +57,8 @@ pub struct CreateCall<'a> {
     pub principal: &'a str,
     /// The API the client speaks (Realtime or GPT-Live).
     pub api: realtime_relay_proto::v1::Api,
+    /// What the call may use (`crate::budget`); the default: no limit.
+    pub budget: crate::budget::Budget,
 }
 
 pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
@@ -74,6 +76,7 @@ pub fn encode_create(c: &CreateCall<'_>) -> Vec<u8> {
         request_id: c.request_id.to_string(),
         principal: c.principal.to_string(),
         api: c.api as i32,
+        budget: c.budget.proto(),
     }
     .encode_to_vec()
 }
@@ -606,6 +609,10 @@ mod tests {
             principal: "p_test",
             api: realtime_relay_proto::v1::Api::Realtime,
             worker_id: "w",
+            budget: crate::budget::Budget {
+                tokens_per_call: Some(100),
+                audio_seconds_per_call: None,
+            },
         });
         let out =
             CreateCallRequest::decode(with_call_id(&m, "rtc_r1_aa").unwrap().as_slice()).unwrap();

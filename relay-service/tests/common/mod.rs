@@ -74,6 +74,7 @@ impl Harness {
             request_id: "req_test".into(),
             principal: String::new(),
             api: v1::Api::Realtime as i32,
+            budget: None,
         }
     }
 

@@ -626,6 +626,7 @@ fn expired_and_tampered_keys_are_refused_at_create_with_nothing_sent() {
             iat: NOW_S,
             exp: NOW_S + 600,
             ses: None,
+            bud: None,
         })
         .unwrap()
     };
@@ -642,4 +643,31 @@ fn expired_and_tampered_keys_are_refused_at_create_with_nothing_sent() {
         let body = String::from_utf8_lossy(&host.last_reply().body).into_owned();
         assert!(!body.contains(k.as_str()), "{body}");
     }
+}
+
+/// A key minted by an API key with a budget carries it: the page's call gets the backend's
+/// budget, not its pool's.
+#[test]
+fn a_minted_key_carries_its_minters_budget_to_the_call() {
+    let mut v: Value = serde_json::from_str(SAMPLE).unwrap();
+    v["callers"] = json!({
+        "api_keys": [
+            {"name": "backend", "sha256": key_hash_hex("sk-gw-backend"),
+             "budget": {"tokens_per_call": 250}}
+        ],
+        "ephemeral_keys": {"gateway": "gw-test", "key_envs": ["EK_SECRET"]}
+    });
+    v["pools"][0]["budget"] = json!({"tokens_per_call": 9000, "audio_seconds_per_call": 30});
+    let env = |name: &str| match name {
+        "EK_SECRET" => Some(EK_SECRET.to_string()),
+        other => env(other),
+    };
+    let config = Rc::new(Config::from_json(v.to_string().as_bytes(), &env).unwrap());
+    let key = mint(
+        &config,
+        json!({"session": {"type": "realtime", "model": "gpt-realtime"}}),
+    );
+    let host = create_with(&config, &key, "/v1/realtime/calls", None, NOW_S);
+    let b = sent(&host).budget.expect("a budget");
+    assert_eq!((b.max_tokens, b.max_audio_seconds), (250, 30.0));
 }

@@ -808,6 +808,51 @@ fn a_hangup_carries_the_callers_principal_and_needs_credentials() {
     assert_eq!((m.principal.as_str(), m.operator), ("", false));
 }
 
+/// A call's budget is its pool's, overridden field by field by an operator key's own; an
+/// anonymous caller gets the pool's; the relay is told it in `CreateCallRequest.budget`.
+#[test]
+fn a_calls_budget_is_its_pools_or_its_keys_and_goes_to_the_relay() {
+    let mut v: serde_json::Value = serde_json::from_str(crate::config::tests::SAMPLE).unwrap();
+    v["pools"][0]["budget"] =
+        serde_json::json!({"tokens_per_call": 5000, "audio_seconds_per_call": 600});
+    v["callers"]["api_keys"][0]["budget"] = serde_json::json!({"tokens_per_call": 100});
+    let config = Rc::new(Config::from_json(v.to_string().as_bytes(), &env).unwrap());
+    let budget_of = |auth: Option<&str>| {
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", "/v1/realtime/calls"),
+            ("content-type", "application/sdp"),
+            ("x-realtime-route", "main"),
+        ];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let mut host = FakeHost::request(&headers, OFFER.as_bytes());
+        let _flow = start(&config, &mut host);
+        let sent = CreateCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap();
+        sent.budget.map(|b| (b.max_tokens, b.max_audio_seconds))
+    };
+    assert_eq!(budget_of(None), Some((5000, 600.0)), "the pool's");
+    assert_eq!(
+        budget_of(Some("Bearer sk-gw-ops")),
+        Some((100, 600.0)),
+        "the key's tokens, the pool's seconds"
+    );
+    // A config with no budget sends none.
+    let plain = Rc::new(sample());
+    let mut host = FakeHost::request(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/realtime/calls"),
+            ("content-type", "application/sdp"),
+        ],
+        OFFER.as_bytes(),
+    );
+    let _flow = start(&plain, &mut host);
+    let sent = CreateCallRequest::decode(host.last_dispatch().message.as_slice()).unwrap();
+    assert!(sent.budget.is_none());
+}
+
 /// Per-caller limits across the VM's shared store: concurrent calls per principal (held
 /// from dispatch, released by a failed setup or the owner's hangup) and creations per minute;
 /// over either: 429 rate_limit_exceeded with Retry-After, nothing dispatched, nothing held.
