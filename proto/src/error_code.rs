@@ -72,6 +72,9 @@ error_codes! {
     CallIdApiMismatch = "call_id_api_mismatch", Client;
     // The request's `api` is a value this relay does not know (a newer edge).
     UnsupportedApi = "unsupported_api", Client;
+    // The request carries a budget, but this relay does not meter usage
+    // (`--usage-metering false`), so it could not enforce it: refused rather than ignored.
+    BudgetUnavailable = "budget_unavailable", Client;
     TooManyCalls = "too_many_calls", Relay;
     Draining = "draining", Relay;
     InternalError = "internal_error", Relay;
@@ -132,6 +135,7 @@ mod tests {
                 "invalid_principal",
                 "call_id_api_mismatch",
                 "unsupported_api",
+                "budget_unavailable",
                 "too_many_calls",
                 "draining",
                 "internal_error",

@@ -187,6 +187,12 @@ pub struct Args {
     #[arg(long, env = "RELAY_DC_BUFFER_BYTES", default_value_t = 1024 * 1024)]
     pub dc_buffer_bytes: usize,
 
+    /// Read usage from the provider's events (token totals, Live seconds, rate limits,
+    /// error events) for GetCall, metrics, the call.usage record, WatchCalls and budgets.
+    /// `false`: no event is read (creates that carry a budget are then refused).
+    #[arg(long, env = "RELAY_USAGE_METERING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub usage_metering: bool,
+
     /// Datagrams queued from the shared media port to one call before dropping.
     #[arg(long, env = "RELAY_CALL_QUEUE_DATAGRAMS", default_value_t = 512)]
     pub call_queue_datagrams: usize,
@@ -288,6 +294,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_call_duration: Duration,
     pub ended_calls_kept: usize,
+    /// Whether calls' events are metered (`--usage-metering`).
+    pub usage_metering: bool,
 }
 
 impl Default for Limits {
@@ -303,6 +311,7 @@ impl Args {
             max_offer_bytes: self.max_offer_bytes,
             max_upstream_body_bytes: self.max_upstream_body_bytes,
             dc_buffer_bytes: self.dc_buffer_bytes,
+            usage_metering: self.usage_metering,
             call_queue_datagrams: self.call_queue_datagrams,
             upstream_connect_timeout: Duration::from_millis(self.upstream_connect_timeout_ms),
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),

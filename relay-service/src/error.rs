@@ -42,6 +42,8 @@ pub enum SetupError {
         realtime_relay_proto::principal::MAX_LEN
     )]
     InvalidPrincipal,
+    #[error("budget_unavailable: this relay does not meter usage (--usage-metering false), so it cannot enforce the call's budget")]
+    BudgetUnavailable,
 
     // ---- relay faults ----
     #[error("too_many_calls: the relay is at its limit of {0} concurrent calls")]
@@ -82,6 +84,7 @@ impl SetupError {
             SetupError::MissingUpstream => ErrorCode::MissingUpstream,
             SetupError::UpstreamNotAllowed(_) => ErrorCode::UpstreamNotAllowed,
             SetupError::InvalidPrincipal => ErrorCode::InvalidPrincipal,
+            SetupError::BudgetUnavailable => ErrorCode::BudgetUnavailable,
             SetupError::TooManyCalls(_) => ErrorCode::TooManyCalls,
             SetupError::Draining => ErrorCode::Draining,
             SetupError::Internal(_) => ErrorCode::InternalError,
@@ -109,7 +112,8 @@ impl SetupError {
             | SetupError::UnsupportedApi(_)
             | SetupError::MissingUpstream
             | SetupError::UpstreamNotAllowed(_)
-            | SetupError::InvalidPrincipal => Code::InvalidArgument,
+            | SetupError::InvalidPrincipal
+            | SetupError::BudgetUnavailable => Code::InvalidArgument,
             SetupError::CallExists => Code::AlreadyExists,
             SetupError::TooManyCalls(_) => Code::ResourceExhausted,
             SetupError::Draining | SetupError::UpstreamUnreachable(_) => Code::Unavailable,

@@ -341,6 +341,11 @@ impl Relay {
             return Err(SetupError::MissingUpstream);
         }
         let base = self.allowlist.check(upstream.base_url.trim())?;
+        if !self.settings.limits.usage_metering
+            && !Budget::from_proto(req.budget.as_ref()).is_none()
+        {
+            return Err(SetupError::BudgetUnavailable);
+        }
         Ok(CheckedRequest {
             kind,
             upstream_model,
@@ -497,10 +502,14 @@ impl Relay {
         now: Instant,
     ) -> Bridge {
         let limits = &self.settings.limits;
-        let telemetry =
-            BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone()).with_usage(
-                UsageTap::new(entry.clone(), self.metrics.usage.clone(), budget),
-            );
+        let mut telemetry = BridgeTelemetry::from_metrics(&self.metrics, entry.counters.clone());
+        if limits.usage_metering {
+            telemetry = telemetry.with_usage(UsageTap::new(
+                entry.clone(),
+                self.metrics.usage.clone(),
+                budget,
+            ));
+        }
         Bridge::new(
             client,
             upstream,

@@ -529,3 +529,38 @@ async fn an_audio_only_client_gets_audio_and_events_are_dropped_not_queued() {
         "session.created was dropped: {info:?}"
     );
 }
+
+/// A relay that does not meter usage (`--usage-metering false`) refuses a create that carries
+/// a budget (it could not enforce it) before the provider hears of it; without a budget the
+/// call works and its usage stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_metering_a_budget_is_refused_and_nothing_is_read() {
+    let mut h = Harness::start(&["--usage-metering=false"]).await;
+    let (_c, offer) = echo_model::TestClient::new(ClientConfig::default()).unwrap();
+    let req = v1::CreateCallRequest {
+        budget: Some(v1::CallBudget {
+            max_tokens: 100,
+            max_audio_seconds: 0.0,
+        }),
+        ..h.request(&offer, "m", "")
+    };
+    let err = h.relay.relay.create_call(req).await.unwrap_err();
+    assert_eq!(err.code(), "budget_unavailable");
+    assert!(h.provider.requests().is_empty());
+
+    let (call_id, mut client) = h.call(ClientConfig::default(), "m", "").await;
+    client
+        .send_text(r#"{"type":"response.create","event_id":"e1"}"#)
+        .await
+        .unwrap();
+    client
+        .wait_for_event_type("response.done", T)
+        .await
+        .unwrap();
+    let info = h
+        .relay
+        .relay
+        .get_call(&call_id, relay_service::call_state::Caller::OPERATOR)
+        .unwrap();
+    assert_eq!(info.usage.unwrap().responses, 0, "not metered");
+}
