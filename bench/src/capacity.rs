@@ -37,6 +37,8 @@ pub struct LevelOpts {
     pub warmup: Duration,
     pub window: Duration,
     pub setup_concurrency: usize,
+    /// Peers send `response.create` (priced answers) instead of `bench.ping`.
+    pub priced_events: bool,
 }
 
 /// Sets up `calls` peers (through the relay or direct), waits until each has its
@@ -44,6 +46,7 @@ pub struct LevelOpts {
 pub async fn run_level(via: &Via<'_>, opts: &LevelOpts) -> Result<Value> {
     let n = opts.calls;
     let load = Arc::new(Load::default());
+    load.priced_events.store(opts.priced_events, Relaxed);
     let http = reqwest::Client::new();
     let grpc = match via {
         Via::Relay { relay, .. } => Some(relay_grpc::grpc_client(relay.grpc).await?),
@@ -249,12 +252,14 @@ fn start_relay(
     upstream: &str,
     cpu: Option<usize>,
     media_unspecified: bool,
+    extra_args: &[&str],
     log: PathBuf,
 ) -> Result<Relay> {
     let mut spec = RelaySpec::ephemeral("relay", bin.to_path_buf(), log)?;
     spec.allow_upstreams = vec![upstream.to_string()];
     spec.allow_private_upstreams = true;
     spec.args = vec!["--drain-secs=1".into(), "--max-calls=5000".into()];
+    spec.args.extend(extra_args.iter().map(|a| a.to_string()));
     if media_unspecified {
         spec.media.set_ip(std::net::Ipv4Addr::UNSPECIFIED.into());
         spec.args.push("--public-ip=127.0.0.1".into());
@@ -306,6 +311,7 @@ pub async fn ramp(
             warmup,
             window,
             setup_concurrency: 16,
+            priced_events: false,
         };
         crate::say(format!("capacity: {calls} calls direct to the provider"));
         let direct = run_level(
@@ -328,6 +334,7 @@ pub async fn ramp(
             &provider_url,
             relay_cpu,
             relay_media_unspecified,
+            &[],
             log,
         )?;
         let via = Via::Relay {
@@ -375,5 +382,93 @@ pub async fn ramp(
         "largest_clean_level": largest_clean,
         "warmup_secs": warmup.as_secs_f64(),
         "window_secs": window.as_secs_f64(),
+    }))
+}
+
+/// The cost of usage metering: `calls` peers through a relay with `--usage-metering=true`,
+/// then `false`, alternating `rounds` times, every peer sending a `response.create` a second
+/// (the echo provider answers each with `rate_limits.updated`, `response.created` and a
+/// priced `response.done`, which a metering relay reads). Relay CPU per relayed packet on vs
+/// off, each the median of its rounds, and their ratio.
+pub async fn metering(
+    calls: usize,
+    rounds: usize,
+    quick: bool,
+    relay_bin: &Path,
+    relay_cpu: Option<usize>,
+    log_dir: &Path,
+) -> Result<Value> {
+    let provider = echo_model::MockProvider::start_with_limits(
+        echo_model::ProviderConfig::local(None),
+        echo_model::provider::CallLimits::default(),
+    )
+    .await
+    .context("starting the in-process echo provider")?;
+    let provider_url = provider.base_url();
+    let (warmup, window) = if quick {
+        (Duration::from_secs(1), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(3), Duration::from_secs(10))
+    };
+    let opts = LevelOpts {
+        calls,
+        warmup,
+        window,
+        setup_concurrency: 16,
+        priced_events: true,
+    };
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        for metered in [true, false] {
+            crate::say(format!(
+                "metering: {calls} calls, metering {}, round {}",
+                if metered { "on" } else { "off" },
+                round + 1
+            ));
+            let flag = format!("--usage-metering={metered}");
+            let log = log_dir.join(format!("relay-metering-{metered}-{round}.log"));
+            let relay = start_relay(relay_bin, &provider_url, relay_cpu, false, &[&flag], log)?;
+            let via = Via::Relay {
+                relay: &relay,
+                provider_url: provider_url.clone(),
+            };
+            let r = run_level(&via, &opts).await?;
+            drop(relay);
+            provider
+                .wait_for_active_calls(0, Duration::from_secs(10))
+                .await;
+            if let Some(us) = r["relay_cpu_us_per_packet"].as_f64() {
+                if metered {
+                    on.push(us);
+                } else {
+                    off.push(us);
+                }
+            }
+            runs.push(json!({ "metering": metered, "round": round, "relay": r }));
+        }
+    }
+    provider.shutdown().await;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    };
+    let (on_us, off_us) = (median(&mut on), median(&mut off));
+    let ratio = match (on_us, off_us) {
+        (Some(a), Some(b)) if b > 0.0 => Some(round3(a / b)),
+        _ => None,
+    };
+    crate::say(format!(
+        "  metering on {on_us:?} µs/packet, off {off_us:?} µs/packet, ratio {ratio:?}"
+    ));
+    Ok(json!({
+        "calls": calls,
+        "rounds": rounds,
+        "events_per_call_per_sec": 1,
+        "relay_cpu_us_per_packet_on": on_us,
+        "relay_cpu_us_per_packet_off": off_us,
+        "ratio_on_off": ratio,
+        "runs": runs,
     }))
 }

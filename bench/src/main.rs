@@ -158,6 +158,24 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    if wants("metering") {
+        let (calls, rounds) = if cli.quick { (10, 1) } else { (100, 2) };
+        let r = rt.block_on(capacity::metering(
+            calls,
+            rounds,
+            cli.quick,
+            &paths.relay_bin(profile),
+            relay_cpu,
+            &run_dir,
+        ));
+        match r {
+            Ok(v) => results["metering"] = v,
+            Err(e) => {
+                failures.push(format!("metering: {e:#}"));
+                results["metering"] = json!({ "error": format!("{e:#}") });
+            }
+        }
+    }
     if wants("filter") {
         say("filter cost: pass-through with and without the Wasm filter");
         match rt.block_on(filter::run(&paths, &run_dir, relay_cpu, cli.quick)) {

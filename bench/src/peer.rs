@@ -38,6 +38,9 @@ pub struct Load {
     pub events_sent: AtomicU64,
     pub events_received: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Peers send `response.create` (which the echo provider answers with a priced
+    /// `response.done`, so the relay meters usage) instead of `bench.ping`.
+    pub priced_events: AtomicBool,
 }
 
 /// A peer that has made its offer.
@@ -197,7 +200,12 @@ impl Peer {
         }
         if self.frame % FRAMES_PER_EVENT == FRAMES_PER_EVENT - 1 {
             if let Some(id) = self.state.channel {
-                let msg = format!("{{\"type\":\"bench.ping\",\"i\":{}}}", self.frame);
+                let kind = if self.state.load.priced_events.load(Relaxed) {
+                    "response.create"
+                } else {
+                    "bench.ping"
+                };
+                let msg = format!("{{\"type\":\"{kind}\",\"i\":{}}}", self.frame);
                 if let Some(mut ch) = self.udp.rtc().channel(id) {
                     if ch.write(false, msg.as_bytes()).unwrap_or(false) {
                         self.state.load.events_sent.fetch_add(1, Relaxed);

@@ -308,6 +308,45 @@ pub fn section(doc: &Value) -> String {
             ),
         );
     }
+    // 5. Metering.
+    let me = &r["metering"];
+    if let Some(e) = me["error"].as_str() {
+        push(&mut s, "\n### 5. Usage metering cost\n".into());
+        push(&mut s, format!("Failed: {e}"));
+    } else if !me.is_null() {
+        push(
+            &mut s,
+            format!(
+                "\n### 5. Usage metering cost ({} calls, each sending `response.create` once a second, answered with a priced `response.done`; relay alone on its core)\n",
+                me["calls"]
+            ),
+        );
+        push(&mut s, "| relay | µs/packet (median of rounds) |".into());
+        push(&mut s, "|---|---|".into());
+        push(
+            &mut s,
+            format!(
+                "| `--usage-metering=false` | {} |",
+                f(&me["relay_cpu_us_per_packet_off"])
+            ),
+        );
+        push(
+            &mut s,
+            format!(
+                "| `--usage-metering=true` (default) | {} |",
+                f(&me["relay_cpu_us_per_packet_on"])
+            ),
+        );
+        let ratio = me["ratio_on_off"].as_f64().unwrap_or(f64::NAN);
+        push(
+            &mut s,
+            format!(
+                "\nOn/off: {ratio:.3} ({} rounds, alternating). Target under 2 % more: {}.",
+                me["rounds"],
+                verdict(ratio < 1.02)
+            ),
+        );
+    }
     if let Some(fl) = doc["failures"].as_array().filter(|a| !a.is_empty()) {
         push(
             &mut s,

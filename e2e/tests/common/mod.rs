@@ -278,7 +278,8 @@ pub fn hangup_as(envoy: &Envoy, call_id: &str, authorization: &str) -> http::Res
     )
 }
 
-/// Connects the client with the answer and proves events and audio flow both ways.
+/// Connects the client with the answer and proves events and audio flow both ways (and
+/// consumes the model's answer to its `response.create`).
 pub fn exercise(rt: &Runtime, client: TestClient, answer: &str) -> ConnectedClient {
     rt.block_on(async {
         let mut c = client.connect(answer).await.expect("client connects");
@@ -295,6 +296,13 @@ pub fn exercise(rt: &Runtime, client: TestClient, answer: &str) -> ConnectedClie
             .await
             .expect("event echoed back");
         assert_eq!(echo["event_id"], "e2e-1");
+        // The model answers it as OpenAI does (rate limits, response.created, response.done
+        // with usage): consumed here, so callers start from a quiet channel.
+        let done = c
+            .wait_for_event_type("response.done", T)
+            .await
+            .expect("the response's response.done");
+        assert_eq!(done["response"]["status"], "completed");
         c.send_audio(30, Duration::from_millis(20))
             .await
             .expect("send audio");
