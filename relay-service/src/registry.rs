@@ -384,8 +384,16 @@ impl Registry {
         let inner = self.lock();
         let mut calls: Vec<v1::CallInfo> = inner.live.values().map(|e| e.live_info()).collect();
         let mut by_worker: HashMap<String, u32> = HashMap::new();
+        let mut by_principal: HashMap<String, v1::PrincipalUsage> = HashMap::new();
         for e in inner.live.values() {
             *by_worker.entry(e.worker_id.clone()).or_default() += 1;
+            if !e.principal.is_empty() {
+                let u = e.usage();
+                let p = by_principal.entry(e.principal.clone()).or_default();
+                p.live_calls += 1;
+                p.total_tokens = p.total_tokens.saturating_add(u.tokens.total);
+                p.audio_seconds += u.audio_seconds;
+            }
         }
         if include_ended {
             calls.extend(inner.ended.iter().cloned());
@@ -393,6 +401,7 @@ impl Registry {
         v1::ListCallsResponse {
             calls,
             live_calls_by_worker: by_worker,
+            live_usage_by_principal: by_principal,
             ..Default::default()
         }
     }
@@ -591,5 +600,50 @@ mod tests {
             Err(broadcast::error::TryRecvError::Lagged(n)) => assert_eq!(n, 10),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// ListCalls sums each principal's live calls and their usage; calls without a principal
+    /// and ended calls are not in it.
+    #[test]
+    fn list_gives_each_principals_live_usage() {
+        use crate::usage::Tokens;
+        let r = Registry::new(10, 10);
+        let none = Budget::default();
+        for (id, owner, tokens, seconds) in [
+            ("rtc_a1", "p_a", 10, 0.0),
+            ("rtc_a2", "p_a", 5, 0.0),
+            ("live_a3", "p_a", 0, 2.5),
+            ("rtc_b1", "p_b", 7, 0.0),
+            ("rtc_n1", "", 99, 0.0),
+        ] {
+            let e = r
+                .reserve(NewCall {
+                    principal: owner,
+                    ..new(id)
+                })
+                .unwrap();
+            e.record_usage(
+                &UsageEvent::ResponseDone(Tokens {
+                    total: tokens,
+                    ..Tokens::default()
+                }),
+                &none,
+            );
+            e.record_usage(
+                &UsageEvent::LiveSeconds {
+                    seconds,
+                    closed: false,
+                },
+                &none,
+            );
+        }
+        r.finish("rtc_b1", EndReason::Hangup);
+        let view = r.list(true).live_usage_by_principal;
+        assert_eq!(view.len(), 1, "{view:?}");
+        let a = &view["p_a"];
+        assert_eq!(
+            (a.live_calls, a.total_tokens, a.audio_seconds),
+            (3, 15, 2.5)
+        );
     }
 }

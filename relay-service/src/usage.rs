@@ -3,10 +3,11 @@
 //! carry usage are read here, after they were forwarded (the bridge forwards first, then
 //! calls [`read`]), and never delay one.
 //!
-//! Cost: one multi-needle substring search per text event ([`Prefilter`], an Aho-Corasick
-//! automaton over the quoted event types of interest); only an event that contains one is
-//! parsed, with serde_json, into the few fields read here. Binary messages and audio (RTP)
-//! are never looked at.
+//! Cost: a prefilter on the event's type before any JSON parse ([`may_carry_usage`]: a SIMD
+//! search for each `"type"` key, then a comparison of its string value with the few types
+//! read here); only an event that passes is parsed, with serde_json, into the few fields read
+//! here. Binary messages and audio (RTP) are never looked at. Measured with callgrind
+//! (docs/benchmarks.md "Usage metering").
 //!
 //! The shapes are the official `openai` package's:
 //! - Realtime `response.done`: `response.usage` (`RealtimeResponseUsage`), per response, so
@@ -18,7 +19,7 @@
 //!   total: never summed); a Live call that ends without `session.closed` is partial.
 //! - `error`: counted by `error.type` and `error.code`.
 
-use aho_corasick::AhoCorasick;
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use std::sync::OnceLock;
 
@@ -89,29 +90,46 @@ pub enum UsageEvent {
     Error { kind: String, code: String },
 }
 
-/// The quoted event types a usage event must contain: `"response.done"` can only appear in
-/// JSON as a string token equal to it (inner quotes would be escaped), so an event without
-/// one of these is not parsed at all.
-const NEEDLES: [&str; 6] = [
-    "\"response.done\"",
-    "\"response.created\"",
-    "\"rate_limits.updated\"",
-    "\"session.usage.updated\"",
-    "\"session.closed\"",
-    "\"error\"",
+/// The event types read here.
+const USAGE_TYPES: [&[u8]; 6] = [
+    b"response.done",
+    b"response.created",
+    b"rate_limits.updated",
+    b"session.usage.updated",
+    b"session.closed",
+    b"error",
 ];
 
-/// The one-pass search for [`NEEDLES`].
-struct Prefilter(AhoCorasick);
-
-fn prefilter() -> &'static Prefilter {
-    static P: OnceLock<Prefilter> = OnceLock::new();
-    P.get_or_init(|| Prefilter(AhoCorasick::new(NEEDLES).expect("fixed needles build")))
+fn type_key() -> &'static Finder<'static> {
+    static F: OnceLock<Finder<'static>> = OnceLock::new();
+    F.get_or_init(|| Finder::new(b"\"type\""))
 }
 
-/// Whether `event` may be a usage event (cheap; a false positive only costs a parse).
+/// Whether `event` may be a usage event: one of its `"type"` keys has a string value among
+/// [`USAGE_TYPES`]. Nested objects have `"type"` keys too (and keys come in any order), so
+/// every occurrence is looked at; the parse that follows checks the top level. An event
+/// that does not pass is never parsed.
 pub fn may_carry_usage(event: &[u8]) -> bool {
-    prefilter().0.is_match(event)
+    type_key().find_iter(event).any(|at| {
+        let mut rest = &event[at + b"\"type\"".len()..];
+        let skip_ws = |r: &mut &[u8]| {
+            while let [b' ' | b'\t' | b'\n' | b'\r', tail @ ..] = *r {
+                *r = tail;
+            }
+        };
+        skip_ws(&mut rest);
+        let [b':', tail @ ..] = rest else {
+            return false;
+        };
+        rest = tail;
+        skip_ws(&mut rest);
+        let [b'"', value @ ..] = rest else {
+            return false;
+        };
+        USAGE_TYPES
+            .iter()
+            .any(|t| value.len() > t.len() && value.starts_with(t) && value[t.len()] == b'"')
+    })
 }
 
 #[derive(Deserialize)]
@@ -461,10 +479,32 @@ mod tests {
         ] {
             assert_eq!(read(event.as_bytes()), want, "{event}");
         }
-        // The prefilter: an ordinary event (a delta, a transcript) is only searched.
-        assert!(!may_carry_usage(
-            br#"{"type":"response.output_audio_transcript.delta","delta":"hello"}"#
-        ));
+        // The prefilter: an ordinary event (a delta, a transcript) is only searched; the type
+        // is found whatever the key order or spacing; a type that only starts like one of ours
+        // or a mention elsewhere does not pass.
+        for (event, want) in [
+            (
+                &br#"{"type":"response.output_audio_transcript.delta","delta":"response.done"}"#[..],
+                false,
+            ),
+            (br#"{"type":"response.done_x"}"#, false),
+            (br#"{"text":"\"type\":\"error\""}"#, false),
+            (br#"{"type":"error"}"#, true),
+            (br#"{"event_id":"e","type" : "session.closed"}"#, true),
+            (
+                br#"{"item":{"type":"message"},"type":"response.done"}"#,
+                true,
+            ),
+            (br#"{"type""#, false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                may_carry_usage(event),
+                want,
+                "{}",
+                String::from_utf8_lossy(event)
+            );
+        }
         assert!(may_carry_usage(DONE.as_bytes()));
     }
 
@@ -560,5 +600,27 @@ mod tests {
             closed: false,
         });
         assert!(cut.partial(true), "no session.closed: a lower bound");
+    }
+
+    /// Profiling aid, run under callgrind (docs/benchmarks.md "Usage metering"): reads a
+    /// transcript delta (a prefilter miss, the common case) and a priced `response.done` (a
+    /// hit and a parse) `COST_ROUNDS` times each, in separately named functions.
+    #[test]
+    #[ignore = "a profiling aid: run under valgrind --tool=callgrind"]
+    fn usage_read_cost() {
+        const COST_ROUNDS: usize = 1000;
+        let delta = br#"{"type":"response.output_audio_transcript.delta","event_id":"event_8f2","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"Hello there, how can I help you today with your account?"}"#;
+        #[inline(never)]
+        fn cost_miss(e: &[u8]) -> bool {
+            read(std::hint::black_box(e)).is_none()
+        }
+        #[inline(never)]
+        fn cost_hit(e: &[u8]) -> bool {
+            read(std::hint::black_box(e)).is_some()
+        }
+        for _ in 0..COST_ROUNDS {
+            assert!(cost_miss(delta));
+            assert!(cost_hit(DONE.as_bytes()));
+        }
     }
 }

@@ -254,6 +254,10 @@ async fn relayctl_drives_the_relay_through_grpc_and_reflection() {
         .unwrap();
     let list = ctl(&["list"]);
     assert_eq!(list["live_calls_by_worker"]["cli"], 1);
+    assert_eq!(
+        list["live_usage_by_principal"][PRINCIPAL]["live_calls"], 1,
+        "{list}"
+    );
     assert_eq!(list["calls"][0]["principal"], PRINCIPAL);
     let got = ctl(&["get", &call_id]);
     assert_eq!(got["call_id"], call_id.as_str());

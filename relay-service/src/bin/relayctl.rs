@@ -192,8 +192,20 @@ async fn run(cli: Cli) -> Result<Option<Value>> {
                 .await
                 .map_err(status)?
                 .into_inner();
+            let by_principal: serde_json::Map<String, Value> = r
+                .live_usage_by_principal
+                .iter()
+                .map(|(p, u)| {
+                    (
+                        p.clone(),
+                        json!({"live_calls": u.live_calls, "total_tokens": u.total_tokens,
+                               "audio_seconds": u.audio_seconds}),
+                    )
+                })
+                .collect();
             json!({"calls": r.calls.iter().map(call_json).collect::<Vec<_>>(),
-                   "live_calls_by_worker": r.live_calls_by_worker})
+                   "live_calls_by_worker": r.live_calls_by_worker,
+                   "live_usage_by_principal": by_principal})
         }
         Command::Get { call_id } => call_json(
             &relay
