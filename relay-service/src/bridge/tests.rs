@@ -746,3 +746,76 @@ fn a_live_provider_that_announces_its_close_ends_the_session_not_as_a_failure() 
         assert!(call.client.saw_end());
     }
 }
+
+/// A call that reaches its budget, in virtual time: the provider's response that crosses it
+/// reaches the client, then the client gets the `budget_exceeded` error event and the provider
+/// a `response.cancel`; the client's later events are not forwarded; the call ends as
+/// `budget_exceeded` when the grace is over, not before, and not as a worker failure.
+#[test]
+fn a_call_over_its_budget_is_stopped_told_and_ended_after_the_grace() {
+    let done = |total: u64| {
+        format!(
+            r#"{{"type":"response.done","response":{{"status":"completed","usage":{{"total_tokens":{total},"input_tokens":{total},"output_tokens":0}}}}}}"#
+        )
+    };
+    let mut call = VirtualCall::connected(Options {
+        budget: Some(crate::usage::Budget {
+            max_tokens: Some(300),
+            max_audio_seconds: None,
+        }),
+        ..Options::default()
+    });
+    // Within the budget: nothing happens.
+    call.send_text(Side::Provider, &done(200));
+    let limit = call.now + secs(1);
+    call.run_while(limit, |c| c.client.messages().is_empty());
+    call.run_for(secs(3));
+    assert!(call.relay.stopped.is_none(), "within the budget");
+    assert_eq!(call.provider.messages(), Vec::<Vec<u8>>::new());
+
+    // The next response crosses it.
+    let crossed = call.now;
+    call.send_text(Side::Provider, &done(150));
+    let limit = call.now + secs(1);
+    call.run_while(limit, |c| c.client.messages().len() < 3);
+    let texts: Vec<String> = call
+        .client
+        .messages()
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    assert_eq!(texts.len(), 3, "{texts:?}");
+    assert!(
+        texts[1].contains("response.done"),
+        "the crossing response first: {texts:?}"
+    );
+    let error: serde_json::Value = serde_json::from_str(&texts[2]).unwrap();
+    assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("350 tokens"),
+        "{error}"
+    );
+    let limit = call.now + secs(1);
+    call.run_while(limit, |c| c.provider.messages().is_empty());
+    let stop: serde_json::Value = serde_json::from_slice(&call.provider.messages()[0]).unwrap();
+    assert_eq!(stop["type"], "response.cancel");
+
+    // The client's next event goes nowhere.
+    call.send_text(Side::Client, r#"{"type":"response.create"}"#);
+    let (at, reason) = call.run_until_stopped(secs(10));
+    assert_eq!(reason, EndReason::BudgetExceeded);
+    assert!(!reason.is_worker_failure());
+    assert_eq!(
+        call.provider.messages().len(),
+        1,
+        "only the relay's stop reached the provider"
+    );
+    let took = at - crossed;
+    assert!(
+        took >= super::BUDGET_GRACE && took < super::BUDGET_GRACE + secs(3),
+        "ended {took:?} after the budget was crossed"
+    );
+}

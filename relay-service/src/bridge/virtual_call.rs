@@ -71,6 +71,8 @@ pub struct Options {
     pub ignores_max_message: Option<Side>,
     /// The API the call speaks.
     pub api: realtime_relay_proto::call_id::Kind,
+    /// Meter the provider's events against this budget (none: not metered).
+    pub budget: Option<crate::usage::Budget>,
 }
 
 impl Default for Options {
@@ -93,6 +95,7 @@ impl Default for Options {
             client_rejects_data_channel: false,
             ignores_max_message: None,
             api: realtime_relay_proto::call_id::Kind::Realtime,
+            budget: None,
         }
     }
 }
@@ -400,7 +403,25 @@ impl VirtualCall {
 
         let metrics = Metrics::new();
         let counters = Arc::new(CallCounters::default());
-        let telemetry = BridgeTelemetry::from_metrics(&metrics, counters.clone());
+        let mut telemetry = BridgeTelemetry::from_metrics(&metrics, counters.clone());
+        if let Some(budget) = options.budget {
+            let registry = crate::registry::Registry::new(1, 1);
+            let entry = registry
+                .reserve(crate::registry::NewCall {
+                    call_id: "rtc_virtual0",
+                    api: options.api,
+                    model: "m",
+                    upstream_model: "m",
+                    worker_id: "w",
+                    principal: "",
+                })
+                .expect("a registry entry");
+            telemetry = telemetry.with_usage(crate::usage_tap::UsageTap::new(
+                entry,
+                metrics.usage.clone(),
+                budget,
+            ));
+        }
         let bridge = Bridge::new(
             LegSetup {
                 rtc: client_leg.rtc,
