@@ -23,6 +23,7 @@ mod api_error;
 mod ids;
 mod peer;
 mod session;
+pub mod sideband;
 
 pub use client::{
     AudioStats, ClientConfig, ClientTransport, ConnectedClient, DcMessage, RttSummary, TestClient,

@@ -36,7 +36,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use rand::Rng;
 use serde_json::Value;
@@ -239,6 +239,8 @@ impl Counters {
 
 struct CallEntry {
     api: Api,
+    /// Where attached sideband sockets get the call's events and send theirs.
+    taps: crate::sideband::Taps,
     cancel: CancellationToken,
     /// GPT-Live: a hangup asks the session to close (it sends `session.closed` first).
     close: CancellationToken,
@@ -253,6 +255,8 @@ struct Shared {
     limits: CallLimits,
     requests: Mutex<Vec<RecordedRequest>>,
     hangups: Mutex<Vec<String>>,
+    /// Ids of calls a sideband attached to, in order.
+    attaches: Mutex<Vec<String>>,
     calls: Mutex<HashMap<String, CallEntry>>,
     tasks: Mutex<JoinSet<()>>,
     counters: Counters,
@@ -295,6 +299,7 @@ impl MockProvider {
             limits,
             requests: Mutex::new(Vec::new()),
             hangups: Mutex::new(Vec::new()),
+            attaches: Mutex::new(Vec::new()),
             calls: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             counters: Counters::default(),
@@ -341,6 +346,12 @@ impl MockProvider {
     /// `POST /v1/live/sessions/{id}/hangup` (`live_…`), in order.
     pub fn hangups(&self) -> Vec<String> {
         lock(&self.shared.hangups).clone()
+    }
+
+    /// Ids of calls a sideband socket attached to (`GET /v1/realtime?call_id=…`,
+    /// `GET /v1/live/sessions/{id}/attach`), in order.
+    pub fn sideband_attaches(&self) -> Vec<String> {
+        lock(&self.shared.attaches).clone()
     }
 
     pub fn stats(&self) -> ProviderStats {
@@ -395,6 +406,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/realtime/calls/{call_id}/hangup", post(hangup))
         .route("/v1/live/sessions", post(create_live_session))
         .route("/v1/live/sessions/{session_id}/hangup", post(hangup_live))
+        .route("/v1/realtime", get(attach_realtime))
+        .route("/v1/live/sessions/{session_id}/attach", get(attach_live))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }
@@ -764,10 +777,16 @@ fn start_call(
     let cancel = shared.shutdown.child_token();
     let close = CancellationToken::new();
     let (done_tx, done_rx) = watch::channel(false);
+    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(crate::sideband::INBOUND_QUEUE);
+    let taps = crate::sideband::Taps {
+        mirror: tokio::sync::broadcast::channel(crate::sideband::OUTBOUND_BUFFER).0,
+        inbound: inbound_tx,
+    };
     lock(&shared.calls).insert(
         call_id.clone(),
         CallEntry {
             api,
+            taps: taps.clone(),
             cancel: cancel.clone(),
             close: close.clone(),
             done: done_rx,
@@ -776,7 +795,15 @@ fn start_call(
     add(&shared.counters.calls_created, 1);
     tracing::info!(call_id = %call_id, model = %model, media = %local, ?api, "call created");
 
-    let call = Call::new(call_id.clone(), model, session, shared.clone(), udp, api);
+    let call = Call::new(
+        call_id.clone(),
+        model,
+        session,
+        shared.clone(),
+        udp,
+        api,
+        taps.mirror,
+    );
     let task_shared = shared.clone();
     let mut tasks = lock(&shared.tasks);
     // Reap finished tasks so the set does not grow with every call ever made.
@@ -789,7 +816,7 @@ fn start_call(
             call_id: call.call_id.clone(),
             done: done_tx,
         };
-        call.run(cancel, close).await;
+        call.run(cancel, close, inbound_rx).await;
     });
     Ok((call_id, answer.to_sdp_string()))
 }
@@ -824,6 +851,57 @@ async fn hangup_live(
     headers: HeaderMap,
 ) -> Response {
     hang_up(&shared, Api::Live, session_id, &headers).await
+}
+
+/// `GET /v1/realtime?call_id=rtc_…` (WebSocket): the Realtime sideband of a call.
+async fn attach_realtime(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    let Some(call_id) = query_param(query.as_deref(), "call_id") else {
+        // The Realtime WebSocket without a call (a new conversation) is not served here.
+        return ApiError::CallNotFound.into_response();
+    };
+    attach(&shared, Api::Realtime, call_id, &headers, ws)
+}
+
+/// `GET /v1/live/sessions/{id}/attach` (WebSocket): the GPT-Live sideband of a session.
+async fn attach_live(
+    State(shared): State<Arc<Shared>>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    attach(&shared, Api::Live, session_id, &headers, ws)
+}
+
+fn attach(
+    shared: &Shared,
+    api: Api,
+    call_id: String,
+    headers: &HeaderMap,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    if let Err(e) = check_auth(
+        shared,
+        header_str(headers, header::AUTHORIZATION).as_deref(),
+    ) {
+        return e.into_response();
+    }
+    // Each API's sideband finds only its own calls.
+    let taps = lock(&shared.calls)
+        .get(&call_id)
+        .filter(|e| e.api == api)
+        .map(|e| e.taps.clone());
+    let Some(taps) = taps else {
+        return ApiError::CallNotFound.into_response();
+    };
+    lock(&shared.attaches).push(call_id.clone());
+    tracing::info!(call_id = %call_id, ?api, "sideband attached");
+    let (events, inbound) = (taps.mirror.subscribe(), taps.inbound);
+    ws.on_upgrade(move |socket| crate::sideband::pump(socket, events, inbound, call_id))
 }
 
 async fn hang_up(shared: &Shared, api: Api, call_id: String, headers: &HeaderMap) -> Response {
@@ -982,6 +1060,8 @@ struct CallState {
     /// RTP was written during the last drain; it leaves on the next timeout input.
     wrote_rtp: bool,
     ended: Option<EndReason>,
+    /// Every text event the call sends is mirrored here for attached sideband sockets.
+    mirror: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Call {
@@ -992,6 +1072,7 @@ impl Call {
         shared: Arc<Shared>,
         udp: UdpPeer,
         api: Api,
+        mirror: tokio::sync::broadcast::Sender<String>,
     ) -> Self {
         let mut rng = rand::rng();
         let queue = peer::dc_queue(shared.limits.dc_queue_cap);
@@ -1016,11 +1097,17 @@ impl Call {
                 pending_session_created: false,
                 wrote_rtp: false,
                 ended: None,
+                mirror,
             },
         }
     }
 
-    async fn run(mut self, cancel: CancellationToken, close: CancellationToken) {
+    async fn run(
+        mut self,
+        cancel: CancellationToken,
+        close: CancellationToken,
+        mut sideband: tokio::sync::mpsc::Receiver<String>,
+    ) {
         let started = Instant::now();
         let mut last_rx = started;
         let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -1087,6 +1174,7 @@ impl Call {
                     }
                     self.state.ask_close("close_requested", None, LIVE_CLOSE_LINGER, EndReason::HungUp);
                 }
+                Some(text) = sideband.recv() => self.on_sideband_event(text),
                 r = self.udp.socket.recv_from(&mut buf) => match r {
                     Ok((n, source)) => {
                         last_rx = Instant::now();
@@ -1120,6 +1208,60 @@ impl Call {
             udp_send_errors = self.udp.counters.send_errors,
             "call ended"
         );
+    }
+
+    /// A text event from an attached sideband server: `session.update` is applied and answered
+    /// with `session.updated`; anything else is handled as the call's client would have sent
+    /// it on the data channel.
+    fn on_sideband_event(&mut self, text: String) {
+        let ctx = EventCtx {
+            counters: &self.shared.counters,
+            call_id: &self.call_id,
+        };
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            event_id: Option<String>,
+            session: Option<serde_json::Map<String, Value>>,
+        }
+        let head: Option<Head> = serde_json::from_str(&text).ok();
+        match head {
+            Some(Head {
+                kind: Some(kind),
+                event_id,
+                session,
+            }) if kind == "session.update" => {
+                let mut merged = match self.session.take() {
+                    Some(Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                merged.extend(session.unwrap_or_default());
+                let resolved = match self.state.api {
+                    Api::Realtime => {
+                        session_created(&self.model, Some(&Value::Object(merged.clone())))
+                            ["session"]
+                            .clone()
+                    }
+                    Api::Live => live_session(
+                        &self.call_id,
+                        &self.model,
+                        Some(&Value::Object(merged.clone())),
+                    ),
+                };
+                self.session = Some(Value::Object(merged));
+                let mut event = serde_json::json!({
+                    "type": "session.updated",
+                    "event_id": crate::ids::event_id(),
+                    "session": resolved,
+                });
+                if let Some(id) = event_id {
+                    event["client_event_id"] = Value::String(id);
+                }
+                self.state.enqueue_event(&event, &ctx);
+            }
+            _ => self.state.client_text(text.into_bytes(), &ctx),
+        }
     }
 
     /// Drain str0m, react to events, then hand queued data-channel messages to str0m one at a
@@ -1294,39 +1436,7 @@ impl CallState {
                     data: d.data,
                 };
                 if Some(d.id) == self.events_channel {
-                    if self.api == Api::Live {
-                        if self.live.close_asked.is_some() || self.live.closing.is_some() {
-                            // The session is over: nothing more is echoed.
-                            return;
-                        }
-                        match (message.binary, live_command(&message.data)) {
-                            (false, Some(LiveCommand::Close(id))) => {
-                                self.ask_close(
-                                    "close_requested",
-                                    id,
-                                    LIVE_CLOSE_LINGER,
-                                    EndReason::SessionClosed,
-                                );
-                                return;
-                            }
-                            (false, Some(LiveCommand::Start(id))) => {
-                                self.live.refused.push(id);
-                                return;
-                            }
-                            _ => {}
-                        }
-                    }
-                    // A Realtime response.create: after its echo, the response's own events
-                    // (rate limits, created, done with usage), as OpenAI sends them.
-                    let answer = match (self.api, message.binary) {
-                        (Api::Realtime, false) => self.responses.answer(&message.data),
-                        _ => None,
-                    };
-                    // Written by `Call::drive` after this drain, one message per mutation.
-                    self.enqueue(message, ctx);
-                    for event in answer.into_iter().flatten() {
-                        self.enqueue_event(&event, ctx);
-                    }
+                    self.client_message(message, ctx);
                 } else {
                     // The Realtime API speaks only on oai-events; anything else is echoed
                     // if the send buffer has room at once, and counted as dropped if not.
@@ -1352,7 +1462,61 @@ impl CallState {
         }
     }
 
+    /// A text event from the call's client (or from an attached sideband server).
+    fn client_text(&mut self, data: Vec<u8>, ctx: &EventCtx<'_>) {
+        self.client_message(
+            Message {
+                binary: false,
+                data,
+            },
+            ctx,
+        );
+    }
+
+    /// A message from the call's client on `oai-events`: GPT-Live commands are acted on,
+    /// anything else is echoed, and a Realtime `response.create` is answered.
+    fn client_message(&mut self, message: Message, ctx: &EventCtx<'_>) {
+        if self.api == Api::Live {
+            if self.live.close_asked.is_some() || self.live.closing.is_some() {
+                // The session is over: nothing more is echoed.
+                return;
+            }
+            match (message.binary, live_command(&message.data)) {
+                (false, Some(LiveCommand::Close(id))) => {
+                    self.ask_close(
+                        "close_requested",
+                        id,
+                        LIVE_CLOSE_LINGER,
+                        EndReason::SessionClosed,
+                    );
+                    return;
+                }
+                (false, Some(LiveCommand::Start(id))) => {
+                    self.live.refused.push(id);
+                    return;
+                }
+                _ => {}
+            }
+        }
+        // A Realtime response.create: after its echo, the response's own events (rate
+        // limits, created, done with usage), as OpenAI sends them.
+        let answer = match (self.api, message.binary) {
+            (Api::Realtime, false) => self.responses.answer(&message.data),
+            _ => None,
+        };
+        // Written by `Call::drive` after this drain, one message per mutation.
+        self.enqueue(message, ctx);
+        for event in answer.into_iter().flatten() {
+            self.enqueue_event(&event, ctx);
+        }
+    }
+
     fn enqueue(&mut self, message: Message, ctx: &EventCtx<'_>) {
+        if !message.binary && self.mirror.receiver_count() > 0 {
+            let _ = self
+                .mirror
+                .send(String::from_utf8_lossy(&message.data).into_owned());
+        }
         if let Err(e) = self.queue.push(message) {
             add(&ctx.counters.dc_messages_dropped, 1);
             tracing::warn!(call_id = %ctx.call_id, error = %e, "ending call: data-channel echo cannot be queued");
@@ -1411,6 +1575,7 @@ mod tests {
             limits: CallLimits::default(),
             requests: Mutex::new(Vec::new()),
             hangups: Mutex::new(Vec::new()),
+            attaches: Mutex::new(Vec::new()),
             calls: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             counters: Counters::default(),
