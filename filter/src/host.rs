@@ -130,4 +130,22 @@ impl HttpHost for Envoy<'_> {
             );
         }
     }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
+            log(
+                LogLevel::Error,
+                &format!("setting request header {name} failed: {e:?}"),
+            );
+        }
+    }
+
+    fn resume_request(&mut self) {
+        if let Err(e) = hostcalls::resume_http_request() {
+            log(
+                LogLevel::Error,
+                &format!("resume_http_request failed: {e:?}"),
+            );
+        }
+    }
 }

@@ -17,6 +17,12 @@ pub enum Route {
     ClientSecret,
     /// `POST {live_path}`: a GPT-Live session.
     LiveCreate,
+    /// A sideband WebSocket of a call the gateway set up: `GET {sideband_path}?call_id=rtc_…`
+    /// (Realtime) or `GET {live_path}/{id}/attach` (GPT-Live). See `crate::sideband`.
+    Sideband {
+        call_id: String,
+        kind: realtime_relay_proto::call_id::Kind,
+    },
     /// Not ours: continue to the router untouched.
     PassThrough,
     /// Ours, but not like this (405 with `Allow`).
@@ -38,6 +44,7 @@ pub struct Paths<'a> {
     pub calls: &'a str,
     pub client_secrets: &'a str,
     pub live: &'a str,
+    pub sideband: &'a str,
 }
 
 impl<'a> Paths<'a> {
@@ -46,13 +53,37 @@ impl<'a> Paths<'a> {
             calls: &config.calls_path,
             client_secrets: &config.client_secrets_path,
             live: &config.live_path,
+            sideband: &config.sideband_path,
         }
     }
 }
 
+/// The value of `name` in a query string (the first; not percent-decoded: call ids need none).
+fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
 pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
-    let (path, _) = split_path(path);
+    let (path, query) = split_path(path);
     let post = method == "POST";
+    // The Realtime sideband: only with a call id (without one, `GET {sideband_path}` is the
+    // provider's own WebSocket API, which passes through untouched).
+    if path == paths.sideband {
+        if let Some(id) = query_value(query, "call_id") {
+            return if method == "GET" {
+                Route::Sideband {
+                    call_id: id.to_string(),
+                    kind: realtime_relay_proto::call_id::Kind::Realtime,
+                }
+            } else {
+                Route::Reject(FilterError::MethodNotAllowed { allow: "GET" })
+            };
+        }
+    }
     let calls_path = paths.calls;
     if path == paths.client_secrets {
         return if post {
@@ -79,7 +110,7 @@ pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
         // The whole prefix is ours (`/v1/live/sessionsx` too): Envoy and Istio route it by
         // prefix to the hold, where a request passed through would only meet a 503.
         return match rest.strip_prefix('/') {
-            Some(rest) => classify_live_control(rest, post),
+            Some(rest) => classify_live_control(rest, method),
             None => Route::Reject(FilterError::UnknownCallsPath),
         };
     }
@@ -109,7 +140,8 @@ pub fn classify(method: &str, path: &str, paths: Paths<'_>) -> Route {
 
 /// `{live_path}/{id}/{verb}`: hangup as for Realtime calls; the SIP controls are refused (this
 /// gateway's sessions are WebRTC); anything else is an unknown path, never the provider's.
-fn classify_live_control(rest: &str, post: bool) -> Route {
+fn classify_live_control(rest: &str, method: &str) -> Route {
+    let post = method == "POST";
     let Some((id, verb)) = rest.split_once('/') else {
         return Route::Reject(FilterError::UnknownCallsPath);
     };
@@ -130,6 +162,12 @@ fn classify_live_control(rest: &str, post: bool) -> Route {
         ("fork", true) => Route::Reject(FilterError::LiveControlUnsupported("fork")),
         ("content", false) => Route::Reject(FilterError::LiveControlUnsupported("content")),
         ("content", true) => Route::Reject(FilterError::MethodNotAllowed { allow: "GET" }),
+        // The sideband WebSocket (`crate::sideband`).
+        ("attach", false) if method == "GET" => Route::Sideband {
+            call_id: id.to_string(),
+            kind: realtime_relay_proto::call_id::Kind::Live,
+        },
+        ("attach", _) => Route::Reject(FilterError::MethodNotAllowed { allow: "GET" }),
         _ => Route::Reject(FilterError::UnknownCallsPath),
     }
 }
@@ -179,6 +217,7 @@ mod tests {
         calls: "/v1/realtime/calls",
         client_secrets: "/v1/realtime/client_secrets",
         live: "/v1/live/sessions",
+        sideband: "/v1/realtime",
     };
 
     #[test]
@@ -203,7 +242,7 @@ mod tests {
         }
         for path in [
             "/v1/live/sessions/live_12345678",
-            "/v1/live/sessions/live_12345678/attach",
+            "/v1/live/sessions/live_12345678/frob",
             "/v1/live/sessionsx",
             "/v1/live/sessions//hangup",
             "/v1/live/sessions/a/b/hangup",

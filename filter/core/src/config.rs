@@ -94,6 +94,9 @@ pub struct RawConfig {
     /// Path of GPT-Live session creation; controls are `{live_path}/{id}/{verb}`.
     #[serde(default = "default_live_path")]
     pub live_path: String,
+    /// Path of the Realtime sideband WebSocket (`GET {sideband_path}?call_id=rtc_…`).
+    #[serde(default = "default_sideband_path")]
+    pub sideband_path: String,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default = "default_max_sdp_bytes")]
@@ -214,6 +217,10 @@ pub struct RawWorker {
     /// Model name this worker expects upstream; default: the model's canonical name.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// The Envoy cluster that reaches this worker: sideband WebSockets of its calls go there
+    /// (`crate::sideband`). None: its calls have no sideband through the gateway.
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 fn default_create_timeout_ms() -> u64 {
@@ -225,6 +232,10 @@ fn default_hangup_timeout_ms() -> u64 {
 fn default_calls_path() -> String {
     DEFAULT_CALLS_PATH.to_string()
 }
+fn default_sideband_path() -> String {
+    crate::sideband::DEFAULT_PATH.to_string()
+}
+
 fn default_live_path() -> String {
     DEFAULT_LIVE_PATH.to_string()
 }
@@ -294,6 +305,8 @@ pub struct Worker {
     pub key: Option<Secret>,
     pub key_env: Option<String>,
     pub upstream_model: Option<String>,
+    /// The Envoy cluster of the worker, for sideband connections.
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -335,6 +348,7 @@ pub struct Config {
     pub calls_path: String,
     pub client_secrets_path: String,
     pub live_path: String,
+    pub sideband_path: String,
     pub max_body_bytes: usize,
     pub max_sdp_bytes: usize,
     pub max_session_bytes: usize,
@@ -586,6 +600,11 @@ impl RawConfig {
                 DEFAULT_CLIENT_SECRETS_PATH,
             ),
             ("live_path", &self.live_path, DEFAULT_LIVE_PATH),
+            (
+                "sideband_path",
+                &self.sideband_path,
+                crate::sideband::DEFAULT_PATH,
+            ),
         ] {
             if !path.starts_with('/') || path.ends_with('/') || path.contains(['?', '#']) {
                 return err(format!(
@@ -715,6 +734,13 @@ impl RawConfig {
                         "{at}: pool key_policy is 'replace' but the worker has no key_env"
                     ));
                 }
+                if let Some(c) = &w.cluster {
+                    if !crate::sideband::valid_cluster_name(c) {
+                        return err(format!(
+                            "{at}.cluster must be 1-255 characters of letters, digits and _ - . | :"
+                        ));
+                    }
+                }
                 workers.push(Worker {
                     id: w.id,
                     base_url: w.base_url,
@@ -722,6 +748,7 @@ impl RawConfig {
                     key,
                     key_env: w.key_env,
                     upstream_model: w.upstream_model,
+                    cluster: w.cluster,
                 });
             }
             if total > MAX_POOL_WEIGHT {
@@ -848,6 +875,7 @@ impl RawConfig {
             calls_path: self.calls_path,
             client_secrets_path: self.client_secrets_path,
             live_path: self.live_path,
+            sideband_path: self.sideband_path,
             max_body_bytes: self.max_body_bytes,
             max_sdp_bytes: self.max_sdp_bytes,
             max_session_bytes: self.max_session_bytes,

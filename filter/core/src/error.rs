@@ -60,6 +60,10 @@ pub enum FilterError {
     /// are WebRTC.
     #[error("accept, reject and refer control SIP sessions; this gateway's sessions are WebRTC")]
     NotSipSession,
+    /// A sideband for a call whose worker has no Envoy cluster configured (`workers[].cluster`),
+    /// or whose provider gave no call id.
+    #[error("this call has no sideband through the gateway ({0})")]
+    SidebandUnavailable(&'static str),
     /// A Live session control the official SDK has (`fork`, `content`) that needs the
     /// provider's stored session: not served for sessions this gateway relays.
     #[error("{0} is not served for Live sessions relayed by this gateway (the provider's session lives behind the relay)")]
@@ -147,7 +151,7 @@ impl FilterError {
             ModelNotFound(_) | CallNotFound | UnknownCallsPath | ClientSecretsNotEnabled => 404,
             ClientSecret(e) => e.status(),
             Capacity { status, .. } => *status,
-            NoHealthyWorker { .. } | RelayUnavailable { .. } => 503,
+            NoHealthyWorker { .. } | RelayUnavailable { .. } | SidebandUnavailable(_) => 503,
             RelayTimeout { .. } => 504,
             UpstreamFailed { .. } | RelayError { .. } => 502,
             Internal => 500,
@@ -183,6 +187,7 @@ impl FilterError {
             OriginNotAllowed => "origin_not_allowed",
             LiveBody { code, .. } => code,
             NotSipSession => "not_a_sip_session",
+            SidebandUnavailable(_) => "sideband_unavailable",
             LiveControlUnsupported(_) => "unsupported_session_control",
             NoHealthyWorker { .. } => "no_healthy_worker",
             RelayUnavailable { code, .. } => code.as_deref().unwrap_or("relay_unavailable"),

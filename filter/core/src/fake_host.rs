@@ -47,6 +47,8 @@ pub struct FakeHost {
     pub logs: RefCell<Vec<(LogLevel, String)>>,
     /// Request properties by path (dynamic metadata a JWT filter wrote, say).
     pub properties: HashMap<Vec<String>, Vec<u8>>,
+    /// The held request was let go on (`resume_request`).
+    pub resumed: bool,
 }
 
 impl FakeHost {
@@ -196,5 +198,20 @@ impl HttpHost for FakeHost {
 
     fn send_reply(&mut self, reply: &HttpReply) {
         self.replies.push(reply.clone());
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        assert!(
+            !self.headers_gone,
+            "request header {name} set after the headers went on"
+        );
+        match value {
+            Some(v) => self.headers.insert(name.to_string(), v.to_string()),
+            None => self.headers.remove(name),
+        };
+    }
+
+    fn resume_request(&mut self) {
+        self.resumed = true;
     }
 }

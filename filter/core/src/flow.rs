@@ -8,6 +8,7 @@
 //! worker's outstanding count when the client leaves, and every error reply are tested
 //! natively against `fake_host`.
 
+use prost::Message as _;
 use std::rc::Rc;
 
 use crate::classify::{self, split_path, Route};
@@ -23,7 +24,7 @@ use crate::identity::{self, Caller};
 use crate::relay::{self, Verdict};
 use crate::replica::{self, Failover};
 use crate::reply::HttpReply;
-use crate::{client_secrets, limits, metrics, origin, routing};
+use crate::{client_secrets, limits, metrics, origin, routing, sideband};
 
 /// What a create's headers said, kept for when its body is complete. Read in the headers
 /// callback: once the headers went on (`continue_headers`), Envoy no longer lets the filter
@@ -116,8 +117,19 @@ pub enum State {
     /// `HangupCall` dispatched by a caller with this principal (empty: an operator, or
     /// anonymous).
     HangingUp { token: u32, principal: String },
+    /// `GetCall` dispatched for a sideband upgrade held in its headers (`crate::sideband`).
+    Attaching(Box<Attaching>),
     /// Replied (or the client left).
     Done,
+}
+
+/// A sideband upgrade waiting for the relay's `GetCall`: what its rewrite needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attaching {
+    pub token: u32,
+    pub kind: realtime_relay_proto::call_id::Kind,
+    pub caller: Caller,
+    pub authorization: Option<String>,
 }
 
 /// The state machine of one HTTP request.
@@ -146,6 +158,10 @@ impl Flow {
 
     /// The request headers are here.
     pub fn on_headers(&mut self, host: &mut dyn HttpHost, end_of_stream: bool) -> Action {
+        // The header that steers sideband routing is the filter's alone (`crate::sideband`).
+        if host.request_header(sideband::CLUSTER_HEADER).is_some() {
+            host.set_request_header(sideband::CLUSTER_HEADER, None);
+        }
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
         let route = classify::classify(&method, &path, classify::Paths::of(&self.config));
@@ -169,6 +185,7 @@ impl Flow {
             Route::PassThrough => Action::Continue,
             Route::Reject(e) => self.fail(host, &e),
             Route::Hangup { call_id, kind } => self.hangup(host, &call_id, kind),
+            Route::Sideband { call_id, kind } => self.attach(host, &call_id, kind),
             Route::Create => {
                 // Who calls, before anything else: a bad credential costs no body and no work.
                 let caller = match self.caller(host) {
@@ -351,6 +368,9 @@ impl Flow {
                 principal,
             } if t == token => {
                 self.finish_hangup(host, &principal, status, message.as_deref(), body);
+            }
+            State::Attaching(a) if a.token == token => {
+                self.finish_attach(host, &a, status, message.as_deref(), body);
             }
             other => self.state = other,
         }
@@ -1011,6 +1031,114 @@ impl Flow {
             Err(_) => {
                 let e = self.relay_unavailable();
                 self.fail(host, &e)
+            }
+        }
+    }
+
+    /// A sideband upgrade (`crate::sideband`): the caller must own the call (or be an
+    /// operator); the relay says so, and where the call runs, in its `GetCall` answer. The
+    /// request stays held in its headers until then.
+    fn attach(
+        &mut self,
+        host: &mut dyn HttpHost,
+        call_id: &str,
+        kind: realtime_relay_proto::call_id::Kind,
+    ) -> Action {
+        if let Err(e) = classify::check_call_id(call_id, kind) {
+            return self.fail(host, &e);
+        }
+        let config = Rc::clone(&self.config);
+        let caller = match self.caller(host) {
+            Ok(c) => c,
+            Err(e) => return self.fail(host, &e),
+        };
+        if caller == Caller::Anonymous && !config.admits_anonymous() {
+            return self.fail(host, &FilterError::MissingApiKey);
+        }
+        let target = match &config.pods {
+            Some(pods) => match pods.owner(call_id) {
+                Some(addr) => Ok((pods.cluster.as_str(), addr.to_string())),
+                None => Err(FilterError::CallNotFound),
+            },
+            None => replica::cluster_for_call(&config, call_id).map(|c| (c, String::new())),
+        };
+        let (cluster, original_dst) = match target {
+            Ok(t) => t,
+            Err(e) => return self.fail(host, &e),
+        };
+        let message = relay::encode_get(
+            call_id,
+            &caller.principal(&config),
+            caller.is_operator(&config),
+        );
+        let dispatched = host.dispatch_grpc(&GrpcCall {
+            cluster,
+            service: relay::SERVICE_NAME,
+            method: relay::METHOD_GET,
+            call_id,
+            request_id: &self.request_id,
+            message: &message,
+            timeout_ms: config.hangup_timeout_ms,
+            original_dst: &original_dst,
+        });
+        match dispatched {
+            Ok(token) => {
+                self.state = State::Attaching(Box::new(Attaching {
+                    token,
+                    kind,
+                    caller,
+                    authorization: host.request_header("authorization"),
+                }));
+                Action::Pause
+            }
+            Err(_) => {
+                let e = self.relay_unavailable();
+                self.fail(host, &e)
+            }
+        }
+    }
+
+    /// The relay's answer for a held sideband upgrade: rewrite it for the worker and let it
+    /// go on, or answer it with the error.
+    fn finish_attach(
+        &mut self,
+        host: &mut dyn HttpHost,
+        a: &Attaching,
+        status: u32,
+        message: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
+        let config = Rc::clone(&self.config);
+        let planned = match status {
+            relay::grpc::OK => {
+                match realtime_relay_proto::v1::CallInfo::decode(body.unwrap_or(&[])) {
+                    Ok(info) => sideband::plan(
+                        &config,
+                        &info,
+                        a.kind,
+                        &a.caller,
+                        a.authorization.as_deref(),
+                    ),
+                    Err(_) => Err(FilterError::RelayError {
+                        code: Some("bad_relay_response".into()),
+                    }),
+                }
+            }
+            relay::grpc::NOT_FOUND => Err(FilterError::CallNotFound),
+            _ => Err(relay::map_grpc_error(&config, status, message).0),
+        };
+        match planned {
+            Ok(r) => {
+                host.set_request_header(":path", Some(&r.path));
+                host.set_request_header(":authority", Some(&r.authority));
+                host.set_request_header("authorization", Some(&r.authorization));
+                host.set_request_header(sideband::CLUSTER_HEADER, Some(&r.cluster));
+                host.increment(metrics::REQ_SIDEBAND);
+                self.state = State::PassThrough;
+                host.resume_request();
+            }
+            Err(e) => {
+                self.fail(host, &e);
             }
         }
     }

@@ -89,6 +89,11 @@ pub trait HttpHost: Host {
     /// Up to `max` bytes of the buffered request body; `None` if it cannot be read.
     fn request_body(&self, max: usize) -> Option<Vec<u8>>;
     fn send_reply(&mut self, reply: &HttpReply);
+    /// Sets (or with `None` removes) a request header, while the request is held in its
+    /// headers callback (Envoy then matches its route again).
+    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    /// Lets a request held in its headers callback go on to the router.
+    fn resume_request(&mut self);
     /// A property of the request (Envoy's attributes: `metadata`, `filter_metadata`, …), as
     /// the host serializes it (a string's bytes for a string). `None` when absent.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;

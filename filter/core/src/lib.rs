@@ -38,6 +38,7 @@ pub mod replica;
 pub mod reply;
 pub mod routing;
 pub mod sdp;
+pub mod sideband;
 
 pub use classify::{classify, Route};
 pub use config::{Config, ConfigError};

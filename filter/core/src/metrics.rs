@@ -16,6 +16,8 @@ pub const REQ_FAILED: &str = "realtime_filter.requests.failed";
 pub const REQ_HANGUP: &str = "realtime_filter.requests.hangup";
 /// Client secrets (ephemeral keys) minted (`POST /v1/realtime/client_secrets`).
 pub const REQ_CLIENT_SECRETS: &str = "realtime_filter.requests.client_secrets";
+/// Sideband upgrades let go on to their worker (`crate::sideband`).
+pub const REQ_SIDEBAND: &str = "realtime_filter.requests.sideband";
 /// Requests on a route where the filter is enabled that it let through untouched. Routes
 /// that disable the filter (every non-realtime route in envoy/) never count here: the
 /// request does not enter the Wasm VM at all.
@@ -81,6 +83,7 @@ pub fn definitions(config: &Config) -> Vec<(MetricKind, String)> {
         REQ_FAILED,
         REQ_HANGUP,
         REQ_CLIENT_SECRETS,
+        REQ_SIDEBAND,
         REQ_PASSED_THROUGH,
         ROUTING_HEADER_IGNORED,
         LOAD_REFRESH,

@@ -19,6 +19,7 @@ pub use realtime_relay_proto::SERVICE_NAME;
 pub const METHOD_CREATE: &str = "CreateCall";
 pub const METHOD_HANGUP: &str = "HangupCall";
 pub const METHOD_LIST: &str = "ListCalls";
+pub const METHOD_GET: &str = "GetCall";
 
 /// gRPC status codes the mapping cares about.
 pub mod grpc {
@@ -92,6 +93,16 @@ pub fn with_call_id(message: &[u8], call_id: &str) -> Option<Vec<u8>> {
 /// A hangup by `principal` (an operator may end any call).
 pub fn encode_hangup(call_id: &str, principal: &str, operator: bool) -> Vec<u8> {
     HangupCallRequest {
+        call_id: call_id.to_string(),
+        principal: principal.to_string(),
+        operator,
+    }
+    .encode_to_vec()
+}
+
+/// A lookup of one call by `principal` (an operator may look at any call).
+pub fn encode_get(call_id: &str, principal: &str, operator: bool) -> Vec<u8> {
+    realtime_relay_proto::v1::GetCallRequest {
         call_id: call_id.to_string(),
         principal: principal.to_string(),
         operator,

@@ -1097,3 +1097,91 @@ fn a_live_session_is_created_answered_in_its_shape_and_hung_up() {
     Flow::new(Rc::clone(&config)).on_headers(&mut host, true);
     assert_eq!(host.last_dispatch().method, "HangupCall");
 }
+
+/// A sideband upgrade: held in its headers while the relay is asked (`GetCall` as the caller),
+/// then rewritten for the worker (the provider's id, its host, the pool's key, the cluster
+/// header) and let go on; a call the relay will not show the caller is a 404 with nothing
+/// forwarded; a cluster header from the client is removed on every request.
+#[test]
+fn a_sideband_upgrade_is_held_looked_up_and_rewritten_for_its_worker() {
+    let mut v: serde_json::Value = serde_json::from_str(crate::config::tests::SAMPLE).unwrap();
+    v["pools"][0]["workers"][0]["cluster"] = serde_json::json!("worker_a");
+    let config = Rc::new(Config::from_json(v.to_string().as_bytes(), &env).unwrap());
+    let worker = config.pools[0].workers[0].clone();
+    let path = "/v1/realtime?call_id=rtc_0123456789abcdef0123456789abcdef";
+    let upgrade = |auth: Option<&str>| {
+        let mut h = vec![
+            (":method", "GET"),
+            (":path", path),
+            (":authority", "gateway.example"),
+            ("upgrade", "websocket"),
+            (crate::sideband::CLUSTER_HEADER, "relay"),
+        ];
+        if let Some(a) = auth {
+            h.push(("authorization", a));
+        }
+        FakeHost::request(&h, b"")
+    };
+    let mut host = upgrade(Some("Bearer sk-gw-ops"));
+    let mut flow = Flow::new(Rc::clone(&config));
+    assert_eq!(flow.on_headers(&mut host, false), Action::Pause);
+    assert!(
+        !host.headers.contains_key(crate::sideband::CLUSTER_HEADER),
+        "the client's cluster header is gone"
+    );
+    let d = host.last_dispatch().clone();
+    assert_eq!((d.cluster.as_str(), d.method), ("relay", "GetCall"));
+    let asked = realtime_relay_proto::v1::GetCallRequest::decode(d.message.as_slice()).unwrap();
+    assert!(asked.operator, "the ops key is an operator");
+    let info = realtime_relay_proto::v1::CallInfo {
+        call_id: "rtc_0123456789abcdef0123456789abcdef".into(),
+        worker_id: worker.id.clone(),
+        upstream_call_id: "rtc_provider42".into(),
+        state: realtime_relay_proto::v1::CallState::Connected as i32,
+        ..Default::default()
+    };
+    respond(&mut flow, &mut host, OK, None, &info.encode_to_vec());
+    assert!(host.replies.is_empty(), "{:?}", host.replies);
+    assert!(host.resumed);
+    let (authority, prefix) = worker
+        .base_url
+        .split_once("://")
+        .map(|(_, r)| r.split_once('/').map_or((r, ""), |(a, p)| (a, p)))
+        .unwrap();
+    let want_path = if prefix.is_empty() {
+        "/v1/realtime?call_id=rtc_provider42".to_string()
+    } else {
+        format!("/{prefix}/v1/realtime?call_id=rtc_provider42")
+    };
+    assert_eq!(host.headers[":path"], want_path);
+    assert_eq!(host.headers[":authority"], authority);
+    assert_eq!(host.headers[crate::sideband::CLUSTER_HEADER], "worker_a");
+    assert_eq!(
+        host.headers["authorization"],
+        worker.key.as_ref().unwrap().bearer(),
+        "the pool's key, never the caller's gateway key"
+    );
+    assert_eq!(host.counter(metrics::REQ_SIDEBAND), 1);
+
+    // Not the caller's call (or no such call): 404, nothing forwarded.
+    let mut host = upgrade(None);
+    let mut flow = Flow::new(Rc::clone(&config));
+    assert_eq!(flow.on_headers(&mut host, false), Action::Pause);
+    respond(&mut flow, &mut host, 5, Some("call_not_found: x"), &[]);
+    assert_eq!(host.last_reply().status, 404);
+    assert!(!host.resumed);
+    // A Live id on the Realtime sideband is nobody's, without asking the relay.
+    let mut host = FakeHost::request(
+        &[
+            (":method", "GET"),
+            (
+                ":path",
+                "/v1/realtime?call_id=live_0123456789abcdef0123456789abcdef",
+            ),
+        ],
+        b"",
+    );
+    Flow::new(Rc::clone(&config)).on_headers(&mut host, false);
+    assert!(host.dispatched.is_empty());
+    assert_eq!(host.last_reply().status, 404);
+}
