@@ -98,7 +98,7 @@ pub fn check_hold(variant: &Path, in_variant: &[&Manifest], problems: &mut Vec<S
         .collect();
     // The paths whose body the filter holds: call creation (POST), client secrets and
     // everything under the GPT-Live sessions path (the filter answers all of it).
-    let held: [(Match, &str, Option<&str>, &str); 3] = [
+    let held: [(Match, &str, Option<&str>, &str); 4] = [
         (Match::Exact, "/v1/realtime/calls", Some("POST"), "creates"),
         (
             Match::Exact,
@@ -112,6 +112,8 @@ pub fn check_hold(variant: &Path, in_variant: &[&Manifest], problems: &mut Vec<S
             None,
             "GPT-Live requests",
         ),
+        // The Realtime sideband before the filter rewrites it (`?call_id=` in queryParams).
+        (Match::Exact, "/v1/realtime", None, "sideband upgrades"),
     ];
     for (kind, path, method, what) in held {
         let key = match kind {
