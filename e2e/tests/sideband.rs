@@ -140,8 +140,7 @@ fn attach_in_mode(pause_flag: bool) {
         let path = format!("/v1/realtime?call_id={id}");
         let e = attach(listen, &path, STRANGER_KEY, &[])
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!((e.0, code(&e).as_str()), (404, "call_not_found"), "{e:?}");
         let e = attach(
             listen,
@@ -150,8 +149,7 @@ fn attach_in_mode(pause_flag: bool) {
             &[],
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert_eq!(e.0, 404, "{e:?}");
         assert!(p.sideband_attaches().is_empty());
         // A forged cluster header is removed: the request is the filter's again.
@@ -162,8 +160,7 @@ fn attach_in_mode(pause_flag: bool) {
             &[("x-realtime-sideband-cluster", "relay")],
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert_eq!(e.0, 404, "{e:?}");
 
         // The owner attaches with the gateway id.
@@ -220,8 +217,7 @@ fn attach_in_mode(pause_flag: bool) {
         let path = format!("/v1/live/sessions/{live_id}/attach");
         let e = attach(listen, &path, STRANGER_KEY, &[])
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(e.0, 404, "{e:?}");
         let mut ws = attach(listen, &path, BACKEND_KEY, &[])
             .await
