@@ -66,6 +66,38 @@ async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
+/// Runs e2e/tests/openai_sdk/sideband.py (the official SDK's own sideband clients) with
+/// `args` against the gateway at `listen`; its JSON answer.
+fn sdk(listen: std::net::SocketAddr, args: &[&str]) -> Value {
+    let paths = Paths::discover();
+    assert!(
+        xtask::setup::openai_sdk_installed(&paths),
+        "the openai Python SDK is not in {}: run `cargo xtask setup`",
+        paths.venv().display()
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("openai_sdk")
+        .join("sideband.py");
+    let out = std::process::Command::new(paths.venv_python())
+        .arg(script)
+        .args(args)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env("GATEWAY_BASE_URL", format!("http://{listen}/v1"))
+        .env("BACKEND_KEY", BACKEND_KEY)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the SDK script ({args:?}) failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
 fn code(e: &(u16, String)) -> String {
     serde_json::from_str::<Value>(&e.1)
         .ok()
@@ -225,7 +257,17 @@ fn attach_in_mode(pause_flag: bool) {
         let usage = next_of(&mut ws, "session.usage.updated").await;
         assert!(usage["usage"]["seconds"].as_f64().unwrap() > 0.0);
     });
-    assert_eq!(envoy_stat(&envoy, "realtime_filter_requests_sideband"), 2.0);
+    // The official SDK's own clients, as an application server would attach with them.
+    let out = sdk(listen, &["realtime", &id]);
+    assert_eq!(out["instructions"], "from the SDK", "{out}");
+    assert_eq!(out["response_status"], "completed", "{out}");
+    let updated = rt
+        .block_on(c.wait_for_event_type("session.updated", T))
+        .expect("the SDK's session.update reached the call");
+    assert_eq!(updated["session"]["instructions"], "from the SDK");
+    let out = sdk(listen, &["live", &live_id]);
+    assert!(out["seconds"].as_f64().unwrap() > 0.0, "{out}");
+    assert_eq!(envoy_stat(&envoy, "realtime_filter_requests_sideband"), 4.0);
     let logs = [envoy.log_text(), relay.log_text()];
     for l in logs {
         assert!(!l.contains(KEY) && !l.contains(BACKEND_KEY));

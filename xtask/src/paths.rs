@@ -12,6 +12,9 @@ pub const JSONSCHEMA_VERSION: &str = "4.26.0";
 /// end-to-end tests of client secrets and of GPT-Live sessions drive the gateway with it as an
 /// OpenAI client would (3.54 is the first with `client.live`).
 pub const OPENAI_PY_VERSION: &str = "3.63.0";
+/// Pinned PyPI `websockets`, the `realtime` extra of `openai`: the sideband test attaches
+/// with the SDK's own WebSocket clients.
+pub const WEBSOCKETS_PY_VERSION: &str = "16.1.1";
 /// Rust target of the Wasm filter.
 pub const WASM_TARGET: &str = "wasm32-wasip1";
 /// Cargo package and artifact names.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::paths::{
     Paths, ENVOY_VERSION, JSONSCHEMA_VERSION, KUBERNETES_VALIDATE_VERSION, OPENAI_PY_VERSION,
-    WASM_TARGET,
+    WASM_TARGET, WEBSOCKETS_PY_VERSION,
 };
 use crate::process::{output, run};
 use crate::ui::{line, Step};
@@ -147,6 +147,9 @@ pub fn manifest_validators(paths: &Paths) -> Result<()> {
 /// Whether the pinned official OpenAI Python SDK is in `.venv`.
 pub fn openai_sdk_installed(paths: &Paths) -> bool {
     paths.venv_dist_info("openai", OPENAI_PY_VERSION).is_some()
+        && paths
+            .venv_dist_info("websockets", WEBSOCKETS_PY_VERSION)
+            .is_some()
 }
 
 /// The pinned PyPI `openai` (the official Python SDK, with its dependencies) in `.venv`, for
@@ -154,7 +157,7 @@ pub fn openai_sdk_installed(paths: &Paths) -> bool {
 /// (e2e/tests/client_secrets.rs). Needs the venv [`envoy`] creates.
 pub fn openai_sdk(paths: &Paths) -> Result<()> {
     let step = Step::new(format!(
-        "openai {OPENAI_PY_VERSION} (PyPI, the official Python SDK) in .venv"
+        "openai {OPENAI_PY_VERSION} with websockets {WEBSOCKETS_PY_VERSION} (PyPI, the official Python SDK and its realtime extra) in .venv"
     ));
     if openai_sdk_installed(paths) {
         step.skip("already installed");
@@ -176,7 +179,8 @@ pub fn openai_sdk(paths: &Paths) -> Result<()> {
                 "--disable-pip-version-check",
                 "--quiet",
             ])
-            .arg(format!("openai=={OPENAI_PY_VERSION}")),
+            .arg(format!("openai[realtime]=={OPENAI_PY_VERSION}"))
+            .arg(format!("websockets=={WEBSOCKETS_PY_VERSION}")),
         "pip could not install the openai package. Check that PyPI is reachable; if .venv is \
          broken, delete it (`rm -rf .venv`) and rerun `cargo xtask setup`.",
     )?;
