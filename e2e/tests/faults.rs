@@ -305,7 +305,9 @@ fn shipped_envoy(relay: &Relay, worker_url: &str, patches: Vec<(String, String)>
 
 /// The shipped worker entry as rendered for `url`.
 fn shipped_worker(id: &str, url: &str) -> String {
-    format!(r#"{{ "id": "{id}", "base_url": "{url}", "weight": 1, "key_env": "OPENAI_API_KEY" }}"#)
+    format!(
+        r#"{{ "id": "{id}", "base_url": "{url}", "weight": 1, "key_env": "OPENAI_API_KEY", "cluster": "provider" }}"#
+    )
 }
 
 /// Events and audio flow both ways on a connected call now (beyond what
