@@ -12,6 +12,7 @@ pub mod bench;
 pub mod browser;
 pub mod compile;
 pub mod envoy;
+pub mod fuzz;
 pub mod http;
 pub mod istio_checks;
 pub mod launch;

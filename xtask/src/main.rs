@@ -64,6 +64,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The libFuzzer targets of fuzz/ (cargo fuzz, nightly), each for --seconds, from the
+    /// committed seeds; installs the nightly toolchain and cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target (default: every target).
+        target: Option<String>,
+    },
     /// Drive the demo page in headless Chromium: call, session.created, an event round trip,
     /// inbound audio, hang-up. Starts its own stack on ephemeral ports unless --url is given.
     BrowserTest {
@@ -159,6 +168,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test { browser } => pipeline::test(&paths, TestOptions { browser })?,
         Cmd::Up(args) => up(&paths, args)?,
         Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
+        Cmd::Fuzz { seconds, target } => {
+            for r in xtask::fuzz::run(&paths, seconds, target.as_deref())? {
+                ui::line(format!("fuzzed {r}"));
+            }
+        }
         Cmd::BrowserTest { url, relay_metrics } => {
             let reports = match url {
                 Some(url) => [DemoApi::Realtime, DemoApi::Live]

@@ -15,6 +15,8 @@ pub const OPENAI_PY_VERSION: &str = "3.63.0";
 /// Pinned PyPI `websockets`, the `realtime` extra of `openai`: the sideband test attaches
 /// with the SDK's own WebSocket clients.
 pub const WEBSOCKETS_PY_VERSION: &str = "16.1.1";
+/// Pinned cargo-fuzz (crates.io), installed by `cargo xtask fuzz` on the nightly toolchain.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Rust target of the Wasm filter.
 pub const WASM_TARGET: &str = "wasm32-wasip1";
 /// Cargo package and artifact names.

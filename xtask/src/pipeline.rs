@@ -397,6 +397,18 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     } else {
         p.skip("cargo test --workspace", "the build failed");
     }
+    // Every fuzz target briefly: the seeds replayed, then a few seconds of mutation (long runs:
+    // `cargo xtask fuzz`, docs/reliability.md "Fuzzing").
+    if crate::fuzz::present(&paths.root) {
+        p.step("fuzz smoke (every target, 5 s each)", || {
+            let runs = crate::fuzz::run(paths, 5, None)?;
+            Ok(runs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "))
+        });
+    }
     if built && wasm_ok {
         p.step("bench --quick (smoke, dev binaries)", || {
             crate::bench::smoke(paths)

@@ -51,7 +51,7 @@ pub use flow::Flow;
 pub use host::{Action, Host};
 pub use reply::HttpReply;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fake_host;
 #[cfg(test)]
 mod table;
