@@ -51,7 +51,9 @@ pub use flow::Flow;
 pub use host::{Action, Host};
 pub use reply::HttpReply;
 
+// A test double: its panics are test failures, so the production lint set does not apply.
 #[cfg(any(test, feature = "fuzzing"))]
+#[allow(clippy::expect_used, clippy::panic)]
 pub mod fake_host;
 #[cfg(test)]
 mod table;
