@@ -209,6 +209,11 @@ pub struct Args {
     #[arg(long, env = "RELAY_UPSTREAM_TIMEOUT_MS", default_value_t = 10_000)]
     pub upstream_timeout_ms: u64,
 
+    /// Kept-alive HTTP connections to upstreams idle this many seconds are closed. Below the
+    /// provider's own idle timeout, so a reused connection is never one it is closing.
+    #[arg(long, env = "RELAY_UPSTREAM_POOL_IDLE_SECS", default_value_t = 90)]
+    pub upstream_pool_idle_secs: u64,
+
     /// Both legs must connect (ICE + DTLS) within this many seconds of setup.
     #[arg(long, env = "RELAY_ICE_TIMEOUT_SECS", default_value_t = 15)]
     pub ice_timeout_secs: u64,
@@ -289,6 +294,7 @@ pub struct Limits {
     pub call_queue_datagrams: usize,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub upstream_pool_idle: Duration,
     pub ice_timeout: Duration,
     pub peer_timeout: Duration,
     pub idle_timeout: Duration,
@@ -315,6 +321,7 @@ impl Args {
             call_queue_datagrams: self.call_queue_datagrams,
             upstream_connect_timeout: Duration::from_millis(self.upstream_connect_timeout_ms),
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
+            upstream_pool_idle: Duration::from_secs(self.upstream_pool_idle_secs),
             ice_timeout: Duration::from_secs(self.ice_timeout_secs),
             peer_timeout: Duration::from_secs(self.peer_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),

@@ -26,6 +26,7 @@ pub mod replica;
 pub mod server;
 pub mod session_ids;
 pub mod signaling;
+pub mod state_metrics;
 pub mod stun;
 pub mod upstream_body;
 pub mod usage;

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub media_tcp: TcpMetrics,
     /// What calls used (tokens, Live seconds, provider errors, rate limits).
     pub usage: std::sync::Arc<crate::usage_metrics::UsageMetrics>,
+    /// Table sizes and task counts, set at scrape time ([`crate::relay::Relay::state_sizes`]).
+    pub state: crate::state_metrics::StateGauges,
 }
 
 /// The ICE-TCP listener's counters (`media_tcp`).
@@ -143,9 +145,11 @@ impl Metrics {
             upstream_to_client: DirectionMetrics::default(),
             media_tcp: TcpMetrics::default(),
             usage: Default::default(),
+            state: Default::default(),
             registry: Registry::default(),
         };
         m.usage.register(&mut registry);
+        m.state.register(&mut registry);
         registry.register(
             "upstream_addresses_refused",
             "Upstream-leg addresses refused by the private-address policy: candidates dropped from answers (candidate_not_public, candidate_not_ip) and datagrams dropped (datagram_from_not_public, datagram_to_not_public)",

@@ -410,6 +410,17 @@ impl Registry {
         self.lock().live.len()
     }
 
+    /// (live calls, ended calls kept).
+    pub fn sizes(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.live.len(), inner.ended.len())
+    }
+
+    /// WatchCalls streams subscribed now.
+    pub fn watcher_count(&self) -> usize {
+        self.events.receiver_count()
+    }
+
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }

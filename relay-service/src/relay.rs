@@ -16,7 +16,10 @@ use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
 use crate::replica::{Peers, ReplicaIdentity};
 use crate::session_ids::SessionIds;
-use crate::signaling::{ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError};
+use crate::signaling::{
+    ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError, UpstreamHttp,
+};
+use crate::state_metrics::StateSizes;
 use crate::upstream_body::UpstreamSession;
 use crate::usage::Budget;
 use crate::usage_tap::UsageTap;
@@ -98,9 +101,12 @@ impl Relay {
         let allowlist = Arc::new(allowlist);
         let upstream = UpstreamClient::new(
             allowlist.clone(),
-            settings.limits.upstream_connect_timeout,
-            settings.limits.upstream_timeout,
-            settings.limits.max_upstream_body_bytes,
+            UpstreamHttp {
+                connect_timeout: settings.limits.upstream_connect_timeout,
+                exchange_timeout: settings.limits.upstream_timeout,
+                max_body_bytes: settings.limits.max_upstream_body_bytes,
+                pool_idle_timeout: settings.limits.upstream_pool_idle,
+            },
         )?;
         Ok(Relay {
             registry: Arc::new(Registry::new(
@@ -123,6 +129,39 @@ impl Relay {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Sizes of every table the relay keeps and of its task sets, now. Called on the
+    /// runtime (it reads the runtime's task count).
+    pub fn state_sizes(&self) -> StateSizes {
+        let (calls_live, calls_ended_kept) = self.registry.sizes();
+        let (udp_routes_by_ufrag, udp_routes_by_addr) = self.client_port.route_count();
+        let (tcp_routes_by_ufrag, tcp_routes_by_addr, tcp_connections_open) = match &self.tcp_port {
+            Some(tcp) => {
+                let (calls, conns) = tcp.route_counts();
+                (calls, conns, tcp.open_connections())
+            }
+            None => (0, 0, 0),
+        };
+        StateSizes {
+            calls_live,
+            calls_ended_kept,
+            udp_routes_by_ufrag,
+            udp_routes_by_addr,
+            tcp_routes_by_ufrag,
+            tcp_routes_by_addr,
+            tcp_connections_open,
+            watchers: self.registry.watcher_count(),
+            call_tasks: self.tasks.len(),
+            runtime_tasks: tokio::runtime::Handle::try_current()
+                .map(|h| h.metrics().num_alive_tasks())
+                .unwrap_or(0),
+        }
+    }
+
+    /// Sets the state gauges from [`Self::state_sizes`] (before each scrape).
+    pub fn refresh_state_gauges(&self) {
+        self.metrics.state.set(&self.state_sizes());
     }
 
     /// Sets up a call. Order matters: everything about the client's request is checked

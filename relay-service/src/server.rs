@@ -214,9 +214,12 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
             "/metrics",
             axum::routing::get({
                 let metrics = metrics.clone();
+                let relay = relay.clone();
                 move || {
                     let metrics = metrics.clone();
+                    let relay = relay.clone();
                     async move {
+                        relay.refresh_state_gauges();
                         (
                             [(
                                 axum::http::header::CONTENT_TYPE,

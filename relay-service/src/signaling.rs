@@ -91,16 +91,32 @@ pub struct UpstreamClient {
     max_body_bytes: usize,
 }
 
+/// How the relay's HTTP client talks to upstreams (from the relay's flags).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamHttp {
+    pub connect_timeout: Duration,
+    /// The whole SDP exchange (or hangup), connect included.
+    pub exchange_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// Kept-alive connections idle this long are closed (`--upstream-pool-idle-secs`).
+    pub pool_idle_timeout: Duration,
+}
+
 impl UpstreamClient {
     pub fn new(
         allowlist: Arc<Allowlist>,
-        connect_timeout: Duration,
-        exchange_timeout: Duration,
-        max_body_bytes: usize,
+        settings: UpstreamHttp,
     ) -> Result<Self, UpstreamClientError> {
+        let UpstreamHttp {
+            connect_timeout,
+            exchange_timeout,
+            max_body_bytes,
+            pool_idle_timeout,
+        } = settings;
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .timeout(exchange_timeout)
+            .pool_idle_timeout(pool_idle_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(Arc::new(PolicyResolver { allowlist }))
@@ -196,31 +212,13 @@ impl UpstreamClient {
             }
             bytes.extend_from_slice(&chunk);
         }
-        if !status.is_success() {
-            return Ok(ExchangeOutcome::Rejected {
-                status: status.as_u16(),
-                content_type,
-                body: bytes,
-            });
-        }
-        match kind {
-            Kind::Realtime => {
-                let sdp = String::from_utf8(bytes).map_err(|_| {
-                    SetupError::UpstreamInvalidAnswer("the upstream answer is not UTF-8".into())
-                })?;
-                Ok(ExchangeOutcome::Answer {
-                    sdp,
-                    upstream_call_id: location.as_deref().and_then(last_segment),
-                })
-            }
-            Kind::Live => {
-                let (sdp, id) = live_answer(&bytes)?;
-                Ok(ExchangeOutcome::Answer {
-                    sdp,
-                    upstream_call_id: Some(id),
-                })
-            }
-        }
+        read_answer(
+            kind,
+            status.as_u16(),
+            content_type,
+            location.as_deref(),
+            bytes,
+        )
     }
 
     /// Best-effort hangup of the provider-side call (`call.claim_hangup()` first: it is sent
@@ -241,6 +239,54 @@ impl UpstreamClient {
             Err(e) => tracing::debug!(error = %classify(e), "upstream hangup failed"),
         }
     }
+}
+
+/// What the provider's reply to a create means, once its body is read (pure; the fuzz
+/// target `upstream_answer` drives it). Any 2xx is an answer: Realtime's body is the SDP and
+/// its `Location` names the provider's call; GPT-Live's is JSON ([`live_answer`]). Anything
+/// else is a rejection, passed back verbatim.
+pub fn read_answer(
+    kind: Kind,
+    status: u16,
+    content_type: String,
+    location: Option<&str>,
+    body: Vec<u8>,
+) -> Result<ExchangeOutcome, SetupError> {
+    if !(200..300).contains(&status) {
+        return Ok(ExchangeOutcome::Rejected {
+            status,
+            content_type,
+            body,
+        });
+    }
+    match kind {
+        Kind::Realtime => {
+            let sdp = String::from_utf8(body).map_err(|_| {
+                SetupError::UpstreamInvalidAnswer("the upstream answer is not UTF-8".into())
+            })?;
+            Ok(ExchangeOutcome::Answer {
+                sdp,
+                upstream_call_id: location.and_then(last_segment),
+            })
+        }
+        Kind::Live => {
+            let (sdp, id) = live_answer(&body)?;
+            Ok(ExchangeOutcome::Answer {
+                sdp,
+                upstream_call_id: Some(id),
+            })
+        }
+    }
+}
+
+/// An id the provider gave that may go into a URL path as one segment, logs and
+/// `CallInfo`: 1 to 128 of `[A-Za-z0-9_-]`.
+pub fn is_safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A GPT-Live create answer (`LiveCreateResponse` in the `openai` package): what the relay
@@ -290,16 +336,6 @@ fn live_answer(body: &[u8]) -> Result<(String, String), SetupError> {
         ));
     }
     Ok((answer.transport.sdp, answer.session.id))
-}
-
-/// An id the provider gave that may go into a URL path as one segment, logs and
-/// `CallInfo`: 1 to 128 of `[A-Za-z0-9_-]`.
-fn is_safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn last_segment(location: &str) -> Option<String> {
@@ -403,9 +439,12 @@ mod tests {
             Allowlist::new(&[base.as_str().trim_end_matches('/').into()], true).unwrap();
         UpstreamClient::new(
             Arc::new(allowlist),
-            Duration::from_secs(2),
-            Duration::from_secs(5),
-            64 * 1024,
+            UpstreamHttp {
+                connect_timeout: Duration::from_secs(2),
+                exchange_timeout: Duration::from_secs(5),
+                max_body_bytes: 64 * 1024,
+                pool_idle_timeout: Duration::from_secs(90),
+            },
         )
         .unwrap()
     }
