@@ -7,6 +7,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel as WasmLevel, MapType};
 use realtime_filter_core::host::{DispatchFailed, GrpcCall, Host, HttpHost, LogLevel};
 use realtime_filter_core::routing::{CasMismatch, SharedStore};
+use realtime_filter_core::shared_size::{set_accounted, SHARED_DATA_BYTES, SHARED_DATA_KEYS};
 use realtime_filter_core::HttpReply;
 
 use crate::metrics::Metrics;
@@ -26,10 +27,29 @@ pub fn buffer(kind: BufferType, max: usize) -> Option<Vec<u8>> {
     hostcalls::get_buffer(kind, 0, max).ok().flatten()
 }
 
-/// proxy-wasm shared data (one store per VM id, shared by Envoy's worker threads).
-pub struct ProxyStore;
+/// proxy-wasm shared data (one store per VM id, shared by Envoy's worker threads). Every
+/// write keeps the `realtime_filter.shared_data.{bytes,keys}` gauges true.
+pub struct ProxyStore<'a> {
+    pub metrics: &'a Metrics,
+}
 
-impl SharedStore for ProxyStore {
+impl SharedStore for ProxyStore<'_> {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        let change = set_accounted(&RawStore, key, value, cas)?;
+        self.metrics.add(SHARED_DATA_BYTES, change.bytes);
+        self.metrics.add(SHARED_DATA_KEYS, change.keys);
+        Ok(())
+    }
+}
+
+/// The host calls themselves, unaccounted.
+struct RawStore;
+
+impl SharedStore for RawStore {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
         hostcalls::get_shared_data(key).unwrap_or((None, None))
     }
@@ -42,6 +62,16 @@ impl SharedStore for ProxyStore {
 /// Envoy, as seen from one context of this plugin.
 pub struct Envoy<'a> {
     pub metrics: &'a Metrics,
+    store: ProxyStore<'a>,
+}
+
+impl<'a> Envoy<'a> {
+    pub fn new(metrics: &'a Metrics) -> Self {
+        Envoy {
+            metrics,
+            store: ProxyStore { metrics },
+        }
+    }
 }
 
 impl Host for Envoy<'_> {
@@ -62,7 +92,7 @@ impl Host for Envoy<'_> {
     }
 
     fn store(&self) -> &dyn SharedStore {
-        &ProxyStore
+        &self.store
     }
 
     /// 0 if the host cannot tell.

@@ -22,9 +22,7 @@ impl Http {
 
     /// The request's flow and the host it acts through.
     fn parts(&mut self) -> (&mut Flow, Envoy<'_>) {
-        let envoy = Envoy {
-            metrics: &self.rt.metrics,
-        };
+        let envoy = Envoy::new(&self.rt.metrics);
         (&mut self.flow, envoy)
     }
 }

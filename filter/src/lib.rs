@@ -70,7 +70,7 @@ impl Root {
         for (kind, name) in realtime_filter_core::metrics::definitions(&config) {
             metrics.define(kind, &name);
         }
-        routing::create_counters(&ProxyStore, &config);
+        routing::create_counters(&ProxyStore { metrics: &metrics }, &config);
         if config.load_refresh_ms > 0 {
             hostcalls::set_tick_period(Duration::from_millis(config.load_refresh_ms))
                 .map_err(ConfigureError::Tick)?;
@@ -95,9 +95,7 @@ impl Context for Root {
         } else {
             None
         };
-        let mut envoy = Envoy {
-            metrics: &rt.metrics,
-        };
+        let mut envoy = Envoy::new(&rt.metrics);
         self.refresh.on_grpc_response(
             &rt.config,
             &mut envoy,
@@ -121,9 +119,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(rt) = &self.runtime else { return };
-        let mut envoy = Envoy {
-            metrics: &rt.metrics,
-        };
+        let mut envoy = Envoy::new(&rt.metrics);
         self.refresh.on_tick(&rt.config, &mut envoy);
     }
 

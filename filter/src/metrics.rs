@@ -17,6 +17,7 @@ pub struct Metrics {
 fn metric_type(kind: MetricKind) -> MetricType {
     match kind {
         MetricKind::Counter => MetricType::Counter,
+        MetricKind::Gauge => MetricType::Gauge,
         MetricKind::Histogram => MetricType::Histogram,
     }
 }
@@ -38,6 +39,16 @@ impl Metrics {
     pub fn inc(&self, name: &str) {
         if let Some(id) = self.id(MetricKind::Counter, name) {
             let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    /// Moves a gauge by `delta` (Envoy adds or subtracts).
+    pub fn add(&self, name: &str, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        if let Some(id) = self.id(MetricKind::Gauge, name) {
+            let _ = hostcalls::increment_metric(id, delta);
         }
     }
 

@@ -38,6 +38,7 @@ pub mod replica;
 pub mod reply;
 pub mod routing;
 pub mod sdp;
+pub mod shared_size;
 pub mod sideband;
 
 pub use classify::{classify, Route};

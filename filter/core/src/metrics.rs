@@ -7,6 +7,7 @@ use std::collections::HashSet;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricKind {
     Counter,
+    Gauge,
     Histogram,
 }
 
@@ -93,6 +94,12 @@ pub fn definitions(config: &Config) -> Vec<(MetricKind, String)> {
     .map(|n| (MetricKind::Counter, (*n).to_string()))
     .collect();
     out.push((MetricKind::Histogram, SETUP_LATENCY.to_string()));
+    for gauge in [
+        crate::shared_size::SHARED_DATA_BYTES,
+        crate::shared_size::SHARED_DATA_KEYS,
+    ] {
+        out.push((MetricKind::Gauge, gauge.to_string()));
+    }
     for r in &config.replicas {
         out.push((MetricKind::Counter, replica(&r.id, "creates")));
         out.push((MetricKind::Counter, replica(&r.id, "failovers")));
