@@ -11,20 +11,13 @@
 //! `bench-results/<timestamp>.json`; a full run also rewrites the generated section of
 //! `docs/benchmarks.md`.
 
-mod capacity;
-mod filter;
-mod peer;
-mod relay_grpc;
-mod report;
-mod setup;
-mod sys;
-
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use rtgw_bench::{capacity, filter, report, say, setup, sys, timestamp, START};
 use serde_json::{json, Value};
+use std::time::Instant;
 use xtask::paths::{Paths, Profile};
 use xtask::stack::{Stack, StackConfig, LOCAL_ECHO_API_KEY};
 
@@ -58,13 +51,6 @@ struct Cli {
     /// address as source) instead of recvfrom/sendto.
     #[arg(long)]
     relay_media_unspecified: bool,
-}
-
-static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-pub fn say(msg: impl AsRef<str>) {
-    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
-    eprintln!("[bench {t:6.1}s] {}", msg.as_ref());
 }
 
 fn main() -> ExitCode {
@@ -347,18 +333,4 @@ fn setup_section(
         "in_flight": counts.in_flight,
     });
     Ok(v)
-}
-
-fn timestamp() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let out = std::process::Command::new("date")
-        .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%dT%H%M%SZ"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        _ => secs.to_string(),
-    }
 }

@@ -41,6 +41,9 @@ pub struct Load {
     /// Peers send `response.create` (which the echo provider answers with a priced
     /// `response.done`, so the relay meters usage) instead of `bench.ping`.
     pub priced_events: AtomicBool,
+    /// On stop, vanish: drop the socket without closing (no DTLS close_notify, no SCTP
+    /// abort), as a client whose network or process died would.
+    pub vanish: AtomicBool,
 }
 
 /// A peer that has made its offer.
@@ -173,7 +176,9 @@ impl Peer {
             load.ready.fetch_sub(1, Relaxed);
         }
         load.dead.fetch_add(1, Relaxed);
-        self.udp.close_gracefully();
+        if !load.vanish.load(Relaxed) {
+            self.udp.close_gracefully();
+        }
         self.state.samples
     }
 

@@ -27,5 +27,6 @@ pub mod process;
 pub mod scaling;
 pub mod schemas;
 pub mod setup;
+pub mod soak;
 pub mod stack;
 pub mod ui;

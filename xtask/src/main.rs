@@ -64,6 +64,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The churn soak: --calls complete calls (and a tenth as many vanishing and never
+    /// connecting) through one Envoy + filter + relay (release), then a check that every
+    /// figure came back to its baseline (docs/reliability.md).
+    Soak {
+        /// Complete calls.
+        #[arg(long, default_value_t = 10_000)]
+        calls: usize,
+        /// More arguments for rtgw-soak, e.g. `--concurrency 100 --audio-secs 2`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The libFuzzer targets of fuzz/ (cargo fuzz, nightly), each for --seconds, from the
     /// committed seeds; installs the nightly toolchain and cargo-fuzz if missing.
     Fuzz {
@@ -168,6 +179,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test { browser } => pipeline::test(&paths, TestOptions { browser })?,
         Cmd::Up(args) => up(&paths, args)?,
         Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
+        Cmd::Soak { calls, args } => xtask::soak::soak(&paths, calls, &args)?,
         Cmd::Fuzz { seconds, target } => {
             for r in xtask::fuzz::run(&paths, seconds, target.as_deref())? {
                 ui::line(format!("fuzzed {r}"));

@@ -416,6 +416,13 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     } else {
         p.skip("bench --quick (smoke, dev binaries)", "the build failed");
     }
+    if built && wasm_ok {
+        p.step("soak (500 calls, dev binaries)", || {
+            crate::soak::ci_pass(paths)
+        });
+    } else {
+        p.skip("soak (500 calls, dev binaries)", "the build failed");
+    }
     if !browser {
         p.skip(
             "browser demo (headless Chromium)",
