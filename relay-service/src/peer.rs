@@ -443,6 +443,46 @@ mod tests {
         );
     }
 
+    /// Offers captured from other WebRTC stacks (testdata/offers): Chromium's (mDNS host
+    /// candidate, RED and telephone-event beside Opus, trickle) and aiortc's (no BUNDLE-only
+    /// transport: a port per m-line, three fingerprints). The relay must answer both with
+    /// Opus and the data channel.
+    #[test]
+    fn offers_from_chromium_and_aiortc_are_answered_with_opus_and_the_data_channel() {
+        for (stack, offer) in [
+            (
+                "chromium 156",
+                include_str!("../../testdata/offers/chromium-156.sdp"),
+            ),
+            (
+                "aiortc 1.16.0",
+                include_str!("../../testdata/offers/aiortc-1.16.0.sdp"),
+            ),
+        ] {
+            precheck_offer(offer, 64 * 1024).unwrap_or_else(|e| panic!("{stack}: {e:?}"));
+            let leg = accept_client_offer(
+                offer,
+                "203.0.113.7:40000".parse().unwrap(),
+                None,
+                IceCreds {
+                    ufrag: "abcd".into(),
+                    pass: "p".repeat(24),
+                },
+                MAX_MESSAGE,
+                Instant::now(),
+            )
+            .unwrap_or_else(|e| panic!("{stack}: {e:?}"));
+            assert_eq!(leg.audio_mid, Some(Mid::from("0")), "{stack}");
+            let answer = leg.answer.to_sdp_string();
+            assert!(answer.contains("opus/48000/2"), "{stack}: {answer}");
+            assert!(answer.contains("webrtc-datachannel"), "{stack}: {answer}");
+            assert!(
+                answer.contains("203.0.113.7 40000 typ host"),
+                "{stack}: {answer}"
+            );
+        }
+    }
+
     #[test]
     fn audio_mid_comes_from_the_audio_section() {
         let sdp = "v=0\r\nm=application 9 x\r\na=mid:0\r\nm=audio 9 x 111\r\na=mid:1\r\n";

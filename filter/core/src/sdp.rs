@@ -105,6 +105,17 @@ pub(crate) mod tests {
 
     pub const OFFER: &str = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=setup:actpass\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuv\r\na=fingerprint:sha-256 00:11\r\na=rtpmap:111 opus/48000/2\r\na=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=setup:actpass\r\na=sctp-port:5000\r\n";
 
+    /// Offers captured from Chromium and aiortc (testdata/offers).
+    #[test]
+    fn offers_from_chromium_and_aiortc_pass() {
+        for offer in [
+            include_str!("../../../testdata/offers/chromium-156.sdp"),
+            include_str!("../../../testdata/offers/aiortc-1.16.0.sdp"),
+        ] {
+            assert_eq!(validate_offer(offer.as_bytes(), 32 * 1024), Ok(offer));
+        }
+    }
+
     #[test]
     fn a_browser_like_offer_passes() {
         assert!(validate_offer(OFFER.as_bytes(), 32 * 1024).is_ok());
