@@ -29,7 +29,18 @@ pub fn targets(paths: &Paths) -> Result<Vec<String>> {
 /// `cargo` of the rustup proxy, for `+nightly`: the environment `cargo xtask` runs in names
 /// the stable toolchain's own binaries, which take no `+toolchain`.
 fn rustup_cargo(paths: &Paths) -> Command {
-    let mut cmd = Command::new("cargo");
+    cargo_command(paths, Command::new("cargo"))
+}
+
+/// [`rustup_cargo`] at the lowest CPU priority (`nice -n 19`): long runs side by side yield
+/// the machine to everything else.
+fn niced_rustup_cargo(paths: &Paths) -> Command {
+    let mut nice = Command::new("nice");
+    nice.args(["-n", "19", "cargo"]);
+    cargo_command(paths, nice)
+}
+
+fn cargo_command(paths: &Paths, mut cmd: Command) -> Command {
     cmd.current_dir(paths.root.join("fuzz"))
         .env_remove("CARGO")
         .env_remove("RUSTC")
@@ -100,6 +111,8 @@ pub struct FuzzRun {
     pub target: String,
     pub runs: u64,
     pub seconds: u64,
+    /// CPU time the run got (user + system, the fuzzer included).
+    pub cpu_seconds: f64,
     /// libFuzzer's last `cov:` (edges covered) figure.
     pub coverage: Option<u64>,
 }
@@ -108,10 +121,11 @@ impl std::fmt::Display for FuzzRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: {} runs in {} s, coverage {}",
+            "{}: {} runs in {} s ({:.0} CPU s), coverage {}",
             self.target,
             self.runs,
             self.seconds,
+            self.cpu_seconds,
             self.coverage
                 .map_or_else(|| "?".to_string(), |c| c.to_string())
         )
@@ -142,9 +156,109 @@ fn work_corpus(paths: &Paths, target: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// How the chosen targets share the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// One after the other, each with the machine to itself.
+    OneByOne,
+    /// All at once at `nice 19` (the long runs of docs/reliability.md).
+    AllAtOnce,
+}
+
+/// A target's fuzzer, started; its output goes to `log`.
+struct Started {
+    target: String,
+    child: std::process::Child,
+    log: PathBuf,
+    artifacts: PathBuf,
+    began: Instant,
+}
+
+fn start(paths: &Paths, target: &str, seconds: u64, schedule: Schedule) -> Result<Started> {
+    let seeds = paths.root.join("fuzz").join("corpus").join(target);
+    let work = work_corpus(paths, target)?;
+    let artifacts = paths.scratch().join("fuzz").join("artifacts").join(target);
+    std::fs::create_dir_all(&artifacts)?;
+    let logs = paths.scratch().join("fuzz").join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log = logs.join(format!("{target}.log"));
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = match schedule {
+        Schedule::OneByOne => rustup_cargo(paths),
+        Schedule::AllAtOnce => niced_rustup_cargo(paths),
+    };
+    cmd.args(["+nightly", "fuzz", "run", "-O", target])
+        .arg(&work)
+        .arg(&seeds)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-rss_limit_mb=2048")
+        .arg("-timeout=10")
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let child = cmd.spawn().context("running cargo fuzz")?;
+    Ok(Started {
+        target: target.to_string(),
+        child,
+        log,
+        artifacts,
+        began: Instant::now(),
+    })
+}
+
+/// Waits for the child and reads its exit status and CPU time (its own and its reaped
+/// descendants': the fuzzer runs under `cargo fuzz`).
+fn wait_with_cpu(child: &std::process::Child) -> Result<(bool, f64)> {
+    let pid = libc::pid_t::try_from(child.id()).context("pid")?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for a child this process spawned and has not waited for.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r != pid {
+        bail!("wait4 on cargo fuzz: {}", std::io::Error::last_os_error());
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok((ok, secs(usage.ru_utime) + secs(usage.ru_stime)))
+}
+
+fn finish(s: Started) -> Result<FuzzRun> {
+    let (ok, cpu_seconds) = wait_with_cpu(&s.child)?;
+    let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+    if !ok {
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "fuzz target {} failed after {:.0?} (reproducers in {}, log {}):\n{}",
+            s.target,
+            s.began.elapsed(),
+            s.artifacts.display(),
+            s.log.display(),
+            tail.join("\n")
+        );
+    }
+    let (runs, seconds, coverage) = figures(&text);
+    let run = FuzzRun {
+        target: s.target,
+        runs,
+        seconds,
+        cpu_seconds,
+        coverage,
+    };
+    line(format!("    {run}"));
+    Ok(run)
+}
+
 /// Builds the targets once (release, with debug info), then runs `only` (or every target)
-/// for `seconds` each.
-pub fn run(paths: &Paths, seconds: u64, only: Option<&str>) -> Result<Vec<FuzzRun>> {
+/// for `seconds` each, one by one or all at once.
+pub fn run(
+    paths: &Paths,
+    seconds: u64,
+    only: Option<&str>,
+    schedule: Schedule,
+) -> Result<Vec<FuzzRun>> {
     setup(paths)?;
     let all = targets(paths)?;
     let chosen: Vec<String> = match only {
@@ -158,50 +272,26 @@ pub fn run(paths: &Paths, seconds: u64, only: Option<&str>) -> Result<Vec<FuzzRu
         "The fuzz targets did not build (fuzz/).",
     )?;
     step.done();
-    let mut out = Vec::new();
-    for target in chosen {
-        let started = Instant::now();
-        let seeds = paths.root.join("fuzz").join("corpus").join(&target);
-        let work = work_corpus(paths, &target)?;
-        let artifacts = paths.scratch().join("fuzz").join("artifacts").join(&target);
-        std::fs::create_dir_all(&artifacts)?;
-        let output = rustup_cargo(paths)
-            .args(["+nightly", "fuzz", "run", "-O", &target])
-            .arg(&work)
-            .arg(&seeds)
-            .arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .arg("-rss_limit_mb=2048")
-            .arg("-timeout=10")
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
-            .output()
-            .context("running cargo fuzz")?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        if !output.status.success() {
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "fuzz target {target} failed after {:.0?} (reproducers in {}):\n{}",
-                started.elapsed(),
-                artifacts.display(),
-                tail.join("\n")
-            );
+    match schedule {
+        Schedule::OneByOne => chosen
+            .iter()
+            .map(|t| finish(start(paths, t, seconds, schedule)?))
+            .collect(),
+        Schedule::AllAtOnce => {
+            line(format!(
+                "    {} targets at once for {seconds} s, at nice 19 (logs in {})",
+                chosen.len(),
+                paths.scratch().join("fuzz").join("logs").display()
+            ));
+            let started: Vec<Started> = chosen
+                .iter()
+                .map(|t| start(paths, t, seconds, schedule))
+                .collect::<Result<_>>()?;
+            // Every child is waited for, even after one failed.
+            let results: Vec<Result<FuzzRun>> = started.into_iter().map(finish).collect();
+            results.into_iter().collect()
         }
-        let (runs, secs, coverage) = figures(&text);
-        let run = FuzzRun {
-            target,
-            runs,
-            seconds: secs,
-            coverage,
-        };
-        line(format!("    {run}"));
-        out.push(run);
     }
-    Ok(out)
 }
 
 /// Whether `fuzz/` exists (a checkout without it has nothing to fuzz).

@@ -81,6 +81,10 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Run the targets all at once at nice 19 (the hour-long runs of
+        /// docs/reliability.md) instead of one after the other.
+        #[arg(long)]
+        all_at_once: bool,
         /// One target (default: every target).
         target: Option<String>,
     },
@@ -180,8 +184,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Up(args) => up(&paths, args)?,
         Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
         Cmd::Soak { calls, args } => xtask::soak::soak(&paths, calls, &args)?,
-        Cmd::Fuzz { seconds, target } => {
-            for r in xtask::fuzz::run(&paths, seconds, target.as_deref())? {
+        Cmd::Fuzz {
+            seconds,
+            all_at_once,
+            target,
+        } => {
+            let schedule = if all_at_once {
+                xtask::fuzz::Schedule::AllAtOnce
+            } else {
+                xtask::fuzz::Schedule::OneByOne
+            };
+            for r in xtask::fuzz::run(&paths, seconds, target.as_deref(), schedule)? {
                 ui::line(format!("fuzzed {r}"));
             }
         }

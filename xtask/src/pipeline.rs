@@ -401,7 +401,7 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     // `cargo xtask fuzz`, docs/reliability.md "Fuzzing").
     if crate::fuzz::present(&paths.root) {
         p.step("fuzz smoke (every target, 5 s each)", || {
-            let runs = crate::fuzz::run(paths, 5, None)?;
+            let runs = crate::fuzz::run(paths, 5, None, crate::fuzz::Schedule::OneByOne)?;
             Ok(runs
                 .iter()
                 .map(ToString::to_string)
