@@ -31,7 +31,7 @@ use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, Mid};
 use str0m::net::{Protocol, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
-use str0m::{Event, Input, Rtc};
+use str0m::{Event, IceConnectionState, Input, Rtc};
 
 /// Below this many buffered bytes, str0m tells us a channel can take more.
 const CHANNEL_LOW_WATER: usize = 64 * 1024;
@@ -151,6 +151,10 @@ struct LegState {
     local_addr: SocketAddr,
     tcp_local_addr: Option<SocketAddr>,
     connected: bool,
+    /// Datagrams str0m took on this leg, and its last ICE state: what an ICE timeout logs,
+    /// so an operator can tell a client that never sent a check from one that stalled.
+    datagrams: u64,
+    ice_state: Option<IceConnectionState>,
     /// The `oai-events` channel on this leg, once open.
     channel: Option<ChannelId>,
     audio_mid: Option<Mid>,
@@ -232,6 +236,8 @@ impl Bridge {
             local_addr: s.local_addr,
             tcp_local_addr: s.tcp_local_addr,
             connected: false,
+            datagrams: 0,
+            ice_state: None,
             channel: None,
             audio_mid: s.audio_mid,
             data_channel: s.data_channel,
@@ -476,6 +482,7 @@ impl Bridge {
         self.now = self.now.max(now);
         let state = self.leg_mut(leg);
         state.last_receive = now;
+        state.datagrams += 1;
         if let Err(e) = state.rtc.handle_input(input) {
             // A bad packet is the sender's problem, not a reason to end the call.
             tracing::debug!(?leg, error = %e, "datagram rejected");
@@ -564,6 +571,18 @@ impl Bridge {
         }
         match self.connected_at {
             None if now >= self.created + self.limits.ice_timeout => {
+                if self.end.is_none() {
+                    let (c, u) = (&self.client, &self.upstream);
+                    tracing::info!(
+                        client_connected = c.connected,
+                        client_ice = ?c.ice_state,
+                        client_datagrams = c.datagrams,
+                        upstream_connected = u.connected,
+                        upstream_ice = ?u.ice_state,
+                        upstream_datagrams = u.datagrams,
+                        "the legs did not both connect in time"
+                    );
+                }
                 self.end(EndReason::IceTimeout)
             }
             None => {}
@@ -627,6 +646,7 @@ impl Bridge {
             // judges real loss, and the ICE timeout a leg that never connected.
             Event::IceConnectionStateChange(state) => {
                 tracing::debug!(?leg, ?state, "ICE connection state");
+                self.leg_mut(leg).ice_state = Some(state);
             }
             Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
                 let state = self.leg_mut(leg);

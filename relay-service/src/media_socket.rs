@@ -10,9 +10,15 @@
 //! verifies with the call's local ICE password ([`stun::signed_with`]); the ufrag alone
 //! travels in the clear. So a stranger who knows or guesses a ufrag reaches the call's str0m
 //! (which checks and ignores the request) but neither fills the call's few address slots
-//! ([`MAX_ADDRS_PER_CALL`]) nor steers anyone's media. An address belongs to the first call
-//! that learned it until that call ends; a signed request for another call from it is
-//! delivered, not re-routed. Refused learns are counted (`stun_unauthenticated`).
+//! ([`MAX_ADDRS_PER_CALL`]) nor steers anyone's media. An address belongs to the call that
+//! learned it while that call hears from it: a signed request for another call from it is
+//! delivered, not re-routed. Once the owner has heard nothing from the address for
+//! [`TAKEOVER_SILENCE`], a signed request for another call moves the address to that call:
+//! the owner's client is gone (the relay ends its call at `--peer-timeout-secs`) and the
+//! address now belongs to someone else, a port the client's host reused or a NAT mapping
+//! given to a new client. Without that, the new call's DTLS and media would go to the old
+//! call until it timed out, and the new call would never connect (the churn soak found it:
+//! about 1 call in 3,000). Refused learns are counted (`stun_unauthenticated`).
 //!
 //! Bound on the unspecified address (`0.0.0.0`, `[::]`) on a host with several addresses,
 //! a plain `sendto` leaves from the kernel's preferred source for the route, which need not be
@@ -30,8 +36,9 @@ use rtc_peer::udp::{send_or_wait, Send, MAX_DATAGRAM};
 use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use str0m::net::Protocol;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -41,6 +48,12 @@ use tokio::sync::mpsc;
 /// Beyond this, even signed STUN from more addresses teaches nothing: the tables stay small
 /// whatever a call's own client does.
 const MAX_ADDRS_PER_CALL: usize = 8;
+
+/// An address another call owns moves to a call whose signed binding request comes from it
+/// once the owner has heard nothing from it this long. A live client is never this quiet:
+/// audio flows every 20 ms (400 ms with DTX) and ICE checks keep coming. Taking a live call's
+/// address would need a client of another call that can spoof source addresses.
+pub const TAKEOVER_SILENCE: Duration = Duration::from_secs(2);
 
 /// How long a send on either leg of a call (this port, or the call's upstream socket) waits
 /// for socket buffer room before the datagram is dropped: enough to ride out a burst, never
@@ -116,10 +129,17 @@ struct Registered {
     pass: String,
 }
 
+/// A client address a call learned, and when a datagram from it last reached the call
+/// (milliseconds since the port's epoch; stored under the read lock).
+struct AddrRoute {
+    route: Route,
+    last_seen_ms: AtomicU64,
+}
+
 #[derive(Default)]
 struct Routes {
     by_ufrag: HashMap<String, Registered>,
-    by_addr: HashMap<SocketAddr, Route>,
+    by_addr: HashMap<SocketAddr, AddrRoute>,
     addrs_of: HashMap<u64, Vec<SocketAddr>>,
 }
 
@@ -128,6 +148,8 @@ pub struct ClientPort {
     routes: Arc<RwLock<Routes>>,
     local_addr: SocketAddr,
     next_key: std::sync::atomic::AtomicU64,
+    /// Zero of the routes' `last_seen_ms` clock.
+    epoch: Instant,
 }
 
 /// Removes a call's routes when dropped (call ended, panicked or setup failed).
@@ -142,7 +164,7 @@ impl Drop for RouteGuard {
         let mut r = self.routes.write().unwrap_or_else(|p| p.into_inner());
         r.by_ufrag.remove(&self.ufrag);
         for a in r.addrs_of.remove(&self.key).unwrap_or_default() {
-            if r.by_addr.get(&a).is_some_and(|route| route.key == self.key) {
+            if r.by_addr.get(&a).is_some_and(|e| e.route.key == self.key) {
                 r.by_addr.remove(&a);
             }
         }
@@ -186,6 +208,7 @@ impl ClientPort {
             routes: Arc::new(RwLock::new(Routes::default())),
             local_addr,
             next_key: std::sync::atomic::AtomicU64::new(1),
+            epoch: Instant::now(),
         })
     }
 
@@ -327,13 +350,25 @@ impl ClientPort {
         data: &[u8],
         metrics: &Metrics,
     ) {
-        let route = self.lookup(source, data, metrics);
+        self.dispatch_at(source, local_ip, data, metrics, Instant::now());
+    }
+
+    /// [`Self::dispatch`] at `now` (tests move the clock).
+    fn dispatch_at(
+        &self,
+        source: SocketAddr,
+        local_ip: Option<IpAddr>,
+        data: &[u8],
+        metrics: &Metrics,
+        now: Instant,
+    ) {
+        let route = self.lookup(source, data, metrics, now);
         let Some(route) = route else {
             metrics.unmatched_datagrams.inc();
             return;
         };
         let d = Datagram {
-            at: Instant::now(),
+            at: now,
             proto: Protocol::Udp,
             source,
             local_ip,
@@ -344,20 +379,36 @@ impl ClientPort {
         }
     }
 
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The call a datagram is for: by source address, or for a binding request by the ufrag
     /// it names. A binding request from an address not yet the call's teaches the address
-    /// only if it is signed with the call's password, and never takes an address from another
-    /// live call.
-    fn lookup(&self, source: SocketAddr, data: &[u8], metrics: &Metrics) -> Option<Route> {
+    /// only if it is signed with the call's password, and takes an address another call
+    /// learned only once that call has heard nothing from it for [`TAKEOVER_SILENCE`].
+    fn lookup(
+        &self,
+        source: SocketAddr,
+        data: &[u8],
+        metrics: &Metrics,
+        now: Instant,
+    ) -> Option<Route> {
+        let now_ms = self.millis(now);
+        let silence_ms = u64::try_from(TAKEOVER_SILENCE.as_millis()).unwrap_or(u64::MAX);
         let ufrag = stun::local_ufrag(data);
         {
             let r = self.routes.read().unwrap_or_else(|p| p.into_inner());
             let Some(u) = ufrag else {
-                return r.by_addr.get(&source).cloned();
+                return r.by_addr.get(&source).map(|e| {
+                    e.last_seen_ms.store(now_ms, Relaxed);
+                    e.route.clone()
+                });
             };
             let call = r.by_ufrag.get(u)?;
-            let owner = r.by_addr.get(&source).map(|a| a.key);
-            if owner == Some(call.route.key) {
+            let owner = r.by_addr.get(&source);
+            if let Some(e) = owner.filter(|e| e.route.key == call.route.key) {
+                e.last_seen_ms.store(now_ms, Relaxed);
                 return Some(call.route.clone());
             }
             // Delivered either way: the call's str0m checks the request and answers only a
@@ -366,22 +417,42 @@ impl ClientPort {
                 metrics.stun_unauthenticated.inc();
                 return Some(call.route.clone());
             }
-            if owner.is_some() {
-                tracing::debug!(%source, "signed binding request from another live call's address; not re-routed");
-                return Some(call.route.clone());
+            if let Some(e) = owner {
+                if now_ms.saturating_sub(e.last_seen_ms.load(Relaxed)) < silence_ms {
+                    tracing::debug!(%source, "signed binding request from another live call's address; not re-routed");
+                    return Some(call.route.clone());
+                }
             }
         }
-        // A signed binding request from an address no call has: learn it. The table may
-        // have changed between the locks: look again.
+        // A signed binding request from an address no call has, or one whose call has gone
+        // quiet: learn it. The table may have changed between the locks: look again.
         let mut r = self.routes.write().unwrap_or_else(|p| p.into_inner());
         let route = r.by_ufrag.get(ufrag?)?.route.clone();
-        if !r.by_addr.contains_key(&source) {
-            let known = r.addrs_of.entry(route.key).or_default();
-            if known.len() < MAX_ADDRS_PER_CALL {
-                known.push(source);
-                r.by_addr.insert(source, route.clone());
+        let previous = match r.by_addr.get(&source) {
+            None => None,
+            Some(e) if e.route.key == route.key => return Some(route),
+            Some(e) if now_ms.saturating_sub(e.last_seen_ms.load(Relaxed)) < silence_ms => {
+                return Some(route)
             }
+            Some(e) => Some(e.route.key),
+        };
+        if r.addrs_of.get(&route.key).map_or(0, Vec::len) >= MAX_ADDRS_PER_CALL {
+            return Some(route);
         }
+        if let Some(old) = previous {
+            if let Some(addrs) = r.addrs_of.get_mut(&old) {
+                addrs.retain(|a| *a != source);
+            }
+            tracing::info!(%source, "a client address moved to a new call (its previous call had gone quiet)");
+        }
+        r.addrs_of.entry(route.key).or_default().push(source);
+        r.by_addr.insert(
+            source,
+            AddrRoute {
+                route: route.clone(),
+                last_seen_ms: AtomicU64::new(now_ms),
+            },
+        );
         Some(route)
     }
 }
@@ -586,6 +657,69 @@ mod tests {
         assert!(rx_b.try_recv().is_ok());
         assert_eq!(rx_b.try_recv().unwrap().data, vec![0x80, 8]);
         assert_eq!(port.route_count(), (1, 1));
+    }
+
+    /// The owner of an address went quiet (its client vanished; the relay has not timed its
+    /// call out yet) and a new call's client now sends from the same address, a port its
+    /// host reused: after [`TAKEOVER_SILENCE`] the new call's signed request takes the
+    /// address, so its DTLS and media reach it.
+    #[tokio::test]
+    async fn a_quiet_calls_address_moves_to_the_call_that_now_signs_from_it() {
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let metrics = Metrics::new();
+        let (tx_a, mut rx_a) = mpsc::channel(8);
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        let _guard_a = port.register("ufragA", "passA", tx_a);
+        let guard_b = port.register("ufragB", "passB", tx_b);
+        let shared = addr(5002);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        port.dispatch_at(
+            shared,
+            None,
+            &binding_request("ufragA", "passA"),
+            &metrics,
+            at(0),
+        );
+        port.dispatch_at(shared, None, &[0x80, 1], &metrics, at(1000));
+        assert_eq!(
+            rx_a.try_recv().unwrap().data.len(),
+            binding_request("ufragA", "passA").len()
+        );
+        assert_eq!(rx_a.try_recv().unwrap().data, vec![0x80, 1]);
+
+        // A heard from the address 1.9 s ago: still A's.
+        let b_request = binding_request("ufragB", "passB");
+        port.dispatch_at(shared, None, &b_request, &metrics, at(2900));
+        assert!(rx_b.try_recv().is_ok(), "the request itself reaches B");
+        port.dispatch_at(shared, None, &[0x80, 2], &metrics, at(2950));
+        assert_eq!(rx_a.try_recv().unwrap().data, vec![0x80, 2]);
+
+        // An unsigned request never moves it, however quiet A is.
+        port.dispatch_at(
+            shared,
+            None,
+            &binding_request("ufragB", "guess"),
+            &metrics,
+            at(9000),
+        );
+        assert!(rx_b.try_recv().is_ok());
+        port.dispatch_at(shared, None, &[0x80, 3], &metrics, at(9001));
+        assert_eq!(rx_a.try_recv().unwrap().data, vec![0x80, 3]);
+
+        // 2 s of quiet, then B's signed request: the address is B's.
+        port.dispatch_at(shared, None, &b_request, &metrics, at(11_001));
+        assert!(rx_b.try_recv().is_ok());
+        port.dispatch_at(shared, None, &[0x80, 4], &metrics, at(11_002));
+        assert_eq!(rx_b.try_recv().unwrap().data, vec![0x80, 4]);
+        assert!(rx_a.try_recv().is_err());
+        assert_eq!(port.route_count(), (2, 1));
+
+        // B ends: the address is forgotten (A no longer lists it).
+        drop(guard_b);
+        assert_eq!(port.route_count(), (1, 0));
+        port.dispatch_at(shared, None, &[0x80, 5], &metrics, at(11_003));
+        assert!(rx_a.try_recv().is_err());
     }
 
     #[test]
