@@ -44,6 +44,35 @@ pub struct Load {
     /// On stop, vanish: drop the socket without closing (no DTLS close_notify, no SCTP
     /// abort), as a client whose network or process died would.
     pub vanish: AtomicBool,
+    /// Some peer got through DTLS (str0m's `Connected`), and opened `oai-events`: how far a
+    /// call that never became ready got.
+    pub connected: AtomicBool,
+    pub channel_open: AtomicBool,
+    /// The last ICE state a peer reported (`ice_state_name`), 0 before any.
+    pub ice_state: std::sync::atomic::AtomicU8,
+}
+
+/// The name of a [`Load::ice_state`] value.
+pub fn ice_state_name(v: u8) -> &'static str {
+    match v {
+        1 => "new",
+        2 => "checking",
+        3 => "connected",
+        4 => "completed",
+        5 => "disconnected",
+        _ => "none",
+    }
+}
+
+fn ice_state_code(s: str0m::IceConnectionState) -> u8 {
+    use str0m::IceConnectionState as S;
+    match s {
+        S::New => 1,
+        S::Checking => 2,
+        S::Connected => 3,
+        S::Completed => 4,
+        S::Disconnected => 5,
+    }
 }
 
 /// A peer that has made its offer.
@@ -238,7 +267,14 @@ impl Peer {
 impl PeerState {
     fn on_event(&mut self, e: Event) {
         match e {
-            Event::ChannelOpen(id, label) if label == EVENTS_CHANNEL => self.channel = Some(id),
+            Event::Connected => self.load.connected.store(true, Relaxed),
+            Event::IceConnectionStateChange(state) => {
+                self.load.ice_state.store(ice_state_code(state), Relaxed)
+            }
+            Event::ChannelOpen(id, label) if label == EVENTS_CHANNEL => {
+                self.channel = Some(id);
+                self.load.channel_open.store(true, Relaxed);
+            }
             Event::ChannelData(d) => {
                 if !self.ready {
                     if d.data.windows(15).any(|w| w == b"session.created") {

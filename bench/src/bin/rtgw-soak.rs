@@ -130,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
         "starting echo model + relay + Envoy ({})",
         profile.dir()
     ));
+    say(format!("logs in {}", cfg.run_dir.display()));
     let mut stack = Stack::start(&paths, cfg)?;
     let pid_of = |name: &str| {
         stack
@@ -196,10 +197,13 @@ fn run(cli: Cli) -> Result<()> {
     std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
     say(format!("wrote {}", out.display()));
     println!(
-        "calls ok {}; failed {}; ended by reason {}; {} calls/s; drain {} s",
+        "calls ok {}; failed {}; ended by reason {}; relay counters during the calls {}; UDP buffer drops on the machine {} in, {} out; {} calls/s; drain {} s",
         doc["calls_ok"],
         doc["calls_failed"],
         doc["ended_by_reason"],
+        doc["relay_counters_during_calls"],
+        doc["machine_udp_rcvbuf_errors_during_calls"],
+        doc["machine_udp_sndbuf_errors_during_calls"],
         doc["calls_per_sec"],
         doc["drain_secs"]
     );

@@ -130,7 +130,15 @@ impl Gateway {
             let _ = task.await;
             return Err(fail(
                 "connect",
-                format!("no session.created within {:?}", timing.connect_timeout),
+                format!(
+                    "{id}: no session.created within {:?} (client ICE {}, DTLS connected: {}, oai-events open: {}, {} frames and {} events received)",
+                    timing.connect_timeout,
+                    crate::peer::ice_state_name(load.ice_state.load(Relaxed)),
+                    load.connected.load(Relaxed),
+                    load.channel_open.load(Relaxed),
+                    load.frames_received.load(Relaxed),
+                    load.events_received.load(Relaxed),
+                ),
             ));
         }
         load.sending.store(true, Relaxed);

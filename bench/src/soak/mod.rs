@@ -80,6 +80,26 @@ const ALL_REASONS: [&str; 14] = [
     "internal_error",
 ];
 
+/// Relay counters whose growth over the measured calls the report shows: datagrams and
+/// messages that went nowhere, refused setups. Not judged (a busy loopback drops a few), but
+/// where a failed call's cause shows.
+const RELAY_COUNTERS: [&str; 7] = [
+    "realtime_relay_unmatched_datagrams_total",
+    "realtime_relay_call_queue_full_drops_total",
+    "realtime_relay_stun_unauthenticated_total",
+    "realtime_relay_dc_write_errors_total",
+    "realtime_relay_dropped_total",
+    "realtime_relay_setup_failures_total",
+    "realtime_relay_call_panics_total",
+];
+
+fn relay_counters(metrics: &str) -> BTreeMap<&'static str, f64> {
+    RELAY_COUNTERS
+        .iter()
+        .map(|n| (*n, xtask::metrics::value(metrics, n).unwrap_or(f64::NAN)))
+        .collect()
+}
+
 #[derive(Default)]
 struct Tally {
     ok: BTreeMap<&'static str, usize>,
@@ -266,7 +286,11 @@ pub async fn run(
         at_secs: at(),
         figures: baseline.clone(),
     });
-    let reasons_before = reasons(&probe.relay_metrics().await?);
+    let metrics_before = probe.relay_metrics().await?;
+    let reasons_before = reasons(&metrics_before);
+    let mut problems_early: Vec<String> = Vec::new();
+    let counters_before = relay_counters(&metrics_before);
+    let udp_errors_before = probe::udp_buffer_errors();
 
     let schedule = interleave(plan.complete, plan.vanish, plan.never_connect);
     say(format!(
@@ -304,23 +328,34 @@ pub async fn run(
         at_secs: at(),
         figures: drained.clone(),
     });
-    let reasons_after = reasons(&probe.relay_metrics().await?);
+    let udp_errors_after = probe::udp_buffer_errors();
+    let metrics_after = probe.relay_metrics().await?;
+    let reasons_after = reasons(&metrics_after);
+    let counters: BTreeMap<&str, f64> = relay_counters(&metrics_after)
+        .into_iter()
+        .map(|(n, after)| (n, after - counters_before.get(n).copied().unwrap_or(0.0)))
+        .collect();
+    if counters
+        .get("realtime_relay_call_panics_total")
+        .copied()
+        .unwrap_or(0.0)
+        != 0.0
+    {
+        problems_early.push("a call task panicked".to_string());
+    }
 
     let rows = verdict::judge(&baseline, &drained, &stack.caps);
     let tally = tally
         .lock()
         .map(|mut t| std::mem::take(&mut *t))
         .unwrap_or_default();
-    let mut problems: Vec<String> = rows
-        .iter()
-        .filter(|r| !r.ok)
-        .map(|r| {
-            format!(
-                "{} did not come back: baseline {}, after the drain {:?}, limit {}",
-                r.name, r.baseline, r.drained, r.allowed
-            )
-        })
-        .collect();
+    let mut problems: Vec<String> = problems_early;
+    problems.extend(rows.iter().filter(|r| !r.ok).map(|r| {
+        format!(
+            "{} did not come back: baseline {}, after the drain {:?}, limit {}",
+            r.name, r.baseline, r.drained, r.allowed
+        )
+    }));
     for (stage, (n, examples)) in &tally.failures {
         problems.push(format!("{n} call(s) failed at {stage}: {examples:?}"));
     }
@@ -332,7 +367,9 @@ pub async fn run(
     for (reason, kind) in REASONS {
         let want = tally.ok.get(kind.label()).copied().unwrap_or(0) as f64;
         let got = ended.get(reason).copied().unwrap_or(0.0);
-        if kind != Kind::Complete && got != want {
+        // A failed call ends some other way (a client that never connected: ice_timeout);
+        // the failure is the problem then, not the count.
+        if kind != Kind::Complete && tally.failures.is_empty() && got != want {
             problems.push(format!(
                 "{want} {} calls but the relay ended {got} as {reason}",
                 kind.label()
@@ -366,6 +403,9 @@ pub async fn run(
         "calls_failed": tally.failed,
         "failures": tally.failures.iter().map(|(s, (n, ex))| (s.to_string(), json!({"count": n, "examples": ex}))).collect::<BTreeMap<_, _>>(),
         "ended_by_reason": ended,
+        "relay_counters_during_calls": counters,
+        "machine_udp_rcvbuf_errors_during_calls": udp_errors_after.0 - udp_errors_before.0,
+        "machine_udp_sndbuf_errors_during_calls": udp_errors_after.1 - udp_errors_before.1,
         "calls_secs": (calls_secs * 10.0).round() / 10.0,
         "calls_per_sec": ((plan.complete + plan.vanish + plan.never_connect) as f64 / calls_secs * 10.0).round() / 10.0,
         "drain_secs": (drain_time.as_secs_f64() * 10.0).round() / 10.0,

@@ -148,6 +148,26 @@ impl Probe {
     }
 }
 
+/// The machine's UDP counters (`/proc/net/snmp`): `RcvbufErrors` and `SndbufErrors` count
+/// datagrams the kernel dropped because a socket's buffer was full, on every socket of the
+/// network namespace.
+pub fn udp_buffer_errors() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return (f64::NAN, f64::NAN);
+    };
+    let pick = |want: &str| {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == want)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (pick("RcvbufErrors"), pick("SndbufErrors"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
