@@ -29,7 +29,11 @@ pub fn targets(paths: &Paths) -> Result<Vec<String>> {
 /// `cargo` of the rustup proxy, for `+nightly`: the environment `cargo xtask` runs in names
 /// the stable toolchain's own binaries, which take no `+toolchain`.
 fn rustup_cargo(paths: &Paths) -> Command {
-    cargo_command(paths, Command::new("cargo"))
+    proxy_cargo(
+        Command::new("cargo"),
+        &paths.root.join("fuzz"),
+        &paths.target.join("fuzz"),
+    )
 }
 
 /// [`rustup_cargo`] at the lowest CPU priority (`nice -n 19`): long runs side by side yield
@@ -37,26 +41,25 @@ fn rustup_cargo(paths: &Paths) -> Command {
 fn niced_rustup_cargo(paths: &Paths) -> Command {
     let mut nice = Command::new("nice");
     nice.args(["-n", "19", "cargo"]);
-    cargo_command(paths, nice)
+    proxy_cargo(nice, &paths.root.join("fuzz"), &paths.target.join("fuzz"))
 }
 
-fn cargo_command(paths: &Paths, mut cmd: Command) -> Command {
-    cmd.current_dir(paths.root.join("fuzz"))
+/// `cmd` (which runs the rustup proxy `cargo`) without the toolchain-pinning environment of
+/// `cargo xtask`, in `dir`, building into `target_dir`.
+pub fn proxy_cargo(mut cmd: Command, dir: &Path, target_dir: &Path) -> Command {
+    cmd.current_dir(dir)
         .env_remove("CARGO")
         .env_remove("RUSTC")
         .env_remove("RUSTDOC")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_BUILD_TARGET")
-        .env("CARGO_TARGET_DIR", paths.target.join("fuzz"));
+        .env("CARGO_TARGET_DIR", target_dir);
     cmd
 }
 
-/// The nightly toolchain and the pinned cargo-fuzz (libFuzzer needs nightly's sanitizer
-/// flags), installed if missing. Idempotent.
-pub fn setup(paths: &Paths) -> Result<()> {
-    let step = Step::new(format!(
-        "nightly Rust toolchain and cargo-fuzz {CARGO_FUZZ_VERSION}"
-    ));
+/// The nightly toolchain (minimal profile), installed if missing: libFuzzer and the
+/// sanitizers need its `-Z` flags. Idempotent.
+pub fn ensure_nightly() -> Result<()> {
     let nightly = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
         .output()
@@ -74,6 +77,16 @@ pub fn setup(paths: &Paths) -> Result<()> {
             "rustup could not install the nightly toolchain (cargo fuzz needs it).",
         )?;
     }
+    Ok(())
+}
+
+/// The nightly toolchain and the pinned cargo-fuzz (libFuzzer needs nightly's sanitizer
+/// flags), installed if missing. Idempotent.
+pub fn setup(paths: &Paths) -> Result<()> {
+    let step = Step::new(format!(
+        "nightly Rust toolchain and cargo-fuzz {CARGO_FUZZ_VERSION}"
+    ));
+    ensure_nightly()?;
     let have = rustup_cargo(paths)
         .args(["+nightly", "fuzz", "--version"])
         .output()

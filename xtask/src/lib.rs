@@ -16,6 +16,7 @@ pub mod fuzz;
 pub mod http;
 pub mod istio_checks;
 pub mod launch;
+pub mod leakcheck;
 pub mod manifests;
 pub mod media_ports;
 pub mod metrics;

@@ -75,6 +75,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The relay's and the filter core's tests under LeakSanitizer (nightly), once
+    /// (docs/reliability.md "Leak check").
+    Leakcheck,
     /// The libFuzzer targets of fuzz/ (cargo fuzz, nightly), each for --seconds, from the
     /// committed seeds; installs the nightly toolchain and cargo-fuzz if missing.
     Fuzz {
@@ -183,6 +186,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test { browser } => pipeline::test(&paths, TestOptions { browser })?,
         Cmd::Up(args) => up(&paths, args)?,
         Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
+        Cmd::Leakcheck => ui::line(xtask::leakcheck::run(&paths)?),
         Cmd::Soak { calls, args } => xtask::soak::soak(&paths, calls, &args)?,
         Cmd::Fuzz {
             seconds,
