@@ -137,6 +137,9 @@ pub struct Flow {
     config: Rc<Config>,
     state: State,
     request_id: String,
+    /// The credential of the request's `Authorization` header (after the scheme): every
+    /// reply is scrubbed of it ([`HttpReply::redacting`]). Never logged.
+    credential: Option<String>,
 }
 
 impl Flow {
@@ -145,6 +148,7 @@ impl Flow {
             config,
             state: State::PassThrough,
             request_id: String::new(),
+            credential: None,
         }
     }
 
@@ -169,6 +173,12 @@ impl Flow {
             host.increment(metrics::REQ_PASSED_THROUGH);
             return Action::Continue;
         }
+        self.credential = host.request_header("authorization").map(|a| {
+            let a = a.trim();
+            a.split_once(' ')
+                .map_or(a, |(_, token)| token.trim())
+                .to_string()
+        });
         let random = host.random16().unwrap_or_default();
         self.request_id =
             classify::request_id(host.request_header("x-request-id").as_deref(), &random);
@@ -415,7 +425,10 @@ impl Flow {
     }
 
     fn reply(&mut self, host: &mut dyn HttpHost, reply: &HttpReply) -> Action {
-        host.send_reply(reply);
+        match self.credential.as_deref() {
+            Some(secret) => host.send_reply(&reply.clone().redacting(secret)),
+            None => host.send_reply(reply),
+        }
         self.state = State::Done;
         Action::Pause
     }

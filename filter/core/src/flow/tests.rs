@@ -578,6 +578,9 @@ fn keys_never_reach_logs_or_replies() {
         (3, Some("invalid_sdp: x")),
         (UNAVAILABLE, None),
         (UNAVAILABLE, Some("upstream_unreachable: y")),
+        // A message that quotes the caller's own key (a relay error quoting the client's
+        // input; the fuzzer found the same through an unknown parameter's name).
+        (3, Some("invalid_sdp: the offer names sk-gw-ops")),
     ] {
         let mut host = create_host(Some("canary"));
         let mut flow = start(&config, &mut host);
