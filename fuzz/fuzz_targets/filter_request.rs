@@ -125,8 +125,11 @@ fuzz_target!(|data: &[u8]| {
             headers.push((k.to_ascii_lowercase(), v.to_string()));
         }
     }
+    // The value the host hands the filter: with repeated headers, the in-memory host keeps
+    // the last one, and that is the credential the filter scrubs from its replies.
     let credential = headers
         .iter()
+        .rev()
         .find(|(k, _)| k == "authorization")
         .and_then(|(_, v)| v.strip_prefix("Bearer "))
         .map(str::to_string);

@@ -27,7 +27,15 @@ impl HttpReply {
     pub fn redacting(mut self, secret: &str) -> HttpReply {
         const MIN_SECRET: usize = 8;
         let needle = secret.as_bytes();
-        if needle.len() < MIN_SECRET || !self.body.windows(needle.len()).any(|w| w == needle) {
+        if needle.len() < MIN_SECRET {
+            return self;
+        }
+        // A quick look at the raw bytes first; a secret with characters JSON escapes (`"`,
+        // `\`, controls) appears escaped there, so only the parsed strings can tell.
+        let escapes = needle
+            .iter()
+            .any(|b| *b == b'"' || *b == b'\\' || *b < 0x20);
+        if !escapes && !self.body.windows(needle.len()).any(|w| w == needle) {
             return self;
         }
         let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&self.body) else {
@@ -104,6 +112,16 @@ mod tests {
             body,
             r#"{"error":{"message":"unknown parameter: 'x[redacted]y'","param":"[redacted]"}}"#
         );
+    }
+
+    /// A secret with a quote in it appears escaped in the raw body, and is still found.
+    #[test]
+    fn a_secret_that_json_escapes_is_redacted_too() {
+        let secret = r#"l","code":"x"#;
+        let body = serde_json::json!({"error": {"message": format!("model 'a{secret}b'")}});
+        let r = reply(&body.to_string()).redacting(secret);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["message"], "model 'a[redacted]b'");
     }
 
     /// The fuzzer's case: a "credential" that is a piece of the reply's own JSON structure.
