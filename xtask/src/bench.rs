@@ -14,17 +14,12 @@ use crate::ui::Step;
 pub const BENCH_PACKAGE: &str = "rtgw-bench";
 pub const BENCH_BIN: &str = "rtgw-bench";
 
-/// Setup (Envoy and the rest) and the filter: what every load tool needs before its own build.
-pub fn prepare(paths: &Paths) -> Result<()> {
+/// Setup (Envoy), the filter, and release builds of the load tools (rtgw-bench, rtgw-soak),
+/// the relay and the echo model.
+pub fn build(paths: &Paths) -> Result<()> {
     setup::setup(paths, SetupOptions::default())?;
     build_filter(paths)?;
-    Ok(())
-}
-
-/// [`prepare`], and release builds of the bench, the relay and the echo model.
-pub fn build(paths: &Paths) -> Result<()> {
-    prepare(paths)?;
-    let step = Step::new("Build rtgw-bench, realtime-relay and echo-model (release)");
+    let step = Step::new("Build rtgw-bench, rtgw-soak, realtime-relay and echo-model (release)");
     run(
         cargo().args([
             "build",

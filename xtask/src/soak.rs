@@ -4,11 +4,9 @@
 
 use anyhow::Result;
 
-use crate::bench::{self, BENCH_PACKAGE};
-use crate::compile::cargo;
-use crate::paths::{Paths, Profile, ECHO_PACKAGE, RELAY_PACKAGE};
+use crate::bench;
+use crate::paths::{Paths, Profile};
 use crate::process::run;
-use crate::ui::Step;
 
 pub const SOAK_BIN: &str = "rtgw-soak";
 /// Calls of the pipeline's pass.
@@ -16,22 +14,8 @@ pub const CI_CALLS: usize = 500;
 
 /// `cargo xtask soak [--calls N] [rtgw-soak args]`.
 pub fn soak(paths: &Paths, calls: usize, extra: &[String]) -> Result<()> {
-    bench::prepare(paths)?;
-    let step = Step::new("Build rtgw-soak, realtime-relay and echo-model (release)");
-    run(
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            BENCH_PACKAGE,
-            "-p",
-            RELAY_PACKAGE,
-            "-p",
-            ECHO_PACKAGE,
-        ]),
-        "Read the compiler output above.",
-    )?;
-    step.done();
+    // The bench package holds both load tools: its release build is the soak's too.
+    bench::build(paths)?;
     let mut cmd = std::process::Command::new(paths.bin(SOAK_BIN, Profile::Release));
     cmd.args(["--calls", &calls.to_string()])
         .args(extra)
