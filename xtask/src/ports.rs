@@ -33,11 +33,25 @@ fn pick(n: u16) -> u16 {
 
 /// A free port in [`SERVER_PORTS`] that `bind` accepts on 127.0.0.1; after 200 refused tries,
 /// one the kernel hands out.
+/// Ports this process has handed out: a port is free again the moment its probe closes, so
+/// two picks for one stack could otherwise name the same port (one stack's echo model and
+/// relay metrics did, and the relay could not listen).
+fn claim(port: u16) -> bool {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    if given.contains(&port) {
+        return false;
+    }
+    given.push(port);
+    true
+}
+
 fn free_port(bind: impl Fn(u16) -> bool, fallback: impl Fn() -> Result<u16>) -> Result<u16> {
     let span = SERVER_PORTS.end - SERVER_PORTS.start;
     for _ in 0..200 {
         let port = SERVER_PORTS.start + pick(span);
-        if bind(port) {
+        if bind(port) && claim(port) {
             return Ok(port);
         }
     }
