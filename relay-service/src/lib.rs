@@ -19,6 +19,7 @@ pub mod media_socket;
 pub mod media_tcp;
 pub mod metrics;
 pub mod peer;
+pub mod process_metrics;
 pub mod pt_map;
 pub mod registry;
 pub mod relay;

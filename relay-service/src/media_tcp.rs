@@ -118,6 +118,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, so each is exported at 0 from the start.
+    pub const ALL: [CloseReason; 4] = [
+        CloseReason::CallEnded,
+        CloseReason::IdleTimeout,
+        CloseReason::PeerClosed,
+        CloseReason::FrameTooLarge,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             CloseReason::CallEnded => "call_ended",

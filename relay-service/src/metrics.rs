@@ -64,6 +64,14 @@ pub struct Metrics {
     pub usage: std::sync::Arc<crate::usage_metrics::UsageMetrics>,
     /// Table sizes and task counts, set at scrape time ([`crate::relay::Relay::state_sizes`]).
     pub state: crate::state_metrics::StateGauges,
+    /// CPU, memory and descriptors of the process, set at scrape time.
+    pub process: crate::process_metrics::ProcessGauges,
+    /// 1 from the start of a drain (SIGTERM) until the process exits.
+    pub draining: Gauge,
+    /// Unix time the drain began (0 before), and the drain time it was given: a drain still
+    /// running well past the sum is stuck (the shipped `RealtimeRelayDrainStuck` alert).
+    pub drain_started_at: Gauge,
+    pub drain_timeout: Gauge,
 }
 
 /// The ICE-TCP listener's counters (`media_tcp`).
@@ -121,7 +129,8 @@ pub const UPSTREAM_REFUSAL_REASONS: [&str; 4] = [
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("realtime_relay");
+        // The root holds the process's standard names; the relay's own are prefixed.
+        let mut root = Registry::default();
         let m = Metrics {
             calls_created: Counter::default(),
             setup_failures: Family::default(),
@@ -146,10 +155,31 @@ impl Metrics {
             media_tcp: TcpMetrics::default(),
             usage: Default::default(),
             state: Default::default(),
+            process: Default::default(),
+            draining: Gauge::default(),
+            drain_started_at: Gauge::default(),
+            drain_timeout: Gauge::default(),
             registry: Registry::default(),
         };
-        m.usage.register(&mut registry);
-        m.state.register(&mut registry);
+        m.process.register(&mut root);
+        let registry = root.sub_registry_with_prefix("realtime_relay");
+        m.usage.register(registry);
+        m.state.register(registry);
+        registry.register(
+            "draining",
+            "1 while the relay drains (after SIGTERM: no new calls, live calls finishing)",
+            m.draining.clone(),
+        );
+        registry.register(
+            "drain_started_timestamp_seconds",
+            "Unix time the current drain began; 0 when not draining",
+            m.drain_started_at.clone(),
+        );
+        registry.register(
+            "drain_timeout_seconds",
+            "The drain time live calls get (--drain-secs); set when a drain begins",
+            m.drain_timeout.clone(),
+        );
         registry.register(
             "upstream_addresses_refused",
             "Upstream-leg addresses refused by the private-address policy: candidates dropped from answers (candidate_not_public, candidate_not_ip) and datagrams dropped (datagram_from_not_public, datagram_to_not_public)",
@@ -274,6 +304,11 @@ impl Metrics {
                 reason: reason.code().to_string(),
             });
         }
+        for reason in crate::media_tcp::CloseReason::ALL {
+            let _ = tcp.closed.get_or_create(&ReasonLabel {
+                reason: reason.code().to_string(),
+            });
+        }
         for reason in crate::media_tcp::DROP_REASONS {
             let _ = tcp.frames_dropped.get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
@@ -308,11 +343,23 @@ impl Metrics {
         let client_to_upstream = families.resolve("client_to_upstream");
         let upstream_to_client = families.resolve("upstream_to_client");
         Metrics {
-            registry,
+            registry: root,
             client_to_upstream,
             upstream_to_client,
             ..m
         }
+    }
+
+    /// Marks the start of a drain of `timeout`.
+    pub fn drain_started(&self, timeout: std::time::Duration) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.drain_started_at
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+        self.drain_timeout
+            .set(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX));
+        self.draining.set(1);
     }
 
     pub fn ended(&self, reason: EndReason) {
@@ -344,6 +391,16 @@ impl Metrics {
                 worker: worker_id.to_string(),
             })
             .inc();
+    }
+
+    /// Exports a worker that has set a call up in `worker_failures` (at 0 until it fails),
+    /// so dashboards list every serving worker and `rate()` sees its first failure.
+    pub fn worker_seen(&self, worker_id: &str) {
+        if !worker_id.is_empty() {
+            let _ = self.worker_failures.get_or_create(&WorkerLabel {
+                worker: worker_id.to_string(),
+            });
+        }
     }
 
     /// Counts upstream-leg addresses the private-address policy refused; `reason` is one
@@ -397,6 +454,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_drain_is_exported_with_its_start_and_time() {
+        let m = Metrics::new();
+        let before = m.encode();
+        assert!(before.contains("realtime_relay_draining 0"), "{before}");
+        assert!(before.contains("realtime_relay_drain_started_timestamp_seconds 0"));
+        m.drain_started(std::time::Duration::from_secs(40));
+        let text = m.encode();
+        assert!(text.contains("realtime_relay_draining 1"), "{text}");
+        assert!(
+            text.contains("realtime_relay_drain_timeout_seconds 40"),
+            "{text}"
+        );
+        assert!(!text.contains("realtime_relay_drain_started_timestamp_seconds 0\n"));
+        // The process's standard names sit beside the prefixed ones, unprefixed.
+        assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
+        assert!(!text.contains("realtime_relay_process_"), "{text}");
+    }
+
+    #[test]
     fn direction_handles_feed_the_exported_families() {
         let m = Metrics::new();
         m.client_to_upstream.rtp_packets.inc_by(3);
@@ -418,10 +494,17 @@ mod tests {
         m.worker_failed("w1");
         m.worker_failed("w1");
         m.worker_failed("");
+        m.worker_seen("w2");
+        m.worker_seen("");
         m.setup_failed("upstream_status_503");
         let text = m.encode();
         assert!(
             text.contains(r#"realtime_relay_worker_failures_total{worker="w1"} 2"#),
+            "{text}"
+        );
+        // A worker that served a call is listed before it ever fails.
+        assert!(
+            text.contains(r#"realtime_relay_worker_failures_total{worker="w2"} 0"#),
             "{text}"
         );
         assert!(

@@ -162,6 +162,7 @@ impl Relay {
     /// Sets the state gauges from [`Self::state_sizes`] (before each scrape).
     pub fn refresh_state_gauges(&self) {
         self.metrics.state.set(&self.state_sizes());
+        self.metrics.process.set(&crate::process_metrics::sample());
     }
 
     /// Sets up a call. Order matters: everything about the client's request is checked
@@ -198,6 +199,7 @@ impl Relay {
                 self.metrics
                     .setup_seconds
                     .observe(started.elapsed().as_secs_f64());
+                self.metrics.worker_seen(&worker_id);
                 Ok(resp)
             }
             Err(e) => {
@@ -787,6 +789,7 @@ impl Relay {
     /// waits (bounded) for their tasks to finish.
     pub async fn drain(&self, deadline: Duration) {
         self.registry.start_draining();
+        self.metrics.drain_started(deadline);
         let live = self.registry.live_count();
         tracing::info!(live, deadline_secs = deadline.as_secs(), "draining");
         let until = Instant::now() + deadline;
