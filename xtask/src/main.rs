@@ -102,9 +102,36 @@ enum Cmd {
         #[arg(long, requires = "url")]
         relay_metrics: Option<std::net::SocketAddr>,
     },
+    /// A real Prometheus (Debian's package) scraping a running `cargo xtask up` with the
+    /// shipped scrape config and rules (deploy/observability/), and the Grafana dashboard's
+    /// panels drawn as text charts, redrawn until Ctrl-C.
+    Observe {
+        /// The relay's metrics port of the stack to watch.
+        #[arg(long, default_value_t = 9464)]
+        relay_metrics_port: u16,
+        /// Envoy's admin port of the stack to watch.
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+        /// Where Prometheus listens (its own UI and API).
+        #[arg(long, default_value_t = 9090)]
+        port: u16,
+        /// Scrape and rule-evaluation interval, seconds.
+        #[arg(long, default_value_t = 5)]
+        interval: u32,
+        /// Seconds of history per chart.
+        #[arg(long, default_value_t = 300)]
+        window: u32,
+        /// Redraw every this many seconds.
+        #[arg(long, default_value_t = 10)]
+        every: u32,
+        /// Draw once after this many seconds and stop, instead of redrawing.
+        #[arg(long)]
+        once_after: Option<u32>,
+    },
     /// Check the Kubernetes and Istio manifests under deploy/: YAML, kinds, key settings, every
     /// variant rendered and validated against the Kubernetes schemas (kubernetes-validate) and
-    /// Istio's CRD schemas, and the EnvoyFilter fragments through `envoy --mode validate`.
+    /// Istio's CRD schemas, the EnvoyFilter fragments through `envoy --mode validate`, and the
+    /// Prometheus files of deploy/observability/ with promtool.
     CheckDeploy,
 }
 
@@ -188,6 +215,29 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Bench { quick, args } => xtask::bench::bench(&paths, quick, &args)?,
         Cmd::Leakcheck => ui::line(xtask::leakcheck::run(&paths)?),
         Cmd::Soak { calls, args } => xtask::soak::soak(&paths, calls, &args)?,
+        Cmd::Observe {
+            relay_metrics_port,
+            admin_port,
+            port,
+            interval,
+            window,
+            every,
+            once_after,
+        } => {
+            let loopback = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+            let opts = xtask::observe::ObserveOptions {
+                targets: xtask::prometheus::ScrapeTargets {
+                    relay_metrics: loopback(relay_metrics_port),
+                    envoy_admin: loopback(admin_port),
+                    interval_secs: interval.max(1),
+                },
+                listen: loopback(port),
+                window_secs: window.max(interval),
+                every_secs: every.max(1),
+                once_after_secs: once_after,
+            };
+            xtask::observe::observe(&paths, &opts)?
+        }
         Cmd::Fuzz {
             seconds,
             all_at_once,
@@ -240,6 +290,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             ui::line(format!(
                 "EnvoyFilter fragments (envoy --mode validate): {verdict}"
             ));
+            setup::prometheus()?;
+            let verdict = xtask::prometheus::promtool_checks(&paths)?;
+            ui::line(format!("deploy/observability (promtool): {verdict}"));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -381,6 +381,10 @@ pub fn test(paths: &Paths, opts: TestOptions) -> Result<()> {
     p.step("envoy --mode validate (deploy/ EnvoyFilters)", || {
         validate_envoy_filter_fragments(paths)
     });
+    p.step(
+        "deploy/observability (promtool: configs, rules, alert tests)",
+        || crate::prometheus::promtool_checks(paths),
+    );
     p.step("web/ demo page", || check_demo_page(paths));
     let built = p.step("build binaries and tests", || {
         // Same feature set as `cargo test --workspace` (dev-dependencies active), so the test

@@ -25,6 +25,7 @@ pub fn setup(paths: &Paths, opts: SetupOptions) -> Result<()> {
     manifest_validators(paths)?;
     openai_sdk(paths)?;
     netns_tools()?;
+    prometheus()?;
     if opts.browser {
         chromium()?;
     }
@@ -211,8 +212,13 @@ pub fn envoy_version_ok(paths: &Paths) -> Result<String> {
 
 /// Whether `program` runs (`program -V` exits 0).
 fn tool_runs(program: &str) -> bool {
+    tool_answers(program, "-V")
+}
+
+/// `program arg` runs and succeeds (`arg` asks for its version).
+fn tool_answers(program: &str, arg: &str) -> bool {
     Command::new(program)
-        .arg("-V")
+        .arg(arg)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -272,6 +278,33 @@ pub fn netns_tools() -> Result<()> {
                 "`{tool}` still does not run after installing {}",
                 missing.join(" ")
             );
+        }
+    }
+    step.done();
+    Ok(())
+}
+
+/// Debian's `prometheus` (with `promtool`), for the observability checks and test and for
+/// `cargo xtask observe`, unless both already run. The package's own service is not used:
+/// `observe` and the test start their own Prometheus on a free port with a private data
+/// directory (and in a container without an init system the service does not start).
+pub fn prometheus() -> Result<()> {
+    let step = Step::new("Prometheus and promtool (Debian package)");
+    let runs = |tool: &str| tool_answers(tool, "--version");
+    if runs("prometheus") && runs("promtool") {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "installing Prometheus needs root: run `sudo apt-get update && sudo apt-get install \
+             -y --no-install-recommends prometheus`, then rerun this command"
+        );
+    }
+    apt_install(&["prometheus"], "Prometheus")?;
+    for tool in ["prometheus", "promtool"] {
+        if !runs(tool) {
+            bail!("`{tool}` still does not run after installing Debian's prometheus");
         }
     }
     step.done();
