@@ -61,7 +61,7 @@ const MOVED: [&str; 21] = [
 ];
 
 /// Names the docs write in backticks that this stack does not export, and why.
-const NOT_EXPORTED_HERE: [(&str, &str); 3] = [
+const NOT_EXPORTED_HERE: [(&str, &str); 4] = [
     (
         "realtime_relay_pods",
         "an Envoy cluster's name in deploy/replicas/, not a metric",
@@ -73,6 +73,10 @@ const NOT_EXPORTED_HERE: [(&str, &str); 3] = [
     (
         "realtime_filter_replica_<id>_failovers",
         "only with `relay_replicas` (envoy/envoy-two-relays.yaml)",
+    ),
+    (
+        "realtime_filter_replica_creates",
+        "only with `relay_replicas` (relabelled from the names above)",
     ),
 ];
 
