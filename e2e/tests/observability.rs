@@ -192,6 +192,9 @@ fn every_dashboard_query_rule_and_documented_metric_has_data_after_real_calls() 
             .expect("Live seconds");
         c
     });
+    // Prometheus sees the session live on its worker before it ends.
+    wait_positive(&prom, "sum(realtime_relay_worker_calls_active)", T);
+    wait_positive(&prom, "sum(realtime_relay_calls_connected)", T);
     let r = post(listen, &format!("{LIVE}/{live_id}/hangup"), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
 

@@ -72,6 +72,32 @@ pub struct Metrics {
     /// running well past the sum is stuck (the shipped `RealtimeRelayDrainStuck` alert).
     pub drain_started_at: Gauge,
     pub drain_timeout: Gauge,
+    /// Live calls per worker, set at scrape time.
+    pub worker_load: WorkerLoad,
+}
+
+/// `realtime_relay_worker_calls_active{worker}`: live calls per worker. A worker that had
+/// calls stays exported (at 0) once they end, so its line in a dashboard drops to zero
+/// instead of vanishing.
+#[derive(Default)]
+pub struct WorkerLoad {
+    active: Family<WorkerLabel, Gauge>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl WorkerLoad {
+    pub fn set(&self, live: &std::collections::HashMap<String, u32>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.extend(live.keys().cloned());
+        for worker in seen.iter() {
+            let n = live.get(worker).copied().unwrap_or(0);
+            self.active
+                .get_or_create(&WorkerLabel {
+                    worker: worker.clone(),
+                })
+                .set(i64::from(n));
+        }
+    }
 }
 
 /// The ICE-TCP listener's counters (`media_tcp`).
@@ -159,12 +185,18 @@ impl Metrics {
             draining: Gauge::default(),
             drain_started_at: Gauge::default(),
             drain_timeout: Gauge::default(),
+            worker_load: WorkerLoad::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut root);
         let registry = root.sub_registry_with_prefix("realtime_relay");
         m.usage.register(registry);
         m.state.register(registry);
+        registry.register(
+            "worker_calls_active",
+            "Live calls per worker (read at scrape time)",
+            m.worker_load.active.clone(),
+        );
         registry.register(
             "draining",
             "1 while the relay drains (after SIGTERM: no new calls, live calls finishing)",
@@ -452,6 +484,23 @@ impl DirectionFamilies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_load_follows_live_calls_and_keeps_a_worker_at_zero_after() {
+        let m = Metrics::new();
+        m.worker_load
+            .set(&[("w1".to_string(), 2), ("w2".to_string(), 1)].into());
+        m.worker_load.set(&[("w1".to_string(), 1)].into());
+        let text = m.encode();
+        assert!(
+            text.contains(r#"realtime_relay_worker_calls_active{worker="w1"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"realtime_relay_worker_calls_active{worker="w2"} 0"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn a_drain_is_exported_with_its_start_and_time() {

@@ -411,6 +411,16 @@ impl Registry {
     }
 
     /// (live calls, ended calls kept).
+    /// Live calls per worker id, now (calls without a worker are left out).
+    pub fn live_by_worker(&self) -> HashMap<String, u32> {
+        let inner = self.lock();
+        let mut by_worker: HashMap<String, u32> = HashMap::new();
+        for e in inner.live.values().filter(|e| !e.worker_id.is_empty()) {
+            *by_worker.entry(e.worker_id.clone()).or_default() += 1;
+        }
+        by_worker
+    }
+
     pub fn sizes(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.live.len(), inner.ended.len())

@@ -163,6 +163,9 @@ impl Relay {
     pub fn refresh_state_gauges(&self) {
         self.metrics.state.set(&self.state_sizes());
         self.metrics.process.set(&crate::process_metrics::sample());
+        self.metrics
+            .worker_load
+            .set(&self.registry.live_by_worker());
     }
 
     /// Sets up a call. Order matters: everything about the client's request is checked

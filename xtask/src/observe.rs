@@ -83,6 +83,12 @@ pub fn draw(
 
 pub fn observe(paths: &Paths, opts: &ObserveOptions) -> Result<()> {
     crate::setup::prometheus()?;
+    if !crate::setup::prometheus_installed() {
+        anyhow::bail!(
+            "Prometheus is not installed: `sudo apt-get install -y --no-install-recommends \
+             prometheus`, or `cargo xtask setup` as root"
+        );
+    }
     check_tcp_free(
         &opts.listen.ip().to_string(),
         opts.listen.port(),
