@@ -281,8 +281,48 @@ async fn metrics_text(http: &reqwest::Client, addr: SocketAddr) -> Result<String
         .await?)
 }
 
+/// How a capacity level ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelVerdict {
+    /// Every call connected, loss at most 1 %, and the generator offered the level's load.
+    Clean,
+    /// The generator could not offer the level's load (below 95 % of its nominal frame
+    /// rate): whatever the relay did, this level did not measure it at its nominal size.
+    GeneratorBound,
+    /// Calls failed to connect, or more than 1 % of frames were lost.
+    NotClean,
+}
+
+impl LevelVerdict {
+    pub fn code(self) -> &'static str {
+        match self {
+            LevelVerdict::Clean => "clean",
+            LevelVerdict::GeneratorBound => "generator_bound",
+            LevelVerdict::NotClean => "not_clean",
+        }
+    }
+}
+
+/// Frames per second the clients of `calls` calls send at 20 ms a frame.
+pub fn nominal_frames_per_sec(calls: usize) -> f64 {
+    calls as f64 / FRAME_INTERVAL.as_secs_f64()
+}
+
+/// A level's verdict from what it measured. A relay fault (calls not connected, loss) wins
+/// over a short generator: both are reported, the fault first.
+pub fn level_verdict(calls: usize, connected: usize, loss_pct: f64, offered: f64) -> LevelVerdict {
+    if connected != calls || loss_pct.is_nan() || loss_pct > 1.0 {
+        LevelVerdict::NotClean
+    } else if offered < 0.95 * nominal_frames_per_sec(calls) {
+        LevelVerdict::GeneratorBound
+    } else {
+        LevelVerdict::Clean
+    }
+}
+
 /// Runs each level direct and through a fresh relay pinned to `relay_cpu`; stops the ramp
-/// when a level is not clean (calls failed to connect, loss over 1 %).
+/// when a level is not clean (calls failed to connect, loss over 1 %) or generator-bound
+/// (a larger level would be more so).
 pub async fn ramp(
     levels: &[usize],
     quick: bool,
@@ -358,10 +398,20 @@ pub async fn ramp(
         }
         let connected = relayed["connected"].as_u64().unwrap_or(0) as usize;
         let loss = relayed["loss_pct"].as_f64().unwrap_or(100.0);
-        let clean = connected == calls && loss <= 1.0;
+        let offered = relayed["offered_frames_per_sec"].as_f64().unwrap_or(0.0);
+        let verdict = level_verdict(calls, connected, loss, offered);
+        let clean = verdict == LevelVerdict::Clean;
+        relayed["verdict"] = json!(verdict.code());
+        relayed["nominal_frames_per_sec"] = json!(nominal_frames_per_sec(calls));
         relayed["clean"] = json!(clean);
         if clean {
             largest_clean = calls;
+        } else if verdict == LevelVerdict::GeneratorBound {
+            crate::say(format!(
+                "  {calls} calls: generator-bound: offered {offered:.0} frames/s of the {:.0} \
+                 this level carries; not a measurement of the relay at this level",
+                nominal_frames_per_sec(calls)
+            ));
         }
         crate::say(format!(
             "  {calls} calls: connected {connected}, loss {loss}%, relay {} µs/packet, {} packets/s, added one-way p50 {} ms p99 {} ms, generator {}% CPU",
@@ -471,4 +521,31 @@ pub async fn metering(
         "ratio_on_off": ratio,
         "runs": runs,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_level_whose_generator_fell_short_is_never_clean() {
+        // 500 calls carry 25,000 frames/s; the report of issue 14 offered 20,800/2 per leg.
+        assert_eq!(
+            level_verdict(500, 500, 0.2, 10_400.0),
+            LevelVerdict::GeneratorBound
+        );
+        assert_eq!(level_verdict(500, 500, 0.2, 24_000.0), LevelVerdict::Clean);
+        assert_eq!(
+            level_verdict(500, 499, 0.2, 25_000.0),
+            LevelVerdict::NotClean
+        );
+        assert_eq!(
+            level_verdict(500, 500, 3.0, 10_000.0),
+            LevelVerdict::NotClean
+        );
+        assert_eq!(
+            level_verdict(50, 50, f64::NAN, 2_500.0),
+            LevelVerdict::NotClean
+        );
+    }
 }

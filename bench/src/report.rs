@@ -143,10 +143,10 @@ pub fn section(doc: &Value) -> String {
     if let Some(e) = cap["error"].as_str() {
         push(&mut s, format!("Failed: {e}"));
     } else {
-        push(&mut s, "| calls | connected | relayed pkt/s | relay CPU | µs/packet | loss | RTT direct p50/p99 (ms) | RTT via relay p50/p99 (ms) | added one-way p50/p99 (ms) | RSS/call (KiB) | generator+provider CPU | relay drops |".into());
+        push(&mut s, "| calls | verdict | connected | offered frames/s (nominal) | relayed pkt/s | relay CPU | µs/packet | loss | RTT direct p50/p99 (ms) | RTT via relay p50/p99 (ms) | added one-way p50/p99 (ms) | RSS/call (KiB) | generator+provider CPU | relay drops |".into());
         push(
             &mut s,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         );
         for l in cap["levels"].as_array().into_iter().flatten() {
             let (d, v) = (&l["direct"], &l["relay"]);
@@ -154,7 +154,7 @@ pub fn section(doc: &Value) -> String {
                 push(
                     &mut s,
                     format!(
-                        "| {} | failed: {} |||||||||||",
+                        "| {} | failed: {} |||||||||||||",
                         l["calls"],
                         e.replace('|', "/")
                     ),
@@ -164,9 +164,12 @@ pub fn section(doc: &Value) -> String {
             push(
                 &mut s,
                 format!(
-                    "| {} | {} | {} | {}% | {} | {}% | {} / {} | {} / {} | {} / {} | {} | {}% | {} |",
+                    "| {} | {} | {} | {} ({}) | {} | {}% | {} | {}% | {} / {} | {} / {} | {} / {} | {} | {}% | {} |",
                     l["calls"],
+                    v["verdict"].as_str().unwrap_or("-").replace('_', " "),
                     v["connected"],
+                    f(&v["offered_frames_per_sec"]),
+                    f(&v["nominal_frames_per_sec"]),
                     f(&v["relayed_packets_per_sec"]),
                     f(&v["relay_cpu_pct"]),
                     f(&v["relay_cpu_us_per_packet"]),
@@ -186,7 +189,9 @@ pub fn section(doc: &Value) -> String {
         push(
             &mut s,
             format!(
-                "\nLargest level that ran cleanly (all calls connected, loss ≤ 1 %): **{}** calls.",
+                "\nLargest level that ran cleanly (all calls connected, loss ≤ 1 %, the generator \
+                 offering at least 95 % of the level's frames): **{}** calls. A level marked \
+                 generator bound measured the generator, not the relay.",
                 cap["largest_clean_level"]
             ),
         );
