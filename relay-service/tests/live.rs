@@ -207,8 +207,13 @@ async fn a_live_call_runs_from_create_to_session_closed_on_hangup() {
         text.contains(r#"realtime_relay_calls_ended_total{reason="hangup"} 1"#),
         "{text}"
     );
-    assert!(
-        !text.contains("realtime_relay_worker_failures_total{"),
+    // The worker is listed (it served the call) with no failure against it.
+    assert_eq!(
+        common::metric(
+            &text,
+            r#"realtime_relay_worker_failures_total{worker="w1"}"#
+        ),
+        0.0,
         "{text}"
     );
 }
@@ -254,8 +259,13 @@ async fn a_client_session_close_ends_the_call_as_session_closed_not_as_a_worker_
         text.contains(r#"realtime_relay_calls_ended_total{reason="session_closed"} 1"#),
         "{text}"
     );
-    assert!(
-        !text.contains("realtime_relay_worker_failures_total{"),
+    // The worker is listed (it served the call) with no failure against it.
+    assert_eq!(
+        common::metric(
+            &text,
+            r#"realtime_relay_worker_failures_total{worker="w1"}"#
+        ),
+        0.0,
         "{text}"
     );
 }
