@@ -5,6 +5,7 @@
 
 pub mod capacity;
 pub mod filter;
+pub mod floor;
 pub mod peer;
 pub mod relay_grpc;
 pub mod report;

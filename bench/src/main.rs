@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rtgw_bench::{capacity, filter, report, say, setup, sys, timestamp, START};
+use rtgw_bench::{capacity, filter, floor, report, say, setup, sys, timestamp, START};
 use serde_json::{json, Value};
 use std::time::Instant;
 use xtask::paths::{Paths, Profile};
@@ -143,6 +143,49 @@ fn run(cli: Cli) -> Result<()> {
                 results["capacity"] = json!({ "error": format!("{e:#}") });
             }
         }
+    }
+    // The floor in the same run: a bare batched UDP forwarder on the relay's CPU at each
+    // capacity level's relayed packet rate, and the relay's cost as a ratio to it.
+    if wants("capacity") || wants("floor") {
+        let window = if cli.quick {
+            std::time::Duration::from_secs(1)
+        } else {
+            std::time::Duration::from_secs(5)
+        };
+        let rates: Vec<f64> = results["capacity"]["levels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["relay"]["relayed_packets_per_sec"].as_f64())
+            .filter(|r| *r > 0.0)
+            .collect();
+        let rates = if rates.is_empty() {
+            vec![5_000.0, 10_000.0]
+        } else {
+            rates
+        };
+        let mut levels = Vec::new();
+        for rate in rates {
+            say(format!(
+                "floor: a bare batched UDP forwarder at {rate:.0} packets/s"
+            ));
+            match floor::udp_forwarder(rate, window, relay_cpu, gen_cpu) {
+                Ok(v) => levels.push(v),
+                Err(e) => failures.push(format!("floor: {e:#}")),
+            }
+        }
+        if let Some(cap) = results["capacity"]["levels"].as_array_mut() {
+            for (level, f) in cap.iter_mut().zip(&levels) {
+                let relay = level["relay"]["relay_cpu_us_per_packet"].as_f64();
+                let bare = f["cpu_us_per_packet"].as_f64();
+                if let (Some(r), Some(b)) = (relay, bare) {
+                    if b > 0.0 {
+                        level["relay"]["ratio_to_bare_forwarder"] = json!(sys::round1(r / b));
+                    }
+                }
+            }
+        }
+        results["floor"] = json!({ "udp_forwarder": levels });
     }
     if wants("metering") {
         let (calls, rounds) = if cli.quick { (10, 1) } else { (100, 2) };

@@ -225,6 +225,33 @@ pub fn section(doc: &Value) -> String {
         }
     }
 
+    // 2b. The floor under the relay's per-packet cost, same run, same packet rates.
+    let floor = &doc["results"]["floor"]["udp_forwarder"];
+    if let Some(levels) = floor.as_array().filter(|a| !a.is_empty()) {
+        push(
+            &mut s,
+            "\n### 2b. Floor: a bare UDP forwarder (`recvmmsg`/`sendmmsg`, nothing else) on the relay's CPU at each level's packet rate\n".into(),
+        );
+        push(&mut s, "| packets/s offered | forwarded/s | forwarder µs/packet | datagrams per batch | relay µs/packet at that rate | relay ÷ floor |".into());
+        push(&mut s, "|---|---|---|---|---|---|".into());
+        let cap_levels = doc["results"]["capacity"]["levels"].as_array();
+        for (i, l) in levels.iter().enumerate() {
+            let relay = cap_levels.and_then(|c| c.get(i)).map(|c| &c["relay"]);
+            push(
+                &mut s,
+                format!(
+                    "| {} | {} | {} | {} | {} | {} |",
+                    f(&l["offered_pps"]),
+                    f(&l["forwarded_pps"]),
+                    f(&l["cpu_us_per_packet"]),
+                    f(&l["datagrams_per_batch"]),
+                    relay.map_or("-".into(), |r| f(&r["relay_cpu_us_per_packet"])),
+                    relay.map_or("-".into(), |r| f(&r["ratio_to_bare_forwarder"])),
+                ),
+            );
+        }
+    }
+
     // 3. Setup rate.
     let rate = &st["setup_rate"];
     push(
