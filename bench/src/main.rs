@@ -51,6 +51,10 @@ struct Cli {
     /// address as source) instead of recvfrom/sendto.
     #[arg(long)]
     relay_media_unspecified: bool,
+    /// The relay's cost per packet without I/O, measured by `cargo xtask bench` (JSON):
+    /// reported beside the capacity figures.
+    #[arg(long)]
+    virtual_cost: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -186,6 +190,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         results["floor"] = json!({ "udp_forwarder": levels });
+    }
+    if let Some(file) = &cli.virtual_cost {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        results["virtual_cost"] = serde_json::from_str(&text)?;
     }
     if wants("metering") {
         let (calls, rounds) = if cli.quick { (10, 1) } else { (100, 2) };

@@ -252,6 +252,65 @@ pub fn section(doc: &Value) -> String {
         }
     }
 
+    // 2c. Without I/O: the bridge and str0m in virtual time.
+    let vc = &doc["results"]["virtual_cost"];
+    if vc.is_object() {
+        push(
+            &mut s,
+            "\n### 2c. Relay cost per relayed packet without I/O (the bridge and its two str0m legs in virtual time, vs str0m alone in the test peers: one packet written and one received)\n".into(),
+        );
+        push(
+            &mut s,
+            "| | relay (bridge + 2 legs) | str0m alone | relay ÷ str0m |".into(),
+        );
+        push(&mut s, "|---|---|---|---|".into());
+        let w = &vc["wall"];
+        let (r, p) = (
+            w["relay_us_per_packet_median"].as_f64(),
+            w["str0m_us_per_packet_median"].as_f64(),
+        );
+        push(
+            &mut s,
+            format!(
+                "| µs per packet, median of 5 runs | {} | {} | {} |",
+                f(&w["relay_us_per_packet_median"]),
+                f(&w["str0m_us_per_packet_median"]),
+                match (r, p) {
+                    (Some(r), Some(p)) if p > 0.0 => format!("{:.2}", r / p),
+                    _ => "-".into(),
+                }
+            ),
+        );
+        let c = &vc["callgrind"];
+        if c.is_object() {
+            push(
+                &mut s,
+                format!(
+                    "| instructions per packet (callgrind) | {} | {} | {} |",
+                    f(&c["relay_instructions_per_packet"]),
+                    f(&c["str0m_instructions_per_packet"]),
+                    f(&c["relay_to_str0m"]),
+                ),
+            );
+        }
+        if let (Some(r), Some(last)) = (
+            r,
+            doc["results"]["capacity"]["levels"]
+                .as_array()
+                .and_then(|a| a.last()),
+        ) {
+            if let Some(real) = last["relay"]["relay_cpu_us_per_packet"].as_f64() {
+                push(
+                    &mut s,
+                    format!(
+                        "\nAt {} calls the running relay spends {real:.1} µs per packet: {:.1}× the bridge's {r:.2} µs; the rest is I/O, the runtime and the hops between them.",
+                        last["calls"], real / r
+                    ),
+                );
+            }
+        }
+    }
+
     // 3. Setup rate.
     let rate = &st["setup_rate"];
     push(

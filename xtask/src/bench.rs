@@ -43,6 +43,13 @@ pub fn bench(paths: &Paths, quick: bool, extra: &[String]) -> Result<()> {
     let mut cmd = std::process::Command::new(paths.bin(BENCH_BIN, Profile::Release));
     if quick {
         cmd.arg("--quick");
+    } else {
+        // The cost per packet without I/O, handed to the report (section 2c).
+        let v = crate::bench_virtual::measure(paths)?;
+        let file = paths.scratch().join("bench").join("virtual-cost.json");
+        std::fs::create_dir_all(file.parent().expect("a parent"))?;
+        std::fs::write(&file, serde_json::to_string_pretty(&v)?)?;
+        cmd.arg("--virtual-cost").arg(&file);
     }
     cmd.args(extra).current_dir(&paths.root);
     run(&mut cmd, "The benchmark failed; its output is above.")

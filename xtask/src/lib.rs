@@ -9,6 +9,7 @@
 //! [`netns`] puts components on hosts in network namespaces for topology tests.
 
 pub mod bench;
+pub mod bench_virtual;
 pub mod browser;
 pub mod compile;
 pub mod dashboard;

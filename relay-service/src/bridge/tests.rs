@@ -819,3 +819,50 @@ fn a_call_over_its_budget_is_stopped_told_and_ended_after_the_grace() {
         "ended {took:?} after the budget was crossed"
     );
 }
+
+/// RTP packets both test peers have received so far.
+fn rtp_received(call: &mut VirtualCall) -> usize {
+    call.peer(Side::Client).rtp_payload_types().len()
+        + call.peer(Side::Provider).rtp_payload_types().len()
+}
+
+/// The relay's cost per relayed RTP packet with no I/O at all (the bridge and its two str0m
+/// legs, driven as `CallDriver` drives them), next to str0m's own cost for the same work in
+/// the test peers (one packet written and one received per relayed packet). A measurement,
+/// not a check: `cargo xtask bench` runs it in release (and under callgrind for the
+/// instruction counts); it prints one `RTGW_VIRTUAL_COST {json}` line.
+/// `RTGW_VIRTUAL_FRAMES` sets the frames each side sends (default 3,000: one minute).
+#[test]
+#[ignore = "a measurement: cargo xtask bench runs it in release"]
+fn relay_cost_per_relayed_packet_without_io() {
+    let frames: u32 = std::env::var("RTGW_VIRTUAL_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_000);
+    let mut call = VirtualCall::connected(Options::default());
+    // Warm up both legs (SRTP contexts, stream tables) before counting.
+    call.send_audio(Side::Client, 50);
+    call.send_audio(Side::Provider, 50);
+    call.run_for(secs(2));
+    let (cost0, rtp0) = (call.cost, rtp_received(&mut call));
+    call.send_audio(Side::Client, frames);
+    call.send_audio(Side::Provider, frames);
+    call.run_for(FRAME * frames + secs(1));
+    let relayed = (rtp_received(&mut call) - rtp0) as f64;
+    assert!(
+        relayed >= f64::from(frames) * 2.0 * 0.99,
+        "relayed {relayed}"
+    );
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / relayed;
+    let relay = us(call.cost.relay - cost0.relay);
+    let peers = us(call.cost.peers - cost0.peers);
+    println!(
+        "RTGW_VIRTUAL_COST {}",
+        serde_json::json!({
+            "relayed_packets": relayed,
+            "relay_us_per_packet": relay,
+            "str0m_peers_us_per_packet": peers,
+            "relay_to_str0m": relay / peers,
+        })
+    );
+}

@@ -329,6 +329,19 @@ pub struct VirtualCall {
     pub provider_was_told: Option<usize>,
     /// Steps taken without the clock moving, to catch a driver that would spin.
     steps_at_now: u32,
+    /// Real time spent in the relay's work and in the two peers' (the cost measurement).
+    pub cost: Cost,
+}
+
+/// Real (wall-clock) time spent by each party of a virtual call: what the relay's bridge and
+/// its two str0m legs cost per packet without any I/O, next to what str0m alone costs in the
+/// test peers. The relay's work is in [`VirtualCall::relay_datagram`] and
+/// [`VirtualCall::relay_timeout`] (never inlined, so `callgrind --toggle-collect` can count
+/// exactly their instructions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub relay: Duration,
+    pub peers: Duration,
 }
 
 impl VirtualCall {
@@ -463,6 +476,7 @@ impl VirtualCall {
             provider_was_told,
             client_answer: Some((client_pending, client_answer)),
             steps_at_now: 0,
+            cost: Cost::default(),
         };
         // Both peers and the bridge were mutated by the negotiation.
         call.drain(Side::Client);
@@ -613,14 +627,38 @@ impl VirtualCall {
         }
         self.now = at;
         match wake {
-            Wake::Client => self.peer_wake(Side::Client),
-            Wake::Provider => self.peer_wake(Side::Provider),
+            Wake::Client => self.timed_peer_wake(Side::Client),
+            Wake::Provider => self.timed_peer_wake(Side::Provider),
             Wake::Relay => {
-                self.relay.bridge.handle_timeout(at);
-                self.after_relay_input();
+                let t = std::time::Instant::now();
+                self.relay_timeout(at);
+                self.cost.relay += t.elapsed();
             }
             Wake::Datagram => self.deliver(),
         }
+    }
+
+    fn timed_peer_wake(&mut self, side: Side) {
+        let t = std::time::Instant::now();
+        self.peer_wake(side);
+        self.cost.peers += t.elapsed();
+    }
+
+    /// The relay's work on a timeout: what `CallDriver` does when the bridge's deadline
+    /// comes.
+    #[inline(never)]
+    fn relay_timeout(&mut self, at: Instant) {
+        self.relay.bridge.handle_timeout(at);
+        self.after_relay_input();
+    }
+
+    /// The relay's work on one datagram: what `CallDriver` does for one received datagram.
+    #[inline(never)]
+    fn relay_datagram(&mut self, leg: super::Leg, source: SocketAddr, data: &[u8]) {
+        let now = self.now;
+        self.relay.last_datagram.insert(leg, now);
+        self.relay.bridge.handle_datagram(leg, now, source, data);
+        self.after_relay_input();
     }
 
     fn deliver(&mut self) {
@@ -631,7 +669,6 @@ impl VirtualCall {
             self.net.dropped += 1;
             return;
         }
-        let now = self.now;
         let side = match d.destination {
             CLIENT => Side::Client,
             PROVIDER => Side::Provider,
@@ -646,11 +683,9 @@ impl VirtualCall {
                 } else {
                     super::Leg::Upstream
                 };
-                self.relay.last_datagram.insert(leg, now);
-                self.relay
-                    .bridge
-                    .handle_datagram(leg, now, d.source, &d.data);
-                self.after_relay_input();
+                let t = std::time::Instant::now();
+                self.relay_datagram(leg, d.source, &d.data);
+                self.cost.relay += t.elapsed();
                 return;
             }
             _ => {
@@ -658,6 +693,13 @@ impl VirtualCall {
                 return;
             }
         };
+        let t = std::time::Instant::now();
+        self.peer_receive(side, &d);
+        self.cost.peers += t.elapsed();
+    }
+
+    fn peer_receive(&mut self, side: Side, d: &InFlight) {
+        let now = self.now;
         let peer = self.peer(side);
         if peer.failed {
             return;

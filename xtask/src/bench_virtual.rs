@@ -1,0 +1,165 @@
+//! The relay's cost per relayed packet with no I/O at all, for `cargo xtask bench`: the
+//! bridge and its two str0m legs in virtual time (`relay-service`'s ignored test
+//! `bridge::tests::relay_cost_per_relayed_packet_without_io`, release build), next to
+//! str0m's own cost for the same work in the test peers. Measured twice:
+//!
+//! - wall time per packet, the median of five runs (noisy, like every timing here);
+//! - instructions per packet under `valgrind --tool=callgrind` (repeatable on a shared
+//!   machine): the relay's functions and the peers' are counted apart
+//!   (`--toggle-collect`), at two lengths of the same call, and the difference divided by
+//!   the difference in packets, so the handshakes and warm-up cancel out.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::compile::cargo;
+use crate::paths::{Paths, RELAY_PACKAGE};
+use crate::process::output;
+use crate::ui::{line, Step};
+
+const TEST: &str = "bridge::tests::relay_cost_per_relayed_packet_without_io";
+const MARKER: &str = "RTGW_VIRTUAL_COST ";
+/// What callgrind counts as the relay's work, and as the peers'.
+const RELAY_FNS: [&str; 2] = [
+    "*VirtualCall*relay_datagram*",
+    "*VirtualCall*relay_timeout*",
+];
+const PEER_FNS: [&str; 2] = ["*VirtualCall*peer_receive*", "*VirtualCall*peer_wake*"];
+
+/// Builds relay-service's unit tests in release and returns the test binary.
+fn test_binary() -> Result<PathBuf> {
+    let out = output(
+        cargo().args([
+            "test",
+            "--release",
+            "-p",
+            RELAY_PACKAGE,
+            "--lib",
+            "--no-run",
+            "--message-format=json",
+        ]),
+        "Read the compiler output above.",
+    )?;
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["profile"]["test"] == true)
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| anyhow!("cargo did not name relay-service's test binary"))
+}
+
+/// The measurement line of one run of the test.
+fn run_once(bin: &Path, frames: u32, wrap: Option<Vec<String>>) -> Result<Value> {
+    let mut cmd = match &wrap {
+        Some(w) => {
+            let mut c = Command::new(&w[0]);
+            c.args(&w[1..]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.args([
+        "--ignored",
+        "--exact",
+        TEST,
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("RTGW_VIRTUAL_FRAMES", frames.to_string());
+    let text = output(&mut cmd, "The virtual-time measurement failed.")?;
+    // libtest prints the test's name on the same line, before the test's own output.
+    let json = text
+        .lines()
+        .find_map(|l| {
+            let rest = &l[l.find(MARKER)? + MARKER.len()..];
+            Some(&rest[..=rest.rfind('}')?])
+        })
+        .ok_or_else(|| anyhow!("no {MARKER}line in:\n{text}"))?;
+    Ok(serde_json::from_str(json)?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Instructions callgrind counted inside `functions` for a call of `frames` frames a side.
+fn instructions(bin: &Path, frames: u32, functions: &[&str], out: &Path) -> Result<(f64, u64)> {
+    let mut wrap = vec![
+        "valgrind".to_string(),
+        "--tool=callgrind".into(),
+        "--collect-atstart=no".into(),
+        format!("--callgrind-out-file={}", out.display()),
+    ];
+    wrap.extend(functions.iter().map(|f| format!("--toggle-collect={f}")));
+    let v = run_once(bin, frames, Some(wrap))?;
+    let text =
+        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+    let total = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no instruction total in {}", out.display()))?;
+    Ok((v["relayed_packets"].as_f64().unwrap_or(0.0), total))
+}
+
+/// Instructions per relayed packet inside `functions`: the difference between a long and a
+/// short call, over the difference in packets.
+fn marginal(bin: &Path, functions: &[&str], dir: &Path, name: &str) -> Result<f64> {
+    let (p1, i1) = instructions(bin, 1_000, functions, &dir.join(format!("{name}.1000.out")))?;
+    let (p2, i2) = instructions(bin, 3_000, functions, &dir.join(format!("{name}.3000.out")))?;
+    if p2 <= p1 {
+        bail!("the longer call relayed no more packets ({p1} then {p2})");
+    }
+    Ok((i2.saturating_sub(i1)) as f64 / (p2 - p1))
+}
+
+/// Both measurements; callgrind's only when valgrind runs here.
+pub fn measure(paths: &Paths) -> Result<Value> {
+    let step = Step::new("Relay cost per packet without I/O (virtual time, release)");
+    let bin = test_binary()?;
+    let mut relay = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..5 {
+        let v = run_once(&bin, 10_000, None)?;
+        relay.push(v["relay_us_per_packet"].as_f64().unwrap_or(f64::NAN));
+        peers.push(v["str0m_peers_us_per_packet"].as_f64().unwrap_or(f64::NAN));
+    }
+    let (relay_us, str0m_us) = (median(relay.clone()), median(peers.clone()));
+    let mut v = json!({
+        "wall": {
+            "relay_us_per_packet_median": relay_us,
+            "str0m_us_per_packet_median": str0m_us,
+            "relay_us_per_packet_runs": relay,
+            "str0m_us_per_packet_runs": peers,
+            "frames_per_side": 10_000,
+        }
+    });
+    let valgrind = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if valgrind {
+        let dir = paths.scratch().join("bench").join("callgrind");
+        std::fs::create_dir_all(&dir)?;
+        let relay_ir = marginal(&bin, &RELAY_FNS, &dir, "relay")?;
+        let str0m_ir = marginal(&bin, &PEER_FNS, &dir, "peers")?;
+        v["callgrind"] = json!({
+            "relay_instructions_per_packet": relay_ir.round(),
+            "str0m_instructions_per_packet": str0m_ir.round(),
+            "relay_to_str0m": (relay_ir / str0m_ir * 100.0).round() / 100.0,
+            "profiles": dir.display().to_string(),
+        });
+    } else {
+        line(
+            "    valgrind is not installed: instruction counts skipped (Debian package `valgrind`)",
+        );
+    }
+    step.done();
+    Ok(v)
+}
