@@ -24,7 +24,12 @@ fn shared() -> Result<&'static Shared, CryptoError> {
     static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
     SHARED
         .get_or_init(|| {
-            let provider = str0m::crypto::from_feature_flags();
+            let mut provider = str0m::crypto::from_feature_flags();
+            // dimpl's configuration (and its crypto self-test) once, not per Rtc.
+            let dtls: &'static crate::dtls_config::ReusedConfigDtls = Box::leak(Box::new(
+                crate::dtls_config::ReusedConfigDtls::new(provider.dtls_provider),
+            ));
+            provider.dtls_provider = dtls;
             let cert = provider.dtls_provider.generate_certificate()?;
             Some(Shared {
                 provider: Arc::new(provider),

@@ -27,6 +27,8 @@ pub mod crypto;
 #[cfg(feature = "shell")]
 pub mod dc_queue;
 #[cfg(feature = "shell")]
+pub mod dtls_config;
+#[cfg(feature = "shell")]
 pub mod shell;
 #[cfg(feature = "shell")]
 pub mod tcp;
