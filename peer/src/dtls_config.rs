@@ -138,3 +138,26 @@ impl DtlsInstance for Instance {
         self.dtls.close()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_configuration_per_mtu_is_built_and_reused() {
+        let p = ReusedConfigDtls::new(str0m::crypto::from_feature_flags().dtls_provider);
+        let a = p.config(None).unwrap();
+        assert!(Arc::ptr_eq(&a, &p.config(None).unwrap()));
+        let small = p.config(Some(1200)).unwrap();
+        assert!(!Arc::ptr_eq(&a, &small));
+        assert_eq!(small.mtu(), 1200);
+        assert!(Arc::ptr_eq(&small, &p.config(Some(1200)).unwrap()));
+        assert!(!a.use_server_cookie(), "as str0m's own provider builds it");
+        // Instances are made from it, with the process's certificate.
+        let cert = p.generate_certificate().expect("a certificate");
+        for version in [DtlsVersion::Dtls12, DtlsVersion::Auto] {
+            let dtls = p.new_dtls(&cert, Instant::now(), version, None).unwrap();
+            assert!(!dtls.is_closed());
+        }
+    }
+}
