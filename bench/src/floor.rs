@@ -108,7 +108,8 @@ fn forward(
             continue;
         }
         let n = n as usize;
-        // Send exactly what arrived: each iovec's length is the datagram's.
+        // Send exactly what arrived: each iovec's length is the datagram's. The header's
+        // pointer is taken again from the fresh `&mut` so it is not a stale alias.
         for (m, iov) in msgs.iter_mut().zip(iovecs.iter_mut()).take(n) {
             iov.iov_len = m.msg_len as usize;
             m.msg_hdr.msg_iov = iov;
