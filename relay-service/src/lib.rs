@@ -1,14 +1,13 @@
 //! Relay service: gRPC call setup and a str0m WebRTC bridge for the OpenAI Realtime API.
 //!
 //! Pure logic (`pt_map`, `stun`, `upstream_body`, `allowlist`, `ids`,
-//! `error`) is tested without sockets; `bridge` is sans-IO over str0m; `call`,
-//! `media_socket` and `media_tcp` own the sockets and timers; `relay` holds the domain operations that
+//! `error`) is tested without sockets; `bridge` is sans-IO over str0m; `shard` (the media
+//! threads), `media_socket` and `media_tcp` own the sockets and timers; `relay` holds the domain operations that
 //! `grpc` adapts and `server` wires into a process.
 
 pub mod allowlist;
 pub mod bridge;
 pub mod budget;
-pub mod call;
 pub mod call_state;
 pub mod config;
 pub mod error;
@@ -26,6 +25,7 @@ pub mod relay;
 pub mod replica;
 pub mod server;
 pub mod session_ids;
+pub mod shard;
 pub mod signaling;
 pub mod state_metrics;
 pub mod stun;

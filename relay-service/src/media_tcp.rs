@@ -20,6 +20,7 @@
 
 use crate::media_socket::Datagram;
 use crate::metrics::TcpMetrics;
+use crate::shard::inbox::{CallInbox, InboxError};
 use crate::stun;
 use rtc_peer::framing::{encode_frame, FrameDecoder, FrameError};
 use std::collections::HashMap;
@@ -237,7 +238,7 @@ struct CallRoute {
     key: u64,
     /// The call's local ICE password: a connection's first request must be signed with it.
     pass: String,
-    tx: mpsc::Sender<Datagram>,
+    tx: CallInbox,
     conns: Vec<SocketAddr>,
     /// Cancelled when the call ends: its connections close.
     ended: CancellationToken,
@@ -263,13 +264,13 @@ pub struct Routes {
 pub struct Attached {
     pub key: u64,
     pub ufrag: String,
-    pub tx: mpsc::Sender<Datagram>,
+    pub tx: CallInbox,
     pub ended: CancellationToken,
     pub ending: CancellationToken,
 }
 
 impl Routes {
-    fn register(&mut self, key: u64, ufrag: &str, pass: &str, tx: mpsc::Sender<Datagram>) {
+    fn register(&mut self, key: u64, ufrag: &str, pass: &str, tx: CallInbox) {
         self.by_ufrag.insert(
             ufrag.to_string(),
             CallRoute {
@@ -458,10 +459,12 @@ impl TcpPort {
     }
 
     /// Routes connections whose first STUN request carries `ufrag`, signed with `pass` (the
-    /// call's local ICE password), to `tx`.
-    pub fn register(&self, ufrag: &str, pass: &str, tx: mpsc::Sender<Datagram>) -> TcpRoute {
+    /// call's local ICE password), to `inbox`.
+    pub fn register(&self, ufrag: &str, pass: &str, inbox: impl Into<CallInbox>) -> TcpRoute {
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
-        self.shared.routes_mut().register(key, ufrag, pass, tx);
+        self.shared
+            .routes_mut()
+            .register(key, ufrag, pass, inbox.into());
         TcpRoute {
             key,
             ufrag: ufrag.to_string(),
@@ -671,13 +674,7 @@ async fn linger(reader: &mut OwnedReadHalf, buf: &mut [u8]) {
 
 /// Hands a frame to its call's queue as a TCP packet from `peer` (the bridge gives it to
 /// str0m as addressed to the advertised TCP candidate).
-fn deliver(
-    shared: &Shared,
-    tx: &mpsc::Sender<Datagram>,
-    peer: SocketAddr,
-    data: Vec<u8>,
-    at: Instant,
-) {
+fn deliver(shared: &Shared, tx: &CallInbox, peer: SocketAddr, data: Vec<u8>, at: Instant) {
     let d = Datagram {
         at,
         proto: Protocol::Tcp,
@@ -685,7 +682,7 @@ fn deliver(
         local_ip: None,
         data,
     };
-    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(d) {
+    if tx.try_send(d) == Err(InboxError::Full) {
         shared.metrics.dropped("call_queue_full");
     }
 }
@@ -832,8 +829,8 @@ mod tests {
         let mut routes = Routes::default();
         let (tx_a, _rx_a) = mpsc::channel(4);
         let (tx_b, _rx_b) = mpsc::channel(4);
-        routes.register(1, "ufragA", &pass_of("ufragA"), tx_a);
-        routes.register(2, "ufragB", &pass_of("ufragB"), tx_b);
+        routes.register(1, "ufragA", &pass_of("ufragA"), tx_a.into());
+        routes.register(2, "ufragB", &pass_of("ufragB"), tx_b.into());
         let (w, _wr) = mpsc::channel(4);
         let refused = |routes: &mut Routes, frame: &[u8]| {
             routes
@@ -872,7 +869,7 @@ mod tests {
     fn a_call_takes_a_bounded_number_of_connections() {
         let mut routes = Routes::default();
         let (tx, _rx) = mpsc::channel(4);
-        routes.register(7, "u", &pass_of("u"), tx);
+        routes.register(7, "u", &pass_of("u"), tx.into());
         let (w, _wr) = mpsc::channel(4);
         for port in 0..MAX_CONNECTIONS_PER_CALL as u16 {
             let source = SocketAddr::new("192.0.2.1".parse().unwrap(), 2000 + port);
@@ -1095,8 +1092,8 @@ mod tests {
     fn transmits_reach_only_the_calls_own_connections_and_a_full_queue_drops() {
         let mut routes = Routes::default();
         let (tx, _rx) = mpsc::channel(4);
-        routes.register(1, "u1", &pass_of("u1"), tx.clone());
-        routes.register(2, "u2", &pass_of("u2"), tx);
+        routes.register(1, "u1", &pass_of("u1"), tx.clone().into());
+        routes.register(2, "u2", &pass_of("u2"), tx.into());
         let (w, mut wr) = mpsc::channel(2);
         let client = addr("192.0.2.5:4000");
         routes.attach(&binding_request("u1"), client, w).unwrap();

@@ -52,6 +52,12 @@ pub struct Metrics {
     /// MESSAGE-INTEGRITY did not verify with its password: delivered, but no address learned.
     pub stun_unauthenticated: Counter,
     pub queue_full_drops: Counter,
+    /// Client datagrams the kernel gave one media shard's socket for a call another shard
+    /// owns: handed over through the call's inbox.
+    pub cross_shard_datagrams: Counter,
+    /// Datagrams dropped because a socket's send buffer stayed full past its backlog, by
+    /// which socket (`client_port_full`, `upstream_socket_full`).
+    pub send_drops: Family<ReasonLabel, Counter>,
     pub call_panics: Counter,
     /// Upstream-leg addresses the private-address policy refused, by where.
     pub upstream_addresses_refused: Family<ReasonLabel, Counter>,
@@ -173,6 +179,8 @@ impl Metrics {
             unmatched_datagrams: Counter::default(),
             stun_unauthenticated: Counter::default(),
             queue_full_drops: Counter::default(),
+            cross_shard_datagrams: Counter::default(),
+            send_drops: Family::default(),
             call_panics: Counter::default(),
             upstream_addresses_refused: Family::default(),
             list_calls: Counter::default(),
@@ -287,6 +295,21 @@ impl Metrics {
             "Datagrams dropped because a call's inbound queue was full",
             m.queue_full_drops.clone(),
         );
+        registry.register(
+            "cross_shard_datagrams",
+            "Client datagrams that arrived on another media shard's socket than their call's and were handed over through the call's inbox",
+            m.cross_shard_datagrams.clone(),
+        );
+        registry.register(
+            "send_drops",
+            "Datagrams dropped because a socket's send buffer stayed full past its backlog, by socket (client_port_full, upstream_socket_full)",
+            m.send_drops.clone(),
+        );
+        for reason in ["client_port_full", "upstream_socket_full"] {
+            let _ = m.send_drops.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            });
+        }
         registry.register(
             "call_panics",
             "Call tasks that panicked (the call ended, the relay did not)",

@@ -4,7 +4,6 @@
 use crate::allowlist::{self, Allowlist};
 use crate::bridge::{Bridge, BridgeLimits, BridgeTelemetry, LegSetup};
 use crate::budget::SetupBudget;
-use crate::call::CallDriver;
 use crate::call_state::{Caller, EndReason};
 use crate::config::Limits;
 use crate::error::SetupError;
@@ -16,6 +15,8 @@ use crate::peer;
 use crate::registry::{CallEntry, NewCall, Registry};
 use crate::replica::{Peers, ReplicaIdentity};
 use crate::session_ids::SessionIds;
+use crate::shard::call::{CallResources, ShardCall};
+use crate::shard::{Placement, Shards};
 use crate::signaling::{
     ExchangeOutcome, UpstreamCall, UpstreamClient, UpstreamClientError, UpstreamHttp,
 };
@@ -23,17 +24,15 @@ use crate::state_metrics::StateSizes;
 use crate::upstream_body::UpstreamSession;
 use crate::usage::Budget;
 use crate::usage_tap::UsageTap;
-use futures::FutureExt;
 use realtime_relay_proto::call_id::Kind;
 use realtime_relay_proto::v1;
 use std::net::{IpAddr, SocketAddr};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::channel::ChannelId;
 use str0m::IceCreds;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use url::Url;
 
@@ -64,6 +63,8 @@ pub struct Relay {
     settings: RelaySettings,
     registry: Arc<Registry>,
     client_port: Arc<ClientPort>,
+    /// The media threads that run the calls.
+    shards: Arc<Shards>,
     tcp_port: Option<Arc<TcpPort>>,
     upstream: UpstreamClient,
     allowlist: Arc<Allowlist>,
@@ -90,11 +91,13 @@ fn checked(caller: Caller<'_>) -> Result<Caller<'_>, LookupError> {
 }
 
 impl Relay {
-    /// `tcp_port` is the ICE-TCP listener, when `settings` advertise one.
+    /// `tcp_port` is the ICE-TCP listener, when `settings` advertise one. `shards` run the
+    /// calls, one per socket of `client_port`.
     pub fn new(
         settings: RelaySettings,
         allowlist: Allowlist,
         client_port: Arc<ClientPort>,
+        shards: Arc<Shards>,
         tcp_port: Option<Arc<TcpPort>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, UpstreamClientError> {
@@ -115,6 +118,7 @@ impl Relay {
             )),
             settings,
             client_port,
+            shards,
             tcp_port,
             upstream,
             allowlist,
@@ -570,7 +574,7 @@ impl Relay {
         )
     }
 
-    /// Stage 6b: routes the client's ufrag to the call and spawns its driver.
+    /// Stage 6b: routes the client's ufrag to the call and hands the call to a media shard.
     fn start_call(
         &self,
         bridge: Bridge,
@@ -578,26 +582,45 @@ impl Relay {
         entry: Arc<CallEntry>,
         upstream_socket: UdpSocket,
     ) {
+        let at = self.shards.place();
         let (tx, rx) = mpsc::channel(self.settings.limits.call_queue_datagrams);
+        let inbox = self.shards.inbox(at, tx);
         let tcp_route = self
             .tcp_port
             .as_ref()
-            .map(|port| port.register(&ice.ufrag, &ice.pass, tx.clone()));
-        let route = self.client_port.register(&ice.ufrag, &ice.pass, tx);
-        let driver = CallDriver {
-            bridge,
-            entry,
-            client_port: self.client_port.clone(),
-            client_tcp: tcp_route,
-            client_rx: rx,
-            upstream_socket,
-            upstream_allow_private: self.allowlist.allow_private(),
-            upstream_refused: self.metrics.upstream_addresses_refused.clone(),
-            connected_gauge: self.metrics.calls_connected.clone(),
-            _route: route,
-        };
-        self.spawn_call(driver);
+            .map(|port| port.register(&ice.ufrag, &ice.pass, inbox.clone()));
+        let route = self
+            .client_port
+            .register(&ice.ufrag, &ice.pass, inbox.clone());
+        let (ended, ended_rx) = oneshot::channel();
+        let call = upstream_socket.into_std().and_then(|upstream_socket| {
+            ShardCall::new(
+                at.key,
+                CallResources {
+                    bridge,
+                    entry: entry.clone(),
+                    client_tcp: tcp_route,
+                    client_rx: rx,
+                    inbox,
+                    upstream_socket,
+                    upstream_allow_private: self.allowlist.allow_private(),
+                    upstream_refused: self.metrics.upstream_addresses_refused.clone(),
+                    connected_gauge: self.metrics.calls_connected.clone(),
+                    route,
+                    ended,
+                },
+            )
+        });
+        match call {
+            Ok(call) => self.shards.run(at, call),
+            // Cannot happen with a socket tokio made; the call ends at once if it does.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand the upstream socket to a media shard")
+            }
+        }
+        self.await_end(entry, at, ended_rx);
     }
+
     /// Binds the upstream leg's socket on the configured IP, or on the address the
     /// kernel would use to reach the upstream host (no packet is sent to find it).
     /// The host name is resolved within the connect timeout and what is left of the budget: a
@@ -643,17 +666,32 @@ impl Relay {
         })
     }
 
-    fn spawn_call(&self, driver: CallDriver) {
+    /// Waits for the call's end on its shard, asking the shard to end it when its entry is
+    /// cancelled (hangup, drain, budget), then records the end and tells the provider.
+    fn await_end(
+        &self,
+        entry: Arc<CallEntry>,
+        at: Placement,
+        mut ended: oneshot::Receiver<EndReason>,
+    ) {
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
         let upstream = self.upstream.clone();
-        let entry = driver.entry.clone();
+        let shards = self.shards.clone();
         let call_id = entry.call_id.clone();
         let span = tracing::info_span!("call", call_id = %call_id);
         let tasks = self.tasks.clone();
         self.tasks.spawn(
             async move {
-                let reason = run_isolated(driver.run(), &metrics).await;
+                let reason = tokio::select! {
+                    reason = &mut ended => reason,
+                    _ = entry.cancel.cancelled() => {
+                        shards.end(at);
+                        ended.await
+                    }
+                };
+                // No reason: the shard dropped the call without one (it could not start it).
+                let reason = reason.unwrap_or(EndReason::InternalError);
                 // The provider closing a call the relay asked it to end (a GPT-Live hangup)
                 // is that end, not the provider's doing.
                 let reason = match (reason, entry.requested_end()) {
@@ -804,23 +842,6 @@ impl Relay {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         // Every call has ended (and was published): watch streams may end.
         self.registry.watchers_done().cancel();
-    }
-}
-
-/// Runs one call's driver so that a panic inside it ends that call (as
-/// `internal_error`, counted) instead of unwinding into the relay. Everything the call
-/// holds is owned by the future and dropped during unwinding: sockets, route guards.
-pub async fn run_isolated(
-    call: impl std::future::Future<Output = EndReason>,
-    metrics: &Metrics,
-) -> EndReason {
-    match AssertUnwindSafe(call).catch_unwind().await {
-        Ok(reason) => reason,
-        Err(_) => {
-            metrics.call_panics.inc();
-            tracing::error!("call task panicked; the call is ended");
-            EndReason::InternalError
-        }
     }
 }
 
@@ -1000,37 +1021,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[tokio::test]
-    async fn a_panicking_call_ends_as_internal_error_and_frees_what_it_held() {
-        let metrics = Metrics::new();
-        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let guard = port.register("ufragpanic", "passpanic", tx);
-        assert_eq!(port.route_count().0, 1);
-        let call = async move {
-            let _held = guard;
-            if port_is_set() {
-                panic!("a bug in one call");
-            }
-            EndReason::Hangup
-        };
-        assert_eq!(run_isolated(call, &metrics).await, EndReason::InternalError);
-        assert_eq!(metrics.call_panics.get(), 1);
-        assert_eq!(
-            port.route_count().0,
-            0,
-            "the route guard was dropped while unwinding"
-        );
-        // A call that does not panic keeps its own reason.
-        assert_eq!(
-            run_isolated(async { EndReason::Drain }, &metrics).await,
-            EndReason::Drain
-        );
-    }
-
-    fn port_is_set() -> bool {
-        true
     }
 }

@@ -10,6 +10,7 @@ use crate::media_tcp::TcpPort;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelaySettings};
 use crate::replica::{Peers, ReplicaIdentity};
+use crate::shard::Shards;
 use crate::signaling::UpstreamClientError;
 use realtime_relay_proto::v1::relay_service_server::RelayServiceServer;
 use std::net::SocketAddr;
@@ -97,7 +98,12 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         advertised.set_port(media_addr.port());
     }
     let port = Arc::new(port);
-    port.spawn_receivers(metrics.clone());
+    let media_shards = Arc::new(Shards::start(port.clone(), metrics.clone()).map_err(
+        |source| StartError::MediaPort {
+            addr: args.media_addr,
+            source,
+        },
+    )?);
     let (tcp_port, advertised_tcp) = match (args.media_tcp_addr, args.advertised_media_tcp_addr()?)
     {
         (Some(addr), Some(mut advertised_tcp)) => {
@@ -153,6 +159,7 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         },
         allowlist,
         port,
+        media_shards,
         tcp_port,
         metrics.clone(),
     )?);

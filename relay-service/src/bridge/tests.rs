@@ -827,7 +827,7 @@ fn rtp_received(call: &mut VirtualCall) -> usize {
 }
 
 /// The relay's cost per relayed RTP packet with no I/O at all (the bridge and its two str0m
-/// legs, driven as `CallDriver` drives them), next to str0m's own cost for the same work in
+/// legs, driven as a media shard drives them), next to str0m's own cost for the same work in
 /// the test peers (one packet written and one received per relayed packet). A measurement,
 /// not a check: `cargo xtask bench` runs it in release (and under callgrind for the
 /// instruction counts); it prints one `RTGW_VIRTUAL_COST {json}` line.

@@ -9,7 +9,7 @@
 //!
 //! The legs are built the way the relay builds them (`peer::accept_client_offer`,
 //! `peer::create_upstream_offer`, `peer::accept_upstream_answer`), and the bridge is
-//! driven the way `CallDriver` drives it: every input is followed by `send_written`
+//! driven the way a media shard drives it: every input is followed by `send_written`
 //! and `take_transmits`; once `end_reason` is set the driver closes both legs, sends
 //! the goodbyes and stops.
 
@@ -644,7 +644,7 @@ impl VirtualCall {
         self.cost.peers += t.elapsed();
     }
 
-    /// The relay's work on a timeout: what `CallDriver` does when the bridge's deadline
+    /// The relay's work on a timeout: what a media shard does when the bridge's deadline
     /// comes.
     #[inline(never)]
     fn relay_timeout(&mut self, at: Instant) {
@@ -652,7 +652,7 @@ impl VirtualCall {
         self.after_relay_input();
     }
 
-    /// The relay's work on one datagram: what `CallDriver` does for one received datagram.
+    /// The relay's work on one datagram: what a media shard does for one received datagram.
     #[inline(never)]
     fn relay_datagram(&mut self, leg: super::Leg, source: SocketAddr, data: &[u8]) {
         let now = self.now;
@@ -714,7 +714,7 @@ impl VirtualCall {
         self.flush_outbox(side);
     }
 
-    /// What `CallDriver` does after each batch of input: let written RTP leave, send
+    /// What a media shard does after each batch of input: let written RTP leave, send
     /// every transmit, and stop once the bridge has an end reason.
     fn after_relay_input(&mut self) {
         if self.relay.stopped.is_some() {
