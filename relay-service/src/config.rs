@@ -135,7 +135,8 @@ pub struct Args {
     )]
     pub media_tcp_write_queue_frames: usize,
 
-    /// Receive sockets on the media port (SO_REUSEPORT shards); 0 = one per core.
+    /// Media shards: threads that each own one SO_REUSEPORT socket of the media port and run
+    /// the calls placed on them; 0 = one per core the process may run on.
     #[arg(long, env = "RELAY_MEDIA_SHARDS", default_value_t = 0)]
     pub media_shards: usize,
 
