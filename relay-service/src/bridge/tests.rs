@@ -866,3 +866,65 @@ fn relay_cost_per_relayed_packet_without_io() {
         })
     );
 }
+
+/// The same cost with many calls taking turns, as on a media shard: each call relays one
+/// frame each way, then the next call does, so every packet finds the state of the other
+/// calls between it and its own last packet in the CPU's caches. `RTGW_VIRTUAL_CALLS` lists
+/// the call counts (default `1,10,100,300`), `RTGW_VIRTUAL_FRAMES` the frames per call
+/// (default 250: five seconds). Prints one `RTGW_VIRTUAL_CALLS {json}` line per count.
+/// A measurement: it tells whether the running relay's cost per packet beyond the one-call
+/// figure is the work or the working set.
+#[test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+fn relay_cost_per_relayed_packet_with_calls_taking_turns() {
+    let counts: Vec<usize> = std::env::var("RTGW_VIRTUAL_CALLS")
+        .unwrap_or_else(|_| "1,10,100,300".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let frames: u32 = std::env::var("RTGW_VIRTUAL_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(250);
+    for n in counts {
+        let mut calls: Vec<VirtualCall> = (0..n)
+            .map(|_| {
+                let mut call = VirtualCall::connected(Options::default());
+                call.send_audio(Side::Client, 50);
+                call.send_audio(Side::Provider, 50);
+                call.run_for(secs(2));
+                call
+            })
+            .collect();
+        let start: Vec<(Cost, usize)> = calls
+            .iter_mut()
+            .map(|c| (c.cost, rtp_received(c)))
+            .collect();
+        for call in &mut calls {
+            call.send_audio(Side::Client, frames);
+            call.send_audio(Side::Provider, frames);
+        }
+        for _ in 0..frames + 50 {
+            for call in &mut calls {
+                call.run_for(FRAME);
+            }
+        }
+        let (mut relayed, mut relay, mut peers) = (0usize, Duration::ZERO, Duration::ZERO);
+        for (call, (cost0, rtp0)) in calls.iter_mut().zip(start) {
+            relayed += rtp_received(call) - rtp0;
+            relay += call.cost.relay - cost0.relay;
+            peers += call.cost.peers - cost0.peers;
+        }
+        assert!(relayed as f64 >= n as f64 * f64::from(frames) * 2.0 * 0.99);
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / relayed as f64;
+        println!(
+            "RTGW_VIRTUAL_CALLS {}",
+            serde_json::json!({
+                "calls": n,
+                "relayed_packets": relayed,
+                "relay_us_per_packet": us(relay),
+                "str0m_peers_us_per_packet": us(peers),
+            })
+        );
+    }
+}
