@@ -15,8 +15,9 @@ use crate::media_tcp::TcpRoute;
 use crate::metrics::ReasonLabel;
 use crate::registry::CallEntry;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use quinn_udp::RecvMeta;
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +27,10 @@ use tokio::sync::{mpsc, oneshot};
 /// Datagrams of one source (the inbox, the upstream socket) fed per loop turn: a source that
 /// is always ready (a flood) starves neither the call's other leg nor the shard's other calls.
 pub const BATCH: usize = 32;
+
+/// Datagrams one `recvmmsg` on an upstream socket reads at most: a provider sends a call a
+/// packet every 20 ms, so a turn rarely finds more than one.
+pub const UPSTREAM_RECV_BATCH: usize = 4;
 
 /// Upstream datagrams kept while the call's socket buffer is full, until it drains: a burst
 /// waits instead of being lost; beyond this the newest are dropped, counted.
@@ -72,6 +77,8 @@ pub struct ShardCall {
     client_rx: mpsc::Receiver<Datagram>,
     inbox: CallInbox,
     pub upstream: mio::net::UdpSocket,
+    /// `recvmmsg` on `upstream` (and GRO segments), as on the shared port.
+    upstream_state: quinn_udp::UdpSocketState,
     upstream_allow_private: bool,
     upstream_refused: Family<ReasonLabel, Counter>,
     connected_gauge: Gauge,
@@ -108,6 +115,7 @@ pub enum Serviced {
 impl ShardCall {
     pub fn new(key: u64, r: CallResources) -> std::io::Result<Self> {
         r.upstream_socket.set_nonblocking(true)?;
+        let upstream_state = quinn_udp::UdpSocketState::new((&r.upstream_socket).into())?;
         Ok(ShardCall {
             key,
             bridge: r.bridge,
@@ -116,6 +124,7 @@ impl ShardCall {
             client_rx: r.client_rx,
             inbox: r.inbox,
             upstream: mio::net::UdpSocket::from_std(r.upstream_socket),
+            upstream_state,
             upstream_allow_private: r.upstream_allow_private,
             upstream_refused: r.upstream_refused,
             connected_gauge: r.connected_gauge,
@@ -164,25 +173,43 @@ impl ShardCall {
         true
     }
 
-    /// Feeds up to a batch from the upstream socket into `buf`; true if it may hold more.
-    pub fn read_upstream(&mut self, buf: &mut [u8]) -> bool {
-        for _ in 0..BATCH {
-            match self.upstream.recv_from(buf) {
-                Ok((n, source)) => {
-                    if self.upstream_addr_allowed(source, "datagram_from_not_public") {
-                        self.bridge.handle_datagram(
-                            Leg::Upstream,
-                            Instant::now(),
-                            source,
-                            &buf[..n],
-                        );
-                        self.dirty = true;
-                    }
-                }
+    /// Feeds up to a batch from the upstream socket, read with `recvmmsg` into `bufs`; true if
+    /// it may hold more. A read that fills fewer buffers than it offered found the queue
+    /// empty: no second call just to hear `EAGAIN`.
+    pub fn read_upstream(&mut self, bufs: &mut [Box<[u8]>], metas: &mut [RecvMeta]) -> bool {
+        for _ in 0..BATCH.div_ceil(bufs.len().max(1)) {
+            let received = {
+                let mut slices = bufs.iter_mut();
+                let mut iovs: [IoSliceMut<'_>; UPSTREAM_RECV_BATCH] = std::array::from_fn(|_| {
+                    IoSliceMut::new(slices.next().expect("one buffer per slot"))
+                });
+                self.upstream_state
+                    .recv((&self.upstream).into(), &mut iovs, metas)
+            };
+            let n = match received {
+                Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 // ICMP port unreachable from a vanished provider shows up here; the peer
                 // timeout decides when the leg is gone.
-                Err(e) => tracing::trace!(error = %e, "upstream receive error"),
+                Err(e) => {
+                    tracing::trace!(error = %e, "upstream receive error");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            for (buf, meta) in bufs.iter().zip(metas.iter()).take(n) {
+                if !self.upstream_addr_allowed(meta.addr, "datagram_from_not_public") {
+                    continue;
+                }
+                // One datagram, or several of one flow coalesced by GRO, `stride` apart.
+                for data in buf[..meta.len].chunks(meta.stride.max(1)) {
+                    self.bridge
+                        .handle_datagram(Leg::Upstream, now, meta.addr, data);
+                }
+                self.dirty = true;
+            }
+            if n < UPSTREAM_RECV_BATCH {
+                return false;
             }
         }
         true

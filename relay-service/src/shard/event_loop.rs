@@ -8,7 +8,7 @@
 //! turn without waiting, so a flood on one socket starves neither the other sockets nor the
 //! timers. A panic in one call ends that call (`internal_error`, counted), not the shard.
 
-use super::call::{ClientTransmit, Serviced, ShardCall};
+use super::call::{ClientTransmit, Serviced, ShardCall, UPSTREAM_RECV_BATCH};
 use super::inbox::{Command, ShardQueue};
 use super::timers::Timers;
 use crate::bridge::Leg;
@@ -18,7 +18,6 @@ use crate::metrics::{Metrics, ReasonLabel};
 use mio::{Events, Interest, Poll, Token};
 use prometheus_client::metrics::counter::Counter;
 use quinn_udp::RecvMeta;
-use rtc_peer::udp::MAX_DATAGRAM;
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -59,7 +58,9 @@ impl Again {
 /// What a call's handling borrows from the shard besides the call.
 struct Io {
     timers: Timers,
-    upstream_buf: Box<[u8]>,
+    /// `recvmmsg` buffers for upstream sockets (64 KiB each: GRO may coalesce).
+    upstream_bufs: Vec<Box<[u8]>>,
+    upstream_meta: Vec<RecvMeta>,
     /// The bridge's transmits, moved out during a service.
     scratch: Vec<(Leg, Transmit)>,
     /// Client-leg datagrams of this turn, sent after every call was serviced.
@@ -131,7 +132,10 @@ impl EventLoop {
             calls: HashMap::new(),
             io: Io {
                 timers: Timers::default(),
-                upstream_buf: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
+                upstream_bufs: (0..UPSTREAM_RECV_BATCH)
+                    .map(|_| vec![0u8; GRO_BUFFER].into_boxed_slice())
+                    .collect(),
+                upstream_meta: vec![RecvMeta::default(); UPSTREAM_RECV_BATCH],
                 scratch: Vec::with_capacity(64),
                 client_out: Vec::with_capacity(256),
                 upstream_drops: drops("upstream_socket_full"),
@@ -277,7 +281,8 @@ impl EventLoop {
     /// turn.
     fn read_upstream(&mut self, key: u64) {
         let more = self.with_call(key, |c, io| {
-            let more = c.read_upstream(&mut io.upstream_buf) && !c.again_upstream;
+            let more =
+                c.read_upstream(&mut io.upstream_bufs, &mut io.upstream_meta) && !c.again_upstream;
             c.again_upstream |= more;
             more
         });
@@ -313,12 +318,18 @@ impl EventLoop {
                 }
             };
             let now = Instant::now();
+            // Fewer than offered: the queue was empty (no second read just for `EAGAIN`).
+            let drained = n < RECV_BATCH;
             for (buf, meta) in bufs.iter().zip(&metas).take(n) {
                 let local_ip = meta.dst_ip.filter(|_| self.socket.pktinfo);
                 // One datagram, or several of one flow coalesced by GRO, `stride` apart.
                 for data in buf[..meta.len].chunks(meta.stride.max(1)) {
                     self.client_datagram(now, meta.addr, local_ip, data);
                 }
+            }
+            if drained {
+                more = false;
+                break;
             }
         }
         self.recv_bufs = bufs;

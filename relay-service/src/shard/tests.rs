@@ -471,4 +471,3 @@ fn calls_are_placed_on_the_least_loaded_shard() {
     assert_ne!(placed[0].at.key, placed[1].at.key);
     assert_eq!(media.shards.loads(), vec![1, 1]);
 }
-
