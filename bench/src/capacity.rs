@@ -310,6 +310,19 @@ pub fn nominal_frames_per_sec(calls: usize) -> f64 {
 
 /// A level's verdict from what it measured. A relay fault (calls not connected, loss) wins
 /// over a short generator: both are reported, the fault first.
+/// Calls one relay core would carry at the cost per packet measured at a level of `calls`
+/// calls relaying `packets_per_sec` in total: one core's microseconds per second divided by
+/// what one call costs per second. Derived, not measured: it assumes the cost per packet stays
+/// what it was at that level (it grows with the working set, docs/benchmarks.md).
+pub fn derived_calls_per_core(
+    calls: usize,
+    packets_per_sec: f64,
+    us_per_packet: f64,
+) -> Option<f64> {
+    let per_call = packets_per_sec / calls as f64;
+    (calls > 0 && per_call > 0.0 && us_per_packet > 0.0).then(|| 1e6 / (us_per_packet * per_call))
+}
+
 pub fn level_verdict(calls: usize, connected: usize, loss_pct: f64, offered: f64) -> LevelVerdict {
     if connected != calls || loss_pct.is_nan() || loss_pct > 1.0 {
         LevelVerdict::NotClean
@@ -427,9 +440,21 @@ pub async fn ramp(
         }
     }
     provider.shutdown().await;
+    let derived = out
+        .iter()
+        .filter(|l| l["calls"].as_u64() == Some(largest_clean as u64))
+        .find_map(|l| {
+            let r = &l["relay"];
+            derived_calls_per_core(
+                largest_clean,
+                r["relayed_packets_per_sec"].as_f64()?,
+                r["relay_cpu_us_per_packet"].as_f64()?,
+            )
+        });
     Ok(json!({
         "levels": out,
         "largest_clean_level": largest_clean,
+        "derived_calls_per_core": derived,
         "warmup_secs": warmup.as_secs_f64(),
         "window_secs": window.as_secs_f64(),
     }))
@@ -526,6 +551,14 @@ pub async fn metering(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_capacity_is_one_core_over_what_a_call_costs() {
+        // 300 calls relaying 30,000 packets/s at 25 µs each: a call costs 2,500 µs per second.
+        assert_eq!(derived_calls_per_core(300, 30_000.0, 25.0), Some(400.0));
+        assert_eq!(derived_calls_per_core(0, 30_000.0, 25.0), None);
+        assert_eq!(derived_calls_per_core(300, 0.0, 25.0), None);
+    }
 
     #[test]
     fn a_level_whose_generator_fell_short_is_never_clean() {

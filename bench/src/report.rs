@@ -195,6 +195,18 @@ pub fn section(doc: &Value) -> String {
                 cap["largest_clean_level"]
             ),
         );
+        if let Some(derived) = cap["derived_calls_per_core"].as_f64() {
+            push(
+                &mut s,
+                format!(
+                    "Derived, not measured: one relay core ÷ (µs per packet × packets per call per \
+                     second) at the largest clean level = **{derived:.0} calls per core**. The \
+                     generator (two WebRTC stacks per call on the other core) cannot offer more \
+                     here, and the cost per packet grows with the number of calls (section 2d), \
+                     so this is an upper estimate."
+                ),
+            );
+        }
         if let Some(last) = cap["levels"].as_array().and_then(|a| a.last()) {
             let v = &last["relay"];
             let us = v["relay_cpu_us_per_packet"].as_f64();
@@ -303,11 +315,44 @@ pub fn section(doc: &Value) -> String {
                 push(
                     &mut s,
                     format!(
-                        "\nAt {} calls the running relay spends {real:.1} µs per packet: {:.1}× the bridge's {r:.2} µs; the rest is I/O, the runtime and the hops between them.",
+                        "\nAt {} calls the running relay spends {real:.1} µs per packet: {:.1}× the bridge's {r:.2} µs for one call alone; the rest is the system calls and the working set of that many calls (section 2d).",
                         last["calls"], real / r
                     ),
                 );
             }
+        }
+    }
+
+    // 2d. Without I/O, many calls taking turns: the working set's share.
+    if let Some(rows) = vc["calls_taking_turns"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+    {
+        push(
+            &mut s,
+            "\n### 2d. The same without I/O, with many calls taking turns (each call relays a frame each way, then the next call does, as on a loaded shard)\n".into(),
+        );
+        push(
+            &mut s,
+            "| calls taking turns | relay µs per packet | str0m alone µs per packet | relay ÷ one call's |".into(),
+        );
+        push(&mut s, "|---|---|---|---|".into());
+        let one = rows[0]["relay_us_per_packet"].as_f64();
+        for row in rows {
+            let r = row["relay_us_per_packet"].as_f64();
+            push(
+                &mut s,
+                format!(
+                    "| {} | {} | {} | {} |",
+                    row["calls"],
+                    f(&row["relay_us_per_packet"]),
+                    f(&row["str0m_peers_us_per_packet"]),
+                    match (r, one) {
+                        (Some(r), Some(o)) if o > 0.0 => format!("{:.2}", r / o),
+                        _ => "-".into(),
+                    }
+                ),
+            );
         }
     }
 

@@ -22,6 +22,11 @@ use crate::ui::{line, Step};
 
 const TEST: &str = "bridge::tests::relay_cost_per_relayed_packet_without_io";
 const MARKER: &str = "RTGW_VIRTUAL_COST ";
+/// The same cost with many calls taking turns (the working set of a loaded shard).
+const TURNS_TEST: &str = "bridge::tests::relay_cost_per_relayed_packet_with_calls_taking_turns";
+const TURNS_MARKER: &str = "RTGW_VIRTUAL_CALLS ";
+/// Call counts for [`TURNS_TEST`]; 250 frames per call each.
+const TURNS_CALLS: &str = "1,10,100,300";
 /// What callgrind counts as the relay's work, and as the peers'.
 const RELAY_FNS: [&str; 2] = [
     "*VirtualCall*relay_datagram*",
@@ -78,6 +83,34 @@ fn run_once(bin: &Path, frames: u32, wrap: Option<Vec<String>>) -> Result<Value>
         })
         .ok_or_else(|| anyhow!("no {MARKER}line in:\n{text}"))?;
     Ok(serde_json::from_str(json)?)
+}
+
+/// One run of [`TURNS_TEST`]: a JSON object per call count.
+fn run_turns(bin: &Path) -> Result<Vec<Value>> {
+    let text = output(
+        Command::new(bin)
+            .args([
+                "--ignored",
+                "--exact",
+                TURNS_TEST,
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("RTGW_VIRTUAL_CALLS", TURNS_CALLS)
+            .env("RTGW_VIRTUAL_FRAMES", "250"),
+        "The calls-taking-turns measurement failed.",
+    )?;
+    let rows: Vec<Value> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(TURNS_MARKER)? + TURNS_MARKER.len()..];
+            serde_json::from_str(&rest[..=rest.rfind('}')?]).ok()
+        })
+        .collect();
+    if rows.is_empty() {
+        bail!("no {TURNS_MARKER}line in:\n{text}");
+    }
+    Ok(rows)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -140,6 +173,7 @@ pub fn measure(paths: &Paths) -> Result<Value> {
             "frames_per_side": 10_000,
         }
     });
+    v["calls_taking_turns"] = Value::Array(run_turns(&bin)?);
     let valgrind = Command::new("valgrind")
         .arg("--version")
         .output()
