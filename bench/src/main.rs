@@ -120,7 +120,7 @@ fn run(cli: Cli) -> Result<()> {
             if cli.quick {
                 vec![10]
             } else {
-                vec![50, 100, 200, 500]
+                vec![50, 100, 200, 300, 500]
             }
         });
         let relay_bin = paths.relay_bin(profile);
