@@ -109,9 +109,19 @@ impl Shards {
         CallInbox::on_shard(tx, at.shard, at.key, queue)
     }
 
-    /// Hands a call to its shard, which runs it from now on.
+    /// Hands a call to its shard, which runs it from now on. A shard whose thread has stopped
+    /// (a bug outside any call, logged where it happened) would never start the call: it ends
+    /// at once as `internal_error` instead of holding its place for good.
     pub fn run(&self, at: Placement, call: ShardCall) {
         let handle = &self.handles[at.shard];
+        if handle.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+            tracing::error!(
+                shard = at.shard,
+                "media shard is not running; the call ends"
+            );
+            call.finish(crate::call_state::EndReason::InternalError);
+            return;
+        }
         handle.load.fetch_add(1, Ordering::Relaxed);
         handle.queue.push(Command::Start(Box::new(call)));
     }
@@ -119,6 +129,18 @@ impl Shards {
     /// Asks the call placed at `at` to end, with the reason its entry holds.
     pub fn end(&self, at: Placement) {
         self.handles[at.shard].queue.push(Command::End(at.key));
+    }
+}
+
+#[cfg(test)]
+impl Shards {
+    /// Stops one shard's thread and waits until it has stopped (tests of a dead shard).
+    fn stop_one(&self, shard: usize) {
+        self.handles[shard].queue.push(Command::Stop);
+        let thread = self.handles[shard].thread.as_ref().expect("running");
+        while !thread.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 

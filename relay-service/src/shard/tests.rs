@@ -471,3 +471,33 @@ fn calls_are_placed_on_the_least_loaded_shard() {
     assert_ne!(placed[0].at.key, placed[1].at.key);
     assert_eq!(media.shards.loads(), vec![1, 1]);
 }
+
+/// A call handed to a shard whose thread has stopped ends at once as `internal_error`: it does
+/// not wait in a queue nobody reads, holding its place and its sockets.
+#[tokio::test]
+async fn a_call_for_a_stopped_shard_ends_at_once() {
+    let media = media(1);
+    media.shards.stop_one(0);
+    let registry = Registry::new(1, 1);
+    let (mut provider, _socket, provider_addr) = provider();
+    let placed = place_call(
+        &media,
+        &registry,
+        limits(Duration::from_secs(60)),
+        &mut provider,
+        provider_addr,
+        8,
+        true,
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(1), placed.ended).await;
+    assert_eq!(
+        ended.ok().and_then(Result::ok),
+        Some(EndReason::InternalError)
+    );
+    assert_eq!(media.shards.loads(), vec![0]);
+    assert_eq!(
+        media.port.route_count(),
+        (0, 0),
+        "the call's routes are gone"
+    );
+}
