@@ -6,6 +6,7 @@
 pub mod capacity;
 pub mod filter;
 pub mod floor;
+pub mod janus;
 pub mod peer;
 pub mod relay_grpc;
 pub mod report;

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rtgw_bench::{capacity, filter, floor, report, say, setup, sys, timestamp, START};
+use rtgw_bench::{capacity, filter, floor, janus, report, say, setup, sys, timestamp, START};
 use serde_json::{json, Value};
 use std::time::Instant;
 use xtask::paths::{Paths, Profile};
@@ -33,7 +33,7 @@ struct Cli {
     /// Capacity levels (concurrent calls), comma separated.
     #[arg(long, value_delimiter = ',')]
     levels: Option<Vec<usize>>,
-    /// Sections to run (setup, capacity, filter); default all.
+    /// Sections to run (setup, capacity, floor, janus, metering, filter); default all.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Rewrite the generated section of docs/benchmarks.md even in --quick mode.
@@ -120,7 +120,7 @@ fn run(cli: Cli) -> Result<()> {
             if cli.quick {
                 vec![10]
             } else {
-                vec![50, 100, 200, 300, 500]
+                vec![5, 10, 50, 100, 200, 300, 500]
             }
         });
         let relay_bin = paths.relay_bin(profile);
@@ -190,6 +190,32 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         results["floor"] = json!({ "udp_forwarder": levels });
+    }
+    // A trusted peer side by side: Janus's echo test at the capacity levels' packet rates
+    // (and the 500 and 1,000 packets/s of issue 14's own comparison). Not in the quick
+    // smoke run unless asked for.
+    if (!cli.quick && wants("janus"))
+        || cli
+            .only
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "janus"))
+    {
+        match janus::unavailable() {
+            Some(why) => {
+                say(format!("janus: skipped: {why}"));
+                results["janus"] = json!({ "skipped": why });
+            }
+            None => {
+                let sessions = janus::sessions_for(&results, cli.quick);
+                match janus::run(&rt, &run_dir, &sessions, relay_cpu, cli.quick) {
+                    Ok(v) => results["janus"] = v,
+                    Err(e) => {
+                        failures.push(format!("janus: {e:#}"));
+                        results["janus"] = json!({ "error": format!("{e:#}") });
+                    }
+                }
+            }
+        }
     }
     if let Some(file) = &cli.virtual_cost {
         let text =

@@ -50,6 +50,9 @@ pub struct Load {
     pub channel_open: AtomicBool,
     /// The last ICE state a peer reported (`ice_state_name`), 0 before any.
     pub ice_state: std::sync::atomic::AtomicU8,
+    /// A peer is ready once DTLS connects, not at the provider's `session.created` (a server
+    /// that is not a model provider, such as Janus's echo test).
+    pub ready_on_connected: AtomicBool,
 }
 
 /// The name of a [`Load::ice_state`] value.
@@ -87,6 +90,12 @@ pub struct Offer {
 impl Offer {
     pub fn new() -> Result<Offer> {
         let socket = udp::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).context("binding a UDP socket")?;
+        Offer::on_socket(socket)
+    }
+
+    /// An offer whose socket is already bound (for instance inside a network namespace: the
+    /// socket keeps it wherever the peer runs).
+    pub fn on_socket(socket: std::net::UdpSocket) -> Result<Offer> {
         let local = socket.local_addr()?;
         let cfg = echo_model::client::client_rtc_config(Pt::from(OPUS_PT))?;
         let mut rtc = cfg.build(Instant::now());
@@ -267,7 +276,13 @@ impl Peer {
 impl PeerState {
     fn on_event(&mut self, e: Event) {
         match e {
-            Event::Connected => self.load.connected.store(true, Relaxed),
+            Event::Connected => {
+                self.load.connected.store(true, Relaxed);
+                if !self.ready && self.load.ready_on_connected.load(Relaxed) {
+                    self.ready = true;
+                    self.load.ready.fetch_add(1, Relaxed);
+                }
+            }
             Event::IceConnectionStateChange(state) => {
                 self.load.ice_state.store(ice_state_code(state), Relaxed)
             }

@@ -356,6 +356,63 @@ pub fn section(doc: &Value) -> String {
         }
     }
 
+    // 2e. A trusted peer: Janus's echo test at matched packet rates.
+    let janus = &doc["results"]["janus"];
+    if let Some(why) = janus["skipped"].as_str().or(janus["error"].as_str()) {
+        push(
+            &mut s,
+            format!("\n### 2e. Janus side by side\n\nNot measured: {why}"),
+        );
+    } else if let Some(levels) = janus["levels"].as_array().filter(|a| !a.is_empty()) {
+        push(
+            &mut s,
+            format!(
+                "\n### 2e. Janus side by side ({}, echo test in a network namespace, pinned to the relay's CPU; a packet echoed is received and sent once, as the relay relays one)\n",
+                janus["version"].as_str().unwrap_or("Janus")
+            ),
+        );
+        push(&mut s, "| echo sessions | echoed pkt/s | loss | Janus CPU | Janus µs/packet | relay µs/packet at that rate | relay ÷ Janus |".into());
+        push(&mut s, "|---|---|---|---|---|---|---|".into());
+        let cap = doc["results"]["capacity"]["levels"].as_array();
+        for l in levels {
+            if let Some(e) = l["error"].as_str() {
+                push(
+                    &mut s,
+                    format!(
+                        "| {} | failed: {} ||||||",
+                        l["sessions"],
+                        e.replace('|', "/")
+                    ),
+                );
+                continue;
+            }
+            let rate = l["echoed_per_sec"].as_f64().unwrap_or(0.0);
+            // The capacity level whose relayed packet rate is within 10 % of this one.
+            let relay = cap.into_iter().flatten().find_map(|c| {
+                let r = c["relay"]["relayed_packets_per_sec"].as_f64()?;
+                ((r - rate).abs() <= rate * 0.1)
+                    .then(|| c["relay"]["relay_cpu_us_per_packet"].as_f64())?
+            });
+            let j = l["janus_cpu_us_per_packet"].as_f64();
+            push(
+                &mut s,
+                format!(
+                    "| {} | {} | {}% | {}% | {} | {} | {} |",
+                    l["sessions"],
+                    f(&l["echoed_per_sec"]),
+                    f(&l["loss_pct"]),
+                    f(&l["janus_cpu_pct"]),
+                    f(&l["janus_cpu_us_per_packet"]),
+                    relay.map_or("–".into(), |r| format!("{r:.1}")),
+                    match (relay, j) {
+                        (Some(r), Some(j)) if j > 0.0 => format!("{:.2}", r / j),
+                        _ => "–".into(),
+                    }
+                ),
+            );
+        }
+    }
+
     // 3. Setup rate.
     let rate = &st["setup_rate"];
     push(

@@ -18,6 +18,7 @@ pub const BENCH_BIN: &str = "rtgw-bench";
 /// the relay and the echo model.
 pub fn build(paths: &Paths) -> Result<()> {
     setup::setup(paths, SetupOptions::default())?;
+    setup::janus()?;
     build_filter(paths)?;
     let step = Step::new("Build rtgw-bench, rtgw-soak, realtime-relay and echo-model (release)");
     run(

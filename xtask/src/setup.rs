@@ -311,6 +311,31 @@ pub fn prometheus() -> Result<()> {
     Ok(())
 }
 
+/// Debian's `janus` (the WebRTC server), for the benchmark's side-by-side section only:
+/// `cargo xtask bench` installs it as root; otherwise that section says it is skipped and why.
+/// The package's own service is not used: the bench starts Janus in a network namespace with a
+/// configuration of its own.
+pub fn janus() -> Result<()> {
+    let step = Step::new("Janus WebRTC server (Debian package, benchmark comparison)");
+    if tool_answers("janus", "--version") {
+        step.skip("already installed");
+        return Ok(());
+    }
+    if !is_root() {
+        step.skip(
+            "not root: the benchmark's Janus section will be skipped; install with \
+             `sudo apt-get install -y --no-install-recommends janus`",
+        );
+        return Ok(());
+    }
+    apt_install(&["janus"], "Janus")?;
+    if !tool_answers("janus", "--version") {
+        bail!("`janus` still does not run after installing Debian's janus");
+    }
+    step.done();
+    Ok(())
+}
+
 /// `prometheus` and `promtool` run.
 pub fn prometheus_installed() -> bool {
     tool_answers("prometheus", "--version") && tool_answers("promtool", "--version")
