@@ -70,6 +70,19 @@ pub struct Datagram {
     pub data: Vec<u8>,
 }
 
+impl Datagram {
+    /// A UDP datagram from the shared port, copied out of the receive buffer.
+    pub fn udp(at: Instant, source: SocketAddr, local_ip: Option<IpAddr>, data: &[u8]) -> Self {
+        Datagram {
+            at,
+            proto: Protocol::Udp,
+            source,
+            local_ip,
+            data: data.to_vec(),
+        }
+    }
+}
+
 /// The local address each client address of one call reached us at, so replies to it leave
 /// from there ([`ClientPort::send_to`]). Bounded like the port's address table.
 #[derive(Debug, Default)]
@@ -295,14 +308,7 @@ impl ClientPort {
             metrics.unmatched_datagrams.inc();
             return;
         };
-        let d = Datagram {
-            at: now,
-            proto: Protocol::Udp,
-            source,
-            local_ip,
-            data: data.to_vec(),
-        };
-        if inbox.try_send(d) == Err(InboxError::Full) {
+        if inbox.try_send(Datagram::udp(now, source, local_ip, data)) == Err(InboxError::Full) {
             metrics.queue_full_drops.inc();
         }
     }

@@ -365,6 +365,22 @@ mod tests {
 
     const MAX_MESSAGE: usize = 1024 * 1024;
 
+    /// The client leg for `offer`, advertising `addr`, with fixed credentials.
+    fn accept_test_offer(offer: &str, addr: &str) -> Result<ClientLeg, SetupError> {
+        let creds = IceCreds {
+            ufrag: "abcd".into(),
+            pass: "p".repeat(24),
+        };
+        accept_client_offer(
+            offer,
+            addr.parse().unwrap(),
+            None,
+            creds,
+            MAX_MESSAGE,
+            Instant::now(),
+        )
+    }
+
     #[test]
     fn precheck_table() {
         let ok =
@@ -408,19 +424,7 @@ mod tests {
         // A real str0m parse error of a truncated offer.
         let offer =
             "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n";
-        let err = accept_client_offer(
-            offer,
-            "127.0.0.1:4000".parse().unwrap(),
-            None,
-            IceCreds {
-                ufrag: "abcd".into(),
-                pass: "p".repeat(24),
-            },
-            MAX_MESSAGE,
-            Instant::now(),
-        )
-        .err()
-        .unwrap();
+        let err = accept_test_offer(offer, "127.0.0.1:4000").err().unwrap();
         let message = err.to_string();
         assert!(message.starts_with("invalid_sdp: "), "{message}");
         assert!(
@@ -470,18 +474,7 @@ mod tests {
     fn neither_leg_negotiates_transport_cc_and_audio_level_stays() {
         let offer = include_str!("../../testdata/offers/chromium-156.sdp");
         assert!(offer.contains("transport-wide-cc"), "the fixture offers it");
-        let client = accept_client_offer(
-            offer,
-            "203.0.113.7:40000".parse().unwrap(),
-            None,
-            IceCreds {
-                ufrag: "abcd".into(),
-                pass: "p".repeat(24),
-            },
-            MAX_MESSAGE,
-            Instant::now(),
-        )
-        .unwrap();
+        let client = accept_test_offer(offer, "203.0.113.7:40000").unwrap();
         let answer = client.answer.to_sdp_string();
         assert!(!answer.contains("transport-wide-cc"), "{answer}");
         assert!(
@@ -520,18 +513,8 @@ mod tests {
             ),
         ] {
             precheck_offer(offer, 64 * 1024).unwrap_or_else(|e| panic!("{stack}: {e:?}"));
-            let leg = accept_client_offer(
-                offer,
-                "203.0.113.7:40000".parse().unwrap(),
-                None,
-                IceCreds {
-                    ufrag: "abcd".into(),
-                    pass: "p".repeat(24),
-                },
-                MAX_MESSAGE,
-                Instant::now(),
-            )
-            .unwrap_or_else(|e| panic!("{stack}: {e:?}"));
+            let leg = accept_test_offer(offer, "203.0.113.7:40000")
+                .unwrap_or_else(|e| panic!("{stack}: {e:?}"));
             assert_eq!(leg.audio_mid, Some(Mid::from("0")), "{stack}");
             let answer = leg.answer.to_sdp_string();
             assert!(answer.contains("opus/48000/2"), "{stack}: {answer}");

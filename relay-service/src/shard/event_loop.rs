@@ -363,14 +363,7 @@ impl EventLoop {
             }
             Some(Owner::Inbox(inbox)) => {
                 let elsewhere = inbox.owner().is_some_and(|(shard, _)| shard != here);
-                let d = Datagram {
-                    at: now,
-                    proto: Protocol::Udp,
-                    source,
-                    local_ip,
-                    data: data.to_vec(),
-                };
-                match inbox.try_send(d) {
+                match inbox.try_send(Datagram::udp(now, source, local_ip, data)) {
                     Ok(()) if elsewhere => {
                         self.metrics.cross_shard_datagrams.inc();
                     }
