@@ -23,6 +23,7 @@ pub mod pt_map;
 pub mod registry;
 pub mod relay;
 pub mod replica;
+pub mod send_batch;
 pub mod server;
 pub mod session_ids;
 pub mod shard;

@@ -27,16 +27,18 @@
 //! §7.2.5.2.1) and libwebrtc drops datagrams from any other address. So such a port reads with
 //! `recvmsg` and `IP_PKTINFO`/`IPV6_RECVPKTINFO` (via `quinn-udp`), hands each datagram's
 //! arrival address to its call ([`Datagram::local_ip`], remembered per client address in
-//! [`ReplySources`]), and sends with `sendmsg` and that address as source. A port bound on one
+//! [`ReplySources`]), and sends with `sendmmsg` and that address as source of each datagram. A port bound on one
 //! address already sends from it and names no source.
 
 use crate::metrics::Metrics;
+use crate::send_batch::{BatchSender, Parts};
 use crate::shard::inbox::{CallInbox, InboxError};
 use crate::stun;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -151,6 +153,23 @@ impl PortSocket {
             src_ip: from.filter(|_| self.pktinfo),
         };
         self.state.try_send((&self.socket).into(), &transmit)
+    }
+
+    /// Sends `items` from the front in `sendmmsg` batches until all are gone or the socket's
+    /// buffer is full; returns how many left the front (sent, or refused by the kernel and
+    /// dropped). Each item's source address is used only on a port bound on the unspecified
+    /// address, as in [`Self::try_send`].
+    pub fn send_batch<T>(
+        &self,
+        sender: &mut BatchSender,
+        items: &[T],
+        parts: impl Fn(&T) -> Parts<'_>,
+    ) -> usize {
+        let pktinfo = self.pktinfo;
+        sender.send_until_full(self.socket.as_raw_fd(), items, |item| {
+            let (data, to, from) = parts(item);
+            (data, to, from.filter(|_| pktinfo))
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use crate::media_socket::{Datagram, ReplySources, RouteGuard};
 use crate::media_tcp::TcpRoute;
 use crate::metrics::ReasonLabel;
 use crate::registry::CallEntry;
+use crate::send_batch::Parts;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use quinn_udp::RecvMeta;
 use std::collections::VecDeque;
@@ -67,6 +68,17 @@ pub struct ClientTransmit {
     pub transmit: Transmit,
     /// The local address to send from (port bound on the unspecified address only).
     pub from: Option<IpAddr>,
+}
+
+impl ClientTransmit {
+    /// What the port's batch sender needs of it.
+    pub fn parts(&self) -> Parts<'_> {
+        (
+            &self.transmit.contents,
+            self.transmit.destination,
+            self.from,
+        )
+    }
 }
 
 pub struct ShardCall {

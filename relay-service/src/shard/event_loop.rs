@@ -15,6 +15,7 @@ use crate::bridge::Leg;
 use crate::call_state::EndReason;
 use crate::media_socket::{ClientPort, Datagram, PortSocket, GRO_BUFFER};
 use crate::metrics::{Metrics, ReasonLabel};
+use crate::send_batch::BatchSender;
 use mio::{Events, Interest, Poll, Token};
 use prometheus_client::metrics::counter::Counter;
 use quinn_udp::RecvMeta;
@@ -94,6 +95,7 @@ pub struct EventLoop {
     recv_bufs: Vec<Box<[u8]>>,
     recv_meta: Vec<RecvMeta>,
     client_backlog: VecDeque<ClientTransmit>,
+    sender: BatchSender,
     client_drops: Counter,
     commands: Vec<Command<ShardCall>>,
     stopping: bool,
@@ -149,6 +151,7 @@ impl EventLoop {
                 .collect(),
             recv_meta: vec![RecvMeta::default(); RECV_BATCH],
             client_backlog: VecDeque::new(),
+            sender: BatchSender::default(),
             commands: Vec::new(),
             stopping: false,
         })
@@ -446,24 +449,23 @@ impl EventLoop {
         }
     }
 
-    /// Sends this turn's client-leg datagrams, after what waited for room.
+    /// Sends this turn's client-leg datagrams, after what waited for room, in `sendmmsg`
+    /// batches; what finds the socket's buffer full waits in the backlog (bounded, the newest
+    /// dropped and counted beyond it).
     fn flush_client(&mut self) {
-        while let Some(t) = self.client_backlog.front() {
-            match self.send_client(t) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                _ => {
-                    self.client_backlog.pop_front();
-                }
-            }
-        }
+        let waiting = self.client_backlog.make_contiguous();
+        let gone = self
+            .socket
+            .send_batch(&mut self.sender, waiting, ClientTransmit::parts);
+        self.client_backlog.drain(..gone);
         let mut out = std::mem::take(&mut self.io.client_out);
-        for t in out.drain(..) {
-            if self.client_backlog.is_empty() {
-                match self.send_client(&t) {
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    _ => continue,
-                }
-            }
+        let gone = if self.client_backlog.is_empty() {
+            self.socket
+                .send_batch(&mut self.sender, &out, ClientTransmit::parts)
+        } else {
+            0
+        };
+        for t in out.drain(..).skip(gone) {
             if self.client_backlog.len() < CLIENT_BACKLOG {
                 self.client_backlog.push_back(t);
             } else {
@@ -471,17 +473,5 @@ impl EventLoop {
             }
         }
         self.io.client_out = out;
-    }
-
-    fn send_client(&self, t: &ClientTransmit) -> std::io::Result<()> {
-        let sent = self
-            .socket
-            .try_send(&t.transmit.contents, t.transmit.destination, t.from);
-        if let Err(e) = &sent {
-            if e.kind() != ErrorKind::WouldBlock {
-                tracing::debug!(error = %e, to = %t.transmit.destination, "client-leg send failed, datagram dropped");
-            }
-        }
-        sent
     }
 }
