@@ -39,6 +39,9 @@ pub struct LevelOpts {
     pub setup_concurrency: usize,
     /// Peers send `response.create` (priced answers) instead of `bench.ping`.
     pub priced_events: bool,
+    /// The relay runs under callgrind: zero its counts as the window opens and dump them as
+    /// it closes (`callgrind_control`), and report its instructions per relayed packet.
+    pub callgrind: bool,
 }
 
 /// Sets up `calls` peers (through the relay or direct), waits until each has its
@@ -168,6 +171,10 @@ async fn measure(
         Via::Relay { relay, .. } => Some(relay.metrics),
         Via::Direct { .. } => None,
     };
+    let callgrind = relay_pid.filter(|_| opts.callgrind);
+    if let Some(pid) = callgrind {
+        crate::callgrind::control(pid, "--zero").await?;
+    }
     let m0 = match metrics_addr {
         Some(a) => Some(metrics_text(http, a).await?),
         None => None,
@@ -189,6 +196,10 @@ async fn measure(
     let (busy1, total1) = sys::machine_jiffies();
     let m1 = match metrics_addr {
         Some(a) => Some(metrics_text(http, a).await?),
+        None => None,
+    };
+    let instructions = match callgrind {
+        Some(pid) => Some(crate::callgrind::dump(pid).await?),
         None => None,
     };
 
@@ -236,6 +247,14 @@ async fn measure(
                 + metrics::value(&m1, "realtime_relay_call_queue_full_drops_total")?
         );
         v["relay_calls_connected"] = json!(metrics::value(&m1, "realtime_relay_calls_connected")?);
+        if let Some(ir) = instructions {
+            v["relay_instructions"] = json!(ir);
+            v["relay_instructions_per_packet"] = json!(if pk > 0.0 {
+                (ir as f64 / pk).round()
+            } else {
+                f64::NAN
+            });
+        }
     }
     if let (Some(base), Some(rss)) = (rss_base, rss) {
         v["relay_rss_kib"] = json!(rss);
@@ -255,6 +274,25 @@ fn start_relay(
     extra_args: &[&str],
     log: PathBuf,
 ) -> Result<Relay> {
+    Relay::start(&relay_spec(
+        bin,
+        upstream,
+        cpu,
+        media_unspecified,
+        extra_args,
+        log,
+    )?)
+}
+
+/// What [`start_relay`] starts.
+pub(crate) fn relay_spec(
+    bin: &Path,
+    upstream: &str,
+    cpu: Option<usize>,
+    media_unspecified: bool,
+    extra_args: &[&str],
+    log: PathBuf,
+) -> Result<RelaySpec> {
     let mut spec = RelaySpec::ephemeral("relay", bin.to_path_buf(), log)?;
     spec.allow_upstreams = vec![upstream.to_string()];
     spec.allow_private_upstreams = true;
@@ -266,7 +304,7 @@ fn start_relay(
     }
     spec.env = vec![("RUST_LOG".into(), "warn".into())];
     spec.cpu = cpu;
-    Relay::start(&spec)
+    Ok(spec)
 }
 
 /// The relay's `/metrics` text (with the load generator's async client: a blocking fetch
@@ -365,6 +403,7 @@ pub async fn ramp(
             window,
             setup_concurrency: 16,
             priced_events: false,
+            callgrind: false,
         };
         crate::say(format!("capacity: {calls} calls direct to the provider"));
         let direct = run_level(
@@ -491,6 +530,7 @@ pub async fn metering(
         window,
         setup_concurrency: 16,
         priced_events: true,
+        callgrind: false,
     };
     let mut on = Vec::new();
     let mut off = Vec::new();

@@ -3,6 +3,7 @@
 //! churn soak that checks nothing leaks after thousands of calls). Both are run through
 //! `cargo xtask bench` and `cargo xtask soak`.
 
+pub mod callgrind;
 pub mod capacity;
 pub mod filter;
 pub mod floor;

@@ -15,7 +15,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rtgw_bench::{capacity, filter, floor, janus, report, say, setup, sys, timestamp, START};
+use rtgw_bench::{
+    callgrind, capacity, filter, floor, janus, report, say, setup, sys, timestamp, START,
+};
 use serde_json::{json, Value};
 use std::time::Instant;
 use xtask::paths::{Paths, Profile};
@@ -33,7 +35,8 @@ struct Cli {
     /// Capacity levels (concurrent calls), comma separated.
     #[arg(long, value_delimiter = ',')]
     levels: Option<Vec<usize>>,
-    /// Sections to run (setup, capacity, floor, janus, metering, filter); default all.
+    /// Sections to run (setup, capacity, floor, janus, callgrind, metering, filter); default
+    /// all.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Rewrite the generated section of docs/benchmarks.md even in --quick mode.
@@ -51,6 +54,14 @@ struct Cli {
     /// address as source) instead of recvfrom/sendto.
     #[arg(long)]
     relay_media_unspecified: bool,
+    /// The relay binary to measure instead of the workspace's own build (capacity,
+    /// callgrind, metering): an older build, for a before/after comparison.
+    #[arg(long)]
+    relay_bin: Option<std::path::PathBuf>,
+    /// Calls for the callgrind section (the relay under callgrind, instructions per relayed
+    /// packet).
+    #[arg(long, default_value_t = 5)]
+    callgrind_calls: usize,
     /// The relay's cost per packet without I/O, measured by `cargo xtask bench` (JSON):
     /// reported beside the capacity figures.
     #[arg(long)]
@@ -75,6 +86,10 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Profile::Release
     };
+    let relay_bin = cli
+        .relay_bin
+        .clone()
+        .unwrap_or_else(|| paths.relay_bin(profile));
     let wants = |s: &str| cli.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
     let two_cores = sys::online_cpus() >= 2;
     let (gen_cpu, relay_cpu) = if two_cores {
@@ -123,7 +138,6 @@ fn run(cli: Cli) -> Result<()> {
                 vec![5, 10, 50, 100, 200, 300, 500]
             }
         });
-        let relay_bin = paths.relay_bin(profile);
         let r = rt.block_on(capacity::ramp(
             &levels,
             cli.quick,
@@ -217,6 +231,43 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    // The running relay's instructions per relayed packet: repeatable where CPU time is
+    // not. Not in the quick smoke run unless asked for.
+    let named = |s: &str| cli.only.as_ref().is_some_and(|o| o.iter().any(|x| x == s));
+    if (!cli.quick && wants("callgrind")) || named("callgrind") {
+        match callgrind::unavailable() {
+            Some(why) => {
+                say(format!("callgrind: skipped: {why}"));
+                results["callgrind"] = json!({ "skipped": why });
+            }
+            None => {
+                let calls = cli.callgrind_calls;
+                let window = std::time::Duration::from_secs(if cli.quick { 5 } else { 20 });
+                say(format!(
+                    "callgrind: {calls} calls through the relay under callgrind, {} s window",
+                    window.as_secs()
+                ));
+                let r = rt.block_on(callgrind::run(
+                    &relay_bin, calls, window, relay_cpu, &run_dir,
+                ));
+                match r {
+                    Ok(v) => {
+                        say(format!(
+                            "  {} instructions per relayed packet ({} packets/s, loss {}%)",
+                            v["instructions_per_packet"],
+                            v["relayed_packets_per_sec"],
+                            v["loss_pct"]
+                        ));
+                        results["callgrind"] = v;
+                    }
+                    Err(e) => {
+                        failures.push(format!("callgrind: {e:#}"));
+                        results["callgrind"] = json!({ "error": format!("{e:#}") });
+                    }
+                }
+            }
+        }
+    }
     if let Some(file) = &cli.virtual_cost {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -225,12 +276,7 @@ fn run(cli: Cli) -> Result<()> {
     if wants("metering") {
         let (calls, rounds) = if cli.quick { (10, 1) } else { (100, 2) };
         let r = rt.block_on(capacity::metering(
-            calls,
-            rounds,
-            cli.quick,
-            &paths.relay_bin(profile),
-            relay_cpu,
-            &run_dir,
+            calls, rounds, cli.quick, &relay_bin, relay_cpu, &run_dir,
         ));
         match r {
             Ok(v) => results["metering"] = v,

@@ -413,6 +413,42 @@ pub fn section(doc: &Value) -> String {
         }
     }
 
+    // 2f. The running relay's instructions per relayed packet.
+    let cg = &doc["results"]["callgrind"];
+    if let Some(why) = cg["skipped"].as_str().or(cg["error"].as_str()) {
+        push(
+            &mut s,
+            format!("\n### 2f. The running relay under callgrind\n\nNot measured: {why}"),
+        );
+    } else if cg.is_object() {
+        push(
+            &mut s,
+            "\n### 2f. The running relay under callgrind (user-space instructions of the whole process in a measured window, per relayed packet; the relay alone on its CPU, some 50× slower under valgrind)\n".into(),
+        );
+        push(
+            &mut s,
+            "| calls | relayed pkt/s | loss | instructions per relayed packet | ÷ the bridge without I/O (2c) |".into(),
+        );
+        push(&mut s, "|---|---|---|---|---|".into());
+        let bridge =
+            doc["results"]["virtual_cost"]["callgrind"]["relay_instructions_per_packet"].as_f64();
+        let running = cg["instructions_per_packet"].as_f64();
+        push(
+            &mut s,
+            format!(
+                "| {} | {} | {}% | {} | {} |",
+                cg["calls"],
+                f(&cg["relayed_packets_per_sec"]),
+                f(&cg["loss_pct"]),
+                running.map_or("–".into(), |r| format!("{r:.0}")),
+                match (running, bridge) {
+                    (Some(r), Some(b)) if b > 0.0 => format!("{:.2}", r / b),
+                    _ => "–".into(),
+                }
+            ),
+        );
+    }
+
     // 3. Setup rate.
     let rate = &st["setup_rate"];
     push(
