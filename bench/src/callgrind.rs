@@ -139,7 +139,7 @@ pub async fn run(
     relay_cpu: Option<usize>,
     log_dir: &Path,
 ) -> Result<Value> {
-    let dir = log_dir.join("callgrind");
+    let dir = log_dir.join(format!("callgrind-{calls}-calls"));
     std::fs::create_dir_all(&dir)?;
     let program = wrapper(relay_bin, &dir)?;
     let provider = echo_model::MockProvider::start_with_limits(
