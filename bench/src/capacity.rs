@@ -565,11 +565,7 @@ pub async fn metering(
         }
     }
     provider.shutdown().await;
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied()
-    };
-    let (on_us, off_us) = (median(&mut on), median(&mut off));
+    let (on_us, off_us) = (sys::median(&mut on), sys::median(&mut off));
     let ratio = match (on_us, off_us) {
         (Some(a), Some(b)) if b > 0.0 => Some(round3(a / b)),
         _ => None,

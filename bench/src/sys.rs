@@ -214,6 +214,18 @@ pub fn summary(samples: &mut [f64]) -> Value {
     })
 }
 
+/// The median of `values`: the middle one, or the mean of the middle two for an even count
+/// (with two rounds, taking the upper one reported the worse round, not a median).
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 pub fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
@@ -225,6 +237,13 @@ pub fn round1(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [27.0, 21.0]), Some(24.0));
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut []), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

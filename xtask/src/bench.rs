@@ -19,6 +19,7 @@ pub const BENCH_BIN: &str = "rtgw-bench";
 pub fn build(paths: &Paths) -> Result<()> {
     setup::setup(paths, SetupOptions::default())?;
     setup::janus()?;
+    setup::valgrind()?;
     build_filter(paths)?;
     let step = Step::new("Build rtgw-bench, rtgw-soak, realtime-relay and echo-model (release)");
     run(

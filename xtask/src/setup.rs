@@ -311,26 +311,44 @@ pub fn prometheus() -> Result<()> {
     Ok(())
 }
 
-/// Debian's `janus` (the WebRTC server), for the benchmark's side-by-side section only:
-/// `cargo xtask bench` installs it as root; otherwise that section says it is skipped and why.
-/// The package's own service is not used: the bench starts Janus in a network namespace with a
+/// Debian's `janus` (the WebRTC server), for the benchmark's side-by-side section only. The
+/// package's own service is not used: the bench starts Janus in a network namespace with a
 /// configuration of its own.
 pub fn janus() -> Result<()> {
-    let step = Step::new("Janus WebRTC server (Debian package, benchmark comparison)");
-    if janus_installed() {
+    bench_package(
+        "Janus WebRTC server (Debian package, benchmark comparison)",
+        "janus",
+        janus_installed,
+    )
+}
+
+/// Debian's `valgrind`, for the benchmark's instruction counts only (sections 2c and 2f).
+pub fn valgrind() -> Result<()> {
+    bench_package(
+        "Valgrind (Debian package, the benchmark's instruction counts)",
+        "valgrind",
+        || tool_answers("valgrind", "--version") && tool_answers("callgrind_control", "--version"),
+    )
+}
+
+/// A Debian package only the benchmark uses: `cargo xtask bench` installs it as root;
+/// otherwise the sections that need it say they were skipped and why.
+fn bench_package(title: &str, package: &str, installed: impl Fn() -> bool) -> Result<()> {
+    let step = Step::new(title);
+    if installed() {
         step.skip("already installed");
         return Ok(());
     }
     if !is_root() {
-        step.skip(
-            "not root: the benchmark's Janus section will be skipped; install with \
-             `sudo apt-get install -y --no-install-recommends janus`",
-        );
+        step.skip(format!(
+            "not root: the benchmark sections that need it will be skipped; install with \
+             `sudo apt-get install -y --no-install-recommends {package}`"
+        ));
         return Ok(());
     }
-    apt_install(&["janus"], "Janus")?;
-    if !janus_installed() {
-        bail!("`janus` still does not run after installing Debian's janus");
+    apt_install(&[package], title)?;
+    if !installed() {
+        bail!("`{package}` still does not run after installing Debian's {package}");
     }
     step.done();
     Ok(())
