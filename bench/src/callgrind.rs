@@ -142,12 +142,7 @@ pub async fn run(
     let dir = log_dir.join(format!("callgrind-{calls}-calls"));
     std::fs::create_dir_all(&dir)?;
     let program = wrapper(relay_bin, &dir)?;
-    let provider = echo_model::MockProvider::start_with_limits(
-        echo_model::ProviderConfig::local(None),
-        echo_model::provider::CallLimits::default(),
-    )
-    .await
-    .context("starting the in-process echo provider")?;
+    let provider = capacity::start_provider().await?;
     let provider_url = provider.base_url();
     let mut spec = capacity::relay_spec(
         &program,

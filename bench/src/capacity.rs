@@ -264,27 +264,18 @@ async fn measure(
     Ok(v)
 }
 
-/// The relay under test on ephemeral loopback ports, pinned to `cpu` (None: not pinned). With
-/// `media_unspecified`, its media port is bound on 0.0.0.0 and advertises 127.0.0.1.
-fn start_relay(
-    bin: &Path,
-    upstream: &str,
-    cpu: Option<usize>,
-    media_unspecified: bool,
-    extra_args: &[&str],
-    log: PathBuf,
-) -> Result<Relay> {
-    Relay::start(&relay_spec(
-        bin,
-        upstream,
-        cpu,
-        media_unspecified,
-        extra_args,
-        log,
-    )?)
+/// The in-process echo provider the load peers and the relay under test talk to.
+pub(crate) async fn start_provider() -> Result<echo_model::MockProvider> {
+    echo_model::MockProvider::start_with_limits(
+        echo_model::ProviderConfig::local(None),
+        echo_model::provider::CallLimits::default(),
+    )
+    .await
+    .context("starting the in-process echo provider")
 }
 
-/// What [`start_relay`] starts.
+/// The relay under test on ephemeral loopback ports, pinned to `cpu` (None: not pinned). With
+/// `media_unspecified`, its media port is bound on 0.0.0.0 and advertises 127.0.0.1.
 pub(crate) fn relay_spec(
     bin: &Path,
     upstream: &str,
@@ -382,12 +373,7 @@ pub async fn ramp(
     relay_media_unspecified: bool,
     log_dir: &Path,
 ) -> Result<Value> {
-    let provider = echo_model::MockProvider::start_with_limits(
-        echo_model::ProviderConfig::local(None),
-        echo_model::provider::CallLimits::default(),
-    )
-    .await
-    .context("starting the in-process echo provider")?;
+    let provider = start_provider().await?;
     let provider_url = provider.base_url();
     let (warmup, window) = if quick {
         (Duration::from_secs(1), Duration::from_secs(2))
@@ -421,14 +407,14 @@ pub async fn ramp(
             .await;
         crate::say(format!("capacity: {calls} calls through the relay"));
         let log = log_dir.join(format!("relay-capacity-{calls}.log"));
-        let relay = start_relay(
+        let relay = Relay::start(&relay_spec(
             relay_bin,
             &provider_url,
             relay_cpu,
             relay_media_unspecified,
             &[],
             log,
-        )?;
+        )?)?;
         let via = Via::Relay {
             relay: &relay,
             provider_url: provider_url.clone(),
@@ -512,12 +498,7 @@ pub async fn metering(
     relay_cpu: Option<usize>,
     log_dir: &Path,
 ) -> Result<Value> {
-    let provider = echo_model::MockProvider::start_with_limits(
-        echo_model::ProviderConfig::local(None),
-        echo_model::provider::CallLimits::default(),
-    )
-    .await
-    .context("starting the in-process echo provider")?;
+    let provider = start_provider().await?;
     let provider_url = provider.base_url();
     let (warmup, window) = if quick {
         (Duration::from_secs(1), Duration::from_secs(2))
@@ -544,7 +525,8 @@ pub async fn metering(
             ));
             let flag = format!("--usage-metering={metered}");
             let log = log_dir.join(format!("relay-metering-{metered}-{round}.log"));
-            let relay = start_relay(relay_bin, &provider_url, relay_cpu, false, &[&flag], log)?;
+            let spec = relay_spec(relay_bin, &provider_url, relay_cpu, false, &[&flag], log)?;
+            let relay = Relay::start(&spec)?;
             let via = Via::Relay {
                 relay: &relay,
                 provider_url: provider_url.clone(),

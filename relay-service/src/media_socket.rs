@@ -358,7 +358,9 @@ impl ClientPort {
             let r = self.routes.read().unwrap_or_else(|p| p.into_inner());
             let Some(u) = ufrag else {
                 return r.by_addr.get(&source).map(|e| {
-                    e.last_seen_ms.store(now_ms, Relaxed);
+                    if !dtls_before_keys(data) {
+                        e.last_seen_ms.store(now_ms, Relaxed);
+                    }
                     with(&e.route.inbox)
                 });
             };
@@ -413,6 +415,21 @@ impl ClientPort {
         );
         Some(delivered)
     }
+}
+
+/// A DTLS record sent before any keys (epoch 0, RFC 6347 §4.1): a first handshake flight
+/// (`ClientHello` and what follows it unencrypted) or a plaintext alert. Such a record does
+/// not show that the call owning its source address still hears from its client. When a
+/// client vanishes and the OS gives its port to a new client, the new client's `ClientHello`
+/// retransmits reached the old call by address and kept it "live", so the new call's signed
+/// binding requests could not take the address for many seconds and its DTLS never
+/// connected in time (the soak found it: 1 call in about 650). An owner's own client sends
+/// keyed records (epoch ≥ 1), RTP and signed binding requests, all of which still count; a
+/// stranger cannot keep an address by sending epoch-0 records either. Only the legacy record
+/// header (content types 20–25) carries the epoch there; DTLS 1.3's unified header (32–63)
+/// is always keyed.
+fn dtls_before_keys(data: &[u8]) -> bool {
+    data.len() >= 13 && (20..=25).contains(&data[0]) && data[3] == 0 && data[4] == 0
 }
 
 #[cfg(test)]
@@ -679,6 +696,89 @@ mod tests {
         assert_eq!(port.route_count(), (1, 0));
         port.dispatch_at(shared, None, &[0x80, 5], &metrics, at(11_003));
         assert!(rx_a.try_recv().is_err());
+    }
+
+    /// A DTLS 1.2 record header with `epoch` and a few bytes of body.
+    fn dtls_record(epoch: u16) -> Vec<u8> {
+        let mut r = vec![22, 0xfe, 0xfd];
+        r.extend_from_slice(&epoch.to_be_bytes());
+        r.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 3, 1, 2, 3]);
+        r
+    }
+
+    /// The soak's case: A's client vanished, a new client got its port and is calling B. Its
+    /// ClientHello retransmits still reach A by address, but they do not keep the address A's:
+    /// B's next signed request 2 s after A last heard its own client takes it.
+    #[tokio::test]
+    async fn a_new_clients_first_dtls_flight_does_not_keep_a_vanished_calls_address() {
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let metrics = Metrics::new();
+        let (tx_a, mut rx_a) = mpsc::channel(16);
+        let (tx_b, mut rx_b) = mpsc::channel(16);
+        let _guard_a = port.register("ufragA", "passA", tx_a);
+        let _guard_b = port.register("ufragB", "passB", tx_b);
+        let shared = addr(5003);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        port.dispatch_at(
+            shared,
+            None,
+            &binding_request("ufragA", "passA"),
+            &metrics,
+            at(0),
+        );
+        // A's client is keyed: its records count as hearing from it.
+        port.dispatch_at(shared, None, &dtls_record(1), &metrics, at(100));
+        assert!(rx_a.try_recv().is_ok() && rx_a.try_recv().is_ok());
+
+        let b_request = binding_request("ufragB", "passB");
+        port.dispatch_at(shared, None, &b_request, &metrics, at(500));
+        assert!(rx_b.try_recv().is_ok(), "the request itself reaches B");
+        for ms in [600, 1_600, 2_000] {
+            port.dispatch_at(shared, None, &dtls_record(0), &metrics, at(ms));
+            assert_eq!(
+                rx_a.try_recv().unwrap().data,
+                dtls_record(0),
+                "still A's at {ms} ms"
+            );
+        }
+        // 2 s after A's own last record: B's signed request takes the address, and B gets
+        // the next hello.
+        port.dispatch_at(shared, None, &b_request, &metrics, at(2_100));
+        assert!(rx_b.try_recv().is_ok());
+        port.dispatch_at(shared, None, &dtls_record(0), &metrics, at(2_200));
+        assert_eq!(rx_b.try_recv().unwrap().data, dtls_record(0));
+        assert!(rx_a.try_recv().is_err());
+
+        // A keyed record, by contrast, keeps an address its owner's: B's client now sends
+        // keyed records, and A's late signed request does not take the address back.
+        port.dispatch_at(shared, None, &dtls_record(1), &metrics, at(3_000));
+        assert!(rx_b.try_recv().is_ok());
+        port.dispatch_at(
+            shared,
+            None,
+            &binding_request("ufragA", "passA"),
+            &metrics,
+            at(4_900),
+        );
+        assert!(rx_a.try_recv().is_ok(), "the request itself reaches A");
+        port.dispatch_at(shared, None, &dtls_record(1), &metrics, at(4_950));
+        assert_eq!(rx_b.try_recv().unwrap().data, dtls_record(1));
+    }
+
+    #[test]
+    fn only_legacy_dtls_records_in_epoch_zero_are_before_keys() {
+        assert!(dtls_before_keys(&dtls_record(0)));
+        assert!(!dtls_before_keys(&dtls_record(1)));
+        // DTLS 1.3's unified header, RTP, STUN, and a truncated header.
+        let mut unified = dtls_record(0);
+        unified[0] = 0x2c;
+        assert!(!dtls_before_keys(&unified));
+        assert!(!dtls_before_keys(&[
+            0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+        ]));
+        assert!(!dtls_before_keys(&binding_request("u", "p")));
+        assert!(!dtls_before_keys(&dtls_record(0)[..12]));
     }
 
     #[test]
