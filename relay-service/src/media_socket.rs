@@ -474,14 +474,43 @@ mod tests {
         SocketAddr::new([127, 0, 0, 1].into(), port)
     }
 
+    /// A port with two calls on it: A (`ufragA`, `passA`) and B (`ufragB`, `passB`), each
+    /// with an inbox of 16.
+    struct TwoCalls {
+        port: ClientPort,
+        metrics: Metrics,
+        rx_a: mpsc::Receiver<Datagram>,
+        rx_b: mpsc::Receiver<Datagram>,
+        guard_a: RouteGuard,
+        guard_b: RouteGuard,
+    }
+
+    fn two_calls() -> TwoCalls {
+        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let (tx_a, rx_a) = mpsc::channel(16);
+        let (tx_b, rx_b) = mpsc::channel(16);
+        let guard_a = port.register("ufragA", "passA", tx_a);
+        let guard_b = port.register("ufragB", "passB", tx_b);
+        TwoCalls {
+            port,
+            metrics: Metrics::new(),
+            rx_a,
+            rx_b,
+            guard_a,
+            guard_b,
+        }
+    }
+
     #[tokio::test]
     async fn routes_by_ufrag_then_by_learned_address_and_forgets_on_drop() {
-        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let metrics = Metrics::new();
-        let (tx_a, mut rx_a) = mpsc::channel(8);
-        let (tx_b, mut rx_b) = mpsc::channel(8);
-        let guard_a = port.register("ufragA", "passA", tx_a);
-        let _guard_b = port.register("ufragB", "passB", tx_b);
+        let TwoCalls {
+            port,
+            metrics,
+            mut rx_a,
+            mut rx_b,
+            guard_a,
+            guard_b: _guard_b,
+        } = two_calls();
         let client_a: SocketAddr = "127.0.0.1:5001".parse().unwrap();
         let client_b: SocketAddr = "127.0.0.1:5002".parse().unwrap();
 
@@ -608,12 +637,14 @@ mod tests {
     /// by spoofing it: B's str0m gets the request, but A keeps the address until A ends.
     #[tokio::test]
     async fn another_calls_signed_request_does_not_take_a_live_calls_address() {
-        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let metrics = Metrics::new();
-        let (tx_a, mut rx_a) = mpsc::channel(8);
-        let (tx_b, mut rx_b) = mpsc::channel(8);
-        let guard_a = port.register("ufragA", "passA", tx_a);
-        let _guard_b = port.register("ufragB", "passB", tx_b);
+        let TwoCalls {
+            port,
+            metrics,
+            mut rx_a,
+            mut rx_b,
+            guard_a,
+            guard_b: _guard_b,
+        } = two_calls();
         let shared = addr(5001);
         port.dispatch(shared, None, &binding_request("ufragA", "passA"), &metrics);
         assert!(rx_a.try_recv().is_ok());
@@ -641,12 +672,14 @@ mod tests {
     /// address, so its DTLS and media reach it.
     #[tokio::test]
     async fn a_quiet_calls_address_moves_to_the_call_that_now_signs_from_it() {
-        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let metrics = Metrics::new();
-        let (tx_a, mut rx_a) = mpsc::channel(8);
-        let (tx_b, mut rx_b) = mpsc::channel(8);
-        let _guard_a = port.register("ufragA", "passA", tx_a);
-        let guard_b = port.register("ufragB", "passB", tx_b);
+        let TwoCalls {
+            port,
+            metrics,
+            mut rx_a,
+            mut rx_b,
+            guard_a: _guard_a,
+            guard_b,
+        } = two_calls();
         let shared = addr(5002);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
@@ -711,12 +744,14 @@ mod tests {
     /// B's next signed request 2 s after A last heard its own client takes it.
     #[tokio::test]
     async fn a_new_clients_first_dtls_flight_does_not_keep_a_vanished_calls_address() {
-        let port = ClientPort::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let metrics = Metrics::new();
-        let (tx_a, mut rx_a) = mpsc::channel(16);
-        let (tx_b, mut rx_b) = mpsc::channel(16);
-        let _guard_a = port.register("ufragA", "passA", tx_a);
-        let _guard_b = port.register("ufragB", "passB", tx_b);
+        let TwoCalls {
+            port,
+            metrics,
+            mut rx_a,
+            mut rx_b,
+            guard_a: _guard_a,
+            guard_b: _guard_b,
+        } = two_calls();
         let shared = addr(5003);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
