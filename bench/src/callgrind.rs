@@ -21,18 +21,15 @@ use crate::capacity::{self, LevelOpts, Via};
 
 /// Why callgrind cannot be used here, if it cannot.
 pub fn unavailable() -> Option<String> {
-    for tool in ["valgrind", "callgrind_control"] {
-        let found = std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!(
-                "`{tool}` is not installed (Debian package `valgrind`)"
-            ));
-        }
-    }
-    None
+    ["valgrind", "callgrind_control"]
+        .into_iter()
+        .find(|tool| crate::sys::which(tool).is_none())
+        .map(|tool| {
+            format!(
+                "`{tool}` is not installed (Debian package `valgrind`; `cargo xtask bench` \
+                 installs it as root)"
+            )
+        })
 }
 
 /// Sends one `callgrind_control` command (`--zero`, `--dump`) to the callgrind run `pid`

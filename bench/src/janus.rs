@@ -46,20 +46,12 @@ pub fn lib_dir() -> Option<PathBuf> {
 
 /// Why the Janus section cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
-    if lib_dir().is_none() || which("janus").is_none() {
+    if lib_dir().is_none() || sys::which("janus").is_none() {
         return Some(
             "Janus is not installed (Debian package `janus`; `cargo xtask setup` as root)".into(),
         );
     }
     xtask::netns::support().err()
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.exists())
 }
 
 /// Janus's configuration: the echo test and the HTTP transport only, nothing else loaded.
@@ -221,7 +213,7 @@ struct Janus {
 impl Janus {
     fn start(run_dir: &Path, cpu: Option<usize>) -> Result<Janus> {
         let lib = lib_dir().ok_or_else(|| anyhow!("Janus is not installed"))?;
-        let janus_bin = which("janus").ok_or_else(|| anyhow!("no `janus` on PATH"))?;
+        let janus_bin = sys::which("janus").ok_or_else(|| anyhow!("no `janus` on PATH"))?;
         let mut lab = Lab::new()?;
         let server = lab.host("janus")?;
         let peers = lab.host("peers")?;

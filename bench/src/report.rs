@@ -24,6 +24,24 @@ fn f(v: &Value) -> String {
     }
 }
 
+/// `a ÷ b` to two decimals, or a dash when either is missing or `b` is not positive.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
+    }
+}
+
+/// A table row for a level that failed: its first column, the error, and the remaining
+/// `columns` left empty.
+fn failed_row(first: &Value, error: &str, columns: usize) -> String {
+    format!(
+        "| {first} | failed: {} |{}",
+        error.replace('|', "/"),
+        "|".repeat(columns.saturating_sub(2))
+    )
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok {
         "**met**"
@@ -376,14 +394,7 @@ pub fn section(doc: &Value) -> String {
         let cap = doc["results"]["capacity"]["levels"].as_array();
         for l in levels {
             if let Some(e) = l["error"].as_str() {
-                push(
-                    &mut s,
-                    format!(
-                        "| {} | failed: {} ||||||",
-                        l["sessions"],
-                        e.replace('|', "/")
-                    ),
-                );
+                push(&mut s, failed_row(&l["sessions"], e, 7));
                 continue;
             }
             let rate = l["echoed_per_sec"].as_f64().unwrap_or(0.0);
@@ -404,10 +415,7 @@ pub fn section(doc: &Value) -> String {
                     f(&l["janus_cpu_pct"]),
                     f(&l["janus_cpu_us_per_packet"]),
                     relay.map_or("–".into(), |r| format!("{r:.1}")),
-                    match (relay, j) {
-                        (Some(r), Some(j)) if j > 0.0 => format!("{:.2}", r / j),
-                        _ => "–".into(),
-                    }
+                    ratio(relay, j)
                 ),
             );
         }
@@ -434,10 +442,7 @@ pub fn section(doc: &Value) -> String {
             doc["results"]["virtual_cost"]["callgrind"]["relay_instructions_per_packet"].as_f64();
         for l in levels {
             if let Some(e) = l["error"].as_str() {
-                push(
-                    &mut s,
-                    format!("| {} | failed: {} ||||", l["calls"], e.replace('|', "/")),
-                );
+                push(&mut s, failed_row(&l["calls"], e, 5));
                 continue;
             }
             let running = l["instructions_per_packet"].as_f64();
@@ -449,10 +454,7 @@ pub fn section(doc: &Value) -> String {
                     f(&l["relayed_packets_per_sec"]),
                     f(&l["loss_pct"]),
                     running.map_or("–".into(), |r| format!("{r:.0}")),
-                    match (running, bridge) {
-                        (Some(r), Some(b)) if b > 0.0 => format!("{:.2}", r / b),
-                        _ => "–".into(),
-                    }
+                    ratio(running, bridge)
                 ),
             );
         }
@@ -631,6 +633,14 @@ pub fn summary_lines(doc: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_failed_level_keeps_the_tables_column_count_and_its_pipes_out() {
+        let row = failed_row(&serde_json::json!(20), "a|b", 7);
+        assert_eq!(row, "| 20 | failed: a/b ||||||");
+        assert_eq!(ratio(Some(3.0), Some(2.0)), "1.50");
+        assert_eq!(ratio(Some(3.0), Some(0.0)), "–");
+    }
 
     #[test]
     fn the_section_is_replaced_between_markers_only() {

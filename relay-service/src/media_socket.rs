@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::send_batch::{BatchSender, Parts};
 use crate::shard::inbox::{CallInbox, InboxError};
 use crate::stun;
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
@@ -137,28 +137,10 @@ impl PortSocket {
         self.state.recv((&self.socket).into(), bufs, meta)
     }
 
-    /// Sends one datagram without waiting; `WouldBlock` when the socket buffer is full. `from`
-    /// is the source address, used when the port is bound on the unspecified address.
-    pub fn try_send(
-        &self,
-        data: &[u8],
-        to: SocketAddr,
-        from: Option<IpAddr>,
-    ) -> std::io::Result<()> {
-        let transmit = Transmit {
-            destination: to,
-            ecn: None,
-            contents: data,
-            segment_size: None,
-            src_ip: from.filter(|_| self.pktinfo),
-        };
-        self.state.try_send((&self.socket).into(), &transmit)
-    }
-
     /// Sends `items` from the front in `sendmmsg` batches until all are gone or the socket's
     /// buffer is full; returns how many left the front (sent, or refused by the kernel and
     /// dropped). Each item's source address is used only on a port bound on the unspecified
-    /// address, as in [`Self::try_send`].
+    /// address (`pktinfo`); elsewhere the socket's own address already is the right one.
     pub fn send_batch<T>(
         &self,
         sender: &mut BatchSender,
@@ -873,11 +855,17 @@ mod tests {
         assert_eq!(meta.dst_ip, Some(advertised.ip()));
 
         let mut buf = [0u8; 64];
-        socket.try_send(b"reply", meta.addr, meta.dst_ip).unwrap();
+        let send = |data: &[u8], from: Option<IpAddr>| {
+            let one = [(data, meta.addr, from)];
+            socket.send_batch(&mut BatchSender::default(), &one, |&(d, to, from)| {
+                (d, to, from)
+            })
+        };
+        assert_eq!(send(b"reply", meta.dst_ip), 1);
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"reply"[..], advertised));
         // Without a source the kernel picks one: the defect this port avoids.
-        socket.try_send(b"plain", meta.addr, None).unwrap();
+        assert_eq!(send(b"plain", None), 1);
         let (_, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
     }

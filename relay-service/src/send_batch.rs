@@ -68,28 +68,29 @@ impl BatchSender {
         self.names.clear();
         self.iovs.clear();
         self.headers.clear();
-        for item in &items[..n] {
-            let (data, to, _) = parts(item);
+        for (item, control) in items[..n].iter().zip(&mut self.controls) {
+            let (data, to, from) = parts(item);
             self.names.push(SockAddr::from(to));
             self.iovs.push(libc::iovec {
                 iov_base: data.as_ptr() as *mut libc::c_void,
                 iov_len: data.len(),
             });
-        }
-        for (i, item) in items[..n].iter().enumerate() {
             // SAFETY: an all-zero msghdr is a valid empty one.
             let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-            header.msg_name = self.names[i].as_ptr() as *mut libc::c_void;
-            header.msg_namelen = self.names[i].len();
-            header.msg_iov = &mut self.iovs[i];
-            header.msg_iovlen = 1;
-            if let (_, _, Some(from)) = parts(item) {
-                encode_source(&mut self.controls[i], &mut header, from);
+            if let Some(from) = from {
+                encode_source(control, &mut header, from);
             }
             self.headers.push(libc::mmsghdr {
                 msg_hdr: header,
                 msg_len: 0,
             });
+        }
+        // The names and buffers are all in place (the vectors no longer move): point at them.
+        for ((header, name), iov) in self.headers.iter_mut().zip(&self.names).zip(&mut self.iovs) {
+            header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+            header.msg_hdr.msg_namelen = name.len();
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
         }
         loop {
             // SAFETY: `headers` holds `n` initialised headers whose names, buffers and control

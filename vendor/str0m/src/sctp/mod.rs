@@ -309,7 +309,10 @@ impl RtcSctp {
         let mut server_config = ServerConfig::default();
         server_config.transport = webrtc_transport_config(local_max_message_size);
         let endpoint = Endpoint::new(Arc::new(config), Some(Arc::new(server_config)));
-        let fake_addr = "1.1.1.1:5000".parse().unwrap();
+        // realtime-webrtc-gateway patch: sctp-proto wants a remote address to key its
+        // association; SCTP runs inside DTLS and nothing is ever sent to it. Upstream used a
+        // public resolver's address; a loopback one says the same without naming a host.
+        let fake_addr = "127.0.0.1:5000".parse().unwrap();
 
         RtcSctp {
             state: RtcSctpState::Uninited,
