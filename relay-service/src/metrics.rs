@@ -24,6 +24,33 @@ pub struct WorkerLabel {
     pub worker: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// `media_shard_wakeups_total{result}`, with its two counters resolved once: a wake-up
+/// costs one atomic add, no label lookup.
+#[derive(Clone, Debug)]
+pub struct WakeupMetrics {
+    pub family: Family<ResultLabel, Counter>,
+    pub work: Counter,
+    pub idle: Counter,
+}
+
+impl Default for WakeupMetrics {
+    fn default() -> Self {
+        let family = Family::<ResultLabel, Counter>::default();
+        let work = family
+            .get_or_create(&ResultLabel { result: "work" })
+            .clone();
+        let idle = family
+            .get_or_create(&ResultLabel { result: "idle" })
+            .clone();
+        WakeupMetrics { family, work, idle }
+    }
+}
+
 /// Pre-resolved counters for one direction, so the per-packet path is one atomic add
 /// per counter with no label lookup.
 #[derive(Clone, Debug, Default)]
@@ -55,6 +82,8 @@ pub struct Metrics {
     /// Client datagrams the kernel gave one media shard's socket for a call another shard
     /// owns: handed over through the call's inbox.
     pub cross_shard_datagrams: Counter,
+    /// Media shard wake-ups, by whether they found work.
+    pub media_wakeups: WakeupMetrics,
     /// Datagrams dropped because a socket's send buffer stayed full past its backlog, by
     /// which socket (`client_port_full`, `upstream_socket_full`).
     pub send_drops: Family<ReasonLabel, Counter>,
@@ -180,6 +209,7 @@ impl Metrics {
             stun_unauthenticated: Counter::default(),
             queue_full_drops: Counter::default(),
             cross_shard_datagrams: Counter::default(),
+            media_wakeups: WakeupMetrics::default(),
             send_drops: Family::default(),
             call_panics: Counter::default(),
             upstream_addresses_refused: Family::default(),
@@ -299,6 +329,11 @@ impl Metrics {
             "cross_shard_datagrams",
             "Client datagrams that arrived on another media shard's socket than their call's and were handed over through the call's inbox",
             m.cross_shard_datagrams.clone(),
+        );
+        registry.register(
+            "media_shard_wakeups",
+            "Times a media shard's thread woke, by result: work (a packet, a due timer, a command or a backlog to send) or idle (nothing to do: a timer entry that had moved, a spurious wake-up)",
+            m.media_wakeups.family.clone(),
         );
         registry.register(
             "send_drops",

@@ -98,6 +98,8 @@ pub struct ShardCall {
     ended: Option<oneshot::Sender<EndReason>>,
     /// Upstream datagrams the socket had no room for.
     upstream_backlog: VecDeque<Transmit>,
+    /// `upstream` is watched for room (the backlog waits for it).
+    watching_room: bool,
     reported_connected: bool,
     /// The protocol of the client leg's latest transmit: once connected, the nominated pair's
     /// (UDP, or ICE-TCP for a client whose network blocks UDP).
@@ -143,6 +145,7 @@ impl ShardCall {
             _route: r.route,
             ended: Some(r.ended),
             upstream_backlog: VecDeque::new(),
+            watching_room: false,
             reported_connected: false,
             client_proto: Protocol::Udp,
             reply_sources: ReplySources::default(),
@@ -309,6 +312,26 @@ impl ShardCall {
                 Ok(_) => {}
             }
             self.upstream_backlog.pop_front();
+        }
+    }
+
+    /// Watches the upstream socket for room while the backlog waits for it, and only then:
+    /// watched all the time, it would wake the shard after every datagram sent.
+    pub fn watch_for_room(&mut self, registry: &mio::Registry) {
+        let wanted = !self.upstream_backlog.is_empty();
+        if wanted == self.watching_room {
+            return;
+        }
+        let interest = if wanted {
+            mio::Interest::READABLE | mio::Interest::WRITABLE
+        } else {
+            mio::Interest::READABLE
+        };
+        match registry.reregister(&mut self.upstream, mio::Token(self.key as usize), interest) {
+            Ok(()) => self.watching_room = wanted,
+            Err(e) => {
+                tracing::warn!(call_id = %self.entry.call_id, error = %e, "cannot change what the upstream socket is watched for")
+            }
         }
     }
 

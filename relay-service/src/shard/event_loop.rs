@@ -67,6 +67,8 @@ struct Io {
     /// Client-leg datagrams of this turn, sent after every call was serviced.
     client_out: Vec<ClientTransmit>,
     upstream_drops: Counter,
+    /// To watch an upstream socket for room only while its call has a backlog.
+    registry: mio::Registry,
 }
 
 /// Who a datagram on the port is for.
@@ -99,6 +101,9 @@ pub struct EventLoop {
     client_drops: Counter,
     commands: Vec<Command<ShardCall>>,
     stopping: bool,
+    /// The port is watched for room (a client backlog waits for it).
+    watching_port_room: bool,
+    wakeups: crate::metrics::WakeupMetrics,
 }
 
 impl EventLoop {
@@ -111,11 +116,15 @@ impl EventLoop {
     ) -> std::io::Result<Self> {
         let poll = Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), WAKER)?;
+        // Readable only: a socket watched for room wakes the loop after every datagram it
+        // sends (the kernel signals room each time one leaves its buffer), a second wake-up
+        // per packet for nothing. Room is watched only while a backlog waits for it.
         poll.registry().register(
             &mut mio::unix::SourceFd(&socket.socket.as_raw_fd()),
             PORT,
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE,
         )?;
+        let registry = poll.registry().try_clone()?;
         let drops = |reason: &str| {
             metrics
                 .send_drops
@@ -141,7 +150,10 @@ impl EventLoop {
                 scratch: Vec::with_capacity(64),
                 client_out: Vec::with_capacity(256),
                 upstream_drops: drops("upstream_socket_full"),
+                registry,
             },
+            watching_port_room: false,
+            wakeups: metrics.media_wakeups.clone(),
             client_drops: drops("client_port_full"),
             metrics,
             fed: Vec::with_capacity(256),
@@ -199,7 +211,10 @@ impl EventLoop {
                     Token(key) => {
                         let key = key as u64;
                         if writable {
-                            self.with_call(key, |c, _| c.flush_upstream_backlog());
+                            self.with_call(key, |c, io| {
+                                c.flush_upstream_backlog();
+                                c.watch_for_room(&io.registry);
+                            });
                         }
                         if readable {
                             self.read_upstream(key);
@@ -208,6 +223,11 @@ impl EventLoop {
                 }
             }
             self.fire_timers(Instant::now());
+            if self.fed.is_empty() && self.client_backlog.is_empty() {
+                self.wakeups.idle.inc();
+            } else {
+                self.wakeups.work.inc();
+            }
             self.service_fed(Instant::now());
             self.flush_client();
         }
@@ -253,7 +273,7 @@ impl EventLoop {
         let registered = self.poll.registry().register(
             &mut call.upstream,
             Token(key as usize),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE,
         );
         if let Err(e) = registered {
             tracing::error!(call_id = %call.entry.call_id, error = %e, "cannot watch the upstream socket");
@@ -399,6 +419,7 @@ impl EventLoop {
                 let serviced =
                     c.service(now, &mut io.scratch, &mut io.client_out, &io.upstream_drops);
                 if let Serviced::Running = serviced {
+                    c.watch_for_room(&io.registry);
                     io.timers
                         .schedule(c.key, c.bridge.poll_timeout(), &mut c.scheduled);
                 }
@@ -473,5 +494,30 @@ impl EventLoop {
             }
         }
         self.io.client_out = out;
+        self.watch_port_room();
+    }
+
+    /// Watches the port for room while a backlog waits for it, and only then.
+    fn watch_port_room(&mut self) {
+        let wanted = !self.client_backlog.is_empty();
+        if wanted == self.watching_port_room {
+            return;
+        }
+        let interest = if wanted {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let fd = self.socket.socket.as_raw_fd();
+        match self
+            .poll
+            .registry()
+            .reregister(&mut mio::unix::SourceFd(&fd), PORT, interest)
+        {
+            Ok(()) => self.watching_port_room = wanted,
+            Err(e) => {
+                tracing::warn!(shard = self.index, error = %e, "cannot change what the media port is watched for")
+            }
+        }
     }
 }

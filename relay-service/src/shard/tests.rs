@@ -48,6 +48,8 @@ struct Placed {
     /// Feeds the call's inbox as ICE-TCP frames and other shards' datagrams do.
     inbox: super::inbox::CallInbox,
     created: Instant,
+    /// The client's ICE username fragment, from its offer.
+    client_ufrag: String,
     upstream_refused: prometheus_client::metrics::family::Family<
         ReasonLabel,
         prometheus_client::metrics::counter::Counter,
@@ -77,6 +79,12 @@ fn place_call(
         pass: PASS.into(),
     };
     let offer = offer.to_sdp_string();
+    let client_ufrag = offer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .expect("an offer names its ICE username fragment")
+        .trim()
+        .to_string();
     let port_addr = media.port.local_addr();
     let client_leg = peer::accept_client_offer(
         &offer,
@@ -168,6 +176,7 @@ fn place_call(
         ended,
         inbox,
         created: now,
+        client_ufrag,
         upstream_refused,
     }
 }
@@ -194,9 +203,15 @@ fn provider() -> (Rtc, std::net::UdpSocket, SocketAddr) {
 
 /// A binding request to the call signed with its password, as its client's ICE agent sends.
 fn signed_binding_request() -> Vec<u8> {
+    signed_binding_request_from("remote")
+}
+
+/// As [`signed_binding_request`], from the client whose ICE username fragment is
+/// `client_ufrag`: the call's ICE agent answers it.
+fn signed_binding_request_from(client_ufrag: &str) -> Vec<u8> {
     use str0m::ice::{StunMessage, TransId};
     let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
-    let username = format!("{UFRAG}:remote");
+    let username = format!("{UFRAG}:{client_ufrag}");
     let request = StunMessage::binding_request(&username, TransId::new(), true, 7, 1 << 24, false);
     let mut buf = vec![0u8; 512];
     let n = request
@@ -417,6 +432,75 @@ async fn upstream_datagrams_from_and_to_private_addresses_are_dropped_and_counte
             assert!(from > 0, "the provider's checks are refused: {from}");
         }
     }
+}
+
+/// A shard wakes for what arrives and for its timers, not for room in its sockets. Watched for
+/// room all the time, a socket signals it after every datagram it sends, and the shard woke a
+/// second time per packet to find nothing to do: two epoll waits per relayed packet instead of
+/// one. Here every binding request is answered through the shared port, while the provider's
+/// handshake and acknowledgements go through the upstream socket; neither may leave idle
+/// wake-ups behind (`media_shard_wakeups_total{result="idle"}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_does_not_wake_the_shard_again() {
+    const REQUESTS: usize = 50;
+    const RUN: Duration = Duration::from_millis(2_000);
+    let media = media(1);
+    let registry = Registry::new(1, 1);
+    let (mut provider, provider_socket, provider_addr) = provider();
+    let placed = place_call(
+        &media,
+        &registry,
+        limits(RUN),
+        &mut provider,
+        provider_addr,
+        64,
+        true,
+    );
+    let provider = UdpPeer::new(provider, provider_socket).unwrap();
+    let serve_until = placed.created + RUN + crate::bridge::CLOSE_GRACE;
+    let provider = tokio::spawn(provider_until(provider, serve_until));
+    let wakeups = media.metrics.media_wakeups.clone();
+    let port_addr = media.port.local_addr();
+    let client_ufrag = placed.client_ufrag.clone();
+    // One request at a time, each answered before the next: every one is its own wake-up.
+    let answered = tokio::task::spawn_blocking(move || {
+        let client = std::net::UdpSocket::bind(SocketAddr::from((LOOPBACK, 0))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        let mut answered = 0;
+        for _ in 0..REQUESTS {
+            let request = signed_binding_request_from(&client_ufrag);
+            client.send_to(&request, port_addr).unwrap();
+            if client.recv_from(&mut buf).is_ok() {
+                answered += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), placed.ended).await;
+    assert_eq!(
+        ended.ok().and_then(Result::ok),
+        Some(EndReason::MaxDuration)
+    );
+    let channel_open = provider.await.unwrap();
+
+    assert_eq!(answered, REQUESTS, "every binding request is answered");
+    assert!(channel_open.is_some(), "the provider connected");
+    let (work, idle) = (wakeups.work.get(), wakeups.idle.get());
+    assert!(
+        work >= REQUESTS as u64,
+        "{work} wake-ups with work for {REQUESTS} requests"
+    );
+    // Without the fix, about one idle wake-up per request answered and per provider turn.
+    assert!(
+        idle <= work / 8,
+        "{idle} idle wake-ups against {work} with work: sending woke the shard"
+    );
 }
 
 /// A hangup reaches the call on its shard: the entry's end request ends the call with that
