@@ -492,12 +492,14 @@ impl Bridge {
         self.progress_close(now);
     }
 
-    /// Lets RTP written during the last batch of input leave: one str0m timeout pass
+    /// Lets RTP written during the last batch of input leave: one str0m send pass
     /// per leg that was written to, instead of one per packet.
     pub fn send_written(&mut self, now: Instant) {
         for leg in [Leg::Client, Leg::Upstream] {
             if std::mem::take(&mut self.leg_mut(leg).written) {
-                if let Err(e) = self.leg_mut(leg).rtc.handle_input(Input::Timeout(now)) {
+                // Not a whole timeout pass unless a timer of the leg is due: the vendored
+                // str0m's `handle_written` (vendor/str0m/README.vendor.md).
+                if let Err(e) = self.leg_mut(leg).rtc.handle_written(now) {
                     tracing::debug!(?leg, error = %e, "send timeout failed");
                 }
                 self.drain(leg);

@@ -2035,11 +2035,55 @@ impl Rtc {
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
+                // realtime-webrtc-gateway patch (README.vendor.md): an RTP packet that arrives
+                // while no timer is due gets no whole timeout pass after it. It only queues its
+                // event; what it schedules (reports, NACKs) is in the next timeout `poll_output`
+                // computes, and runs when that is due. Everything else (STUN, DTLS and the SCTP
+                // inside it, RTCP, whose NACKs requeue packets) still gets the pass.
+                let rtp = matches!(r.contents.inner, DatagramRecvInner::Rtp(_));
+                let skip_pass = rtp && !self.timer_due(recv_time);
                 self.do_handle_receive(recv_time, r)?;
-                self.do_handle_timeout(recv_time)?;
+                if skip_pass {
+                    self.last_now = recv_time;
+                } else {
+                    self.do_handle_timeout(recv_time)?;
+                }
             }
         }
         Ok(())
+    }
+
+    // realtime-webrtc-gateway patch (README.vendor.md): the send side of a relay, one call per
+    // written leg per batch of input instead of a whole timeout pass per written packet.
+    /// Lets RTP written with `StreamTx::write_rtp` since the last input leave, as
+    /// `handle_input(Input::Timeout(now))` would, but without a whole timeout pass while no
+    /// timer of this `Rtc` is due: only the send queues' snapshot the pacer hands out
+    /// packets from is refreshed. When a timer is due (the timeout `poll_output` last
+    /// returned, before the writes, is at or before `now`), when time has not started, or
+    /// with bandwidth estimation (its probes are planned in the whole pass), it is the whole
+    /// pass. Drain `poll_output` afterwards, as after any input.
+    pub fn handle_written(&mut self, now: Instant) -> Result<(), RtcError> {
+        if self.state == RtcState::Closed {
+            return Ok(());
+        }
+        if self.timer_due(now) {
+            return self.do_handle_timeout(now);
+        }
+        self.last_now = now;
+        self.session
+            .refresh_send_queues(now, &mut self.readiness.wake());
+        Ok(())
+    }
+
+    // realtime-webrtc-gateway patch (README.vendor.md).
+    /// Whether `now` calls for a whole timeout pass: the timeout `poll_output` last returned
+    /// (before any mutation since) is due, time has not started or would go back, or
+    /// bandwidth estimation runs (it plans its probes in the pass).
+    fn timer_due(&self, now: Instant) -> bool {
+        self.need_init_time
+            || now < self.last_now
+            || self.cached_timeout <= now
+            || self.session.has_bwe()
     }
 
     /// Starts local shutdown.

@@ -351,6 +351,26 @@ impl Session {
         Ok(())
     }
 
+    // realtime-webrtc-gateway patch (README.vendor.md): `Rtc::handle_written`.
+    /// Whether bandwidth estimation runs (its probes are planned in `handle_timeout`).
+    pub fn has_bwe(&self) -> bool {
+        self.bwe.is_some()
+    }
+
+    // realtime-webrtc-gateway patch (README.vendor.md): `Rtc::handle_written`.
+    /// The part of `handle_timeout` that lets written RTP leave: the send queues stamp what
+    /// was written, and the pacer takes a new snapshot of them.
+    pub fn refresh_send_queues(&mut self, now: Instant, wake: &mut Wake) {
+        if self.rtp_closing {
+            wake.no_events();
+            wake.no_timeout();
+            return;
+        }
+        self.streams
+            .stamp_written(now, &self.medias, &self.codec_config);
+        self.update_queue_state(now, None);
+    }
+
     fn handle_timeout_bwe(&mut self, now: Instant) -> Option<(Mid, Pt)> {
         self.bwe.as_ref()?;
 

@@ -426,6 +426,18 @@ impl Streams {
         }
     }
 
+    // realtime-webrtc-gateway patch (README.vendor.md): `Rtc::handle_written`.
+    /// The send streams' part of `handle_timeout` without the reports: RTP written since the
+    /// last timeout is stamped with `now`, which lets the send queue release it.
+    pub(crate) fn stamp_written(&mut self, now: Instant, medias: &[Media], codecs: &CodecConfig) {
+        for stream in self.streams_tx.values_mut() {
+            let mid = stream.mid();
+            // As in `handle_timeout`: a StreamTx always has its Media.
+            let get_media = move || (medias.iter().find(|m| m.mid() == mid).unwrap(), codecs);
+            stream.handle_timeout(now, get_media);
+        }
+    }
+
     pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
