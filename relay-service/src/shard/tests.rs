@@ -263,6 +263,55 @@ async fn provider_until(mut peer: UdpPeer, until: Instant) -> Option<Instant> {
     open_at
 }
 
+/// A call on a one-shard relay that runs until its maximum duration `run`, its provider served
+/// until the call has ended and delivered (the maximum plus the close grace).
+struct ServedCall {
+    media: Media,
+    /// Kept for the call's lifetime, as the relay keeps its registry.
+    _registry: Registry,
+    placed: Placed,
+    /// Yields when the provider saw the `oai-events` channel open, if it did.
+    provider: tokio::task::JoinHandle<Option<Instant>>,
+}
+
+fn served_call(run: Duration, allow_private: bool) -> ServedCall {
+    let media = media(1);
+    let registry = Registry::new(1, 1);
+    let (mut provider, provider_socket, provider_addr) = provider();
+    let placed = place_call(
+        &media,
+        &registry,
+        limits(run),
+        &mut provider,
+        provider_addr,
+        64,
+        allow_private,
+    );
+    let provider = UdpPeer::new(provider, provider_socket).unwrap();
+    let serve_until = placed.created + run + crate::bridge::CLOSE_GRACE;
+    let provider = tokio::spawn(provider_until(provider, serve_until));
+    ServedCall {
+        media,
+        _registry: registry,
+        placed,
+        provider,
+    }
+}
+
+/// Waits for a [`served_call`] to end, which must be at its maximum duration; returns when
+/// its provider saw the `oai-events` channel open, if it did.
+async fn ends_at_its_maximum(
+    ended: oneshot::Receiver<EndReason>,
+    provider: tokio::task::JoinHandle<Option<Instant>>,
+) -> Option<Instant> {
+    let ended = tokio::time::timeout(Duration::from_secs(10), ended).await;
+    assert_eq!(
+        ended.ok().and_then(Result::ok),
+        Some(EndReason::MaxDuration)
+    );
+    provider.await.unwrap()
+}
+
 /// How a test floods the call's client leg.
 #[derive(Debug, Clone, Copy)]
 enum Flood {
@@ -387,29 +436,12 @@ async fn a_flooding_client_starves_neither_the_upstream_leg_nor_the_call_deadlin
 async fn upstream_datagrams_from_and_to_private_addresses_are_dropped_and_counted() {
     const RUN: Duration = Duration::from_millis(1_500);
     for allow_private in [false, true] {
-        let media = media(1);
-        let registry = Registry::new(1, 1);
-        let (mut provider, provider_socket, provider_addr) = provider();
-        let placed = place_call(
-            &media,
-            &registry,
-            limits(RUN),
-            &mut provider,
-            provider_addr,
-            64,
-            allow_private,
-        );
-        let provider = UdpPeer::new(provider, provider_socket).unwrap();
-        let serve_until = placed.created + RUN + crate::bridge::CLOSE_GRACE;
-        let provider = tokio::spawn(provider_until(provider, serve_until));
-        let ended = tokio::time::timeout(Duration::from_secs(10), placed.ended).await;
-        assert_eq!(
-            ended.ok().and_then(Result::ok),
-            Some(EndReason::MaxDuration)
-        );
-        let channel_open = provider.await.unwrap();
+        // Bound whole: the relay's media side lives to the end of the round.
+        let served = served_call(RUN, allow_private);
+        let channel_open = ends_at_its_maximum(served.placed.ended, served.provider).await;
         let count = |reason: &str| {
-            placed
+            served
+                .placed
                 .upstream_refused
                 .get_or_create(&ReasonLabel {
                     reason: reason.to_string(),
@@ -444,24 +476,10 @@ async fn upstream_datagrams_from_and_to_private_addresses_are_dropped_and_counte
 async fn sending_does_not_wake_the_shard_again() {
     const REQUESTS: usize = 50;
     const RUN: Duration = Duration::from_millis(2_000);
-    let media = media(1);
-    let registry = Registry::new(1, 1);
-    let (mut provider, provider_socket, provider_addr) = provider();
-    let placed = place_call(
-        &media,
-        &registry,
-        limits(RUN),
-        &mut provider,
-        provider_addr,
-        64,
-        true,
-    );
-    let provider = UdpPeer::new(provider, provider_socket).unwrap();
-    let serve_until = placed.created + RUN + crate::bridge::CLOSE_GRACE;
-    let provider = tokio::spawn(provider_until(provider, serve_until));
-    let wakeups = media.metrics.media_wakeups.clone();
-    let port_addr = media.port.local_addr();
-    let client_ufrag = placed.client_ufrag.clone();
+    let served = served_call(RUN, true);
+    let wakeups = served.media.metrics.media_wakeups.clone();
+    let port_addr = served.media.port.local_addr();
+    let client_ufrag = served.placed.client_ufrag.clone();
     // One request at a time, each answered before the next: every one is its own wake-up.
     let answered = tokio::task::spawn_blocking(move || {
         let client = std::net::UdpSocket::bind(SocketAddr::from((LOOPBACK, 0))).unwrap();
@@ -482,12 +500,7 @@ async fn sending_does_not_wake_the_shard_again() {
     })
     .await
     .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), placed.ended).await;
-    assert_eq!(
-        ended.ok().and_then(Result::ok),
-        Some(EndReason::MaxDuration)
-    );
-    let channel_open = provider.await.unwrap();
+    let channel_open = ends_at_its_maximum(served.placed.ended, served.provider).await;
 
     assert_eq!(answered, REQUESTS, "every binding request is answered");
     assert!(channel_open.is_some(), "the provider connected");
