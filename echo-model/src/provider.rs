@@ -1526,7 +1526,7 @@ impl CallState {
 
     /// Echo one RTP packet on our own send stream. The payload type is the one *we* negotiated
     /// for the packet's codec (found via the codec config), not the raw incoming number.
-    fn echo_rtp(&mut self, rtc: &mut Rtc, p: RtpPacket, ctx: &EventCtx<'_>) {
+    fn echo_rtp(&mut self, rtc: &mut Rtc, p: Box<RtpPacket>, ctx: &EventCtx<'_>) {
         let len = p.payload.len() as u64;
         add(&ctx.counters.rtp_packets_received, 1);
         add(&ctx.counters.rtp_bytes_received, len);

@@ -855,7 +855,7 @@ impl Bridge {
         }
     }
 
-    fn forward_rtp(&mut self, from: Leg, packet: RtpPacket, now: Instant) {
+    fn forward_rtp(&mut self, from: Leg, packet: Box<RtpPacket>, now: Instant) {
         let to = from.other();
         let Some(mid) = self.leg(to).audio_mid.filter(|_| self.leg(to).connected) else {
             self.telemetry.dropped(from);

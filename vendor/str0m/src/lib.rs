@@ -983,7 +983,8 @@ pub enum Event {
     MediaAdded(MediaAdded),
 
     /// Incoming media data sent by the remote peer.
-    MediaData(MediaData),
+    // realtime-webrtc-gateway patch (README.vendor.md): boxed, as `RtpPacket` below.
+    MediaData(Box<MediaData>),
 
     /// Changes to the media may be emitted.
     ///
@@ -1020,13 +1021,13 @@ pub enum Event {
     /// Statistics event for the Rtc instance
     ///
     /// Includes both media traffic (rtp payload) as well as all traffic
-    PeerStats(PeerStats),
+    PeerStats(Box<PeerStats>), // realtime-webrtc-gateway patch: boxed, as `RtpPacket`
 
     /// Aggregated statistics for each media (mid, rid) in the ingress direction
-    MediaIngressStats(MediaIngressStats),
+    MediaIngressStats(Box<MediaIngressStats>), // realtime-webrtc-gateway patch: boxed, as `RtpPacket`
 
     /// Aggregated statistics for each media (mid, rid) in the egress direction
-    MediaEgressStats(MediaEgressStats),
+    MediaEgressStats(Box<MediaEgressStats>), // realtime-webrtc-gateway patch: boxed, as `RtpPacket`
 
     /// A new estimate from the bandwidth estimation subsystem.
     EgressBitrateEstimate(BweKind),
@@ -1047,7 +1048,10 @@ pub enum Event {
     SenderFeedback(SenderFeedback),
 
     /// Incoming RTP data.
-    RtpPacket(RtpPacket),
+    // realtime-webrtc-gateway patch (README.vendor.md): boxed. Inline, this variant and
+    // `MediaData` made every `Event` and `Output` 520 bytes, moved through several frames
+    // on every `poll_output`, whatever it returned.
+    RtpPacket(Box<RtpPacket>),
 
     /// Incoming application-specific Payload-Specific Feedback (PSFB FMT=15, PT=206).
     ///
@@ -1860,10 +1864,11 @@ impl Rtc {
         }
 
         if let Some(e) = self.stats.as_mut().and_then(|s| s.poll_output()) {
+            // realtime-webrtc-gateway patch (README.vendor.md): the stats events are boxed.
             return Ok(Some(match e {
-                StatsEvent::Peer(s) => Output::Event(Event::PeerStats(s)),
-                StatsEvent::MediaIngress(s) => Output::Event(Event::MediaIngressStats(s)),
-                StatsEvent::MediaEgress(s) => Output::Event(Event::MediaEgressStats(s)),
+                StatsEvent::Peer(s) => Output::Event(Event::PeerStats(Box::new(s))),
+                StatsEvent::MediaIngress(s) => Output::Event(Event::MediaIngressStats(Box::new(s))),
+                StatsEvent::MediaEgress(s) => Output::Event(Event::MediaEgressStats(Box::new(s))),
             }));
         }
 

@@ -110,7 +110,7 @@ pub(crate) struct Session {
     poll_packet_buf: Vec<u8>,
 
     // Next packet for RtpPacket event.
-    pending_packet: Option<RtpPacket>,
+    pending_packet: Option<Box<RtpPacket>>, // realtime-webrtc-gateway patch: boxed
 
     // Total RTP payload bytes for media, including retransmissions.
     media_bytes_rx: u64,
@@ -878,7 +878,7 @@ impl Session {
             // However only if this is a packet not seen before. This filters out spurious
             // resends for padding.
             if receipt.is_new_packet {
-                self.pending_packet = Some(packet);
+                self.pending_packet = Some(Box::new(packet)); // realtime-webrtc-gateway patch
             }
         } else {
             // In non-RTP mode, we let the Media use a Depayloader.
@@ -1149,7 +1149,7 @@ impl Session {
             if let Some(e) =
                 media.poll_sample(&self.codec_config, now, self.reordering_timeout_audio)?
             {
-                return Ok(Some(Event::MediaData(e)));
+                return Ok(Some(Event::MediaData(Box::new(e)))); // realtime-webrtc-gateway patch
             }
         }
 
