@@ -263,8 +263,9 @@ async fn provider_until(mut peer: UdpPeer, until: Instant) -> Option<Instant> {
     open_at
 }
 
-/// A call on a one-shard relay that runs until its maximum duration `run`, its provider served
-/// until the call has ended and delivered (the maximum plus the close grace).
+/// A call on a one-shard relay that runs until its maximum duration `run`, with an inbox of
+/// `queue` datagrams, its provider served until the call has ended and delivered (the maximum
+/// plus the close grace, and a second to spare).
 struct ServedCall {
     media: Media,
     /// Kept for the call's lifetime, as the relay keeps its registry.
@@ -274,7 +275,7 @@ struct ServedCall {
     provider: tokio::task::JoinHandle<Option<Instant>>,
 }
 
-fn served_call(run: Duration, allow_private: bool) -> ServedCall {
+fn served_call(run: Duration, queue: usize, allow_private: bool) -> ServedCall {
     let media = media(1);
     let registry = Registry::new(1, 1);
     let (mut provider, provider_socket, provider_addr) = provider();
@@ -284,11 +285,11 @@ fn served_call(run: Duration, allow_private: bool) -> ServedCall {
         limits(run),
         &mut provider,
         provider_addr,
-        64,
+        queue,
         allow_private,
     );
     let provider = UdpPeer::new(provider, provider_socket).unwrap();
-    let serve_until = placed.created + run + crate::bridge::CLOSE_GRACE;
+    let serve_until = placed.created + run + crate::bridge::CLOSE_GRACE + Duration::from_secs(1);
     let provider = tokio::spawn(provider_until(provider, serve_until));
     ServedCall {
         media,
@@ -335,24 +336,13 @@ async fn a_flooding_client_starves_neither_the_upstream_leg_nor_the_call_deadlin
         // Larger than the default (512), so that the shard cannot empty it while the OS
         // pauses the flooding thread for a few milliseconds: the client is always ready.
         const QUEUE: usize = 16_384;
-        let media = media(1);
-        let registry = Registry::new(1, 1);
-        let (mut provider, provider_socket, provider_addr) = provider();
-        let placed = place_call(
-            &media,
-            &registry,
-            limits(MAX_DURATION),
-            &mut provider,
-            provider_addr,
-            QUEUE,
-            true,
-        );
-        let deadline = placed.created + MAX_DURATION;
+        let served = served_call(MAX_DURATION, QUEUE, true);
+        let deadline = served.placed.created + MAX_DURATION;
         // Every task stops by itself: the flood a few seconds after the deadline (or when the
         // call is gone), the provider after the deadline.
         let flood_until = deadline + Duration::from_secs(3);
-        let port_addr = media.port.local_addr();
-        let inbox = placed.inbox.clone();
+        let port_addr = served.media.port.local_addr();
+        let inbox = served.placed.inbox.clone();
         let flooding = std::thread::spawn(move || {
             let (mut sent, mut full) = (0u64, 0u64);
             let flooder = std::net::UdpSocket::bind(SocketAddr::from((LOOPBACK, 0))).unwrap();
@@ -392,16 +382,12 @@ async fn a_flooding_client_starves_neither_the_upstream_leg_nor_the_call_deadlin
             }
             (sent, full)
         });
-        let provider = UdpPeer::new(provider, provider_socket).unwrap();
-        let serve_until = deadline + crate::bridge::CLOSE_GRACE + Duration::from_secs(1);
-        let provider = tokio::spawn(provider_until(provider, serve_until));
-
-        let ended = tokio::time::timeout(Duration::from_secs(10), placed.ended).await;
-        let ended_after = placed.created.elapsed();
+        let ended = tokio::time::timeout(Duration::from_secs(10), served.placed.ended).await;
+        let ended_after = served.placed.created.elapsed();
         let (sent, full) = tokio::task::spawn_blocking(move || flooding.join().unwrap())
             .await
             .unwrap();
-        let channel_open = provider.await.unwrap();
+        let channel_open = served.provider.await.unwrap();
 
         assert!(sent > 10_000, "{flood:?}: the flood sent only {sent}");
         if let Flood::Inbox = flood {
@@ -421,7 +407,7 @@ async fn a_flooding_client_starves_neither_the_upstream_leg_nor_the_call_deadlin
             .unwrap_or_else(|| panic!("{flood:?}: the provider never connected during the flood"));
         assert!(channel_open < deadline, "{flood:?}");
         assert_eq!(
-            media.shards.loads(),
+            served.media.shards.loads(),
             vec![0],
             "{flood:?}: the shard let the call go"
         );
@@ -437,7 +423,7 @@ async fn upstream_datagrams_from_and_to_private_addresses_are_dropped_and_counte
     const RUN: Duration = Duration::from_millis(1_500);
     for allow_private in [false, true] {
         // Bound whole: the relay's media side lives to the end of the round.
-        let served = served_call(RUN, allow_private);
+        let served = served_call(RUN, 64, allow_private);
         let channel_open = ends_at_its_maximum(served.placed.ended, served.provider).await;
         let count = |reason: &str| {
             served
@@ -476,7 +462,7 @@ async fn upstream_datagrams_from_and_to_private_addresses_are_dropped_and_counte
 async fn sending_does_not_wake_the_shard_again() {
     const REQUESTS: usize = 50;
     const RUN: Duration = Duration::from_millis(2_000);
-    let served = served_call(RUN, true);
+    let served = served_call(RUN, 64, true);
     let wakeups = served.media.metrics.media_wakeups.clone();
     let port_addr = served.media.port.local_addr();
     let client_ufrag = served.placed.client_ufrag.clone();
