@@ -319,19 +319,15 @@ impl ShardCall {
     /// watched all the time, it would wake the shard after every datagram sent.
     pub fn watch_for_room(&mut self, registry: &mio::Registry) {
         let wanted = !self.upstream_backlog.is_empty();
-        if wanted == self.watching_room {
-            return;
-        }
-        let interest = if wanted {
-            mio::Interest::READABLE | mio::Interest::WRITABLE
-        } else {
-            mio::Interest::READABLE
-        };
-        match registry.reregister(&mut self.upstream, mio::Token(self.key as usize), interest) {
-            Ok(()) => self.watching_room = wanted,
-            Err(e) => {
-                tracing::warn!(call_id = %self.entry.call_id, error = %e, "cannot change what the upstream socket is watched for")
-            }
+        let token = mio::Token(self.key as usize);
+        if let Err(e) = watch_room(
+            registry,
+            &mut self.upstream,
+            token,
+            wanted,
+            &mut self.watching_room,
+        ) {
+            tracing::warn!(call_id = %self.entry.call_id, error = %e, "cannot change what the upstream socket is watched for");
         }
     }
 
@@ -381,4 +377,27 @@ impl ShardCall {
             let _ = ended.send(reason);
         }
     }
+}
+
+/// Keeps `source` registered for reading, and for room too exactly while `wanted`: reregisters
+/// it when that changes, `watching` remembering what it is registered for. (Re-registering
+/// re-checks readiness, so room that came meanwhile still wakes the loop.)
+pub fn watch_room(
+    registry: &mio::Registry,
+    source: &mut impl mio::event::Source,
+    token: mio::Token,
+    wanted: bool,
+    watching: &mut bool,
+) -> std::io::Result<()> {
+    if wanted == *watching {
+        return Ok(());
+    }
+    let interest = if wanted {
+        mio::Interest::READABLE | mio::Interest::WRITABLE
+    } else {
+        mio::Interest::READABLE
+    };
+    registry.reregister(source, token, interest)?;
+    *watching = wanted;
+    Ok(())
 }

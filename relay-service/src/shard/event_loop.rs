@@ -8,7 +8,7 @@
 //! turn without waiting, so a flood on one socket starves neither the other sockets nor the
 //! timers. A panic in one call ends that call (`internal_error`, counted), not the shard.
 
-use super::call::{ClientTransmit, Serviced, ShardCall, UPSTREAM_RECV_BATCH};
+use super::call::{watch_room, ClientTransmit, Serviced, ShardCall, UPSTREAM_RECV_BATCH};
 use super::inbox::{Command, ShardQueue};
 use super::timers::Timers;
 use crate::bridge::Leg;
@@ -502,25 +502,15 @@ impl EventLoop {
 
     /// Watches the port for room while a backlog waits for it, and only then.
     fn watch_port_room(&mut self) {
-        let wanted = !self.client_backlog.is_empty();
-        if wanted == self.watching_port_room {
-            return;
-        }
-        let interest = if wanted {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
         let fd = self.socket.socket.as_raw_fd();
-        match self
-            .poll
-            .registry()
-            .reregister(&mut mio::unix::SourceFd(&fd), PORT, interest)
-        {
-            Ok(()) => self.watching_port_room = wanted,
-            Err(e) => {
-                tracing::warn!(shard = self.index, error = %e, "cannot change what the media port is watched for")
-            }
+        if let Err(e) = watch_room(
+            self.poll.registry(),
+            &mut mio::unix::SourceFd(&fd),
+            PORT,
+            !self.client_backlog.is_empty(),
+            &mut self.watching_port_room,
+        ) {
+            tracing::warn!(shard = self.index, error = %e, "cannot change what the media port is watched for");
         }
     }
 }
