@@ -87,6 +87,9 @@ pub struct Metrics {
     /// Datagrams dropped because a socket's send buffer stayed full past its backlog, by
     /// which socket (`client_port_full`, `upstream_socket_full`).
     pub send_drops: Family<ReasonLabel, Counter>,
+    /// Datagrams that found a socket's send buffer full and waited in its backlog for room,
+    /// by which socket (`client_port_full`, `upstream_socket_full`).
+    pub send_waits: Family<ReasonLabel, Counter>,
     pub call_panics: Counter,
     /// Upstream-leg addresses the private-address policy refused, by where.
     pub upstream_addresses_refused: Family<ReasonLabel, Counter>,
@@ -188,6 +191,40 @@ pub const UPSTREAM_REFUSAL_REASONS: [&str; 4] = [
     "datagram_to_not_public",
 ];
 
+/// The `reason` labels of `send_waits` and `send_drops`: which socket's send buffer was full.
+pub const SEND_BACKLOG_REASONS: [&str; 2] = ["client_port_full", "upstream_socket_full"];
+
+/// What one socket's backlog counts: datagrams that waited in it for room, and datagrams
+/// dropped because it was full too.
+#[derive(Clone, Debug, Default)]
+pub struct BacklogCounters {
+    pub waited: Counter,
+    pub dropped: Counter,
+}
+
+impl BacklogCounters {
+    /// The counters of the backlog of the socket `reason` names.
+    pub fn of(metrics: &Metrics, reason: &str) -> Self {
+        let label = ReasonLabel {
+            reason: reason.to_string(),
+        };
+        BacklogCounters {
+            waited: metrics.send_waits.get_or_create(&label).clone(),
+            dropped: metrics.send_drops.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Keeps `item` in `backlog` if it has room below `limit`; counts it either way.
+    pub fn keep<T>(&self, backlog: &mut std::collections::VecDeque<T>, limit: usize, item: T) {
+        if backlog.len() < limit {
+            self.waited.inc();
+            backlog.push_back(item);
+        } else {
+            self.dropped.inc();
+        }
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         // The root holds the process's standard names; the relay's own are prefixed.
@@ -211,6 +248,7 @@ impl Metrics {
             cross_shard_datagrams: Counter::default(),
             media_wakeups: WakeupMetrics::default(),
             send_drops: Family::default(),
+            send_waits: Family::default(),
             call_panics: Counter::default(),
             upstream_addresses_refused: Family::default(),
             list_calls: Counter::default(),
@@ -332,7 +370,7 @@ impl Metrics {
         );
         registry.register(
             "media_shard_wakeups",
-            "Times a media shard's thread woke, by result: work (a packet, a due timer, a command or a backlog to send) or idle (nothing to do: a timer entry that had moved, a spurious wake-up)",
+            "Times a media shard's thread woke, by result: work (a packet, also one handed to another shard's call, a due timer, a command or a backlog to send) or idle (nothing to do: a timer entry that had moved, a spurious wake-up)",
             m.media_wakeups.family.clone(),
         );
         registry.register(
@@ -340,10 +378,17 @@ impl Metrics {
             "Datagrams dropped because a socket's send buffer stayed full past its backlog, by socket (client_port_full, upstream_socket_full)",
             m.send_drops.clone(),
         );
-        for reason in ["client_port_full", "upstream_socket_full"] {
-            let _ = m.send_drops.get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            });
+        registry.register(
+            "send_waits",
+            "Datagrams that found a socket's send buffer full and waited in its backlog for room, by socket (client_port_full, upstream_socket_full)",
+            m.send_waits.clone(),
+        );
+        for reason in SEND_BACKLOG_REASONS {
+            for family in [&m.send_drops, &m.send_waits] {
+                let _ = family.get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                });
+            }
         }
         registry.register(
             "call_panics",

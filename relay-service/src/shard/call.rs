@@ -12,7 +12,7 @@ use crate::bridge::{Bridge, Leg};
 use crate::call_state::EndReason;
 use crate::media_socket::{Datagram, ReplySources, RouteGuard};
 use crate::media_tcp::TcpRoute;
-use crate::metrics::ReasonLabel;
+use crate::metrics::{BacklogCounters, ReasonLabel};
 use crate::registry::CallEntry;
 use crate::send_batch::Parts;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -247,14 +247,14 @@ impl ShardCall {
 
     /// Lets written media leave and hands the call's transmits over: client-leg UDP into
     /// `client_out`, ICE-TCP onto the client's connection, upstream out of the call's socket.
-    /// `scratch` is the shard's reused transmit buffer; `upstream_drops` counts upstream
-    /// datagrams lost to a full backlog.
+    /// `scratch` is the shard's reused transmit buffer; `upstream` counts upstream datagrams
+    /// that waited for room or were lost to a full backlog.
     pub fn service(
         &mut self,
         now: Instant,
         scratch: &mut Vec<(Leg, Transmit)>,
         client_out: &mut Vec<ClientTransmit>,
-        upstream_drops: &Counter,
+        upstream: &BacklogCounters,
     ) -> Serviced {
         self.dirty = false;
         if !self.ending && self.bridge.end_reason().is_some() {
@@ -285,7 +285,7 @@ impl ShardCall {
                         }
                     }
                 }
-                Leg::Upstream => self.send_upstream(t, upstream_drops),
+                Leg::Upstream => self.send_upstream(t, upstream),
             }
         }
         if self.bridge.is_finished() {
@@ -331,7 +331,7 @@ impl ShardCall {
         }
     }
 
-    fn send_upstream(&mut self, t: Transmit, drops: &Counter) {
+    fn send_upstream(&mut self, t: Transmit, counters: &BacklogCounters) {
         if !self.upstream_addr_allowed(t.destination, "datagram_to_not_public") {
             return;
         }
@@ -345,11 +345,7 @@ impl ShardCall {
                 }
             }
         }
-        if self.upstream_backlog.len() < UPSTREAM_BACKLOG {
-            self.upstream_backlog.push_back(t);
-        } else {
-            drops.inc();
-        }
+        counters.keep(&mut self.upstream_backlog, UPSTREAM_BACKLOG, t);
     }
 
     /// Whether the upstream leg may exchange datagrams with `addr`; counts a refusal.

@@ -14,10 +14,9 @@ use super::timers::Timers;
 use crate::bridge::Leg;
 use crate::call_state::EndReason;
 use crate::media_socket::{ClientPort, Datagram, PortSocket, GRO_BUFFER};
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{BacklogCounters, Metrics};
 use crate::send_batch::BatchSender;
 use mio::{Events, Interest, Poll, Token};
-use prometheus_client::metrics::counter::Counter;
 use quinn_udp::RecvMeta;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -67,7 +66,8 @@ struct Io {
     scratch: Vec<(Leg, Transmit)>,
     /// Client-leg datagrams of this turn, sent after every call was serviced.
     client_out: Vec<ClientTransmit>,
-    upstream_drops: Counter,
+    /// Upstream datagrams that waited for room, or were dropped past a backlog.
+    upstream_backlog: BacklogCounters,
     /// To watch an upstream socket for room only while its call has a backlog.
     registry: mio::Registry,
 }
@@ -101,12 +101,14 @@ pub struct EventLoop {
     recv_meta: Vec<RecvMeta>,
     client_backlog: VecDeque<ClientTransmit>,
     sender: BatchSender,
-    client_drops: Counter,
+    client_backlog_counters: BacklogCounters,
     commands: Vec<Command<ShardCall>>,
     stopping: bool,
     /// The port is watched for room (a client backlog waits for it).
     watching_port_room: bool,
     wakeups: crate::metrics::WakeupMetrics,
+    /// A datagram was read from the port this turn (whether or not a call here took it).
+    read_this_turn: bool,
 }
 
 impl EventLoop {
@@ -128,14 +130,6 @@ impl EventLoop {
             Interest::READABLE,
         )?;
         let registry = poll.registry().try_clone()?;
-        let drops = |reason: &str| {
-            metrics
-                .send_drops
-                .get_or_create(&ReasonLabel {
-                    reason: reason.to_string(),
-                })
-                .clone()
-        };
         Ok(EventLoop {
             index,
             poll,
@@ -152,12 +146,13 @@ impl EventLoop {
                 upstream_meta: vec![RecvMeta::default(); UPSTREAM_RECV_BATCH],
                 scratch: Vec::with_capacity(64),
                 client_out: Vec::with_capacity(256),
-                upstream_drops: drops("upstream_socket_full"),
+                upstream_backlog: BacklogCounters::of(&metrics, "upstream_socket_full"),
                 registry,
             },
             watching_port_room: false,
             wakeups: metrics.media_wakeups.clone(),
-            client_drops: drops("client_port_full"),
+            read_this_turn: false,
+            client_backlog_counters: BacklogCounters::of(&metrics, "client_port_full"),
             metrics,
             fed: Vec::with_capacity(256),
             again: Again::default(),
@@ -226,7 +221,9 @@ impl EventLoop {
                 }
             }
             self.fire_timers(Instant::now());
-            if self.fed.is_empty() && self.client_backlog.is_empty() {
+            // Datagrams handed to another shard's call, or to none, were work too.
+            let read = std::mem::take(&mut self.read_this_turn);
+            if self.fed.is_empty() && self.client_backlog.is_empty() && !read {
                 self.wakeups.idle.inc();
             } else {
                 self.wakeups.work.inc();
@@ -344,6 +341,7 @@ impl EventLoop {
                 }
             };
             let now = Instant::now();
+            self.read_this_turn |= n > 0;
             // Fewer than offered: the queue was empty (no second read just for `EAGAIN`).
             let drained = n < RECV_BATCH;
             for (buf, meta) in bufs.iter().zip(&metas).take(n) {
@@ -419,8 +417,12 @@ impl EventLoop {
         for key in fed.drain(..) {
             let serviced = self.with_call(key, |c, io| {
                 c.queued = false;
-                let serviced =
-                    c.service(now, &mut io.scratch, &mut io.client_out, &io.upstream_drops);
+                let serviced = c.service(
+                    now,
+                    &mut io.scratch,
+                    &mut io.client_out,
+                    &io.upstream_backlog,
+                );
                 if let Serviced::Running = serviced {
                     c.watch_for_room(&io.registry);
                     io.timers
@@ -490,11 +492,8 @@ impl EventLoop {
             0
         };
         for t in out.drain(..).skip(gone) {
-            if self.client_backlog.len() < CLIENT_BACKLOG {
-                self.client_backlog.push_back(t);
-            } else {
-                self.client_drops.inc();
-            }
+            self.client_backlog_counters
+                .keep(&mut self.client_backlog, CLIENT_BACKLOG, t);
         }
         self.io.client_out = out;
         self.watch_port_room();
