@@ -140,6 +140,17 @@ pub struct Args {
     #[arg(long, env = "RELAY_MEDIA_SHARDS", default_value_t = 0)]
     pub media_shards: usize,
 
+    /// Receive and send buffer each socket of the media port asks the kernel for, in bytes:
+    /// what absorbs bursts between two reads and while the host's network is slower than the
+    /// relay. The kernel grants at most twice `net.core.rmem_max` / `net.core.wmem_max`; the
+    /// relay logs what it got at start.
+    #[arg(
+        long,
+        env = "RELAY_MEDIA_SOCKET_BUFFER_BYTES",
+        default_value_t = crate::media_socket::PORT_BUFFER_BYTES
+    )]
+    pub media_socket_buffer_bytes: usize,
+
     /// Local IP for upstream-leg sockets. Default: the source address the kernel
     /// would route to the upstream host.
     #[arg(long, env = "RELAY_UPSTREAM_MEDIA_IP")]

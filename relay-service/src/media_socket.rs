@@ -211,11 +211,24 @@ impl Drop for RouteGuard {
     }
 }
 
+/// What each socket of the media port asks for as receive and as send buffer by default.
+pub const PORT_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
 impl ClientPort {
     /// Binds `shards` sockets on `addr` with SO_REUSEPORT (the kernel spreads
     /// clients across them by 4-tuple hash). On the unspecified address, each also reports
     /// the arrival address of what it receives and takes a source address for what it sends.
     pub fn bind(addr: SocketAddr, shards: usize) -> std::io::Result<Self> {
+        Self::bind_with_buffers(addr, shards, PORT_BUFFER_BYTES)
+    }
+
+    /// [`ClientPort::bind`], each socket asking for `buffer_bytes` of receive and of send
+    /// buffer (the kernel may grant less: what it granted is logged).
+    pub fn bind_with_buffers(
+        addr: SocketAddr,
+        shards: usize,
+        buffer_bytes: usize,
+    ) -> std::io::Result<Self> {
         let shards = shards.max(1);
         let mut sockets = Vec::with_capacity(shards);
         let mut local_addr = addr;
@@ -224,9 +237,18 @@ impl ClientPort {
             let s =
                 socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
             s.set_reuse_port(shards > 1)?;
-            // Absorb bursts from many calls between two reads.
-            let _ = s.set_recv_buffer_size(4 * 1024 * 1024);
-            let _ = s.set_send_buffer_size(4 * 1024 * 1024);
+            // Absorb bursts from many calls between two reads, and while the network is
+            // slower than the relay.
+            let _ = s.set_recv_buffer_size(buffer_bytes);
+            let _ = s.set_send_buffer_size(buffer_bytes);
+            if sockets.is_empty() {
+                tracing::info!(
+                    asked = buffer_bytes,
+                    receive = s.recv_buffer_size().unwrap_or(0),
+                    send = s.send_buffer_size().unwrap_or(0),
+                    "media port socket buffers (the kernel grants at most twice net.core.rmem_max / wmem_max)"
+                );
+            }
             s.set_nonblocking(true)?;
             s.bind(&local_addr.into())?;
             let socket: std::net::UdpSocket = s.into();

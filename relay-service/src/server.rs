@@ -87,10 +87,11 @@ pub async fn start(args: &Args) -> Result<RunningRelay, StartError> {
         args.media_shards
     };
     let port =
-        ClientPort::bind(args.media_addr, shards).map_err(|source| StartError::MediaPort {
-            addr: args.media_addr,
-            source,
-        })?;
+        ClientPort::bind_with_buffers(args.media_addr, shards, args.media_socket_buffer_bytes)
+            .map_err(|source| StartError::MediaPort {
+                addr: args.media_addr,
+                source,
+            })?;
     let media_addr = port.local_addr();
     let mut advertised = args.advertised_media_addr()?;
     if args.public_port.is_none() {
