@@ -36,6 +36,13 @@ pub struct Dtls {
     /// the backend's fragmenter; outgoing records larger than the warn
     /// threshold log a warning.
     mtu: RangeInclusive<usize>,
+
+    // realtime-webrtc-gateway patch (README.vendor.md): the timeout the instance's last
+    // `poll_output` returned when it had nothing else, while nothing was fed to it since. The
+    // instance is sans-IO: until a packet, a timeout, application data or a close reaches
+    // it, it would only return that again, and `Rtc::poll_output` asks about 4 times per
+    // relayed packet (~170 instructions each in dimpl).
+    idle: Option<Instant>,
 }
 
 pub(crate) fn is_would_block(error: &DtlsError) -> bool {
@@ -79,6 +86,7 @@ impl Dtls {
             active_state: None,
             pending_packets: VecDeque::new(),
             mtu,
+            idle: None,
         })
     }
 
@@ -95,6 +103,7 @@ impl Dtls {
     /// Set whether this instance is active (client) or passive (server).
     pub fn set_active(&mut self, active: bool) {
         self.active_state = Some(active);
+        self.idle = None; // realtime-webrtc-gateway patch
         self.instance.set_active(active)
     }
 
@@ -133,7 +142,16 @@ impl Dtls {
             return DtlsOutput::Timeout(not_happening());
         }
 
+        // realtime-webrtc-gateway patch (README.vendor.md).
+        if let Some(t) = self.idle {
+            return DtlsOutput::Timeout(t);
+        }
+
         let next = self.instance.poll_output(buf);
+
+        if let DtlsOutput::Timeout(t) = next {
+            self.idle = Some(t); // realtime-webrtc-gateway patch
+        }
 
         if let DtlsOutput::Packet(packet) = next {
             if packet.len() > self.mtu_warn() {
@@ -158,6 +176,7 @@ impl Dtls {
             debug!("Ignoring DTLS datagram prior to DTLS start");
             return Ok(());
         }
+        self.idle = None; // realtime-webrtc-gateway patch
 
         self.instance
             .handle_packet(packet)
@@ -177,6 +196,7 @@ impl Dtls {
         if !self.is_inited() {
             return Err(make_handshake_pending_err());
         }
+        self.idle = None; // realtime-webrtc-gateway patch
 
         let accepted = self.instance.send_application_data(data).map_err(|e| {
             DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e)))
@@ -194,6 +214,7 @@ impl Dtls {
         if !self.is_inited() {
             return Ok(());
         }
+        self.idle = None; // realtime-webrtc-gateway patch
 
         self.instance
             .handle_timeout(now)
@@ -202,6 +223,7 @@ impl Dtls {
 
     /// Initiate graceful shutdown by sending a close_notify alert.
     pub fn close(&mut self) -> Result<(), DtlsError> {
+        self.idle = None; // realtime-webrtc-gateway patch
         self.instance
             .close()
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))
