@@ -43,10 +43,15 @@ static BEGINNING_OF_TIME: LazyLock<(Instant, SystemTime)> = LazyLock::new(|| {
 });
 
 pub fn epoch_to_beginning() -> Duration {
-    BEGINNING_OF_TIME
-        .1
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("beginning of time to be after epoch")
+    // realtime-webrtc-gateway patch (README.vendor.md): computed once; it is a constant, and
+    // every received packet with abs-send-time asked for it.
+    static EPOCH_TO_BEGINNING: LazyLock<Duration> = LazyLock::new(|| {
+        BEGINNING_OF_TIME
+            .1
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("beginning of time to be after epoch")
+    });
+    *EPOCH_TO_BEGINNING
 }
 
 pub(crate) fn already_happened() -> Instant {
