@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{media_flows, metric, Harness, UPSTREAM_KEY};
+use common::{media_flows, metric, run_in_network_namespace, Harness, UPSTREAM_KEY};
 use echo_model::{ClientConfig, ConnectedClient, ProviderConfig};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::process::Command;
@@ -36,60 +36,16 @@ const WAIT: Duration = Duration::from_secs(15);
 /// qdiscs are unavailable, unless `RTGW_REQUIRE_NETNS=1` (CI).
 #[test]
 fn a_full_send_buffer_is_survived_in_a_network_namespace() {
-    use std::io::Write;
-    let required = std::env::var("RTGW_REQUIRE_NETNS").is_ok_and(|v| v == "1");
-    let probe = Command::new("unshare")
-        .args([
-            "-rn",
-            "sh",
-            "-c",
-            "ip link set lo up && tc qdisc add dev lo root handle 1: htb && \
-             tc class add dev lo parent 1: classid 1:20 htb rate 10gbit && \
-             tc qdisc add dev lo parent 1:20 handle 20: tbf rate 8bit burst 4kb limit 10mb && \
-             tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip dst 127.0.0.2/32 \
-             flowid 1:20",
-        ])
-        .output();
-    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        let why = match &probe {
-            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-            Err(e) => e.to_string(),
-        };
-        if required {
-            panic!("unshare -rn with tc htb/tbf/u32 is required (RTGW_REQUIRE_NETNS=1): {why}");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP {INNER}: `unshare -rn` with tc (htb, tbf, u32) does not work here ({why}). \
-             This test did not run; set RTGW_REQUIRE_NETNS=1 to make that a failure."
-        );
-        return;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let output = Command::new("unshare")
-        .args(["-rn", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
-        .arg(exe)
-        .args([
-            INNER,
-            "--exact",
-            "--include-ignored",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(INSIDE, "1")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the test inside the namespace failed: {}\n{out}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // A filter that matched nothing would also exit 0: the inner test must have run.
-    assert!(
-        out.contains("test result: ok. 1 passed"),
-        "the test inside the namespace did not run:\n{out}"
+    run_in_network_namespace(
+        INNER,
+        INSIDE,
+        "`unshare -rn` with tc (htb, tbf, u32)",
+        "ip link set lo up && tc qdisc add dev lo root handle 1: htb && \
+         tc class add dev lo parent 1: classid 1:20 htb rate 10gbit && \
+         tc qdisc add dev lo parent 1:20 handle 20: tbf rate 8bit burst 4kb limit 10mb && \
+         tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip dst 127.0.0.2/32 \
+         flowid 1:20",
+        "ip link set lo up",
     );
 }
 

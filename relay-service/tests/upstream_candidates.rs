@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{metric, relay_args, UPSTREAM_KEY};
+use common::{metric, relay_args, run_in_network_namespace, UPSTREAM_KEY};
 use echo_model::provider::{CallLimits, MockProvider, ProviderConfig};
 use echo_model::{ClientConfig, TestClient};
 use realtime_relay_proto::v1;
@@ -108,47 +108,12 @@ const INNER: &str = "without_allow_private_upstreams_only_public_answer_candidat
 /// where unprivileged namespaces are unavailable, unless `RTGW_REQUIRE_NETNS=1`.
 #[test]
 fn the_answer_candidate_policy_holds_end_to_end_in_a_network_namespace() {
-    use std::io::Write;
-    use std::process::Command;
-    let probe = Command::new("unshare").args(["-rn", "true"]).status();
-    if !probe.is_ok_and(|s| s.success()) {
-        if std::env::var("RTGW_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
-            panic!("unshare -rn is required (RTGW_REQUIRE_NETNS=1) but does not work here");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP {INNER}: `unshare -rn` does not work here. This test did not run; set \
-             RTGW_REQUIRE_NETNS=1 to make that a failure."
-        );
-        return;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let script =
-        format!("ip link set lo up && ip addr add {PUBLIC_IP}/32 dev lo && exec \"$0\" \"$@\"");
-    let output = Command::new("unshare")
-        .args(["-rn", "sh", "-c", &script])
-        .arg(exe)
-        .args([
-            INNER,
-            "--exact",
-            "--include-ignored",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(INSIDE, "1")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the test inside the namespace failed: {}\n{out}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // A filter that matched nothing would also exit 0: the inner test must have run.
-    assert!(
-        out.contains("test result: ok. 1 passed"),
-        "the test inside the namespace did not run:\n{out}"
+    run_in_network_namespace(
+        INNER,
+        INSIDE,
+        "`unshare -rn`",
+        "true",
+        &format!("ip link set lo up && ip addr add {PUBLIC_IP}/32 dev lo"),
     );
 }
 

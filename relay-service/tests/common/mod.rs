@@ -201,3 +201,68 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// Runs the ignored test `inner` of this test binary again in a new user and network
+/// namespace (`unshare -rn`), with `inside_env=1` set, after `setup` (shell, as the
+/// namespace's root; it should at least bring `lo` up), and fails with its output if it
+/// fails or did not run.
+///
+/// First `probe` (shell, in a namespace of its own) must succeed: where it does not (no
+/// unprivileged namespaces, a kernel without what the test needs), the test is skipped with
+/// a visible SKIP line naming `needs`, or fails if `RTGW_REQUIRE_NETNS=1` (CI). Returns
+/// whether it ran.
+pub fn run_in_network_namespace(
+    inner: &str,
+    inside_env: &str,
+    needs: &str,
+    probe: &str,
+    setup: &str,
+) -> bool {
+    use std::io::Write;
+    use std::process::Command;
+    let probed = Command::new("unshare")
+        .args(["-rn", "sh", "-c", probe])
+        .output();
+    if !probed.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match &probed {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Err(e) => e.to_string(),
+        };
+        if std::env::var("RTGW_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+            panic!("{needs} is required (RTGW_REQUIRE_NETNS=1) but does not work here: {why}");
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {inner}: {needs} does not work here ({why}). This test did not run; set \
+             RTGW_REQUIRE_NETNS=1 to make that a failure."
+        );
+        return false;
+    }
+    let script = format!("{setup} && exec \"$0\" \"$@\"");
+    let output = Command::new("unshare")
+        .args(["-rn", "sh", "-c", &script])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            inner,
+            "--exact",
+            "--include-ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(inside_env, "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the test inside the namespace failed: {}\n{out}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A filter that matched nothing would also exit 0: the inner test must have run.
+    assert!(
+        out.contains("test result: ok. 1 passed"),
+        "the test inside the namespace did not run:\n{out}"
+    );
+    true
+}
