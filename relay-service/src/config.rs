@@ -462,6 +462,13 @@ impl Args {
         if self.call_queue_datagrams == 0 {
             return too_small("--call-queue-datagrams", 1, "");
         }
+        if self.media_socket_buffer_bytes < 64 * 1024 {
+            return too_small(
+                "--media-socket-buffer-bytes",
+                65536,
+                " (a burst of a few dozen calls' packets)",
+            );
+        }
         if self.media_tcp_max_connections == 0 {
             return too_small("--media-tcp-max-connections", 1, "");
         }
@@ -552,6 +559,10 @@ mod tests {
             "--dc-buffer-bytes must be at least 65536 (one large Realtime event)"
         );
         assert_eq!(err(&["--max-calls", "0"]), "--max-calls must be at least 1");
+        assert_eq!(
+            err(&["--media-socket-buffer-bytes", "4096"]),
+            "--media-socket-buffer-bytes must be at least 65536 (a burst of a few dozen calls' packets)"
+        );
         assert_eq!(
             err(&["--idle-timeout-secs", "0"]),
             "--idle-timeout-secs must be greater than 0"
