@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{media_flows, metric, run_in_network_namespace, Harness, UPSTREAM_KEY};
+use common::{events_flow, media_flows, metric, run_in_network_namespace, Harness, UPSTREAM_KEY};
 use echo_model::{ClientConfig, ConnectedClient, ProviderConfig};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::process::Command;
@@ -305,12 +305,5 @@ async fn a_full_send_buffer_waits_in_the_backlog_and_drops_only_past_it() {
         "nothing dropped"
     );
     // The call survived both stalls.
-    client
-        .send_text(r#"{"type":"response.create","event_id":"after"}"#)
-        .await
-        .unwrap();
-    client
-        .wait_for_event_type("response.create", WAIT)
-        .await
-        .expect("events still flow");
+    events_flow(&mut client, "after").await;
 }

@@ -169,14 +169,7 @@ pub async fn media_flows(client: &mut ConnectedClient) {
         .wait_for_event_type("session.created", MEDIA_WAIT)
         .await
         .expect("session.created");
-    client
-        .send_text(r#"{"type":"response.create","event_id":"e1"}"#)
-        .await
-        .unwrap();
-    client
-        .wait_for_event_type("response.create", MEDIA_WAIT)
-        .await
-        .expect("the event comes back");
+    events_flow(client, "e1").await;
     client
         .send_audio(25, Duration::from_millis(20))
         .await
@@ -190,6 +183,21 @@ pub async fn media_flows(client: &mut ConnectedClient) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A `response.create` (with `event_id`) makes the round trip client → relay → echo provider
+/// → relay → client.
+pub async fn events_flow(client: &mut ConnectedClient, event_id: &str) {
+    client
+        .send_text(&format!(
+            r#"{{"type":"response.create","event_id":"{event_id}"}}"#
+        ))
+        .await
+        .unwrap();
+    client
+        .wait_for_event_type("response.create", MEDIA_WAIT)
+        .await
+        .expect("the event comes back");
 }
 
 /// The value of one metric line (`name{labels}` exactly); fails on a metric that does not exist.
