@@ -231,7 +231,9 @@ pub fn precheck_offer(sdp: &str, max_bytes: usize) -> Result<(), SetupError> {
 
 pub struct ClientLeg {
     pub rtc: Rtc,
-    pub answer: SdpAnswer,
+    /// The answer to the client's offer, as sent (written once: str0m's SDP writer is not
+    /// free).
+    pub answer_sdp: String,
     pub audio_mid: Option<Mid>,
 }
 
@@ -272,14 +274,15 @@ pub fn accept_client_offer(
     let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
         SetupError::InvalidSdp(format!("the offer cannot be accepted: {}", describe(&e)))
     })?;
-    if !answer.to_sdp_string().contains("a=fingerprint") {
+    let answer_sdp = answer.to_sdp_string();
+    if !answer_sdp.contains("a=fingerprint") {
         return Err(SetupError::InvalidSdp(
             "the offer negotiated no DTLS".into(),
         ));
     }
     Ok(ClientLeg {
         rtc,
-        answer,
+        answer_sdp,
         audio_mid,
     })
 }
@@ -451,7 +454,7 @@ mod tests {
             Instant::now(),
         )
         .unwrap();
-        let sdp = leg.answer.to_sdp_string();
+        let sdp = leg.answer_sdp.clone();
         assert!(sdp.contains(" udp "), "{sdp}");
         assert!(sdp.contains("203.0.113.7 40000 typ host"), "{sdp}");
         assert!(
@@ -460,7 +463,7 @@ mod tests {
         );
         let leg =
             accept_client_offer(&offer, udp, None, creds(), MAX_MESSAGE, Instant::now()).unwrap();
-        let sdp = leg.answer.to_sdp_string();
+        let sdp = leg.answer_sdp.clone();
         assert!(
             !sdp.contains("tcptype"),
             "no TCP candidate unless configured: {sdp}"
@@ -475,7 +478,7 @@ mod tests {
         let offer = include_str!("../../testdata/offers/chromium-156.sdp");
         assert!(offer.contains("transport-wide-cc"), "the fixture offers it");
         let client = accept_test_offer(offer, "203.0.113.7:40000").unwrap();
-        let answer = client.answer.to_sdp_string();
+        let answer = client.answer_sdp.clone();
         assert!(!answer.contains("transport-wide-cc"), "{answer}");
         assert!(
             answer.contains("urn:ietf:params:rtp-hdrext:ssrc-audio-level"),
@@ -516,7 +519,7 @@ mod tests {
             let leg = accept_test_offer(offer, "203.0.113.7:40000")
                 .unwrap_or_else(|e| panic!("{stack}: {e:?}"));
             assert_eq!(leg.audio_mid, Some(Mid::from("0")), "{stack}");
-            let answer = leg.answer.to_sdp_string();
+            let answer = leg.answer_sdp.clone();
             assert!(answer.contains("opus/48000/2"), "{stack}: {answer}");
             assert!(answer.contains("webrtc-datachannel"), "{stack}: {answer}");
             assert!(

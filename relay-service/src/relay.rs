@@ -416,7 +416,7 @@ impl Relay {
             self.max_message(),
             now,
         )?;
-        let answer_sdp = client.answer.to_sdp_string();
+        let answer_sdp = client.answer_sdp;
         let data_channel = peer::data_channel_terms(offer, &answer_sdp);
         Ok(AcceptedClient {
             answer_sdp,

@@ -867,6 +867,54 @@ fn relay_cost_per_relayed_packet_without_io() {
     );
 }
 
+/// The relay's CPU for one call set up end to end with no I/O: both legs built, both SDPs
+/// parsed and written, the bridge made, then ICE, both DTLS handshakes and both SCTP
+/// associations until the `oai-events` channel is open on every side. What a real setup
+/// adds to it is the gRPC request, the HTTP exchange with the provider and the sockets.
+/// A measurement, not a check: `cargo xtask bench` runs it in release (and under callgrind
+/// for the instruction counts); it prints one `RTGW_VIRTUAL_SETUP {json}` line with medians.
+/// `RTGW_VIRTUAL_SETUPS` sets the number of calls (default 50).
+#[test]
+#[ignore = "a measurement: cargo xtask bench runs it in release"]
+fn relay_cost_per_call_setup_without_io() {
+    let setups: usize = std::env::var("RTGW_VIRTUAL_SETUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let (mut negotiation, mut handshakes, mut peers) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..setups {
+        let call = VirtualCall::connected(Options::default());
+        negotiation.push(call.cost.relay_setup.as_secs_f64() * 1e6);
+        handshakes.push(call.cost.relay.as_secs_f64() * 1e6);
+        peers.push(call.cost.peers.as_secs_f64() * 1e6);
+    }
+    let total: Vec<f64> = negotiation
+        .iter()
+        .zip(&handshakes)
+        .map(|(n, h)| n + h)
+        .collect();
+    println!(
+        "RTGW_VIRTUAL_SETUP {}",
+        serde_json::json!({
+            "setups": setups,
+            "relay_us_per_setup": median(total),
+            "negotiation_us": median(negotiation),
+            "handshakes_us": median(handshakes),
+            "str0m_peers_us_per_setup": median(peers),
+        })
+    );
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// The same cost with many calls taking turns, as on a media shard: each call relays one
 /// frame each way, then the next call does, so every packet finds the state of the other
 /// calls between it and its own last packet in the CPU's caches. `RTGW_VIRTUAL_CALLS` lists

@@ -95,7 +95,7 @@ fn place_call(
         now,
     )
     .unwrap();
-    let client_terms = peer::data_channel_terms(&offer, &client_leg.answer.to_sdp_string());
+    let client_terms = peer::data_channel_terms(&offer, &client_leg.answer_sdp);
 
     let upstream_socket = std::net::UdpSocket::bind(SocketAddr::from((LOOPBACK, 0))).unwrap();
     let upstream_local = upstream_socket.local_addr().unwrap();
