@@ -485,6 +485,28 @@ pub fn section(doc: &Value) -> String {
             ),
         );
     }
+    // The same setup without I/O: what str0m and the bridge cost, whatever the timing.
+    let vs = &doc["results"]["virtual_cost"]["setup"];
+    if vs.is_object() {
+        let instructions = match vs["relay_instructions_per_setup"].as_f64() {
+            Some(_) => format!(
+                ", {} instructions (callgrind)",
+                f(&vs["relay_instructions_per_setup"])
+            ),
+            None => String::new(),
+        };
+        push(
+            &mut s,
+            format!(
+                "\nThe relay's part of a whole call setup without I/O (virtual time: both legs built, both SDPs parsed and written, ICE, both DTLS handshakes and both SCTP associations up to open `oai-events` channels; no gRPC, HTTP or sockets): {} µs, median of {} calls ({} µs negotiation, {} µs handshakes){}. Section 3's figure depends on how much of the upstream handshake ran before the hangup and has no client handshake.",
+                f(&vs["relay_us_per_setup"]),
+                vs["setups"],
+                f(&vs["negotiation_us"]),
+                f(&vs["handshakes_us"]),
+                instructions,
+            ),
+        );
+    }
 
     // 3b. How a create waits for its body.
     let hm = &st["headers_modes"];

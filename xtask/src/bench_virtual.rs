@@ -8,6 +8,12 @@
 //!   machine): the relay's functions and the peers' are counted apart
 //!   (`--toggle-collect`), at two lengths of the same call, and the difference divided by
 //!   the difference in packets, so the handshakes and warm-up cancel out.
+//!
+//! And the relay's cost of one whole call setup without I/O (`bridge::tests::
+//! relay_cost_per_call_setup_without_io`): both legs built, both SDPs parsed and written, ICE,
+//! both DTLS handshakes and both SCTP associations, the median over 50 calls and, under
+//! callgrind, instructions per setup (11 setups less 1). Section 3's CPU per setup over gRPC
+//! depends on how much of the upstream handshake happens before the hangup; this one does not.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +33,18 @@ const TURNS_TEST: &str = "bridge::tests::relay_cost_per_relayed_packet_with_call
 const TURNS_MARKER: &str = "RTGW_VIRTUAL_CALLS ";
 /// Call counts for [`TURNS_TEST`]; 250 frames per call each.
 const TURNS_CALLS: &str = "1,10,100,300";
+/// The relay's cost of one call setup.
+const SETUP_TEST: &str = "bridge::tests::relay_cost_per_call_setup_without_io";
+const SETUP_MARKER: &str = "RTGW_VIRTUAL_SETUP ";
+/// What callgrind counts as the relay's work in a setup: the negotiation, then every
+/// datagram and timeout until the call is connected.
+const SETUP_FNS: [&str; 5] = [
+    "*relay_accepts_client*",
+    "*relay_accepts_provider*",
+    "*bridge*Bridge*new*",
+    "*VirtualCall*relay_datagram*",
+    "*VirtualCall*relay_timeout*",
+];
 /// What callgrind counts as the relay's work, and as the peers'.
 const RELAY_FNS: [&str; 2] = [
     "*VirtualCall*relay_datagram*",
@@ -55,8 +73,19 @@ fn test_binary() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("cargo did not name relay-service's test binary"))
 }
 
-/// The measurement line of one run of the test.
+/// The measurement line of one run of the per-packet test.
 fn run_once(bin: &Path, frames: u32, wrap: Option<Vec<String>>) -> Result<Value> {
+    run_marked(bin, TEST, MARKER, ("RTGW_VIRTUAL_FRAMES", frames), wrap)
+}
+
+/// The `marker` line of one run of `test` with `env` set, under `wrap` if given.
+fn run_marked(
+    bin: &Path,
+    test: &str,
+    marker: &str,
+    env: (&str, u32),
+    wrap: Option<Vec<String>>,
+) -> Result<Value> {
     let mut cmd = match &wrap {
         Some(w) => {
             let mut c = Command::new(&w[0]);
@@ -68,20 +97,20 @@ fn run_once(bin: &Path, frames: u32, wrap: Option<Vec<String>>) -> Result<Value>
     cmd.args([
         "--ignored",
         "--exact",
-        TEST,
+        test,
         "--nocapture",
         "--test-threads=1",
     ])
-    .env("RTGW_VIRTUAL_FRAMES", frames.to_string());
+    .env(env.0, env.1.to_string());
     let text = output(&mut cmd, "The virtual-time measurement failed.")?;
     // libtest prints the test's name on the same line, before the test's own output.
     let json = text
         .lines()
         .find_map(|l| {
-            let rest = &l[l.find(MARKER)? + MARKER.len()..];
+            let rest = &l[l.find(marker)? + marker.len()..];
             Some(&rest[..=rest.rfind('}')?])
         })
-        .ok_or_else(|| anyhow!("no {MARKER}line in:\n{text}"))?;
+        .ok_or_else(|| anyhow!("no {marker}line in:\n{text}"))?;
     Ok(serde_json::from_str(json)?)
 }
 
@@ -120,6 +149,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Instructions callgrind counted inside `functions` for a call of `frames` frames a side.
 fn instructions(bin: &Path, frames: u32, functions: &[&str], out: &Path) -> Result<(f64, u64)> {
+    let v = run_once(bin, frames, Some(callgrind_wrap(functions, out)))?;
+    Ok((v["relayed_packets"].as_f64().unwrap_or(0.0), total(out)?))
+}
+
+/// The wrapper that runs a test binary under callgrind, counting only inside `functions`.
+fn callgrind_wrap(functions: &[&str], out: &Path) -> Vec<String> {
     let mut wrap = vec![
         "valgrind".to_string(),
         "--tool=callgrind".into(),
@@ -127,18 +162,38 @@ fn instructions(bin: &Path, frames: u32, functions: &[&str], out: &Path) -> Resu
         format!("--callgrind-out-file={}", out.display()),
     ];
     wrap.extend(functions.iter().map(|f| format!("--toggle-collect={f}")));
-    let v = run_once(bin, frames, Some(wrap))?;
+    wrap
+}
+
+/// The instruction total of a callgrind output file.
+fn total(out: &Path) -> Result<u64> {
     let text =
         std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
-    let total = text
-        .lines()
+    text.lines()
         .find_map(|l| {
             l.strip_prefix("summary: ")
                 .or_else(|| l.strip_prefix("totals: "))
         })
         .and_then(|n| n.trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no instruction total in {}", out.display()))?;
-    Ok((v["relayed_packets"].as_f64().unwrap_or(0.0), total))
+        .ok_or_else(|| anyhow!("no instruction total in {}", out.display()))
+}
+
+/// The relay's instructions per call setup: 11 setups less 1, over 10, so whatever the first
+/// setup of a process pays once cancels out.
+fn setup_instructions(bin: &Path, dir: &Path) -> Result<f64> {
+    let mut counts = Vec::new();
+    for n in [1u32, 11] {
+        let out = dir.join(format!("setup.{n}.out"));
+        run_marked(
+            bin,
+            SETUP_TEST,
+            SETUP_MARKER,
+            ("RTGW_VIRTUAL_SETUPS", n),
+            Some(callgrind_wrap(&SETUP_FNS, &out)),
+        )?;
+        counts.push(total(&out)?);
+    }
+    Ok(counts[1].saturating_sub(counts[0]) as f64 / 10.0)
 }
 
 /// Instructions per relayed packet inside `functions`: the difference between a long and a
@@ -154,7 +209,7 @@ fn marginal(bin: &Path, functions: &[&str], dir: &Path, name: &str) -> Result<f6
 
 /// Both measurements; callgrind's only when valgrind runs here.
 pub fn measure(paths: &Paths) -> Result<Value> {
-    let step = Step::new("Relay cost per packet without I/O (virtual time, release)");
+    let step = Step::new("Relay cost per packet and per setup without I/O (virtual time, release)");
     let bin = test_binary()?;
     let mut relay = Vec::new();
     let mut peers = Vec::new();
@@ -174,6 +229,13 @@ pub fn measure(paths: &Paths) -> Result<Value> {
         }
     });
     v["calls_taking_turns"] = Value::Array(run_turns(&bin)?);
+    v["setup"] = run_marked(
+        &bin,
+        SETUP_TEST,
+        SETUP_MARKER,
+        ("RTGW_VIRTUAL_SETUPS", 50),
+        None,
+    )?;
     let valgrind = Command::new("valgrind")
         .arg("--version")
         .output()
@@ -183,6 +245,7 @@ pub fn measure(paths: &Paths) -> Result<Value> {
         std::fs::create_dir_all(&dir)?;
         let relay_ir = marginal(&bin, &RELAY_FNS, &dir, "relay")?;
         let str0m_ir = marginal(&bin, &PEER_FNS, &dir, "peers")?;
+        v["setup"]["relay_instructions_per_setup"] = json!(setup_instructions(&bin, &dir)?.round());
         v["callgrind"] = json!({
             "relay_instructions_per_packet": relay_ir.round(),
             "str0m_instructions_per_packet": str0m_ir.round(),
