@@ -132,9 +132,9 @@ pub fn section(doc: &Value) -> String {
             push(
                 &mut s,
                 format!(
-                    "\nTarget: the gateway adds at most 3 ms at p50: sequential {a:.2} ms ({}), concurrent {c:.2} ms ({}).",
+                    "\nTarget (issue 14): the gateway adds at most 3 ms at p50 sequentially, at most 5 ms with 8 in flight: sequential {a:.2} ms ({}), 8 in flight {c:.2} ms ({}).",
                     verdict(a <= 3.0),
-                    verdict(c <= 3.0)
+                    verdict(c <= 5.0)
                 ),
             );
         }
