@@ -835,10 +835,7 @@ fn rtp_received(call: &mut VirtualCall) -> usize {
 #[test]
 #[ignore = "a measurement: cargo xtask bench runs it in release"]
 fn relay_cost_per_relayed_packet_without_io() {
-    let frames: u32 = std::env::var("RTGW_VIRTUAL_FRAMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3_000);
+    let frames: u32 = env_or("RTGW_VIRTUAL_FRAMES", 3_000);
     let mut call = VirtualCall::connected(Options::default());
     // Warm up both legs (SRTP contexts, stream tables) before counting.
     call.send_audio(Side::Client, 50);
@@ -877,10 +874,7 @@ fn relay_cost_per_relayed_packet_without_io() {
 #[test]
 #[ignore = "a measurement: cargo xtask bench runs it in release"]
 fn relay_cost_per_call_setup_without_io() {
-    let setups: usize = std::env::var("RTGW_VIRTUAL_SETUPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let setups: usize = env_or("RTGW_VIRTUAL_SETUPS", 50);
     let (mut negotiation, mut handshakes, mut peers) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..setups {
         let call = VirtualCall::connected(Options::default());
@@ -903,6 +897,14 @@ fn relay_cost_per_call_setup_without_io() {
             "str0m_peers_us_per_setup": median(peers),
         })
     );
+}
+
+/// The measurement setting `name` from the environment, or `default` when unset or unreadable.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The median of `v` (the mean of the middle two for an even count).
@@ -930,10 +932,7 @@ fn relay_cost_per_relayed_packet_with_calls_taking_turns() {
         .split(',')
         .filter_map(|n| n.trim().parse().ok())
         .collect();
-    let frames: u32 = std::env::var("RTGW_VIRTUAL_FRAMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(250);
+    let frames: u32 = env_or("RTGW_VIRTUAL_FRAMES", 250);
     for n in counts {
         let mut calls: Vec<VirtualCall> = (0..n)
             .map(|_| {
