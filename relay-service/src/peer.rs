@@ -108,6 +108,12 @@ impl DataChannelTerms {
     pub fn takes(&self, len: usize) -> bool {
         self.peer_max_message.is_none_or(|max| len <= max)
     }
+
+    /// The largest message the relay tells the other leg's peer it takes: what the relay
+    /// itself takes (`ours`), or less if this leg's peer takes less.
+    pub fn relayable(&self, ours: usize) -> usize {
+        self.peer_max_message.map_or(ours, |m| m.min(ours))
+    }
 }
 
 /// The first `m=application` section of `sdp`: its port and its `a=max-message-size`.

@@ -288,11 +288,7 @@ impl Relay {
         let max_message = self.max_message();
         let offer = peer::with_max_message_size(
             &upstream.leg.offer.to_sdp_string(),
-            client
-                .leg
-                .data_channel
-                .peer_max_message
-                .map_or(max_message, |m| m.min(max_message)),
+            client.leg.data_channel.relayable(max_message),
         );
         let (answer_sdp, upstream_call_id) = match self
             .negotiate_upstream(&checked, authorization, &offer, budget)
@@ -320,11 +316,7 @@ impl Relay {
         let upstream = upstream.answered(&answer_sdp, &offer)?;
         let client_answer = peer::with_max_message_size(
             &client.answer_sdp,
-            upstream
-                .leg
-                .data_channel
-                .peer_max_message
-                .map_or(max_message, |m| m.min(max_message)),
+            upstream.leg.data_channel.relayable(max_message),
         );
         // A Live client must only ever see the gateway's id, also inside the provider's events.
         let session_ids = match (&upstream_call_id, checked.kind) {

@@ -349,24 +349,22 @@ pub struct Cost {
     pub relay_setup: Duration,
 }
 
+/// What the relay's first step of a setup leaves: the client's leg and answer, and the
+/// upstream leg with the offer the provider is sent.
+struct ClientAccepted {
+    client_leg: peer::ClientLeg,
+    client_terms: DataChannelTerms,
+    up: UpstreamLeg,
+    relay_offer: String,
+}
+
 /// The relay's first step of a setup, as `Relay::setup` takes it: the client's offer
-/// accepted and the upstream offer made. Returns the client leg, its answer, the client's
-/// data-channel terms, the upstream leg and the offer the provider is sent. Never inlined:
-/// the setup measurement counts its instructions under callgrind.
+/// accepted and the upstream offer made. Never inlined: the setup measurement counts its
+/// instructions under callgrind.
 #[inline(never)]
-fn relay_accepts_client(
-    offer: &str,
-    max_message: usize,
-    now: Instant,
-) -> (
-    peer::ClientLeg,
-    String,
-    DataChannelTerms,
-    UpstreamLeg,
-    String,
-) {
+fn relay_accepts_client(offer: &str, max_message: usize, now: Instant) -> ClientAccepted {
     let (ufrag, pass) = crate::ids::new_ice_credentials();
-    let mut client_leg = peer::accept_client_offer(
+    let client_leg = peer::accept_client_offer(
         offer,
         RELAY_CLIENT_LEG,
         None,
@@ -375,15 +373,19 @@ fn relay_accepts_client(
         now,
     )
     .expect("the relay accepts the client's offer");
-    let client_answer = std::mem::take(&mut client_leg.answer_sdp);
-    let client_terms = peer::data_channel_terms(offer, &client_answer);
+    let client_terms = peer::data_channel_terms(offer, &client_leg.answer_sdp);
     let up = peer::create_upstream_offer(RELAY_UPSTREAM_LEG, None, max_message, now)
         .expect("the relay makes its upstream offer");
     let relay_offer = peer::with_max_message_size(
         &up.offer.to_sdp_string(),
-        smaller(max_message, client_terms.peer_max_message),
+        client_terms.relayable(max_message),
     );
-    (client_leg, client_answer, client_terms, up, relay_offer)
+    ClientAccepted {
+        client_leg,
+        client_terms,
+        up,
+        relay_offer,
+    }
 }
 
 /// The relay's second step: the provider's answer accepted, and the client's answer told
@@ -401,16 +403,9 @@ fn relay_accepts_provider(
     peer::accept_upstream_answer(rtc, pending, provider_answer)
         .expect("the relay accepts the provider's answer");
     let upstream_terms = peer::data_channel_terms(provider_answer, relay_offer);
-    let client_answer = peer::with_max_message_size(
-        client_answer,
-        smaller(max_message, upstream_terms.peer_max_message),
-    );
+    let client_answer =
+        peer::with_max_message_size(client_answer, upstream_terms.relayable(max_message));
     (upstream_terms, client_answer)
-}
-
-/// The smaller of what the relay takes and what a peer takes.
-fn smaller(max_message: usize, peer: Option<usize>) -> usize {
-    peer.map_or(max_message, |m| m.min(max_message))
 }
 
 impl VirtualCall {
@@ -446,8 +441,12 @@ impl VirtualCall {
 
         // The relay: client leg, upstream offer, the provider's answer, the bridge.
         let t = std::time::Instant::now();
-        let (client_leg, client_answer, client_terms, mut up, relay_offer) =
-            relay_accepts_client(&offer, max_message, now);
+        let ClientAccepted {
+            client_leg,
+            client_terms,
+            mut up,
+            relay_offer,
+        } = relay_accepts_client(&offer, max_message, now);
         let mut relay_setup = t.elapsed();
         let mut provider_rtc =
             peer_config(111, options.peer_sctp_buffer, options.provider_max_message).build(now);
@@ -466,7 +465,7 @@ impl VirtualCall {
             up.pending,
             &provider_answer,
             &relay_offer,
-            &client_answer,
+            &client_leg.answer_sdp,
             max_message,
         );
         relay_setup += t.elapsed();
