@@ -505,6 +505,18 @@ mod tests {
         );
     }
 
+    /// Every RTP packet a leg sends walks its whole extension map, so the vendored str0m
+    /// keeps `Extension` at 16 bytes (vendor/str0m/README.vendor.md): the map of a leg is
+    /// 6 cache lines, not 12. A str0m update that loses the patch fails here.
+    #[test]
+    fn a_legs_extension_map_stays_within_six_cache_lines() {
+        assert_eq!(std::mem::size_of::<Extension>(), 16);
+        assert!(std::mem::size_of::<ExtensionMap>() <= 6 * 64);
+        let map = extensions_without_transport_cc();
+        assert_eq!(map.id_of(Extension::AudioLevel), Some(1));
+        assert_eq!(map.id_of(Extension::TransportSequenceNumber), None);
+    }
+
     /// Offers captured from other WebRTC stacks (testdata/offers): Chromium's (mDNS host
     /// candidate, RED and telephone-event beside Opus, trickle) and aiortc's (no BUNDLE-only
     /// transport: a port per m-line, three fingerprints). The relay must answer both with

@@ -140,6 +140,9 @@ pub struct TestPeer {
     outbox: VecDeque<Outgoing>,
     /// Audio frames still to send, and when the next one is due.
     audio: Option<(u32, Instant)>,
+    /// Payload lengths the frames cycle through (`sized_frame`); empty: 120-byte frames
+    /// that start with the sequence number.
+    frame_sizes: Vec<usize>,
     seq: u64,
     failed: bool,
 }
@@ -155,6 +158,7 @@ impl TestPeer {
             next_timeout: now,
             outbox: VecDeque::new(),
             audio: None,
+            frame_sizes: Vec::new(),
             seq: 0,
             failed: false,
         }
@@ -602,6 +606,11 @@ impl VirtualCall {
         self.peer(side).audio = (frames > 0).then_some((frames, now));
     }
 
+    /// From now on `side`'s frames are `sized_frame(seq, len)`, `len` cycling through `sizes`.
+    pub fn use_frame_sizes(&mut self, side: Side, sizes: &[usize]) {
+        self.peer(side).frame_sizes = sizes.to_vec();
+    }
+
     /// `side` sends these data-channel messages as fast as its channel takes them.
     pub fn send_messages(&mut self, side: Side, messages: impl IntoIterator<Item = Outgoing>) {
         self.peer(side).outbox.extend(messages);
@@ -923,8 +932,13 @@ fn write_frame(peer: &mut TestPeer, now: Instant) {
     let Some(stream) = api.stream_tx_by_mid(mid, None) else {
         return;
     };
-    let mut payload = vec![0xAB; 120];
-    payload[..8].copy_from_slice(&seq.to_be_bytes());
+    let payload = if peer.frame_sizes.is_empty() {
+        let mut payload = vec![0xAB; 120];
+        payload[..8].copy_from_slice(&seq.to_be_bytes());
+        payload
+    } else {
+        sized_frame(seq, peer.frame_sizes[seq as usize % peer.frame_sizes.len()])
+    };
     stream.write_rtp(RtpWrite::new(
         pt,
         seq.into(),
@@ -932,6 +946,14 @@ fn write_frame(peer: &mut TestPeer, now: Instant) {
         now,
         payload,
     ));
+}
+
+/// Frame `seq` of a peer that cycles through frame sizes: `len` bytes, each a function of
+/// `seq` and its position, so a byte lost, added or taken from another frame shows.
+pub fn sized_frame(seq: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seq as u8).wrapping_mul(31).wrapping_add(i as u8) ^ 0x5A)
+        .collect()
 }
 
 /// A browser-like peer configuration (echo-model's test client: Opus at `opus_pt`
