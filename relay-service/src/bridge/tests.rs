@@ -5,7 +5,7 @@ use super::virtual_call::*;
 use super::{BridgeLimits, Leg};
 use crate::call_state::EndReason;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -344,6 +344,44 @@ fn consent_checks_keep_a_silent_call_from_the_peer_timeout() {
         let quiet = call.now - call.relay.last_datagram[&leg];
         assert!(quiet < secs(5), "{leg:?} quiet for {quiet:?}");
     }
+}
+
+/// The relay's upstream leg checks consent on its own timer. A relayed RTP packet moves
+/// only the session's timers, and str0m (vendor/str0m/README.vendor.md) then reuses the
+/// other components' last deadlines: ICE's checks must keep the pace they have in a
+/// silent call while audio flows both ways.
+#[test]
+fn consent_checks_keep_their_pace_while_audio_flows() {
+    let gaps = |audio: bool| {
+        let mut call = VirtualCall::connected(Options::default());
+        let upstream = call.relay.bridge.local_addr(Leg::Upstream);
+        if audio {
+            for side in [Side::Client, Side::Provider] {
+                call.send_audio(side, 3_000);
+            }
+        }
+        let from = call.now;
+        call.run_for(secs(60));
+        assert_eq!(call.relay.stopped, None);
+        let sent: Vec<Instant> = call.net.binding_requests[&upstream]
+            .iter()
+            .copied()
+            .filter(|t| *t >= from)
+            .collect();
+        let gaps: Vec<Duration> = sent.windows(2).map(|w| w[1] - w[0]).collect();
+        (sent.len(), gaps.into_iter().max().unwrap_or(secs(60)))
+    };
+    let (silent_checks, silent_gap) = gaps(false);
+    let (audio_checks, audio_gap) = gaps(true);
+    assert!(silent_checks >= 5, "{silent_checks} checks in 60 s");
+    assert!(
+        audio_checks + 1 >= silent_checks,
+        "{audio_checks} checks with audio, {silent_checks} without"
+    );
+    assert!(
+        audio_gap <= silent_gap + Duration::from_millis(50),
+        "longest gap {audio_gap:?} with audio, {silent_gap:?} without"
+    );
 }
 
 #[test]

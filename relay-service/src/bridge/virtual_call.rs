@@ -233,6 +233,8 @@ pub struct Network {
     /// Ordered by arrival time; ties keep sending order.
     in_flight: VecDeque<InFlight>,
     pub dropped: u64,
+    /// When each address sent a STUN binding request (ICE checks, consent freshness).
+    pub binding_requests: HashMap<SocketAddr, Vec<Instant>>,
 }
 
 struct InFlight {
@@ -250,6 +252,7 @@ impl Network {
             down: HashSet::new(),
             in_flight: VecDeque::new(),
             dropped: 0,
+            binding_requests: HashMap::new(),
         }
     }
 
@@ -272,6 +275,10 @@ impl Network {
         if self.down.contains(&source) || self.down.contains(&destination) {
             self.dropped += 1;
             return;
+        }
+        // A STUN message type of 0x0001 (RFC 5389): a binding request.
+        if data.starts_with(&[0x00, 0x01]) {
+            self.binding_requests.entry(source).or_default().push(now);
         }
         let delay = |a: &SocketAddr| self.per_addr.get(a).copied().unwrap_or(self.latency);
         let at = now + delay(&source).max(delay(&destination));

@@ -942,6 +942,11 @@ pub struct Rtc {
     // Last timeout returned by `poll_output`, reused while the readiness says
     // the timeout is still valid.
     cached_timeout: Instant,
+    // realtime-webrtc-gateway patch (README.vendor.md): the soonest timer of the components
+    // before the session in `poll_timeout`'s order (DTLS, ICE) and after it (SCTP, channels,
+    // stats), reused while the readiness says only the session's timer may have moved.
+    timeout_before_session: (Option<Instant>, Reason),
+    timeout_after_session: (Option<Instant>, Reason),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1319,6 +1324,8 @@ impl Rtc {
             close_dtls_started: false,
             readiness: Readiness::armed(),
             cached_timeout: start,
+            timeout_before_session: (None, Reason::NotHappening),
+            timeout_after_session: (None, Reason::NotHappening),
         })
     }
 
@@ -1678,6 +1685,8 @@ impl Rtc {
         if let Some(timeout) = self.next_dtls_timeout {
             if timeout <= self.last_now {
                 self.next_dtls_timeout = None;
+                // realtime-webrtc-gateway patch (README.vendor.md): DTLS runs a timer here.
+                drop(self.readiness.wake());
 
                 if let Err(error) = self.dtls.handle_timeout(self.last_now) {
                     // A failed timer transition leaves DTLS unrecoverable. Close the
@@ -1752,9 +1761,16 @@ impl Rtc {
                     }
                 }
                 DtlsOutput::ApplicationData(data) => {
+                    // realtime-webrtc-gateway patch (README.vendor.md): SCTP input.
+                    drop(self.readiness.wake());
                     self.sctp.handle_input(self.last_now, data);
                 }
                 DtlsOutput::Timeout(t) => {
+                    // realtime-webrtc-gateway patch (README.vendor.md): a DTLS timer that moves
+                    // while the outputs are drained is a timer outside the session.
+                    if self.next_dtls_timeout != Some(t) {
+                        drop(self.readiness.wake());
+                    }
                     self.next_dtls_timeout = Some(t);
                     break;
                 }
@@ -1904,14 +1920,24 @@ impl Rtc {
     // Called only after the output pipeline has drained.
     fn poll_timeout(&mut self) -> Instant {
         if self.readiness.wants_timeout() {
-            let stats_timeout = self.stats.as_mut().and_then(|s| s.poll_timeout());
-            let time_and_reason = (None, Reason::NotHappening)
-                .soonest((self.next_dtls_timeout, Reason::DTLS))
-                .soonest((self.ice.poll_timeout(), Reason::Ice))
+            // realtime-webrtc-gateway patch (README.vendor.md): the components other than the
+            // session are asked again only when one of them may have moved a timer; a relayed
+            // RTP packet (received, or written and sent) moves the session's alone. The order,
+            // and so the reason on a tie (the last of the soonest), is the original's.
+            if self.readiness.wants_others_timeout() {
+                let stats_timeout = self.stats.as_mut().and_then(|s| s.poll_timeout());
+                self.timeout_before_session = (None, Reason::NotHappening)
+                    .soonest((self.next_dtls_timeout, Reason::DTLS))
+                    .soonest((self.ice.poll_timeout(), Reason::Ice));
+                self.timeout_after_session = (self.sctp.poll_timeout(), Reason::Sctp)
+                    .soonest((self.chan.poll_timeout(&self.sctp), Reason::Channel))
+                    .soonest((stats_timeout, Reason::Stats));
+                self.readiness.clear_others_timeout();
+            }
+            let time_and_reason = self
+                .timeout_before_session
                 .soonest(self.session.poll_timeout())
-                .soonest((self.sctp.poll_timeout(), Reason::Sctp))
-                .soonest((self.chan.poll_timeout(&self.sctp), Reason::Channel))
-                .soonest((stats_timeout, Reason::Stats));
+                .soonest(self.timeout_after_session);
 
             let time = time_and_reason.0.unwrap_or_else(not_happening);
             self.cached_timeout = time.max(self.last_now);
@@ -2075,8 +2101,9 @@ impl Rtc {
             return self.do_handle_timeout(now);
         }
         self.last_now = now;
+        // The send queues are the session's (README.vendor.md).
         self.session
-            .refresh_send_queues(now, &mut self.readiness.wake());
+            .refresh_send_queues(now, &mut self.readiness.wake_session());
         Ok(())
     }
 
@@ -2249,7 +2276,8 @@ impl Rtc {
                 let _wake = readiness.wake();
                 dtls.handle_receive(dtls_packet)?;
             }
-            Rtp(rtp) => session.handle_rtp_receive(recv_time, rtp, &mut readiness.wake()),
+            // realtime-webrtc-gateway patch (README.vendor.md): RTP reaches the session alone.
+            Rtp(rtp) => session.handle_rtp_receive(recv_time, rtp, &mut readiness.wake_session()),
             Rtcp(rtcp) => session.handle_rtcp_receive(recv_time, rtcp, &mut readiness.wake()),
         }
 

@@ -72,6 +72,16 @@ impl<'a> RtcMut<'a> {
     }
 }
 
+impl RtcMut<'_> {
+    // realtime-webrtc-gateway patch (README.vendor.md).
+    /// `&mut` to the session alone: arms the events and the session's timer only
+    /// ([`Readiness::wake_session`]), as a write on one of its send streams needs.
+    pub(crate) fn session_mut(&mut self) -> &mut crate::session::Session {
+        drop(self.rtc.readiness.wake_session());
+        &mut self.rtc.session
+    }
+}
+
 impl Deref for RtcMut<'_> {
     type Target = Rtc;
 
@@ -151,6 +161,11 @@ impl Drop for Mutation<'_> {
 pub(crate) struct Readiness {
     events: bool,
     timeout: bool,
+    // realtime-webrtc-gateway patch (README.vendor.md): whether the timers of the components
+    // other than the session (DTLS, ICE, SCTP, channels, stats) may have moved. A mutation of
+    // the session alone (`wake_session`) leaves it, so the next timeout recomputes the
+    // session's part and reuses the others' last one.
+    others: bool,
 }
 
 impl Readiness {
@@ -159,6 +174,7 @@ impl Readiness {
         Readiness {
             events: true,
             timeout: true,
+            others: true,
         }
     }
 
@@ -178,12 +194,37 @@ impl Readiness {
         self.timeout = false;
     }
 
+    // realtime-webrtc-gateway patch (README.vendor.md).
+    /// Whether a timer outside the session may have moved since they were last computed.
+    pub(crate) fn wants_others_timeout(&self) -> bool {
+        self.others
+    }
+
+    // realtime-webrtc-gateway patch (README.vendor.md).
+    pub(crate) fn clear_others_timeout(&mut self) {
+        self.others = false;
+    }
+
     /// Hand out an armed guard for a mutable descent into the tree.
     pub(crate) fn wake(&mut self) -> Wake<'_> {
         Wake {
             readiness: self,
             events: true,
             timeout: true,
+            others: true,
+        }
+    }
+
+    // realtime-webrtc-gateway patch (README.vendor.md).
+    /// An armed guard for a mutable descent into the session alone (`Session` and what it
+    /// owns: media, streams, pacer, bandwidth estimation). It re-polls the events and the
+    /// session's timer; no other component's timer can have moved.
+    pub(crate) fn wake_session(&mut self) -> Wake<'_> {
+        Wake {
+            readiness: self,
+            events: true,
+            timeout: true,
+            others: false,
         }
     }
 }
@@ -199,6 +240,8 @@ pub(crate) struct Wake<'a> {
     readiness: &'a mut Readiness,
     events: bool,
     timeout: bool,
+    // realtime-webrtc-gateway patch: false for a guard from `Readiness::wake_session`.
+    others: bool,
 }
 
 impl Wake<'_> {
@@ -219,6 +262,8 @@ impl Drop for Wake<'_> {
     fn drop(&mut self) {
         self.readiness.events |= self.events;
         self.readiness.timeout |= self.timeout;
+        // realtime-webrtc-gateway patch (README.vendor.md).
+        self.readiness.others |= self.timeout && self.others;
     }
 }
 
@@ -228,6 +273,7 @@ impl Readiness {
         Self {
             events: false,
             timeout: false,
+            others: false,
         }
     }
 }
@@ -327,7 +373,12 @@ mod tests {
     fn narrowing_preserves_other_operations() {
         for events in [false, true] {
             for timeout in [false, true] {
-                let mut readiness = Readiness { events, timeout };
+                // realtime-webrtc-gateway patch: `others` as `timeout`.
+                let mut readiness = Readiness {
+                    events,
+                    timeout,
+                    others: timeout,
+                };
                 {
                     let mut wake = readiness.wake();
                     wake.no_events();
