@@ -374,6 +374,23 @@ pub fn section(doc: &Value) -> String {
         }
     }
 
+    // 2d, in cache lines: the same under callgrind's cache simulation (repeatable).
+    let cache = &vc["calls_taking_turns_cache"];
+    if let Some(ll) = cache["ll_misses_per_packet"].as_f64() {
+        push(
+            &mut s,
+            format!(
+                "\nUnder callgrind's cache simulation ({}), the relay's functions only, {} calls taking turns: **{ll:.1} last-level misses per relayed packet** ({} reads, {} writes; {} level-1 data misses) in {} instructions. Each is a cache line of a call's state that the packet found out of this core's cache.",
+                cache["cache"].as_str().unwrap_or("simulated"),
+                cache["calls"],
+                f(&cache["ll_read_misses_per_packet"]),
+                f(&cache["ll_write_misses_per_packet"]),
+                f(&cache["l1d_misses_per_packet"]),
+                f(&cache["instructions_per_packet"]),
+            ),
+        );
+    }
+
     // 2e. A trusted peer: Janus's echo test at matched packet rates.
     let janus = &doc["results"]["janus"];
     if let Some(why) = janus["skipped"].as_str().or(janus["error"].as_str()) {
@@ -662,6 +679,26 @@ mod tests {
         assert_eq!(row, "| 20 | failed: a/b ||||||");
         assert_eq!(ratio(Some(3.0), Some(2.0)), "1.50");
         assert_eq!(ratio(Some(3.0), Some(0.0)), "–");
+    }
+
+    #[test]
+    fn section_2d_reports_the_simulated_cache_misses_when_measured() {
+        let mut doc =
+            json!({"timestamp": "T", "mode": "full", "machine": {}, "results": {}, "failures": []});
+        assert!(!section(&doc).contains("last-level misses"));
+        doc["results"]["virtual_cost"] = json!({
+            "calls_taking_turns": [{"calls": 300, "relay_us_per_packet": 4.4, "str0m_peers_us_per_packet": 4.5}],
+            "calls_taking_turns_cache": {
+                "calls": 300, "cache": "simulated", "instructions_per_packet": 19478.0,
+                "l1d_misses_per_packet": 186.0, "ll_read_misses_per_packet": 103.8,
+                "ll_write_misses_per_packet": 30.1, "ll_misses_per_packet": 133.9,
+            },
+        });
+        let text = section(&doc);
+        assert!(
+            text.contains("300 calls taking turns: **133.9 last-level misses per relayed packet** (104 reads, 30.1 writes; 186 level-1 data misses) in 19478 instructions"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! both DTLS handshakes and both SCTP associations, the median over 50 calls and, under
 //! callgrind, instructions per setup (11 setups less 1). Section 3's CPU per setup over gRPC
 //! depends on how much of the upstream handshake happens before the hangup; this one does not.
+//!
+//! And the working set in cache lines: [`TURNS_TEST`] at [`CACHE_CALLS`] calls under
+//! callgrind's cache simulation (this machine class's 48 KiB level-1 data cache and a 4 MiB
+//! last level, as its per-core L2; a miss there goes to the shared L3 or memory), the relay's
+//! functions only, 100 frames a call less 20: last-level misses per relayed packet, the
+//! repeatable form of what section 2d's timings show.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +39,10 @@ const TURNS_TEST: &str = "bridge::tests::relay_cost_per_relayed_packet_with_call
 const TURNS_MARKER: &str = "RTGW_VIRTUAL_CALLS ";
 /// Call counts for [`TURNS_TEST`]; 250 frames per call each.
 const TURNS_CALLS: &str = "1,10,100,300";
+/// Calls taking turns in the cache simulation.
+const CACHE_CALLS: u32 = 300;
+/// The simulated caches: size, associativity, line size (bytes).
+const CACHE_GEOMETRY: [&str; 3] = ["--D1=49152,12,64", "--I1=32768,8,64", "--LL=4194304,16,64"];
 /// The relay's cost of one call setup.
 const SETUP_TEST: &str = "bridge::tests::relay_cost_per_call_setup_without_io";
 const SETUP_MARKER: &str = "RTGW_VIRTUAL_SETUP ";
@@ -178,6 +188,84 @@ fn total(out: &Path) -> Result<u64> {
         .ok_or_else(|| anyhow!("no instruction total in {}", out.display()))
 }
 
+/// Callgrind's event totals of an output file, by event name (`Ir`, `DLmr`, ...).
+fn event_totals(out: &Path) -> Result<std::collections::HashMap<String, u64>> {
+    let text =
+        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+    let names = text
+        .lines()
+        .find_map(|l| l.strip_prefix("events: "))
+        .ok_or_else(|| anyhow!("no event names in {}", out.display()))?;
+    let values = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .ok_or_else(|| anyhow!("no totals in {}", out.display()))?;
+    Ok(names
+        .split_whitespace()
+        .map(String::from)
+        .zip(values.split_whitespace().map(|v| v.parse().unwrap_or(0)))
+        .collect())
+}
+
+/// Cache misses per relayed packet with [`CACHE_CALLS`] calls taking turns, under callgrind's
+/// cache simulation: 100 frames a call less 20, so the setups cancel out.
+fn cache_misses(bin: &Path, dir: &Path) -> Result<Value> {
+    let mut runs = Vec::new();
+    for frames in [20u32, 100] {
+        let out = dir.join(format!("cache.{frames}.out"));
+        let mut wrap = callgrind_wrap(&RELAY_FNS, &out);
+        wrap.push("--cache-sim=yes".into());
+        wrap.extend(CACHE_GEOMETRY.iter().map(|g| g.to_string()));
+        let text = output(
+            Command::new(&wrap[0])
+                .args(&wrap[1..])
+                .arg(bin)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    TURNS_TEST,
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("RTGW_VIRTUAL_CALLS", CACHE_CALLS.to_string())
+                .env("RTGW_VIRTUAL_FRAMES", frames.to_string()),
+            "The cache simulation of the calls-taking-turns measurement failed.",
+        )?;
+        let packets = text
+            .lines()
+            .find_map(|l| {
+                let rest = &l[l.find(TURNS_MARKER)? + TURNS_MARKER.len()..];
+                serde_json::from_str::<Value>(&rest[..=rest.rfind('}')?]).ok()
+            })
+            .and_then(|v| v["relayed_packets"].as_f64())
+            .ok_or_else(|| anyhow!("no {TURNS_MARKER}line in:\n{text}"))?;
+        runs.push((packets, event_totals(&out)?));
+    }
+    let ((p1, e1), (p2, e2)) = (&runs[0], &runs[1]);
+    if p2 <= p1 {
+        bail!("the longer run relayed no more packets ({p1} then {p2})");
+    }
+    let per_packet = |names: &[&str]| -> f64 {
+        let sum = |e: &std::collections::HashMap<String, u64>| -> u64 {
+            names.iter().map(|n| e.get(*n).copied().unwrap_or(0)).sum()
+        };
+        let d = sum(e2).saturating_sub(sum(e1)) as f64 / (p2 - p1);
+        (d * 10.0).round() / 10.0
+    };
+    Ok(json!({
+        "calls": CACHE_CALLS,
+        "cache": "simulated: L1d 48 KiB 12-way, last level 4 MiB 16-way, 64-byte lines",
+        "instructions_per_packet": per_packet(&["Ir"]).round(),
+        "l1d_misses_per_packet": per_packet(&["D1mr", "D1mw"]),
+        "ll_read_misses_per_packet": per_packet(&["DLmr"]),
+        "ll_write_misses_per_packet": per_packet(&["DLmw"]),
+        "ll_misses_per_packet": per_packet(&["DLmr", "DLmw"]),
+    }))
+}
+
 /// The relay's instructions per call setup: 11 setups less 1, over 10, so whatever the first
 /// setup of a process pays once cancels out.
 fn setup_instructions(bin: &Path, dir: &Path) -> Result<f64> {
@@ -246,6 +334,7 @@ pub fn measure(paths: &Paths) -> Result<Value> {
         let relay_ir = marginal(&bin, &RELAY_FNS, &dir, "relay")?;
         let str0m_ir = marginal(&bin, &PEER_FNS, &dir, "peers")?;
         v["setup"]["relay_instructions_per_setup"] = json!(setup_instructions(&bin, &dir)?.round());
+        v["calls_taking_turns_cache"] = cache_misses(&bin, &dir)?;
         v["callgrind"] = json!({
             "relay_instructions_per_packet": relay_ir.round(),
             "str0m_instructions_per_packet": str0m_ir.round(),
