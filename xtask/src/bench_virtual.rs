@@ -88,14 +88,9 @@ fn run_once(bin: &Path, frames: u32, wrap: Option<Vec<String>>) -> Result<Value>
     run_marked(bin, TEST, MARKER, ("RTGW_VIRTUAL_FRAMES", frames), wrap)
 }
 
-/// The `marker` line of one run of `test` with `env` set, under `wrap` if given.
-fn run_marked(
-    bin: &Path,
-    test: &str,
-    marker: &str,
-    env: (&str, u32),
-    wrap: Option<Vec<String>>,
-) -> Result<Value> {
+/// The test binary running the one ignored `test`, under `wrap` (valgrind and its
+/// options) if given.
+fn test_command(bin: &Path, test: &str, wrap: Option<Vec<String>>) -> Command {
     let mut cmd = match &wrap {
         Some(w) => {
             let mut c = Command::new(&w[0]);
@@ -110,8 +105,20 @@ fn run_marked(
         test,
         "--nocapture",
         "--test-threads=1",
-    ])
-    .env(env.0, env.1.to_string());
+    ]);
+    cmd
+}
+
+/// The `marker` line of one run of `test` with `env` set, under `wrap` if given.
+fn run_marked(
+    bin: &Path,
+    test: &str,
+    marker: &str,
+    env: (&str, u32),
+    wrap: Option<Vec<String>>,
+) -> Result<Value> {
+    let mut cmd = test_command(bin, test, wrap);
+    cmd.env(env.0, env.1.to_string());
     let text = output(&mut cmd, "The virtual-time measurement failed.")?;
     // libtest prints the test's name on the same line, before the test's own output.
     let json = text
@@ -124,21 +131,18 @@ fn run_marked(
     Ok(serde_json::from_str(json)?)
 }
 
-/// One run of [`TURNS_TEST`]: a JSON object per call count.
-fn run_turns(bin: &Path) -> Result<Vec<Value>> {
-    let text = output(
-        Command::new(bin)
-            .args([
-                "--ignored",
-                "--exact",
-                TURNS_TEST,
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("RTGW_VIRTUAL_CALLS", TURNS_CALLS)
-            .env("RTGW_VIRTUAL_FRAMES", "250"),
-        "The calls-taking-turns measurement failed.",
-    )?;
+/// One run of [`TURNS_TEST`] with `calls` and `frames`, under `wrap` if given: a JSON object
+/// per call count.
+fn run_turns_with(
+    bin: &Path,
+    calls: &str,
+    frames: u32,
+    wrap: Option<Vec<String>>,
+) -> Result<Vec<Value>> {
+    let mut cmd = test_command(bin, TURNS_TEST, wrap);
+    cmd.env("RTGW_VIRTUAL_CALLS", calls)
+        .env("RTGW_VIRTUAL_FRAMES", frames.to_string());
+    let text = output(&mut cmd, "The calls-taking-turns measurement failed.")?;
     let rows: Vec<Value> = text
         .lines()
         .filter_map(|l| {
@@ -150,6 +154,11 @@ fn run_turns(bin: &Path) -> Result<Vec<Value>> {
         bail!("no {TURNS_MARKER}line in:\n{text}");
     }
     Ok(rows)
+}
+
+/// One run of [`TURNS_TEST`] at [`TURNS_CALLS`], 250 frames a call.
+fn run_turns(bin: &Path) -> Result<Vec<Value>> {
+    run_turns_with(bin, TURNS_CALLS, 250, None)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -219,29 +228,10 @@ fn cache_misses(bin: &Path, dir: &Path) -> Result<Value> {
         let mut wrap = callgrind_wrap(&RELAY_FNS, &out);
         wrap.push("--cache-sim=yes".into());
         wrap.extend(CACHE_GEOMETRY.iter().map(|g| g.to_string()));
-        let text = output(
-            Command::new(&wrap[0])
-                .args(&wrap[1..])
-                .arg(bin)
-                .args([
-                    "--ignored",
-                    "--exact",
-                    TURNS_TEST,
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("RTGW_VIRTUAL_CALLS", CACHE_CALLS.to_string())
-                .env("RTGW_VIRTUAL_FRAMES", frames.to_string()),
-            "The cache simulation of the calls-taking-turns measurement failed.",
-        )?;
-        let packets = text
-            .lines()
-            .find_map(|l| {
-                let rest = &l[l.find(TURNS_MARKER)? + TURNS_MARKER.len()..];
-                serde_json::from_str::<Value>(&rest[..=rest.rfind('}')?]).ok()
-            })
-            .and_then(|v| v["relayed_packets"].as_f64())
-            .ok_or_else(|| anyhow!("no {TURNS_MARKER}line in:\n{text}"))?;
+        let rows = run_turns_with(bin, &CACHE_CALLS.to_string(), frames, Some(wrap))?;
+        let packets = rows[0]["relayed_packets"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("no relayed_packets in {}", rows[0]))?;
         runs.push((packets, event_totals(&out)?));
     }
     let ((p1, e1), (p2, e2)) = (&runs[0], &runs[1]);
