@@ -21,6 +21,7 @@
 //! functions only, 100 frames a call less 20: last-level misses per relayed packet, the
 //! repeatable form of what section 2d's timings show.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -186,19 +187,14 @@ fn callgrind_wrap(functions: &[&str], out: &Path) -> Vec<String> {
 
 /// The instruction total of a callgrind output file.
 fn total(out: &Path) -> Result<u64> {
-    let text =
-        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("summary: ")
-                .or_else(|| l.strip_prefix("totals: "))
-        })
-        .and_then(|n| n.trim().parse::<u64>().ok())
+    event_totals(out)?
+        .get("Ir")
+        .copied()
         .ok_or_else(|| anyhow!("no instruction total in {}", out.display()))
 }
 
 /// Callgrind's event totals of an output file, by event name (`Ir`, `DLmr`, ...).
-fn event_totals(out: &Path) -> Result<std::collections::HashMap<String, u64>> {
+fn event_totals(out: &Path) -> Result<HashMap<String, u64>> {
     let text =
         std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
     let names = text
@@ -239,7 +235,7 @@ fn cache_misses(bin: &Path, dir: &Path) -> Result<Value> {
         bail!("the longer run relayed no more packets ({p1} then {p2})");
     }
     let per_packet = |names: &[&str]| -> f64 {
-        let sum = |e: &std::collections::HashMap<String, u64>| -> u64 {
+        let sum = |e: &HashMap<String, u64>| -> u64 {
             names.iter().map(|n| e.get(*n).copied().unwrap_or(0)).sum()
         };
         let d = sum(e2).saturating_sub(sum(e1)) as f64 / (p2 - p1);

@@ -70,9 +70,7 @@ impl<'a> RtcMut<'a> {
             timeout: true,
         }
     }
-}
 
-impl RtcMut<'_> {
     // realtime-webrtc-gateway patch (README.vendor.md).
     /// `&mut` to the session alone: arms the events and the session's timer only
     /// ([`Readiness::wake_session`]), as a write on one of its send streams needs.
