@@ -517,6 +517,16 @@ mod tests {
         assert_eq!(map.id_of(Extension::TransportSequenceNumber), None);
     }
 
+    /// The vendored str0m keeps an SDES chunk's items in a `Vec` (vendor/str0m/README.vendor.md):
+    /// a parsed SDES packet was 31,000 bytes built on the stack and boxed, and every RTCP
+    /// report str0m handles internally 1 KiB. A str0m update that loses the patch fails here.
+    #[test]
+    fn a_parsed_source_description_stays_small() {
+        use str0m::rtp::rtcp::{ReportList, Sdes};
+        assert!(std::mem::size_of::<Sdes>() <= 32);
+        assert!(std::mem::size_of::<ReportList<Sdes>>() <= 1024);
+    }
+
     /// Offers captured from other WebRTC stacks (testdata/offers): Chromium's (mDNS host
     /// candidate, RED and telephone-event beside Opus, trickle) and aiortc's (no BUNDLE-only
     /// transport: a port per m-line, three fingerprints). The relay must answer both with

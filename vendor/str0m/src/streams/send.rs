@@ -1117,11 +1117,10 @@ impl StreamTx {
     fn create_sdes(&self) -> Option<Descriptions> {
         // CNAME is set on first handle_timeout. No SDES before that.
         let cname = self.cname.as_ref()?;
-        let mut s = Sdes {
+        let s = Sdes {
             ssrc: self.ssrc,
-            values: ReportList::new(),
+            values: vec![(SdesType::CNAME, cname.to_string())],
         };
-        s.values.push((SdesType::CNAME, cname.to_string()));
 
         let mut d = Descriptions {
             reports: Box::new(ReportList::new()),
