@@ -527,6 +527,33 @@ mod tests {
         assert!(std::mem::size_of::<ReportList<Sdes>>() <= 1024);
     }
 
+    /// The vendored str0m trims an ASCII `Mid` byte by byte instead of with `str::trim`
+    /// (vendor/str0m/README.vendor.md): the result must be `str::trim`'s for every id, with
+    /// white space of every ASCII kind on either side, none at all, or nothing else.
+    #[test]
+    fn a_mid_reads_as_str_trim_would_read_it() {
+        let ids: [&[u8; 16]; 7] = [
+            b"0               ",
+            b"audio           ",
+            b"  x y           ",
+            b"\t\n\x0b\x0c\rmid\r\x0c\x0b\n\t   ",
+            b"0123456789abcdef",
+            b"                ",
+            b"a\x0b             b",
+        ];
+        for id in ids {
+            let mid = Mid::from_array(*id);
+            let expected = std::str::from_utf8(id).unwrap().trim();
+            assert_eq!(&*mid, expected, "{id:?}");
+        }
+        // Not ASCII: the old path, the same answer.
+        let mut bytes = [b' '; 16];
+        bytes[..3].copy_from_slice("\u{00e9}a".as_bytes());
+        assert_eq!(&*Mid::from_array(bytes), "\u{00e9}a");
+        // What a leg's own media ids deref to.
+        assert_eq!(&*Mid::from("0"), "0");
+    }
+
     /// Offers captured from other WebRTC stacks (testdata/offers): Chromium's (mDNS host
     /// candidate, RED and telephone-event beside Opus, trickle) and aiortc's (no BUNDLE-only
     /// transport: a port per m-line, three fingerprints). The relay must answer both with

@@ -722,20 +722,23 @@ impl Extension {
             }
             RtpStreamId => {
                 let v = ev.rid?;
-                let l = v.len();
-                buf[..l].copy_from_slice(v.as_bytes());
+                let bytes = v.trimmed_bytes();
+                let l = bytes.len();
+                buf[..l].copy_from_slice(bytes);
                 Some(l)
             }
             RepairedRtpStreamId => {
                 let v = ev.rid_repair?;
-                let l = v.len();
-                buf[..l].copy_from_slice(v.as_bytes());
+                let bytes = v.trimmed_bytes();
+                let l = bytes.len();
+                buf[..l].copy_from_slice(bytes);
                 Some(l)
             }
             RtpMid => {
                 let v = ev.mid?;
-                let l = v.len();
-                buf[..l].copy_from_slice(v.as_bytes());
+                let bytes = v.trimmed_bytes();
+                let l = bytes.len();
+                buf[..l].copy_from_slice(bytes);
                 Some(l)
             }
             FrameMarking => {
