@@ -1,4 +1,4 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ use crate::rtp_::{RtpHeader, SessionId, TwccPacketId, extend_u16};
 use crate::rtp_::{SrtpContext, Ssrc};
 use crate::rtp_::{TwccRecvRegister, TwccSendRegister};
 use crate::stats::StatsSnapshot;
-use crate::streams::{RtpPacket, StreamTimeoutConfig, Streams};
+use crate::streams::{RtpPacket, SsrcMap, StreamTimeoutConfig, Streams};
 use crate::util::{Soonest, SystemTimeExt, already_happened, not_happening};
 use crate::{Reason, net};
 use crate::{RtcConfig, RtcError};
@@ -95,7 +95,7 @@ pub(crate) struct Session {
     twcc: u64,
     twcc_rx_register: TwccRecvRegister,
     twcc_tx_register: TwccSendRegister,
-    max_rx_seq_lookup: HashMap<Ssrc, SeqNoWindow>,
+    max_rx_seq_lookup: SsrcMap<SeqNoWindow>,
 
     bwe: Option<Bwe>,
     bwe_last_event: Option<(Bitrate, bool)>,
@@ -201,7 +201,7 @@ impl Session {
             twcc: 0,
             twcc_rx_register: TwccRecvRegister::new(100),
             twcc_tx_register: TwccSendRegister::new(1000),
-            max_rx_seq_lookup: HashMap::new(),
+            max_rx_seq_lookup: SsrcMap::default(),
             bwe,
             bwe_last_event: None,
             enable_twcc_feedback: false,
@@ -1621,11 +1621,11 @@ fn un_red<'a>(header: &mut RtpHeader, data: &'a [u8], pt: Pt) -> Option<UnRed<'a
     })
 }
 
-fn make_max_seq_lookup(map: &HashMap<Ssrc, SeqNoWindow>) -> impl Fn(Ssrc) -> Option<SeqNo> + '_ {
+fn make_max_seq_lookup(map: &SsrcMap<SeqNoWindow>) -> impl Fn(Ssrc) -> Option<SeqNo> + '_ {
     |ssrc| map.get(&ssrc).map(|s| s.max_seq())
 }
 
-fn update_max_seq(map: &mut HashMap<Ssrc, SeqNoWindow>, ssrc: Ssrc, seq_no: SeqNo) {
+fn update_max_seq(map: &mut SsrcMap<SeqNoWindow>, ssrc: Ssrc, seq_no: SeqNo) {
     map.entry(ssrc)
         .and_modify(|window| window.update(seq_no))
         .or_insert_with(|| SeqNoWindow::new(seq_no));
