@@ -14,6 +14,7 @@ pub mod report;
 pub mod setup;
 pub mod soak;
 pub mod sys;
+pub mod versus;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rtgw_bench::{
-    callgrind, capacity, filter, floor, janus, report, say, setup, sys, timestamp, START,
+    callgrind, capacity, filter, floor, janus, report, say, setup, sys, timestamp, versus, START,
 };
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -36,9 +36,18 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     levels: Option<Vec<usize>>,
     /// Sections to run (setup, capacity, floor, janus, callgrind, metering, filter); default
-    /// all.
+    /// all. `versus` (two relay builds taking turns, with `--versus`) runs only when named.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// The relay build to compare with `--relay-bin` (or the workspace's build) in the
+    /// `versus` section: both take turns at the first of `--levels` calls (default 300),
+    /// `--versus-rounds` times each, and each is reported as the median of its rounds, also
+    /// relative to the load generator's CPU per packet (which evens out the machine's drift).
+    #[arg(long)]
+    versus: Option<std::path::PathBuf>,
+    /// Rounds per build of the `versus` section.
+    #[arg(long, default_value_t = 3)]
+    versus_rounds: usize,
     /// Rewrite the generated section of docs/benchmarks.md even in --quick mode.
     #[arg(long)]
     doc: bool,
@@ -269,6 +278,34 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 results["callgrind"] = json!({ "levels": levels });
+            }
+        }
+    }
+    if named("versus") {
+        let calls = cli
+            .levels
+            .as_ref()
+            .and_then(|l| l.first())
+            .copied()
+            .unwrap_or(300);
+        match &cli.versus {
+            None => failures.push("versus: give the other relay build with --versus".into()),
+            Some(b) => {
+                let r = rt.block_on(versus::run(
+                    calls,
+                    cli.versus_rounds,
+                    &relay_bin,
+                    b,
+                    relay_cpu,
+                    &run_dir,
+                ));
+                match r {
+                    Ok(v) => results["versus"] = v,
+                    Err(e) => {
+                        failures.push(format!("versus: {e:#}"));
+                        results["versus"] = json!({ "error": format!("{e:#}") });
+                    }
+                }
             }
         }
     }
