@@ -109,12 +109,13 @@ pub async fn run(
     }
     provider.shutdown().await;
     let [mut fa, mut fb] = figures;
+    let median = |v: &mut [f64]| sys::median(v).map(round3);
     let summary = json!({
-        "relay_us_per_packet_a": sys::median(&mut fa.relay_us),
-        "relay_us_per_packet_b": sys::median(&mut fb.relay_us),
+        "relay_us_per_packet_a": median(&mut fa.relay_us),
+        "relay_us_per_packet_b": median(&mut fb.relay_us),
         "b_over_a": ratio_of_medians(&mut fa.relay_us, &mut fb.relay_us),
-        "relative_to_generator_a": sys::median(&mut fa.relative),
-        "relative_to_generator_b": sys::median(&mut fb.relative),
+        "relative_to_generator_a": median(&mut fa.relative),
+        "relative_to_generator_b": median(&mut fb.relative),
         "relative_b_over_a": ratio_of_medians(&mut fa.relative, &mut fb.relative),
     });
     crate::say(format!(
