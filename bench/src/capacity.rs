@@ -407,23 +407,15 @@ pub async fn ramp(
             .await;
         crate::say(format!("capacity: {calls} calls through the relay"));
         let log = log_dir.join(format!("relay-capacity-{calls}.log"));
-        let relay = Relay::start(&relay_spec(
+        let spec = relay_spec(
             relay_bin,
             &provider_url,
             relay_cpu,
             relay_media_unspecified,
             &[],
             log,
-        )?)?;
-        let via = Via::Relay {
-            relay: &relay,
-            provider_url: provider_url.clone(),
-        };
-        let relayed = run_level(&via, &opts).await;
-        drop(relay);
-        provider
-            .wait_for_active_calls(0, Duration::from_secs(10))
-            .await;
+        )?;
+        let relayed = level_through_relay(&provider, &spec, &opts).await;
         let direct = direct.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         let mut relayed = relayed.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         // Added one-way latency: (RTT via relay - RTT direct) / 2, per percentile.
@@ -485,6 +477,26 @@ pub async fn ramp(
     }))
 }
 
+/// One level through a relay started from `spec` (stopped after it), once the provider has
+/// seen every call of the level end.
+pub(crate) async fn level_through_relay(
+    provider: &echo_model::MockProvider,
+    spec: &RelaySpec,
+    opts: &LevelOpts,
+) -> Result<Value> {
+    let relay = Relay::start(spec)?;
+    let via = Via::Relay {
+        relay: &relay,
+        provider_url: provider.base_url(),
+    };
+    let r = run_level(&via, opts).await;
+    drop(relay);
+    provider
+        .wait_for_active_calls(0, Duration::from_secs(10))
+        .await;
+    r
+}
+
 /// The cost of usage metering: `calls` peers through a relay with `--usage-metering=true`,
 /// then `false`, alternating `rounds` times, every peer sending a `response.create` a second
 /// (the echo provider answers each with `rate_limits.updated`, `response.created` and a
@@ -526,16 +538,7 @@ pub async fn metering(
             let flag = format!("--usage-metering={metered}");
             let log = log_dir.join(format!("relay-metering-{metered}-{round}.log"));
             let spec = relay_spec(relay_bin, &provider_url, relay_cpu, false, &[&flag], log)?;
-            let relay = Relay::start(&spec)?;
-            let via = Via::Relay {
-                relay: &relay,
-                provider_url: provider_url.clone(),
-            };
-            let r = run_level(&via, &opts).await?;
-            drop(relay);
-            provider
-                .wait_for_active_calls(0, Duration::from_secs(10))
-                .await;
+            let r = level_through_relay(&provider, &spec, &opts).await?;
             if let Some(us) = r["relay_cpu_us_per_packet"].as_f64() {
                 if metered {
                     on.push(us);

@@ -13,12 +13,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::capacity::{level_through_relay, relay_spec, start_provider, LevelOpts};
+use crate::sys::{self, round3};
 use anyhow::Result;
 use serde_json::{json, Value};
-use xtask::launch::Relay;
-
-use crate::capacity::{relay_spec, run_level, start_provider, LevelOpts, Via};
-use crate::sys::{self, round3};
 
 /// One run's figures, as [`run`] keeps them per build.
 #[derive(Debug, Default)]
@@ -80,16 +78,8 @@ pub async fn run(
                 round + 1
             ));
             let log = log_dir.join(format!("relay-versus-{name}-{round}.log"));
-            let relay = Relay::start(&relay_spec(bin, &provider_url, relay_cpu, false, &[], log)?)?;
-            let via = Via::Relay {
-                relay: &relay,
-                provider_url: provider_url.clone(),
-            };
-            let r = run_level(&via, &opts).await?;
-            drop(relay);
-            provider
-                .wait_for_active_calls(0, Duration::from_secs(10))
-                .await;
+            let spec = relay_spec(bin, &provider_url, relay_cpu, false, &[], log)?;
+            let r = level_through_relay(&provider, &spec, &opts).await?;
             let relative = relative_to_generator(&r);
             crate::say(format!(
                 "  {name}: relay {} µs/packet, generator {}% CPU, relay ÷ generator per packet {}, loss {}%",
