@@ -42,22 +42,31 @@ macro_rules! str_id {
         impl $id {
             /// The id's bytes without the white space around them: what an RTP header
             /// extension carries.
-            ///
+            pub(crate) fn trimmed_bytes(&self) -> &[u8] {
+                match self.ascii_trimmed() {
+                    Some(bytes) => bytes,
+                    None => {
+                        let s: &str = self;
+                        s.as_bytes()
+                    }
+                }
+            }
+
             /// realtime-webrtc-gateway patch: an ASCII id (every id this crate makes) is
             /// trimmed byte by byte, without a UTF-8 check. `str::trim` walked it char by char
             /// from both ends, several times per sent packet that carries the mid extension:
             /// some 800 instructions per relayed packet. For ASCII the result is the same: the
-            /// only Unicode white space in ASCII is `\t`..`\r` and the space.
-            pub(crate) fn trimmed_bytes(&self) -> &[u8] {
+            /// only Unicode white space in ASCII is `\t`..`\r` and the space. `None` for an id
+            /// that is not ASCII.
+            fn ascii_trimmed(&self) -> Option<&[u8]> {
                 let bytes: &[u8] = &self.0;
                 if !bytes.is_ascii() {
-                    let s: &str = self;
-                    return s.as_bytes();
+                    return None;
                 }
                 let kept = |b: &u8| !(*b == b' ' || (b'\t'..=b'\r').contains(b));
                 let start = bytes.iter().position(kept).unwrap_or(bytes.len());
                 let end = bytes.iter().rposition(kept).map_or(start, |i| i + 1);
-                &bytes[start..end]
+                Some(&bytes[start..end])
             }
         }
 
@@ -65,11 +74,10 @@ macro_rules! str_id {
             type Target = str;
 
             fn deref(&self) -> &Self::Target {
-                if self.0.is_ascii() {
-                    // See `trimmed_bytes`: the same as `trim` for ASCII.
-                    return from_utf8(self.trimmed_bytes()).expect("ascii id");
+                match self.ascii_trimmed() {
+                    Some(bytes) => from_utf8(bytes).expect("ascii id"),
+                    None => from_utf8(&self.0).expect("ascii id").trim(),
                 }
-                from_utf8(&self.0).expect("ascii id").trim()
             }
         }
 
