@@ -18,7 +18,7 @@ use crate::sys::{self, round3};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-/// One run's figures, as [`run`] keeps them per build.
+/// One build's figures, a value per round.
 #[derive(Debug, Default)]
 struct Figures {
     relay_us: Vec<f64>,
